@@ -78,7 +78,9 @@ pub struct Admission {
 
 impl fmt::Debug for Admission {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Admission").field("kind", &self.kind).finish_non_exhaustive()
+        f.debug_struct("Admission")
+            .field("kind", &self.kind)
+            .finish_non_exhaustive()
     }
 }
 
@@ -122,7 +124,8 @@ impl Admission {
             .and_then(|v| v.schema.as_ref())
             .and_then(|s| s.open_api_v3_schema.as_ref())
             .ok_or_else(|| SchemaError::Missing(crd_name.clone()))?;
-        let schema = serde_json::to_value(schema).map_err(|_| SchemaError::Missing(crd_name.clone()))?;
+        let schema =
+            serde_json::to_value(schema).map_err(|_| SchemaError::Missing(crd_name.clone()))?;
         let mut texts = BTreeSet::new();
         collect_patterns(&schema, &mut texts);
         let mut compiled_patterns = HashMap::new();
@@ -136,7 +139,10 @@ impl Admission {
         }
         let compiled = compile_schema(&schema);
         if let Some(first) = compiled.compilation_errors().into_iter().next() {
-            return Err(SchemaError::Rule { crd: crd_name, detail: first.to_string() });
+            return Err(SchemaError::Rule {
+                crd: crd_name,
+                detail: first.to_string(),
+            });
         }
         Ok(Self {
             kind: format!("{}.{}", crd.spec.names.kind, crd.spec.group),
@@ -165,7 +171,11 @@ impl Admission {
         if old.is_none() {
             check_name(&defaulted, &mut causes);
         }
-        let mut checker = SchemaCheck { patterns: &self.patterns, causes: &mut causes, blocking: false };
+        let mut checker = SchemaCheck {
+            patterns: &self.patterns,
+            causes: &mut causes,
+            blocking: false,
+        };
         checker.check(&self.schema, &defaulted, "");
         if checker.blocking {
             // As the API server does: CEL rules are not run over values of the wrong type.
@@ -174,10 +184,19 @@ impl Admission {
                 reason: "FieldValueInvalid",
                 message: "Invalid value: \"null\": some validation rules were not checked because the object was invalid; correct the existing errors to complete validation".into(),
             });
-        } else if let Err(errors) = self.validator.validate_compiled(&self.compiled, &defaulted, old) {
+        } else if let Err(errors) =
+            self.validator
+                .validate_compiled(&self.compiled, &defaulted, old)
+        {
             for e in errors.into_vec() {
-                let at = if e.field_path.is_empty() { "<root>".to_owned() } else { e.field_path.clone() };
-                let value = lookup(&defaulted, &e.field_path).map(type_name).unwrap_or("null");
+                let at = if e.field_path.is_empty() {
+                    "<root>".to_owned()
+                } else {
+                    e.field_path.clone()
+                };
+                let value = lookup(&defaulted, &e.field_path)
+                    .map(type_name)
+                    .unwrap_or("null");
                 causes.push(FieldError {
                     field: at,
                     reason: "FieldValueInvalid",
@@ -186,9 +205,16 @@ impl Admission {
             }
         }
         if causes.is_empty() {
-            Ok(Admitted { object: defaulted, warnings })
+            Ok(Admitted {
+                object: defaulted,
+                warnings,
+            })
         } else {
-            Err(Rejected { kind: self.kind.clone(), name, causes })
+            Err(Rejected {
+                kind: self.kind.clone(),
+                name,
+                causes,
+            })
         }
     }
 }
@@ -207,12 +233,22 @@ fn collect_patterns(schema: &Value, out: &mut BTreeSet<String>) {
 }
 
 fn join(path: &str, key: &str) -> String {
-    if path.is_empty() { key.to_owned() } else { format!("{path}.{key}") }
+    if path.is_empty() {
+        key.to_owned()
+    } else {
+        format!("{path}.{key}")
+    }
 }
 
 /// Drops fields the schema does not declare (and nulls it does not allow), recording a
 /// warning for each unknown field, as the API server's pruning does.
-fn prune(schema: &Value, value: &Value, path: &str, warnings: &mut Vec<String>, root: bool) -> Value {
+fn prune(
+    schema: &Value,
+    value: &Value,
+    path: &str,
+    warnings: &mut Vec<String>,
+    root: bool,
+) -> Value {
     if schema.get("x-kubernetes-preserve-unknown-fields") == Some(&Value::Bool(true)) {
         return value.clone();
     }
@@ -229,7 +265,8 @@ fn prune(schema: &Value, value: &Value, path: &str, warnings: &mut Vec<String>, 
                     _ if keep_as_is => {
                         out.insert(key.clone(), v.clone());
                     }
-                    Some(sub) if v.is_null() && sub.get("nullable") != Some(&Value::Bool(true)) => {}
+                    Some(sub) if v.is_null() && sub.get("nullable") != Some(&Value::Bool(true)) => {
+                    }
                     Some(sub) => {
                         out.insert(key.clone(), prune(sub, v, &field_path, warnings, false));
                     }
@@ -255,7 +292,9 @@ fn prune(schema: &Value, value: &Value, path: &str, warnings: &mut Vec<String>, 
 /// Checks the RFC 1123 name every object of ours needs.
 fn check_name(object: &Value, causes: &mut Vec<FieldError>) {
     let name = object.pointer("/metadata/name").and_then(Value::as_str);
-    let generate = object.pointer("/metadata/generateName").and_then(Value::as_str);
+    let generate = object
+        .pointer("/metadata/generateName")
+        .and_then(Value::as_str);
     match (name, generate) {
         (None | Some(""), None | Some("")) => causes.push(FieldError {
             field: "metadata.name".into(),
@@ -288,7 +327,11 @@ struct SchemaCheck<'a> {
 
 impl SchemaCheck<'_> {
     fn invalid(&mut self, field: &str, message: String) {
-        self.causes.push(FieldError { field: field.to_owned(), reason: "FieldValueInvalid", message });
+        self.causes.push(FieldError {
+            field: field.to_owned(),
+            reason: "FieldValueInvalid",
+            message,
+        });
     }
 
     fn check(&mut self, schema: &Value, value: &Value, path: &str) {
@@ -297,8 +340,11 @@ impl SchemaCheck<'_> {
             return; // Only nullable fields keep a null past pruning.
         }
         if let Some(expected) = schema.get("type").and_then(Value::as_str) {
-            let int_or_string = schema.get("x-kubernetes-int-or-string") == Some(&Value::Bool(true));
-            if !matches_type(expected, value) && !(int_or_string && (value.is_string() || value.is_i64())) {
+            let int_or_string =
+                schema.get("x-kubernetes-int-or-string") == Some(&Value::Bool(true));
+            if !matches_type(expected, value)
+                && !(int_or_string && (value.is_string() || value.is_i64()))
+            {
                 self.blocking = true;
                 self.causes.push(FieldError {
                     field: display.to_owned(),
@@ -319,7 +365,10 @@ impl SchemaCheck<'_> {
             self.causes.push(FieldError {
                 field: display.to_owned(),
                 reason: "FieldValueNotSupported",
-                message: format!("Unsupported value: {value}: supported values: {}", supported.join(", ")),
+                message: format!(
+                    "Unsupported value: {value}: supported values: {}",
+                    supported.join(", ")
+                ),
             });
         }
         match value {
@@ -332,7 +381,12 @@ impl SchemaCheck<'_> {
     }
 
     fn check_object(&mut self, schema: &Value, fields: &Map<String, Value>, path: &str) {
-        for required in schema.get("required").and_then(Value::as_array).into_iter().flatten() {
+        for required in schema
+            .get("required")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+        {
             if let Some(key) = required.as_str()
                 && fields.get(key).is_none_or(Value::is_null)
             {
@@ -378,7 +432,13 @@ impl SchemaCheck<'_> {
         if let Some(min) = schema.get("minItems").and_then(Value::as_u64)
             && (items.len() as u64) < min
         {
-            self.invalid(path, format!("Invalid value: {}: {path} in body should have at least {min} items", items.len()));
+            self.invalid(
+                path,
+                format!(
+                    "Invalid value: {}: {path} in body should have at least {min} items",
+                    items.len()
+                ),
+            );
         }
         match schema.get("x-kubernetes-list-type").and_then(Value::as_str) {
             Some("map") => {
@@ -389,13 +449,23 @@ impl SchemaCheck<'_> {
                     .unwrap_or_default();
                 let mut seen = BTreeSet::new();
                 for (i, item) in items.iter().enumerate() {
-                    let key: Vec<String> = keys.iter().map(|k| item.get(*k).map(Value::to_string).unwrap_or_default()).collect();
+                    let key: Vec<String> = keys
+                        .iter()
+                        .map(|k| item.get(*k).map(Value::to_string).unwrap_or_default())
+                        .collect();
                     if !seen.insert(key.clone()) {
-                        let shown: Vec<String> = keys.iter().zip(&key).map(|(k, v)| format!("\"{k}\":{v}")).collect();
+                        let shown: Vec<String> = keys
+                            .iter()
+                            .zip(&key)
+                            .map(|(k, v)| format!("\"{k}\":{v}"))
+                            .collect();
                         self.causes.push(FieldError {
                             field: format!("{path}[{i}]"),
                             reason: "FieldValueDuplicate",
-                            message: format!("Duplicate value: map[string]interface {{}}{{{}}}", shown.join(", ")),
+                            message: format!(
+                                "Duplicate value: map[string]interface {{}}{{{}}}",
+                                shown.join(", ")
+                            ),
                         });
                     }
                 }
@@ -435,12 +505,18 @@ impl SchemaCheck<'_> {
         if let Some(min) = schema.get("minLength").and_then(Value::as_u64)
             && chars < min
         {
-            self.invalid(path, format!("Invalid value: {s:?}: {path} in body should be at least {min} chars long"));
+            self.invalid(
+                path,
+                format!("Invalid value: {s:?}: {path} in body should be at least {min} chars long"),
+            );
         }
         if let Some(pattern) = schema.get("pattern").and_then(Value::as_str)
             && self.patterns.get(pattern).is_some_and(|r| !r.is_match(s))
         {
-            self.invalid(path, format!("Invalid value: {s:?}: {path} in body should match '{pattern}'"));
+            self.invalid(
+                path,
+                format!("Invalid value: {s:?}: {path} in body should match '{pattern}'"),
+            );
         }
     }
 
@@ -449,12 +525,20 @@ impl SchemaCheck<'_> {
         if let Some(min) = schema.get("minimum").and_then(Value::as_f64)
             && x < min
         {
-            self.invalid(path, format!("Invalid value: {n}: {path} in body should be greater than or equal to {min}"));
+            self.invalid(
+                path,
+                format!(
+                    "Invalid value: {n}: {path} in body should be greater than or equal to {min}"
+                ),
+            );
         }
         if let Some(max) = schema.get("maximum").and_then(Value::as_f64)
             && x > max
         {
-            self.invalid(path, format!("Invalid value: {n}: {path} in body should be less than or equal to {max}"));
+            self.invalid(
+                path,
+                format!("Invalid value: {n}: {path} in body should be less than or equal to {max}"),
+            );
         }
     }
 }
@@ -487,7 +571,9 @@ fn type_name(value: &Value) -> &'static str {
 fn lookup<'v>(value: &'v Value, path: &str) -> Option<&'v Value> {
     let mut current = value;
     for part in path.split('.').filter(|p| !p.is_empty()) {
-        let (key, indices) = part.split_once('[').map_or((part, ""), |(k, rest)| (k, rest));
+        let (key, indices) = part
+            .split_once('[')
+            .map_or((part, ""), |(k, rest)| (k, rest));
         if !key.is_empty() {
             current = current.get(key)?;
         }

@@ -18,8 +18,8 @@ use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomRe
 use kube::CustomResourceExt;
 
 pub use agent::{
-    EnvVar, EnvVarSource, FarAgent, FarAgentSpec, FarAgentStatus, Heartbeat, ImageVolume,
-    KernelOverride, KeyRef, KeyToPath, Network, Phase, AgentReason, RestartPolicy, SecretFile,
+    AgentReason, EnvVar, EnvVarSource, FarAgent, FarAgentSpec, FarAgentStatus, Heartbeat,
+    ImageVolume, KernelOverride, KeyRef, KeyToPath, Network, Phase, RestartPolicy, SecretFile,
     StaticAddress, VmSize, condition as agent_condition,
 };
 pub use host::{

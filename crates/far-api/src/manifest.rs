@@ -24,7 +24,9 @@ pub enum ManifestError {
     #[error("not valid YAML: {0}")]
     Yaml(#[from] serde_saphyr::Error),
     /// A document is not one of FAR's kinds.
-    #[error("document {index}: apiVersion {api_version:?}, kind {kind:?} is not a FAR resource: use apiVersion tiffany.dev/v1 with kind FarAgent or FlintlockHost")]
+    #[error(
+        "document {index}: apiVersion {api_version:?}, kind {kind:?} is not a FAR resource: use apiVersion tiffany.dev/v1 with kind FarAgent or FlintlockHost"
+    )]
     UnknownKind {
         /// Position of the document in the stream, from 0.
         index: usize,
@@ -64,12 +66,17 @@ fn admissions() -> Result<&'static (Admission, Admission), ManifestError> {
         ))
     });
     rules.as_ref().map_err(|e| {
-        ManifestError::Schema(SchemaError::Missing(format!("{e} (FAR's own CRD is broken)")))
+        ManifestError::Schema(SchemaError::Missing(format!(
+            "{e} (FAR's own CRD is broken)"
+        )))
     })
 }
 
 /// The admission rules for a document's kind, if it is one of ours.
-pub fn admission_for(api_version: &str, kind: &str) -> Result<Option<&'static Admission>, ManifestError> {
+pub fn admission_for(
+    api_version: &str,
+    kind: &str,
+) -> Result<Option<&'static Admission>, ManifestError> {
     let (agent, host) = admissions()?;
     let ours = api_version == FarAgent::api_version(&());
     Ok(match kind {
@@ -85,10 +92,18 @@ pub fn admission_for(api_version: &str, kind: &str) -> Result<Option<&'static Ad
 /// [`ManifestError::UnknownKind`] for other kinds, [`ManifestError::Rejected`] naming each bad
 /// field.
 pub fn admit(index: usize, doc: &Value) -> Result<(Object, Vec<String>), ManifestError> {
-    let field = |name| doc.get(name).and_then(Value::as_str).unwrap_or_default().to_owned();
+    let field = |name| {
+        doc.get(name)
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_owned()
+    };
     let (api_version, kind) = (field("apiVersion"), field("kind"));
-    let admission = admission_for(&api_version, &kind)?
-        .ok_or(ManifestError::UnknownKind { index, api_version, kind: kind.clone() })?;
+    let admission = admission_for(&api_version, &kind)?.ok_or(ManifestError::UnknownKind {
+        index,
+        api_version,
+        kind: kind.clone(),
+    })?;
     let Admitted { object, warnings } = admission.admit(doc, None)?;
     let object = match kind.as_str() {
         "FarAgent" => Object::FarAgent(Box::new(serde_json::from_value(object)?)),

@@ -15,7 +15,8 @@ pub const ENV_NAME: &str = r"^[-._a-zA-Z][-._a-zA-Z0-9]*$";
 pub const CONFIG_KEY: &str = r"^[-._a-zA-Z0-9]+$";
 
 /// An RFC 1123 subdomain: the name of most Kubernetes objects.
-pub const DNS_SUBDOMAIN: &str = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$";
+pub const DNS_SUBDOMAIN: &str =
+    r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$";
 
 /// An RFC 1123 label: a namespace name.
 pub const DNS_LABEL: &str = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$";
@@ -27,7 +28,8 @@ pub const VOLUME_NAME: &str = r"^[a-z][a-z0-9_]*$";
 pub const RELATIVE_FILE: &str = r"^[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)*$";
 
 /// An http or https gRPC endpoint with a host and port.
-pub const ENDPOINT: &str = r"^https?://[A-Za-z0-9.-]+(:[0-9]{1,5})$|^https?://\[[0-9a-fA-F:]+\](:[0-9]{1,5})$";
+pub const ENDPOINT: &str =
+    r"^https?://[A-Za-z0-9.-]+(:[0-9]{1,5})$|^https?://\[[0-9a-fA-F:]+\](:[0-9]{1,5})$";
 
 /// A Flintlock provider name.
 pub const PROVIDER: &str = r"^[a-z][a-z0-9-]*$";

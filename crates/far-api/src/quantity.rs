@@ -1,7 +1,5 @@
 //! Memory quantities (`512Mi`, `2Gi`, `1G`) as the CRDs accept them.
 
-use std::fmt;
-
 /// A memory size parsed from a Kubernetes quantity in whole units.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Memory {
@@ -12,7 +10,9 @@ pub struct Memory {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum QuantityError {
     /// Not digits followed by an optional suffix.
-    #[error("{0:?} is not a memory quantity: use whole numbers with an optional suffix Ki, Mi, Gi, Ti, k, M, G or T (e.g. 512Mi)")]
+    #[error(
+        "{0:?} is not a memory quantity: use whole numbers with an optional suffix Ki, Mi, Gi, Ti, k, M, G or T (e.g. 512Mi)"
+    )]
     Syntax(String),
     /// Larger than any machine.
     #[error("{0:?} is too large")]
@@ -24,11 +24,6 @@ const MAX_DIGITS: usize = 16;
 
 impl Memory {
     const MIB: u64 = 1 << 20;
-
-    /// A size of exactly this many MiB.
-    pub const fn from_mib(mib: u64) -> Self {
-        Self { bytes: mib * Self::MIB }
-    }
 
     /// The size in bytes.
     pub const fn bytes(self) -> u64 {
@@ -45,7 +40,9 @@ impl Memory {
     /// # Errors
     /// [`QuantityError`] when the text is not a whole number with a known suffix, or overflows.
     pub fn parse(text: &str) -> Result<Self, QuantityError> {
-        let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
+        let split = text
+            .find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(text.len());
         let (digits, suffix) = text.split_at(split);
         let syntax = || QuantityError::Syntax(text.to_owned());
         if digits.is_empty() || digits.starts_with('0') {
@@ -66,21 +63,13 @@ impl Memory {
             "T" => 1_000_000_000_000,
             _ => return Err(syntax()),
         };
-        let value: u64 = digits.parse().map_err(|_| QuantityError::Overflow(text.to_owned()))?;
+        let value: u64 = digits
+            .parse()
+            .map_err(|_| QuantityError::Overflow(text.to_owned()))?;
         let bytes = value
             .checked_mul(multiplier)
             .ok_or_else(|| QuantityError::Overflow(text.to_owned()))?;
         Ok(Self { bytes })
-    }
-}
-
-impl fmt::Display for Memory {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.bytes % Self::MIB == 0 {
-            write!(f, "{}Mi", self.bytes / Self::MIB)
-        } else {
-            write!(f, "{}", self.bytes)
-        }
     }
 }
 
@@ -101,11 +90,16 @@ mod tests {
 
     #[test]
     fn bad_quantities_are_refused_with_the_fix() {
-        for bad in ["", "Mi", "0", "012Mi", "1.5Gi", "1gi", "-1Gi", "1 Gi", "1Ei"] {
+        for bad in [
+            "", "Mi", "0", "012Mi", "1.5Gi", "1gi", "-1Gi", "1 Gi", "1Ei",
+        ] {
             let err = Memory::parse(bad).unwrap_err();
             assert!(err.to_string().contains("e.g. 512Mi"), "{bad}: {err}");
         }
-        assert!(matches!(Memory::parse("99999999999999Ti"), Err(QuantityError::Overflow(_))));
+        assert!(matches!(
+            Memory::parse("99999999999999Ti"),
+            Err(QuantityError::Overflow(_))
+        ));
     }
 
     proptest! {

@@ -141,7 +141,13 @@ mod tests {
     #[test]
     fn small_request_is_raised_to_the_hosts_minimum_and_says_so() {
         let sizing = size_vm(&embedder_spec(), "blade-1", &VmLimits::default()).unwrap();
-        assert_eq!(sizing.vm, VmSize { vcpu: 1, memory_mib: 1024 });
+        assert_eq!(
+            sizing.vm,
+            VmSize {
+                vcpu: 1,
+                memory_mib: 1024
+            }
+        );
         assert!(sizing.raised());
         assert_eq!(
             sizing.describe("blade-1"),
@@ -168,13 +174,24 @@ mod tests {
         spec.memory = "1Gi".into();
         spec.cpu = 8;
         let err = size_vm(&spec, "small", &limits("1Gi", "2Gi", 4)).unwrap_err();
-        assert!(matches!(err, SizingError::TooManyCpus { requested: 8, max: 4, .. }));
+        assert!(matches!(
+            err,
+            SizingError::TooManyCpus {
+                requested: 8,
+                max: 4,
+                ..
+            }
+        ));
     }
 
     #[test]
     fn a_bad_host_limit_names_the_host_and_field() {
         let err = size_vm(&embedder_spec(), "h", &limits("lots", "2Gi", 4)).unwrap_err();
-        assert!(err.to_string().starts_with("host h: spec.vmLimits.minMemory:"), "{err}");
+        assert!(
+            err.to_string()
+                .starts_with("host h: spec.vmLimits.minMemory:"),
+            "{err}"
+        );
     }
 
     proptest! {

@@ -38,20 +38,32 @@ fn every_valid_example_is_admitted_without_warnings() {
 #[test]
 fn every_invalid_example_is_refused_with_its_field_named() {
     let files = yaml_files(&examples().join("invalid"));
-    assert!(files.len() >= 30, "want at least 30 invalid examples, have {}", files.len());
+    assert!(
+        files.len() >= 30,
+        "want at least 30 invalid examples, have {}",
+        files.len()
+    );
     for file in files {
         let text = std::fs::read_to_string(&file).unwrap();
         let expect = text
             .lines()
             .next()
             .and_then(|l| l.strip_prefix("# refused: "))
-            .unwrap_or_else(|| panic!("{}: first line must be '# refused: FIELD: TEXT'", file.display()));
+            .unwrap_or_else(|| {
+                panic!(
+                    "{}: first line must be '# refused: FIELD: TEXT'",
+                    file.display()
+                )
+            });
         let (field, fragment) = expect.split_once(": ").unwrap();
         let doc = &manifest::documents(&text).unwrap()[0];
         match manifest::admit(0, doc) {
             Err(ManifestError::Rejected(rejected)) => {
                 assert!(
-                    rejected.causes.iter().any(|c| c.field == field && c.message.contains(fragment)),
+                    rejected
+                        .causes
+                        .iter()
+                        .any(|c| c.field == field && c.message.contains(fragment)),
                     "{}: want {field}: ...{fragment}..., got {rejected}",
                     file.display()
                 );
@@ -65,7 +77,9 @@ fn every_invalid_example_is_refused_with_its_field_named() {
 fn the_mission_example_gets_the_documented_defaults() {
     let text = std::fs::read_to_string(examples().join("embedder-worker-01.yaml")).unwrap();
     let doc = &manifest::documents(&text).unwrap()[0];
-    let Object::FarAgent(agent) = manifest::admit(0, doc).unwrap().0 else { panic!("not a FarAgent") };
+    let Object::FarAgent(agent) = manifest::admit(0, doc).unwrap().0 else {
+        panic!("not a FarAgent")
+    };
     assert_eq!(agent.spec.args, ["--task", "embedder"]);
     assert_eq!(agent.spec.backoff_limit, 3);
     assert_eq!(agent.spec.heartbeat.interval_seconds, 10);
@@ -107,14 +121,22 @@ fn unknown_fields_are_pruned_with_a_warning_as_the_api_server_does() {
         "extra": true
     });
     let err = manifest::admit(0, &doc).unwrap_err();
-    let ManifestError::Rejected(rejected) = err else { panic!("{err}") };
+    let ManifestError::Rejected(rejected) = err else {
+        panic!("{err}")
+    };
     assert_eq!(rejected.causes[0].field, "spec.entrypoint");
     assert_eq!(rejected.causes[0].message, "Required value");
 
     let mut fixed = doc.clone();
     fixed["spec"]["entrypoint"] = json!("/bin/sh");
     let (_, warnings) = manifest::admit(0, &fixed).unwrap();
-    assert_eq!(warnings, [r#"unknown field "extra""#, r#"unknown field "spec.entryPoint""#]);
+    assert_eq!(
+        warnings,
+        [
+            r#"unknown field "extra""#,
+            r#"unknown field "spec.entryPoint""#
+        ]
+    );
 }
 
 #[test]
@@ -124,7 +146,9 @@ fn rejection_reads_like_the_api_servers_422() {
         "metadata": {"name": "bad1"},
         "spec": {"image": "busybox:1", "memory": "512Mi", "cpu": 0, "entrypoint": "/bin/sh"}
     });
-    let ManifestError::Rejected(rejected) = manifest::admit(0, &doc).unwrap_err() else { panic!() };
+    let ManifestError::Rejected(rejected) = manifest::admit(0, &doc).unwrap_err() else {
+        panic!()
+    };
     assert_eq!(
         rejected.to_string(),
         "FarAgent.tiffany.dev \"bad1\" is invalid: spec.cpu: Invalid value: 0: spec.cpu in body should be greater than or equal to 1"

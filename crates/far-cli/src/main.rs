@@ -1,7 +1,12 @@
 //! `far`: FAR's command-line tool.
 
-use anyhow::Result;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
+use far_api::manifest::{self, Object};
+use kube::ResourceExt;
 
 #[derive(Parser)]
 #[command(name = "far", version, about = "Run autonomous agents in microVMs")]
@@ -14,11 +19,60 @@ struct Cli {
 enum Command {
     /// Print the FarAgent and FlintlockHost CRDs as YAML.
     Crd,
+    /// Check FarAgent and FlintlockHost manifests against the CRDs' rules, as the API server
+    /// would on create. Exits 1 if any is refused.
+    Validate {
+        /// YAML files, each holding one or more documents.
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+    },
 }
 
-fn main() -> Result<()> {
+fn main() -> Result<ExitCode> {
     match Cli::parse().command {
-        Command::Crd => print!("{}", far_api::crds_yaml()?),
+        Command::Crd => {
+            print!("{}", far_api::crds_yaml()?);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Validate { files } => validate(&files),
     }
-    Ok(())
+}
+
+fn validate(files: &[PathBuf]) -> Result<ExitCode> {
+    let mut refused = 0;
+    for file in files {
+        let text =
+            std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
+        let docs = match manifest::documents(&text) {
+            Ok(docs) => docs,
+            Err(e) => {
+                eprintln!("{}: {e}", file.display());
+                refused += 1;
+                continue;
+            }
+        };
+        for (index, doc) in docs.iter().enumerate() {
+            match manifest::admit(index, doc) {
+                Ok((object, warnings)) => {
+                    let (kind, name) = match &object {
+                        Object::FarAgent(a) => ("FarAgent", a.name_any()),
+                        Object::FlintlockHost(h) => ("FlintlockHost", h.name_any()),
+                    };
+                    println!("{}: {kind} {name:?} is valid", file.display());
+                    for warning in warnings {
+                        println!("{}: warning: {warning}", file.display());
+                    }
+                }
+                Err(e) => {
+                    eprintln!("{}: {e}", file.display());
+                    refused += 1;
+                }
+            }
+        }
+    }
+    Ok(if refused == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }

@@ -38,7 +38,9 @@ impl BasicToken {
 
 impl tonic::service::Interceptor for BasicToken {
     fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
-        request.metadata_mut().insert(AUTHORIZATION, self.header.clone());
+        request
+            .metadata_mut()
+            .insert(AUTHORIZATION, self.header.clone());
         Ok(request)
     }
 }
@@ -57,7 +59,11 @@ pub fn check_basic_token(metadata: &MetadataMap, expected: &str) -> Result<(), S
         return Err(refused());
     }
     let given = STANDARD.decode(encoded.trim()).map_err(|_| refused())?;
-    if constant_time_eq(&given, expected.as_bytes()) { Ok(()) } else { Err(refused()) }
+    if constant_time_eq(&given, expected.as_bytes()) {
+        Ok(())
+    } else {
+        Err(refused())
+    }
 }
 
 /// Compares without an early exit, so the time taken does not reveal how much matched.
@@ -74,7 +80,10 @@ mod tests {
     fn the_interceptor_sends_what_the_check_accepts() {
         let mut token = BasicToken::new("s3cret").unwrap();
         let request = token.call(Request::new(())).unwrap();
-        assert_eq!(request.metadata().get(AUTHORIZATION).unwrap(), "basic czNjcmV0");
+        assert_eq!(
+            request.metadata().get(AUTHORIZATION).unwrap(),
+            "basic czNjcmV0"
+        );
         assert!(check_basic_token(request.metadata(), "s3cret").is_ok());
         let err = check_basic_token(request.metadata(), "other").unwrap_err();
         assert_eq!(err.code(), tonic::Code::Unauthenticated);

@@ -28,9 +28,10 @@ impl Failure {
             Code::Unknown if is_not_found_message(status.message()) => Failure::NotFound,
             Code::InvalidArgument | Code::FailedPrecondition | Code::OutOfRange => Failure::Invalid,
             Code::Unauthenticated | Code::PermissionDenied => Failure::Unauthenticated,
-            Code::Unavailable | Code::DeadlineExceeded | Code::ResourceExhausted | Code::Aborted => {
-                Failure::Transient
-            }
+            Code::Unavailable
+            | Code::DeadlineExceeded
+            | Code::ResourceExhausted
+            | Code::Aborted => Failure::Transient,
             _ => Failure::Other,
         }
     }

@@ -40,19 +40,28 @@ impl MicroVm for Recorder {
         request: Request<CreateMicroVmRequest>,
     ) -> Result<Response<CreateMicroVmResponse>, Status> {
         Self::authorize(&request)?;
-        let mut spec = request.into_inner().microvm.ok_or_else(|| Status::invalid_argument("microvm"))?;
+        let mut spec = request
+            .into_inner()
+            .microvm
+            .ok_or_else(|| Status::invalid_argument("microvm"))?;
         let mut vms = self.vms.lock().unwrap();
         spec.uid = Some(format!("uid-{}", vms.len()));
         let vm = Vm {
             version: 1,
             spec: Some(spec),
-            status: Some(MicroVmStatus { state: MicroVmState::Pending as i32, ..Default::default() }),
+            status: Some(MicroVmStatus {
+                state: MicroVmState::Pending as i32,
+                ..Default::default()
+            }),
         };
         vms.push(vm.clone());
         Ok(Response::new(CreateMicroVmResponse { microvm: Some(vm) }))
     }
 
-    async fn delete_micro_vm(&self, request: Request<DeleteMicroVmRequest>) -> Result<Response<()>, Status> {
+    async fn delete_micro_vm(
+        &self,
+        request: Request<DeleteMicroVmRequest>,
+    ) -> Result<Response<()>, Status> {
         Self::authorize(&request)?;
         let uid = request.into_inner().uid;
         let mut vms = self.vms.lock().unwrap();
@@ -64,7 +73,10 @@ impl MicroVm for Recorder {
         Ok(Response::new(()))
     }
 
-    async fn get_micro_vm(&self, request: Request<GetMicroVmRequest>) -> Result<Response<GetMicroVmResponse>, Status> {
+    async fn get_micro_vm(
+        &self,
+        request: Request<GetMicroVmRequest>,
+    ) -> Result<Response<GetMicroVmResponse>, Status> {
         Self::authorize(&request)?;
         let uid = request.into_inner().uid;
         let vms = self.vms.lock().unwrap();
@@ -76,12 +88,18 @@ impl MicroVm for Recorder {
         Ok(Response::new(GetMicroVmResponse { microvm: Some(vm) }))
     }
 
-    async fn list_micro_v_ms(&self, request: Request<ListMicroVMsRequest>) -> Result<Response<ListMicroVMsResponse>, Status> {
+    async fn list_micro_v_ms(
+        &self,
+        request: Request<ListMicroVMsRequest>,
+    ) -> Result<Response<ListMicroVMsResponse>, Status> {
         Self::authorize(&request)?;
-        Ok(Response::new(ListMicroVMsResponse { microvm: self.matching(request.into_inner()) }))
+        Ok(Response::new(ListMicroVMsResponse {
+            microvm: self.matching(request.into_inner()),
+        }))
     }
 
-    type ListMicroVMsStreamStream = tokio_stream::Iter<std::vec::IntoIter<Result<ListMessage, Status>>>;
+    type ListMicroVMsStreamStream =
+        tokio_stream::Iter<std::vec::IntoIter<Result<ListMessage, Status>>>;
 
     async fn list_micro_v_ms_stream(
         &self,
@@ -105,7 +123,8 @@ impl Recorder {
             .iter()
             .filter(|vm| {
                 let spec = vm.spec.as_ref().unwrap();
-                spec.namespace == request.namespace && request.name.as_ref().is_none_or(|n| *n == spec.id)
+                spec.namespace == request.namespace
+                    && request.name.as_ref().is_none_or(|n| *n == spec.id)
             })
             .cloned()
             .collect()
@@ -137,7 +156,10 @@ fn spec(id: &str) -> MicroVmSpec {
         }),
         root_volume: Some(Volume {
             id: "root".into(),
-            source: Some(VolumeSource { container_source: Some("root:1".into()), virtiofs_source: None }),
+            source: Some(VolumeSource {
+                container_source: Some("root:1".into()),
+                virtiofs_source: None,
+            }),
             ..Default::default()
         }),
         interfaces: vec![NetworkInterface {
@@ -153,11 +175,18 @@ fn spec(id: &str) -> MicroVmSpec {
 
 #[tokio::test]
 async fn every_rpc_round_trips_over_a_real_socket() {
-    let channel = Channel::from_shared(serve().await).unwrap().connect().await.unwrap();
+    let channel = Channel::from_shared(serve().await)
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
     let mut client = MicroVmClient::with_interceptor(channel, BasicToken::new(TOKEN).unwrap());
 
     let created = client
-        .create_micro_vm(CreateMicroVmRequest { microvm: Some(spec("a")), metadata: Default::default() })
+        .create_micro_vm(CreateMicroVmRequest {
+            microvm: Some(spec("a")),
+            metadata: Default::default(),
+        })
         .await
         .unwrap()
         .into_inner()
@@ -166,42 +195,75 @@ async fn every_rpc_round_trips_over_a_real_socket() {
     let uid = created.spec.as_ref().unwrap().uid.clone().unwrap();
     let mut expected = spec("a");
     expected.uid = Some(uid.clone());
-    assert_eq!(created.spec.as_ref(), Some(&expected), "the spec survives the trip unchanged");
+    assert_eq!(
+        created.spec.as_ref(),
+        Some(&expected),
+        "the spec survives the trip unchanged"
+    );
     client
-        .create_micro_vm(CreateMicroVmRequest { microvm: Some(spec("b")), metadata: Default::default() })
+        .create_micro_vm(CreateMicroVmRequest {
+            microvm: Some(spec("b")),
+            metadata: Default::default(),
+        })
         .await
         .unwrap();
 
-    let got = client.get_micro_vm(GetMicroVmRequest { uid: uid.clone() }).await.unwrap().into_inner();
+    let got = client
+        .get_micro_vm(GetMicroVmRequest { uid: uid.clone() })
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(got.microvm, Some(created.clone()));
 
     let listed = client
-        .list_micro_v_ms(ListMicroVMsRequest { namespace: "far".into(), name: Some("a".into()) })
+        .list_micro_v_ms(ListMicroVMsRequest {
+            namespace: "far".into(),
+            name: Some("a".into()),
+        })
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(listed.microvm, [created.clone()]);
+    assert_eq!(listed.microvm, std::slice::from_ref(&created));
 
     let stream = client
-        .list_micro_v_ms_stream(ListMicroVMsRequest { namespace: "far".into(), name: None })
+        .list_micro_v_ms_stream(ListMicroVMsRequest {
+            namespace: "far".into(),
+            name: None,
+        })
         .await
         .unwrap()
         .into_inner();
-    let ids: Vec<String> = stream.map(|m| m.unwrap().microvm.unwrap().spec.unwrap().id).collect().await;
+    let ids: Vec<String> = stream
+        .map(|m| m.unwrap().microvm.unwrap().spec.unwrap().id)
+        .collect()
+        .await;
     assert_eq!(ids, ["a", "b"]);
 
-    client.delete_micro_vm(DeleteMicroVmRequest { uid: uid.clone() }).await.unwrap();
-    let gone = client.get_micro_vm(GetMicroVmRequest { uid }).await.unwrap_err();
+    client
+        .delete_micro_vm(DeleteMicroVmRequest { uid: uid.clone() })
+        .await
+        .unwrap();
+    let gone = client
+        .get_micro_vm(GetMicroVmRequest { uid })
+        .await
+        .unwrap_err();
     assert_eq!(gone.code(), tonic::Code::Unknown);
     assert_eq!(Failure::of(&gone), Failure::NotFound);
 }
 
 #[tokio::test]
 async fn a_wrong_token_is_refused_as_unauthenticated() {
-    let channel = Channel::from_shared(serve().await).unwrap().connect().await.unwrap();
+    let channel = Channel::from_shared(serve().await)
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
     let mut client = MicroVmClient::with_interceptor(channel, BasicToken::new("wrong").unwrap());
     let err = client
-        .list_micro_v_ms(ListMicroVMsRequest { namespace: "far".into(), name: None })
+        .list_micro_v_ms(ListMicroVMsRequest {
+            namespace: "far".into(),
+            name: None,
+        })
         .await
         .unwrap_err();
     assert_eq!(Failure::of(&err), Failure::Unauthenticated);

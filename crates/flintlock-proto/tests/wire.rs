@@ -91,7 +91,10 @@ fn volume(id: &str, image: &str, mount: Option<&str>) -> Volume {
         id: s(id),
         is_read_only: true,
         mount_point: mount.map(s),
-        source: Some(VolumeSource { container_source: Some(s(image)), virtiofs_source: Some(s("/srv/share")) }),
+        source: Some(VolumeSource {
+            container_source: Some(s(image)),
+            virtiofs_source: Some(s("/srv/share")),
+        }),
         partition_id: Some(s("p1")),
         size_in_mb: Some(2048),
     }
@@ -110,7 +113,10 @@ fn full_spec() -> MicroVmSpec {
             filename: Some(s("boot/vmlinux")),
             add_network_config: true,
         }),
-        initrd: Some(Initrd { image: s("initrd:1"), filename: Some(s("initrd.img")) }),
+        initrd: Some(Initrd {
+            image: s("initrd:1"),
+            filename: Some(s("initrd.img")),
+        }),
         root_volume: Some(volume("root", "root:1", None)),
         additional_volumes: vec![volume("models", "models:1", Some("/models"))],
         interfaces: vec![NetworkInterface {
@@ -122,12 +128,23 @@ fn full_spec() -> MicroVmSpec {
                 gateway: Some(s("10.0.0.1/32")),
                 nameservers: vec![s("10.0.0.1")],
             }),
-            overrides: Some(NetworkOverrides { bridge_name: Some(s("br0")) }),
+            overrides: Some(NetworkOverrides {
+                bridge_name: Some(s("br0")),
+            }),
         }],
         metadata: [(s("meta-data"), s("aWQ="))].into(),
-        created_at: Some(prost_types::Timestamp { seconds: 12, nanos: 0 }),
-        updated_at: Some(prost_types::Timestamp { seconds: 13, nanos: 0 }),
-        deleted_at: Some(prost_types::Timestamp { seconds: 14, nanos: 0 }),
+        created_at: Some(prost_types::Timestamp {
+            seconds: 12,
+            nanos: 0,
+        }),
+        updated_at: Some(prost_types::Timestamp {
+            seconds: 13,
+            nanos: 0,
+        }),
+        deleted_at: Some(prost_types::Timestamp {
+            seconds: 14,
+            nanos: 0,
+        }),
         uid: Some(s("01HUID")),
         provider: Some(s("firecracker")),
         allow_guest_agent: true,
@@ -138,7 +155,14 @@ fn full_spec() -> MicroVmSpec {
 fn create_request_encodes_every_field_at_its_upstream_number() {
     let request = CreateMicroVmRequest {
         microvm: Some(full_spec()),
-        metadata: [(s("x"), prost_types::Any { type_url: s("t"), value: vec![1] })].into(),
+        metadata: [(
+            s("x"),
+            prost_types::Any {
+                type_url: s("t"),
+                value: vec![1],
+            },
+        )]
+        .into(),
     };
     let top = decode(&request.encode_to_vec());
     assert_eq!(top.keys().copied().collect::<Vec<_>>(), [1, 2]);
@@ -147,15 +171,24 @@ fn create_request_encodes_every_field_at_its_upstream_number() {
     assert_eq!(one(&any.message(), 1).text(), "t");
 
     let spec = one(&top, 1).message();
-    assert_eq!(spec.keys().copied().collect::<Vec<_>>(), (1..=17).collect::<Vec<_>>());
+    assert_eq!(
+        spec.keys().copied().collect::<Vec<_>>(),
+        (1..=17).collect::<Vec<_>>()
+    );
     assert_eq!(one(&spec, 1).text(), "vm-id");
     assert_eq!(one(&spec, 2).text(), "far");
     assert_eq!(entry(one(&spec, 3)), (s("k"), Wire::Bytes(b"v".to_vec())));
     assert_eq!(one(&spec, 4), &Wire::Varint(2));
     assert_eq!(one(&spec, 5), &Wire::Varint(1024));
-    assert_eq!(entry(one(&spec, 11)), (s("meta-data"), Wire::Bytes(b"aWQ=".to_vec())));
+    assert_eq!(
+        entry(one(&spec, 11)),
+        (s("meta-data"), Wire::Bytes(b"aWQ=".to_vec()))
+    );
     for (number, seconds) in [(12, 12), (13, 13), (14, 14)] {
-        assert_eq!(one(&one(&spec, number).message(), 1), &Wire::Varint(seconds));
+        assert_eq!(
+            one(&one(&spec, number).message(), 1),
+            &Wire::Varint(seconds)
+        );
     }
     assert_eq!(one(&spec, 15).text(), "01HUID");
     assert_eq!(one(&spec, 16).text(), "firecracker");
@@ -163,26 +196,39 @@ fn create_request_encodes_every_field_at_its_upstream_number() {
 
     let kernel = one(&spec, 6).message();
     assert_eq!(one(&kernel, 1).text(), "kernel:1");
-    assert_eq!(entry(one(&kernel, 2)), (s("console"), Wire::Bytes(b"ttyS0".to_vec())));
+    assert_eq!(
+        entry(one(&kernel, 2)),
+        (s("console"), Wire::Bytes(b"ttyS0".to_vec()))
+    );
     assert_eq!(one(&kernel, 3).text(), "boot/vmlinux");
     assert_eq!(one(&kernel, 4), &Wire::Varint(1));
 
     let initrd = one(&spec, 7).message();
-    assert_eq!((one(&initrd, 1).text(), one(&initrd, 2).text()), ("initrd:1", "initrd.img"));
+    assert_eq!(
+        (one(&initrd, 1).text(), one(&initrd, 2).text()),
+        ("initrd:1", "initrd.img")
+    );
 
     let root = one(&spec, 8).message();
     assert_eq!(root.keys().copied().collect::<Vec<_>>(), [1, 2, 4, 5, 6]);
     assert_eq!(one(&root, 1).text(), "root");
     assert_eq!(one(&root, 2), &Wire::Varint(1));
     let source = one(&root, 4).message();
-    assert_eq!((one(&source, 1).text(), one(&source, 2).text()), ("root:1", "/srv/share"));
+    assert_eq!(
+        (one(&source, 1).text(), one(&source, 2).text()),
+        ("root:1", "/srv/share")
+    );
     assert_eq!(one(&root, 5).text(), "p1");
     assert_eq!(one(&root, 6), &Wire::Varint(2048));
     let extra = one(&spec, 9).message();
     assert_eq!(one(&extra, 3).text(), "/models");
 
     let iface = one(&spec, 10).message();
-    assert_eq!(iface.keys().copied().collect::<Vec<_>>(), [1, 2, 4, 5, 6], "number 3 is unused");
+    assert_eq!(
+        iface.keys().copied().collect::<Vec<_>>(),
+        [1, 2, 4, 5, 6],
+        "number 3 is unused"
+    );
     assert_eq!(one(&iface, 1).text(), "eth0");
     assert_eq!(one(&iface, 2), &Wire::Varint(1), "TAP = 1");
     assert_eq!(one(&iface, 4).text(), "AA:FF:00:00:00:02");
@@ -195,25 +241,46 @@ fn create_request_encodes_every_field_at_its_upstream_number() {
 
 #[test]
 fn allow_guest_agent_is_field_17_on_the_wire() {
-    let spec = MicroVmSpec { allow_guest_agent: true, ..Default::default() };
+    let spec = MicroVmSpec {
+        allow_guest_agent: true,
+        ..Default::default()
+    };
     // Key (17 << 3 | 0) = 136 as a varint is 0x88 0x01; the value true is 0x01.
     assert_eq!(spec.encode_to_vec(), [0x88, 0x01, 0x01]);
 }
 
 #[test]
 fn microvm_status_encodes_every_field_at_its_upstream_number() {
-    let mount = |t: MountType, src: &str| Some(Mount { r#type: t as i32, source: s(src) });
+    let mount = |t: MountType, src: &str| {
+        Some(Mount {
+            r#type: t as i32,
+            source: s(src),
+        })
+    };
     let vm = MicroVm {
         version: 3,
-        spec: Some(MicroVmSpec { id: s("a"), ..Default::default() }),
+        spec: Some(MicroVmSpec {
+            id: s("a"),
+            ..Default::default()
+        }),
         status: Some(MicroVmStatus {
             state: MicroVmState::Deleting as i32,
-            volumes: [(s("root"), VolumeStatus { mount: mount(MountType::Dev, "/dev/mapper/x") })].into(),
+            volumes: [(
+                s("root"),
+                VolumeStatus {
+                    mount: mount(MountType::Dev, "/dev/mapper/x"),
+                },
+            )]
+            .into(),
             kernel_mount: mount(MountType::Hostpath, "/k"),
             initrd_mount: mount(MountType::Hostpath, "/i"),
             network_interfaces: [(
                 s("eth0"),
-                NetworkInterfaceStatus { host_device_name: s("tap0"), index: 4, mac_address: s("aa") },
+                NetworkInterfaceStatus {
+                    host_device_name: s("tap0"),
+                    index: 4,
+                    mac_address: s("aa"),
+                },
             )]
             .into(),
             retry: 5,
@@ -224,32 +291,69 @@ fn microvm_status_encodes_every_field_at_its_upstream_number() {
     assert_eq!(one(&top, 1), &Wire::Varint(3));
     assert_eq!(one(&one(&top, 2).message(), 1).text(), "a");
     let status = one(&top, 3).message();
-    assert_eq!(status.keys().copied().collect::<Vec<_>>(), (1..=7).collect::<Vec<_>>());
+    assert_eq!(
+        status.keys().copied().collect::<Vec<_>>(),
+        (1..=7).collect::<Vec<_>>()
+    );
     assert_eq!(one(&status, 1), &Wire::Varint(3), "DELETING = 3");
     let (id, volume) = entry(one(&status, 2));
     assert_eq!(id, "root");
     let volume_mount = one(&volume.message(), 1).message();
-    assert!(!volume_mount.contains_key(&1), "DEV = 0 is the default and not sent");
+    assert!(
+        !volume_mount.contains_key(&1),
+        "DEV = 0 is the default and not sent"
+    );
     assert_eq!(one(&volume_mount, 2).text(), "/dev/mapper/x");
-    assert_eq!(one(&one(&status, 3).message(), 1), &Wire::Varint(1), "HOSTPATH = 1");
+    assert_eq!(
+        one(&one(&status, 3).message(), 1),
+        &Wire::Varint(1),
+        "HOSTPATH = 1"
+    );
     assert_eq!(one(&one(&status, 4).message(), 2).text(), "/i");
     let (name, iface) = entry(one(&status, 5));
     assert_eq!(name, "eth0");
     let iface = iface.message();
-    assert_eq!((one(&iface, 1).text(), one(&iface, 2), one(&iface, 3).text()), ("tap0", &Wire::Varint(4), "aa"));
+    assert_eq!(
+        (one(&iface, 1).text(), one(&iface, 2), one(&iface, 3).text()),
+        ("tap0", &Wire::Varint(4), "aa")
+    );
     assert_eq!(one(&status, 6), &Wire::Varint(5));
     assert_eq!(one(&status, 7).text(), "/run/vm.vsock");
 }
 
 #[test]
 fn request_messages_carry_uid_namespace_and_name_at_their_numbers() {
-    assert_eq!(decode(&DeleteMicroVmRequest { uid: s("u1") }.encode_to_vec())[&1], [Wire::Bytes(b"u1".to_vec())]);
-    assert_eq!(decode(&GetMicroVmRequest { uid: s("u2") }.encode_to_vec())[&1], [Wire::Bytes(b"u2".to_vec())]);
-    let list = decode(&ListMicroVMsRequest { namespace: s("far"), name: Some(s("vm")) }.encode_to_vec());
+    assert_eq!(
+        decode(&DeleteMicroVmRequest { uid: s("u1") }.encode_to_vec())[&1],
+        [Wire::Bytes(b"u1".to_vec())]
+    );
+    assert_eq!(
+        decode(&GetMicroVmRequest { uid: s("u2") }.encode_to_vec())[&1],
+        [Wire::Bytes(b"u2".to_vec())]
+    );
+    let list = decode(
+        &ListMicroVMsRequest {
+            namespace: s("far"),
+            name: Some(s("vm")),
+        }
+        .encode_to_vec(),
+    );
     assert_eq!((one(&list, 1).text(), one(&list, 2).text()), ("far", "vm"));
     // proto3 `optional`: an empty name is still sent when present, and absent when None.
-    let present = decode(&ListMicroVMsRequest { namespace: s("far"), name: Some(s("")) }.encode_to_vec());
+    let present = decode(
+        &ListMicroVMsRequest {
+            namespace: s("far"),
+            name: Some(s("")),
+        }
+        .encode_to_vec(),
+    );
     assert_eq!(one(&present, 2), &Wire::Bytes(vec![]));
-    let absent = decode(&ListMicroVMsRequest { namespace: s("far"), name: None }.encode_to_vec());
+    let absent = decode(
+        &ListMicroVMsRequest {
+            namespace: s("far"),
+            name: None,
+        }
+        .encode_to_vec(),
+    );
     assert!(!absent.contains_key(&2));
 }

@@ -1,0 +1,67 @@
+//! The `far` binary, run as a user runs it.
+
+use std::path::Path;
+use std::process::Command;
+
+fn far(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_far"))
+        .args(args)
+        .current_dir(Path::new(env!("CARGO_MANIFEST_DIR")).join("../.."))
+        .output()
+        .unwrap()
+}
+
+/// The CRD YAML under deploy/ is generated: this fails when it drifts from the code.
+#[test]
+fn crd_output_matches_the_committed_deploy_crds() {
+    let out = far(&["crd"]);
+    assert!(out.status.success());
+    let printed = String::from_utf8(out.stdout).unwrap();
+    assert!(printed.contains("name: faragents.tiffany.dev"));
+    assert!(printed.contains("name: flintlockhosts.tiffany.dev"));
+    let committed = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/crds/tiffany.dev.yaml"),
+    )
+    .unwrap();
+    assert!(
+        printed == committed,
+        "deploy/crds/tiffany.dev.yaml is stale: regenerate it with `cargo run -p far-cli -- crd > deploy/crds/tiffany.dev.yaml`"
+    );
+}
+
+#[test]
+fn validate_accepts_the_examples_and_refuses_a_bad_agent_naming_the_field() {
+    let ok = far(&[
+        "validate",
+        "examples/embedder-worker-01.yaml",
+        "examples/flintlockhost-local.yaml",
+    ]);
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    assert_eq!(
+        String::from_utf8(ok.stdout).unwrap(),
+        "examples/embedder-worker-01.yaml: FarAgent \"embedder-worker-01\" is valid\n\
+         examples/flintlockhost-local.yaml: FlintlockHost \"local\" is valid\n"
+    );
+
+    let bad = far(&["validate", "examples/invalid/cpu-zero.yaml"]);
+    assert_eq!(bad.status.code(), Some(1));
+    assert_eq!(
+        String::from_utf8(bad.stderr).unwrap(),
+        "examples/invalid/cpu-zero.yaml: FarAgent.tiffany.dev \"cpu-zero\" is invalid: spec.cpu: Invalid value: 0: spec.cpu in body should be greater than or equal to 1\n"
+    );
+}
+
+#[test]
+fn validate_reports_a_missing_file_by_name() {
+    let out = far(&["validate", "examples/nope.yaml"]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8(out.stderr)
+            .unwrap()
+            .contains("reading examples/nope.yaml")
+    );
+}
