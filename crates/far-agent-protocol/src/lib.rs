@@ -1,0 +1,304 @@
+//! What far-init (PID 1 in every VM) and the agent status channel say to each other.
+//!
+//! - [`RunConfig`]: the agent's run configuration, served to the guest by the metadata service
+//!   under [`RUN_CONFIG_KEY`] (`GET http://169.254.169.254/latest/far-run`), versioned.
+//! - The channel: HTTP routes ([`paths`]) carrying [`Heartbeat`], [`LogBatch`] and [`Exit`],
+//!   each request authenticated by the agent's own bearer token.
+//!
+//! Secret values (env from Secrets, secret files) are never in the run configuration: Flintlock
+//! hosts keep metadata in their records. The guest fetches them once from the channel
+//! ([`paths::SECRETS`]) with its token.
+//!
+//! Every type here is parsed from untrusted bytes on one side or the other: parsing is strict
+//! (`deny_unknown_fields`), bounded ([`limits`]) and never panics.
+
+use serde::{Deserialize, Serialize};
+
+/// The metadata key holding the run configuration.
+pub const RUN_CONFIG_KEY: &str = "far-run";
+
+/// The run configuration version this build reads and writes.
+pub const RUN_CONFIG_VERSION: u32 = 1;
+
+/// Size bounds for everything crossing the channel.
+pub mod limits {
+    /// Largest run configuration accepted.
+    pub const RUN_CONFIG_BYTES: usize = 256 * 1024;
+    /// Largest request body the channel accepts.
+    pub const REQUEST_BYTES: usize = 256 * 1024;
+    /// Most lines in one log batch.
+    pub const LOG_LINES_PER_BATCH: usize = 1000;
+    /// Longest log line kept; longer lines are cut.
+    pub const LOG_LINE_BYTES: usize = 16 * 1024;
+    /// Longest failure message kept.
+    pub const MESSAGE_BYTES: usize = 1024;
+}
+
+/// The channel's routes, relative to the channel URL; `{uid}` is the FarAgent's UID.
+pub mod paths {
+    /// POST a [`super::Heartbeat`].
+    pub const HEARTBEAT: &str = "/v1/agents/{uid}/heartbeat";
+    /// POST a [`super::LogBatch`].
+    pub const LOGS: &str = "/v1/agents/{uid}/logs";
+    /// POST the [`super::Exit`].
+    pub const EXIT: &str = "/v1/agents/{uid}/exit";
+    /// GET the agent's [`super::Secrets`].
+    pub const SECRETS: &str = "/v1/agents/{uid}/secrets";
+
+    /// A route for one agent.
+    pub fn for_agent(route: &str, uid: &str) -> String {
+        route.replace("{uid}", uid)
+    }
+}
+
+/// Which FarAgent a VM runs.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct AgentRef {
+    /// The FarAgent's namespace.
+    pub namespace: String,
+    /// The FarAgent's name.
+    pub name: String,
+    /// The FarAgent's UID.
+    pub uid: String,
+    /// Which run of the agent this VM is, from 0.
+    pub attempt: u32,
+}
+
+/// One environment variable.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct EnvVar {
+    /// Its name.
+    pub name: String,
+    /// Its value.
+    pub value: String,
+}
+
+/// A read-only volume for far-init to mount.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct Mount {
+    /// Position among the VM's additional volumes, from 0 (the root volume is not counted):
+    /// the block device order in the guest.
+    pub index: u32,
+    /// Absolute path inside the VM.
+    pub mount_path: String,
+}
+
+/// Where and how the agent reports in.
+#[derive(Serialize, Deserialize, Clone, PartialEq, Eq)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct ChannelConfig {
+    /// Base URL of the status channel, e.g. `http://10.0.2.2:8443`.
+    pub url: String,
+    /// The agent's bearer token. Never logged.
+    pub token: String,
+}
+
+impl std::fmt::Debug for ChannelConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ChannelConfig").field("url", &self.url).field("token", &"<redacted>").finish()
+    }
+}
+
+/// Everything far-init needs to run the agent.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct RunConfig {
+    /// Always [`RUN_CONFIG_VERSION`] for this shape.
+    pub version: u32,
+    /// The agent this VM runs.
+    pub agent: AgentRef,
+    /// Host name to set.
+    pub hostname: String,
+    /// Absolute path of the program to start.
+    pub entrypoint: String,
+    /// Its arguments.
+    #[serde(default)]
+    pub args: Vec<String>,
+    /// Its environment (literal values and ConfigMap values; secret values come from the
+    /// channel). The agent sees exactly these plus the secret ones.
+    #[serde(default)]
+    pub env: Vec<EnvVar>,
+    /// Whether secret env or files must be fetched from the channel before starting.
+    #[serde(default)]
+    pub has_secrets: bool,
+    /// Read-only volumes to mount.
+    #[serde(default)]
+    pub mounts: Vec<Mount>,
+    /// The status channel.
+    pub channel: ChannelConfig,
+    /// Seconds between heartbeats.
+    pub heartbeat_interval_seconds: u32,
+    /// Seconds the agent gets between SIGTERM and SIGKILL.
+    pub grace_period_seconds: u32,
+}
+
+/// Why a run configuration was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum RunConfigError {
+    /// Larger than [`limits::RUN_CONFIG_BYTES`].
+    #[error("run configuration is {0} bytes; at most {max} are accepted", max = limits::RUN_CONFIG_BYTES)]
+    TooLarge(usize),
+    /// Not the JSON shape of a run configuration.
+    #[error("run configuration is malformed: {0}")]
+    Malformed(#[from] serde_json::Error),
+    /// A version this build does not read.
+    #[error("run configuration version {0} is not supported (this far-init reads version {RUN_CONFIG_VERSION})")]
+    Version(u32),
+    /// A field with a value far-init cannot use.
+    #[error("run configuration field {field}: {problem}")]
+    Invalid {
+        /// The field.
+        field: &'static str,
+        /// What is wrong with it.
+        problem: &'static str,
+    },
+}
+
+impl RunConfig {
+    /// Parses and checks a run configuration from the metadata service.
+    ///
+    /// # Errors
+    /// [`RunConfigError`] naming what is wrong; never panics, whatever the bytes.
+    pub fn parse(bytes: &[u8]) -> Result<Self, RunConfigError> {
+        if bytes.len() > limits::RUN_CONFIG_BYTES {
+            return Err(RunConfigError::TooLarge(bytes.len()));
+        }
+        #[derive(Deserialize)]
+        struct Versioned {
+            version: u32,
+        }
+        let Versioned { version } = serde_json::from_slice(bytes)?;
+        if version != RUN_CONFIG_VERSION {
+            return Err(RunConfigError::Version(version));
+        }
+        let config: RunConfig = serde_json::from_slice(bytes)?;
+        config.check()?;
+        Ok(config)
+    }
+
+    fn check(&self) -> Result<(), RunConfigError> {
+        let invalid = |field, problem| Err(RunConfigError::Invalid { field, problem });
+        if !self.entrypoint.starts_with('/') {
+            return invalid("entrypoint", "must be an absolute path");
+        }
+        if self.agent.uid.is_empty() {
+            return invalid("agent.uid", "must not be empty");
+        }
+        if !(self.channel.url.starts_with("http://") || self.channel.url.starts_with("https://")) {
+            return invalid("channel.url", "must be an http:// or https:// URL");
+        }
+        if self.heartbeat_interval_seconds == 0 {
+            return invalid("heartbeatIntervalSeconds", "must be at least 1");
+        }
+        if self.env.iter().any(|e| e.name.is_empty() || e.name.contains('=') || e.name.contains('\0')) {
+            return invalid("env", "names must be non-empty, without '=' or NUL");
+        }
+        if self.mounts.iter().any(|m| !m.mount_path.starts_with('/') || m.mount_path.split('/').any(|c| c == "..")) {
+            return invalid("mounts", "mount paths must be absolute, without '..'");
+        }
+        Ok(())
+    }
+
+    /// Serializes for the metadata service.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        // A struct of strings, numbers and vectors always serializes.
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+}
+
+/// What the guest is doing, sent every heartbeat interval.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct Heartbeat {
+    /// Milliseconds from kernel start to the entrypoint's start (set once the agent runs).
+    #[serde(default)]
+    pub boot_to_entrypoint_ms: Option<u64>,
+    /// Guest memory in use, bytes.
+    #[serde(default)]
+    pub memory_used_bytes: u64,
+    /// Guest memory in total, bytes.
+    #[serde(default)]
+    pub memory_total_bytes: u64,
+    /// CPU seconds the guest has used, in milliseconds.
+    #[serde(default)]
+    pub cpu_used_ms: u64,
+}
+
+/// Which output stream a log line came from.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[serde(rename_all = "lowercase")]
+pub enum Stream {
+    /// The agent's stdout.
+    Stdout,
+    /// The agent's stderr.
+    Stderr,
+}
+
+/// One line the agent printed.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct LogLine {
+    /// Which stream.
+    pub stream: Stream,
+    /// The text, without the newline.
+    pub text: String,
+}
+
+/// Lines in order; `seq` numbers batches from 0 so a retried batch is not kept twice.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct LogBatch {
+    /// The batch's number, from 0, one more each batch.
+    pub seq: u64,
+    /// The lines.
+    pub lines: Vec<LogLine>,
+}
+
+/// How the agent ended.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct Exit {
+    /// The agent's exit code; for a signal, 128 + the signal number, as shells report it.
+    pub code: i32,
+    /// Set when the agent could not be started at all (missing entrypoint, bad configuration):
+    /// far-init's reason, for status.
+    #[serde(default)]
+    pub start_error: Option<String>,
+}
+
+/// The agent's secret values, fetched once from the channel.
+#[derive(Serialize, Deserialize, Clone, Default, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Secrets {
+    /// Environment variables from Secrets.
+    #[serde(default)]
+    pub env: Vec<EnvVar>,
+    /// Files: absolute path and content (base64 in JSON).
+    #[serde(default)]
+    pub files: Vec<SecretFile>,
+}
+
+impl std::fmt::Debug for Secrets {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Secrets")
+            .field("env", &self.env.iter().map(|e| &e.name).collect::<Vec<_>>())
+            .field("files", &self.files.iter().map(|e| &e.path).collect::<Vec<_>>())
+            .finish()
+    }
+}
+
+/// One secret file.
+#[derive(Serialize, Deserialize, Clone, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct SecretFile {
+    /// Absolute path inside the VM.
+    pub path: String,
+    /// Content, base64.
+    pub content: String,
+}
+
+#[cfg(test)]
+mod tests;
