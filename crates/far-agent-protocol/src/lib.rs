@@ -98,7 +98,10 @@ pub struct ChannelConfig {
 
 impl std::fmt::Debug for ChannelConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ChannelConfig").field("url", &self.url).field("token", &"<redacted>").finish()
+        f.debug_struct("ChannelConfig")
+            .field("url", &self.url)
+            .field("token", &"<redacted>")
+            .finish()
     }
 }
 
@@ -145,7 +148,9 @@ pub enum RunConfigError {
     #[error("run configuration is malformed: {0}")]
     Malformed(#[from] serde_json::Error),
     /// A version this build does not read.
-    #[error("run configuration version {0} is not supported (this far-init reads version {RUN_CONFIG_VERSION})")]
+    #[error(
+        "run configuration version {0} is not supported (this far-init reads version {RUN_CONFIG_VERSION})"
+    )]
     Version(u32),
     /// A field with a value far-init cannot use.
     #[error("run configuration field {field}: {problem}")]
@@ -193,10 +198,18 @@ impl RunConfig {
         if self.heartbeat_interval_seconds == 0 {
             return invalid("heartbeatIntervalSeconds", "must be at least 1");
         }
-        if self.env.iter().any(|e| e.name.is_empty() || e.name.contains('=') || e.name.contains('\0')) {
+        if self
+            .env
+            .iter()
+            .any(|e| e.name.is_empty() || e.name.contains('=') || e.name.contains('\0'))
+        {
             return invalid("env", "names must be non-empty, without '=' or NUL");
         }
-        if self.mounts.iter().any(|m| !m.mount_path.starts_with('/') || m.mount_path.split('/').any(|c| c == "..")) {
+        if self
+            .mounts
+            .iter()
+            .any(|m| !m.mount_path.starts_with('/') || m.mount_path.split('/').any(|c| c == ".."))
+        {
             return invalid("mounts", "mount paths must be absolute, without '..'");
         }
         Ok(())
@@ -285,7 +298,10 @@ impl std::fmt::Debug for Secrets {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Secrets")
             .field("env", &self.env.iter().map(|e| &e.name).collect::<Vec<_>>())
-            .field("files", &self.files.iter().map(|e| &e.path).collect::<Vec<_>>())
+            .field(
+                "files",
+                &self.files.iter().map(|e| &e.path).collect::<Vec<_>>(),
+            )
             .finish()
     }
 }

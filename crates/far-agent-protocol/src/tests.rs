@@ -5,14 +5,28 @@ use super::*;
 fn config() -> RunConfig {
     RunConfig {
         version: RUN_CONFIG_VERSION,
-        agent: AgentRef { namespace: "default".into(), name: "embedder-worker-01".into(), uid: "u-1".into(), attempt: 0 },
+        agent: AgentRef {
+            namespace: "default".into(),
+            name: "embedder-worker-01".into(),
+            uid: "u-1".into(),
+            attempt: 0,
+        },
         hostname: "embedder-worker-01".into(),
         entrypoint: "/usr/local/bin/tiffany".into(),
         args: vec!["--task".into(), "embedder".into()],
-        env: vec![EnvVar { name: "RUST_LOG".into(), value: "info".into() }],
+        env: vec![EnvVar {
+            name: "RUST_LOG".into(),
+            value: "info".into(),
+        }],
         has_secrets: false,
-        mounts: vec![Mount { index: 0, mount_path: "/models".into() }],
-        channel: ChannelConfig { url: "http://10.0.2.2:8443".into(), token: "tok".into() },
+        mounts: vec![Mount {
+            index: 0,
+            mount_path: "/models".into(),
+        }],
+        channel: ChannelConfig {
+            url: "http://10.0.2.2:8443".into(),
+            token: "tok".into(),
+        },
         heartbeat_interval_seconds: 10,
         grace_period_seconds: 30,
     }
@@ -28,29 +42,47 @@ fn other_versions_are_refused_by_number() {
     let mut value = serde_json::to_value(config()).unwrap();
     value["version"] = 2.into();
     let err = RunConfig::parse(value.to_string().as_bytes()).unwrap_err();
-    assert_eq!(err.to_string(), "run configuration version 2 is not supported (this far-init reads version 1)");
+    assert_eq!(
+        err.to_string(),
+        "run configuration version 2 is not supported (this far-init reads version 1)"
+    );
 }
 
 #[test]
 fn unknown_fields_and_bad_values_are_refused_by_name() {
     let mut value = serde_json::to_value(config()).unwrap();
     value["surprise"] = true.into();
-    assert!(matches!(RunConfig::parse(value.to_string().as_bytes()), Err(RunConfigError::Malformed(_))));
+    assert!(matches!(
+        RunConfig::parse(value.to_string().as_bytes()),
+        Err(RunConfigError::Malformed(_))
+    ));
 
     let mut relative = config();
     relative.entrypoint = "tiffany".into();
     let err = RunConfig::parse(&relative.to_bytes()).unwrap_err();
-    assert_eq!(err.to_string(), "run configuration field entrypoint: must be an absolute path");
+    assert_eq!(
+        err.to_string(),
+        "run configuration field entrypoint: must be an absolute path"
+    );
 
     let mut escape = config();
     escape.mounts[0].mount_path = "/models/../etc".into();
-    assert!(matches!(RunConfig::parse(&escape.to_bytes()), Err(RunConfigError::Invalid { field: "mounts", .. })));
+    assert!(matches!(
+        RunConfig::parse(&escape.to_bytes()),
+        Err(RunConfigError::Invalid {
+            field: "mounts",
+            ..
+        })
+    ));
 }
 
 #[test]
 fn oversized_configs_are_refused_before_parsing() {
     let huge = vec![b' '; limits::RUN_CONFIG_BYTES + 1];
-    assert!(matches!(RunConfig::parse(&huge), Err(RunConfigError::TooLarge(_))));
+    assert!(matches!(
+        RunConfig::parse(&huge),
+        Err(RunConfigError::TooLarge(_))
+    ));
 }
 
 #[test]
@@ -58,16 +90,27 @@ fn debug_output_never_shows_the_token_or_secret_values() {
     let shown = format!("{:?}", config());
     assert!(!shown.contains("\"tok\""), "{shown}");
     let secrets = Secrets {
-        env: vec![EnvVar { name: "API_KEY".into(), value: "sk-live-123".into() }],
-        files: vec![SecretFile { path: "/run/creds/key".into(), content: "c2VjcmV0".into() }],
+        env: vec![EnvVar {
+            name: "API_KEY".into(),
+            value: "sk-live-123".into(),
+        }],
+        files: vec![SecretFile {
+            path: "/run/creds/key".into(),
+            content: "c2VjcmV0".into(),
+        }],
     };
     let shown = format!("{secrets:?}");
-    assert!(shown.contains("API_KEY") && !shown.contains("sk-live-123") && !shown.contains("c2VjcmV0"));
+    assert!(
+        shown.contains("API_KEY") && !shown.contains("sk-live-123") && !shown.contains("c2VjcmV0")
+    );
 }
 
 #[test]
 fn channel_paths_are_per_agent() {
-    assert_eq!(paths::for_agent(paths::HEARTBEAT, "u-1"), "/v1/agents/u-1/heartbeat");
+    assert_eq!(
+        paths::for_agent(paths::HEARTBEAT, "u-1"),
+        "/v1/agents/u-1/heartbeat"
+    );
 }
 
 proptest! {

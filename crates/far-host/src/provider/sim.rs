@@ -1,0 +1,326 @@
+//! The `sim` provider: no VM at all. It plays the guest's part, the way KWOK plays kubelets, so
+//! the control plane can be exercised with thousands of agents on one machine.
+//!
+//! The simulated guest reads the run configuration from the VM's metadata, like far-init, and
+//! talks to the status channel for real: heartbeats, a log batch, and the exit code. What it does
+//! is steered by the agent's arguments:
+//! - `--seconds N` (decimal allowed): run for N seconds (default 1), then exit;
+//! - `--exit-code N`: exit with N (default 0);
+//! - `--sim-silent`: never report in (a guest that does not boot);
+//! - `--sim-hang`: report in, then stop heartbeating without exiting (a guest that dies).
+//!
+//! Host-side failure injection: [`SimConfig::fail_starts_containing`] makes starting every VM
+//! whose id contains the text fail, as a broken image or hypervisor would.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD;
+use far_agent_protocol::{
+    Exit, Heartbeat, LogBatch, LogLine, RUN_CONFIG_KEY, RunConfig, Stream, paths,
+};
+use flintlock_proto::types::MicroVmSpec;
+use tokio::task::JoinHandle;
+use tracing::{debug, warn};
+
+use super::{Provider, ProviderError, Started};
+use crate::record::VmRecord;
+
+/// Settings of the sim provider.
+#[derive(Debug, Clone)]
+pub struct SimConfig {
+    /// Time from start to the first heartbeat, as a boot would take.
+    pub boot_delay: Duration,
+    /// Starting a VM whose id contains this fails.
+    pub fail_starts_containing: Option<String>,
+}
+
+impl Default for SimConfig {
+    fn default() -> Self {
+        Self {
+            boot_delay: Duration::from_millis(50),
+            fail_starts_containing: None,
+        }
+    }
+}
+
+/// The sim provider.
+#[derive(Debug, Clone)]
+pub struct Sim {
+    config: SimConfig,
+    client: reqwest::Client,
+    guests: Arc<Mutex<HashMap<String, JoinHandle<()>>>>,
+}
+
+impl Sim {
+    /// A sim provider with these settings.
+    pub fn new(config: SimConfig) -> Self {
+        let client = reqwest::Client::builder()
+            .timeout(Duration::from_secs(5))
+            .pool_max_idle_per_host(64)
+            .build()
+            .unwrap_or_default();
+        Self {
+            config,
+            client,
+            guests: Arc::default(),
+        }
+    }
+
+    fn launch(&self, uid: &str, spec: &MicroVmSpec) {
+        let guest = Guest::from_spec(spec);
+        let task = tokio::spawn(guest.run(self.client.clone(), self.config.boot_delay));
+        if let Some(old) = self
+            .guests
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(uid.to_owned(), task)
+        {
+            old.abort();
+        }
+    }
+}
+
+impl Provider for Sim {
+    fn name(&self) -> &'static str {
+        "sim"
+    }
+
+    async fn start(&self, record: &VmRecord, spec: &MicroVmSpec) -> Result<Started, ProviderError> {
+        if let Some(text) = &self.config.fail_starts_containing
+            && spec.id.contains(text.as_str())
+        {
+            return Err(ProviderError(format!(
+                "sim: injected start failure for VM {:?}",
+                spec.id
+            )));
+        }
+        self.launch(&record.uid, spec);
+        Ok(Started { process: None })
+    }
+
+    async fn stop(&self, record: &VmRecord) -> Result<(), ProviderError> {
+        if let Some(task) = self
+            .guests
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&record.uid)
+        {
+            task.abort();
+        }
+        Ok(())
+    }
+
+    async fn adopt(&self, record: &VmRecord, spec: &MicroVmSpec) -> bool {
+        // A simulated guest lives in far-host's process: after a restart it boots again, as a
+        // VM whose host rebooted would. One that had exited stays exited.
+        if !record.guest_exited {
+            self.launch(&record.uid, spec);
+        }
+        true
+    }
+
+    fn has_exited(&self, record: &VmRecord) -> bool {
+        self.guests
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&record.uid)
+            .is_some_and(JoinHandle::is_finished)
+    }
+}
+
+/// What the simulated guest will do.
+#[derive(Debug, Clone, PartialEq)]
+struct Behaviour {
+    seconds: f64,
+    exit_code: i32,
+    silent: bool,
+    hang: bool,
+}
+
+impl Behaviour {
+    fn from_args(args: &[String]) -> Self {
+        let mut b = Behaviour {
+            seconds: 1.0,
+            exit_code: 0,
+            silent: false,
+            hang: false,
+        };
+        let mut it = args.iter();
+        while let Some(arg) = it.next() {
+            match arg.as_str() {
+                "--seconds" => {
+                    b.seconds = it.next().and_then(|v| v.parse().ok()).unwrap_or(b.seconds)
+                }
+                "--exit-code" => {
+                    b.exit_code = it
+                        .next()
+                        .and_then(|v| v.parse().ok())
+                        .unwrap_or(b.exit_code)
+                }
+                "--sim-silent" => b.silent = true,
+                "--sim-hang" => b.hang = true,
+                _ => {}
+            }
+        }
+        b.seconds = b.seconds.clamp(0.0, 86_400.0);
+        b
+    }
+}
+
+struct Guest {
+    id: String,
+    config: Result<RunConfig, String>,
+}
+
+impl Guest {
+    fn from_spec(spec: &MicroVmSpec) -> Self {
+        let config = spec
+            .metadata
+            .get(RUN_CONFIG_KEY)
+            .ok_or_else(|| format!("no {RUN_CONFIG_KEY:?} metadata"))
+            .and_then(|b64| {
+                STANDARD
+                    .decode(b64)
+                    .map_err(|e| format!("metadata is not base64: {e}"))
+            })
+            .and_then(|bytes| RunConfig::parse(&bytes).map_err(|e| e.to_string()));
+        Self {
+            id: spec.id.clone(),
+            config,
+        }
+    }
+
+    async fn run(self, client: reqwest::Client, boot_delay: Duration) {
+        let config = match self.config {
+            Ok(config) => config,
+            Err(problem) => {
+                // A real guest would print this on its console and power off.
+                warn!(vm = %self.id, %problem, "sim guest cannot start");
+                return;
+            }
+        };
+        let behaviour = Behaviour::from_args(&config.args);
+        tokio::time::sleep(boot_delay).await;
+        if behaviour.silent {
+            std::future::pending::<()>().await;
+        }
+        let channel = Channel {
+            client,
+            config: &config,
+        };
+        let interval = Duration::from_secs(config.heartbeat_interval_seconds.into());
+        channel.heartbeat().await;
+        let line = format!("sim: {} {}", config.entrypoint, config.args.join(" "));
+        channel
+            .post(
+                paths::LOGS,
+                &LogBatch {
+                    seq: 0,
+                    lines: vec![LogLine {
+                        stream: Stream::Stdout,
+                        text: line,
+                    }],
+                },
+            )
+            .await;
+        if behaviour.hang {
+            std::future::pending::<()>().await;
+        }
+        let run = tokio::time::sleep(Duration::from_secs_f64(behaviour.seconds));
+        tokio::pin!(run);
+        let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
+        loop {
+            tokio::select! {
+                () = &mut run => break,
+                _ = ticks.tick() => channel.heartbeat().await,
+            }
+        }
+        channel.exit(behaviour.exit_code).await;
+    }
+}
+
+struct Channel<'a> {
+    client: reqwest::Client,
+    config: &'a RunConfig,
+}
+
+impl Channel<'_> {
+    async fn post<T: serde::Serialize>(&self, route: &str, body: &T) -> bool {
+        let url = format!(
+            "{}{}",
+            self.config.channel.url.trim_end_matches('/'),
+            paths::for_agent(route, &self.config.agent.uid)
+        );
+        let sent = self
+            .client
+            .post(&url)
+            .bearer_auth(&self.config.channel.token)
+            .json(body)
+            .send()
+            .await;
+        match sent {
+            Ok(response) if response.status().is_success() => true,
+            Ok(response) => {
+                debug!(%url, status = %response.status(), "sim guest: channel refused");
+                false
+            }
+            Err(e) => {
+                debug!(%url, error = %e, "sim guest: channel unreachable");
+                false
+            }
+        }
+    }
+
+    async fn heartbeat(&self) {
+        let beat = Heartbeat {
+            boot_to_entrypoint_ms: Some(50),
+            memory_used_bytes: 64 << 20,
+            memory_total_bytes: 512 << 20,
+            cpu_used_ms: 10,
+        };
+        self.post(paths::HEARTBEAT, &beat).await;
+    }
+
+    /// Reports the exit until the channel acknowledges it, within a bound, as far-init does.
+    async fn exit(&self, code: i32) {
+        let exit = Exit {
+            code,
+            start_error: None,
+        };
+        for attempt in 0..20u32 {
+            if self.post(paths::EXIT, &exit).await {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100 * u64::from(attempt.min(10) + 1))).await;
+        }
+        warn!(agent = %self.config.agent.uid, "sim guest: exit never acknowledged");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(text: &str) -> Vec<String> {
+        text.split_whitespace().map(str::to_owned).collect()
+    }
+
+    #[test]
+    fn behaviour_comes_from_the_agents_arguments() {
+        assert_eq!(
+            Behaviour::from_args(&args("--task sleep --seconds 2.5 --exit-code 3")),
+            Behaviour {
+                seconds: 2.5,
+                exit_code: 3,
+                silent: false,
+                hang: false
+            }
+        );
+        let b = Behaviour::from_args(&args("--sim-hang --seconds -4 --exit-code x"));
+        assert_eq!((b.seconds, b.exit_code, b.hang), (0.0, 0, true));
+        assert!(Behaviour::from_args(&args("--sim-silent")).silent);
+    }
+}

@@ -1,0 +1,118 @@
+//! The Flintlock MicroVM gRPC service: parses requests, calls the [`Host`], and reports errors
+//! the way upstream flintlockd does (so clients are tested against its quirks): "not found" is
+//! code UNKNOWN with the words in the message.
+
+use std::sync::Arc;
+
+use flintlock_proto::auth::check_basic_token;
+use flintlock_proto::v1alpha1::{
+    CreateMicroVmRequest, CreateMicroVmResponse, DeleteMicroVmRequest, GetMicroVmRequest,
+    GetMicroVmResponse, ListMessage, ListMicroVMsRequest, ListMicroVMsResponse,
+};
+use flintlock_proto::{MicroVm, MicroVmServer};
+use tonic::{Request, Response, Status};
+
+use crate::host::{Host, HostError};
+use crate::provider::Provider;
+
+/// The MicroVM service over a [`Host`].
+pub struct Service<P: Provider> {
+    host: Arc<Host<P>>,
+    token: Option<String>,
+}
+
+impl<P: Provider> Service<P> {
+    /// Serves `host`; with a token, every call must carry it (`authorization: basic ...`).
+    pub fn new(host: Arc<Host<P>>, token: Option<String>) -> MicroVmServer<Self> {
+        MicroVmServer::new(Self { host, token })
+    }
+
+    fn authorize<T>(&self, request: &Request<T>) -> Result<(), Status> {
+        match &self.token {
+            Some(token) => check_basic_token(request.metadata(), token),
+            None => Ok(()),
+        }
+    }
+}
+
+fn status(error: HostError) -> Status {
+    match error {
+        HostError::Invalid(_) => Status::invalid_argument(error.to_string()),
+        HostError::NotFound(_) | HostError::Store(_) => Status::unknown(error.to_string()),
+    }
+}
+
+fn required(uid: &str) -> Result<(), Status> {
+    if uid.is_empty() {
+        Err(Status::invalid_argument("uid is required"))
+    } else {
+        Ok(())
+    }
+}
+
+#[tonic::async_trait]
+impl<P: Provider> MicroVm for Service<P> {
+    async fn create_micro_vm(
+        &self,
+        request: Request<CreateMicroVmRequest>,
+    ) -> Result<Response<CreateMicroVmResponse>, Status> {
+        self.authorize(&request)?;
+        let spec = request
+            .into_inner()
+            .microvm
+            .ok_or_else(|| Status::invalid_argument("microvm is required"))?;
+        let vm = self.host.create(spec).map_err(status)?;
+        Ok(Response::new(CreateMicroVmResponse { microvm: Some(vm) }))
+    }
+
+    async fn delete_micro_vm(
+        &self,
+        request: Request<DeleteMicroVmRequest>,
+    ) -> Result<Response<()>, Status> {
+        self.authorize(&request)?;
+        let uid = request.into_inner().uid;
+        required(&uid)?;
+        self.host.delete(&uid).map_err(status)?;
+        Ok(Response::new(()))
+    }
+
+    async fn get_micro_vm(
+        &self,
+        request: Request<GetMicroVmRequest>,
+    ) -> Result<Response<GetMicroVmResponse>, Status> {
+        self.authorize(&request)?;
+        let uid = request.into_inner().uid;
+        required(&uid)?;
+        let vm = self.host.get(&uid).map_err(status)?;
+        Ok(Response::new(GetMicroVmResponse { microvm: Some(vm) }))
+    }
+
+    async fn list_micro_v_ms(
+        &self,
+        request: Request<ListMicroVMsRequest>,
+    ) -> Result<Response<ListMicroVMsResponse>, Status> {
+        self.authorize(&request)?;
+        let ListMicroVMsRequest { namespace, name } = request.into_inner();
+        Ok(Response::new(ListMicroVMsResponse {
+            microvm: self.host.list(&namespace, name.as_deref()),
+        }))
+    }
+
+    type ListMicroVMsStreamStream =
+        tokio_stream::Iter<std::vec::IntoIter<Result<ListMessage, Status>>>;
+
+    async fn list_micro_v_ms_stream(
+        &self,
+        request: Request<ListMicroVMsRequest>,
+    ) -> Result<Response<Self::ListMicroVMsStreamStream>, Status> {
+        self.authorize(&request)?;
+        let ListMicroVMsRequest { namespace, name } = request.into_inner();
+        let items: Vec<_> = self
+            .host
+            .list(&namespace, name.as_deref())
+            .into_iter()
+            .map(|vm| Ok(ListMessage { microvm: Some(vm) }))
+            .collect();
+        Ok(Response::new(tokio_stream::iter(items)))
+    }
+}
