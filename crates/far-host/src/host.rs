@@ -177,13 +177,11 @@ impl<P: Provider> Host<P> {
             .get(uid)
             .cloned()
             .ok_or_else(|| HostError::NotFound(uid.to_owned()))?;
-        if record.state == State::Created
+        let exited_now = record.state == State::Created
             && !record.guest_exited
-            && self.provider.has_exited(&record)
-        {
-            if let Some(updated) = self.update(uid, |r| r.guest_exited = true)? {
-                return Ok(updated.to_proto());
-            }
+            && self.provider.has_exited(&record);
+        if exited_now && let Some(updated) = self.update(uid, |r| r.guest_exited = true)? {
+            return Ok(updated.to_proto());
         }
         Ok(record.to_proto())
     }

@@ -286,7 +286,7 @@ async fn list_filters_by_namespace_and_name_and_the_stream_sends_it_once() {
             .iter()
             .map(uid)
             .collect::<Vec<_>>(),
-        [a.clone()]
+        std::slice::from_ref(&a)
     );
     assert!(t.list(Some("gamma")).await.is_empty());
 

@@ -1,0 +1,381 @@
+//! far-host beyond the shared conformance suite: restarts, failure injection, and the sim
+//! guest talking to a real HTTP status channel.
+
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::routing::post;
+use base64::Engine as _;
+use far_agent_protocol::{
+    AgentRef, ChannelConfig, Exit, Heartbeat, LogBatch, RUN_CONFIG_KEY, RunConfig,
+};
+use far_host::provider::sim::{Sim, SimConfig};
+use far_host::{Host, HostConfig};
+use flintlock_proto::MicroVmClient;
+use flintlock_proto::errors::Failure;
+use flintlock_proto::types::{
+    Kernel, MicroVmSpec, NetworkInterface, Volume, VolumeSource, micro_vm_status::MicroVmState,
+    network_interface::IfaceType,
+};
+use flintlock_proto::v1alpha1::{CreateMicroVmRequest, GetMicroVmRequest, ListMicroVMsRequest};
+
+fn spec(id: &str, metadata: Option<&RunConfig>) -> MicroVmSpec {
+    MicroVmSpec {
+        id: id.to_owned(),
+        namespace: "far".into(),
+        vcpu: 1,
+        memory_in_mb: 256,
+        kernel: Some(Kernel {
+            image: "kernel:1".into(),
+            filename: Some("vmlinuz".into()),
+            ..Default::default()
+        }),
+        root_volume: Some(Volume {
+            id: "root".into(),
+            source: Some(VolumeSource {
+                container_source: Some("root:1".into()),
+                virtiofs_source: None,
+            }),
+            ..Default::default()
+        }),
+        interfaces: vec![NetworkInterface {
+            device_id: "agent0".into(),
+            r#type: IfaceType::Tap as i32,
+            ..Default::default()
+        }],
+        metadata: metadata
+            .map(|c| {
+                [(
+                    RUN_CONFIG_KEY.to_owned(),
+                    base64::engine::general_purpose::STANDARD.encode(c.to_bytes()),
+                )]
+                .into()
+            })
+            .unwrap_or_default(),
+        ..Default::default()
+    }
+}
+
+fn state(vm: &flintlock_proto::types::MicroVm) -> MicroVmState {
+    MicroVmState::try_from(vm.status.as_ref().unwrap().state).unwrap()
+}
+
+async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
+    for _ in 0..1500 {
+        if check() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("timed out waiting for {what}");
+}
+
+#[tokio::test]
+async fn a_vm_that_never_starts_ends_failed_with_its_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = HostConfig {
+        retry_delay: Duration::from_millis(10),
+        ..HostConfig::default()
+    };
+    let sim = Sim::new(SimConfig {
+        fail_starts_containing: Some("broken".into()),
+        ..SimConfig::default()
+    });
+    let host = Host::open(config, dir.path(), sim).await.unwrap();
+    let uid = host
+        .create(spec("broken-image", None))
+        .unwrap()
+        .spec
+        .unwrap()
+        .uid
+        .unwrap();
+    eventually("FAILED", || {
+        state(&host.get(&uid).unwrap()) == MicroVmState::Failed
+    })
+    .await;
+    let vm = host.get(&uid).unwrap();
+    assert_eq!(vm.status.unwrap().retry, 3);
+    let record: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.path().join(format!("vms/{uid}.json"))).unwrap())
+            .unwrap();
+    assert_eq!(
+        record["failure"],
+        "sim: injected start failure for VM \"broken-image\""
+    );
+}
+
+#[tokio::test]
+async fn records_survive_a_restart_and_vms_are_adopted_not_duplicated() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = HostConfig {
+        retry_delay: Duration::from_millis(10),
+        ..HostConfig::default()
+    };
+    let first = Host::open(config.clone(), dir.path(), Sim::new(SimConfig::default()))
+        .await
+        .unwrap();
+    let a = first
+        .create(spec("a", None))
+        .unwrap()
+        .spec
+        .unwrap()
+        .uid
+        .unwrap();
+    let b = first
+        .create(spec("b", None))
+        .unwrap()
+        .spec
+        .unwrap()
+        .uid
+        .unwrap();
+    eventually("both CREATED", || {
+        first
+            .list("far", None)
+            .iter()
+            .all(|vm| state(vm) == MicroVmState::Created)
+    })
+    .await;
+    let before = first.list("far", None);
+    drop(first);
+
+    let second = Host::open(config, dir.path(), Sim::new(SimConfig::default()))
+        .await
+        .unwrap();
+    let after = second.list("far", None);
+    assert_eq!(
+        after, before,
+        "same VMs, same uids, same versions and states"
+    );
+    assert_eq!(after.len(), 2);
+    assert!(second.get(&a).is_ok() && second.get(&b).is_ok());
+}
+
+/// What the fake status channel received, in order.
+#[derive(Default, Clone)]
+struct Received(Arc<Mutex<Vec<String>>>);
+
+async fn channel() -> (SocketAddr, Received) {
+    async fn record(
+        State(received): State<Received>,
+        Path((uid, what)): Path<(String, String)>,
+        headers: HeaderMap,
+        body: String,
+    ) -> StatusCode {
+        if headers.get("authorization").and_then(|h| h.to_str().ok()) != Some("Bearer agent-token")
+        {
+            return StatusCode::UNAUTHORIZED;
+        }
+        let entry = match what.as_str() {
+            "heartbeat" => serde_json::from_str::<Heartbeat>(&body).map(|_| "heartbeat".to_owned()),
+            "logs" => {
+                serde_json::from_str::<LogBatch>(&body).map(|b| format!("logs:{}", b.lines[0].text))
+            }
+            "exit" => serde_json::from_str::<Exit>(&body).map(|e| format!("exit:{}", e.code)),
+            _ => return StatusCode::NOT_FOUND,
+        };
+        match entry {
+            Ok(entry) => {
+                received.0.lock().unwrap().push(format!("{uid} {entry}"));
+                StatusCode::NO_CONTENT
+            }
+            Err(_) => StatusCode::BAD_REQUEST,
+        }
+    }
+    let received = Received::default();
+    let app = Router::new()
+        .route("/v1/agents/{uid}/{what}", post(record))
+        .with_state(received.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (address, received)
+}
+
+fn run_config(channel: SocketAddr, args: &[&str]) -> RunConfig {
+    RunConfig {
+        version: far_agent_protocol::RUN_CONFIG_VERSION,
+        agent: AgentRef {
+            namespace: "default".into(),
+            name: "sleeper".into(),
+            uid: "agent-uid".into(),
+            attempt: 0,
+        },
+        hostname: "sleeper".into(),
+        entrypoint: "/usr/local/bin/tiffany".into(),
+        args: args.iter().map(|a| (*a).to_owned()).collect(),
+        env: vec![],
+        has_secrets: false,
+        mounts: vec![],
+        channel: ChannelConfig {
+            url: format!("http://{channel}"),
+            token: "agent-token".into(),
+        },
+        heartbeat_interval_seconds: 1,
+        grace_period_seconds: 5,
+    }
+}
+
+#[tokio::test]
+async fn the_sim_guest_heartbeats_logs_and_reports_its_exit_code_over_http() {
+    let (address, received) = channel().await;
+    let dir = tempfile::tempdir().unwrap();
+    let host = Host::open(
+        HostConfig::default(),
+        dir.path(),
+        Sim::new(SimConfig::default()),
+    )
+    .await
+    .unwrap();
+    let config = run_config(
+        address,
+        &["--task", "sleep", "--seconds", "1.5", "--exit-code", "3"],
+    );
+    let uid = host
+        .create(spec("sleeper", Some(&config)))
+        .unwrap()
+        .spec
+        .unwrap()
+        .uid
+        .unwrap();
+
+    eventually("the exit", || {
+        received
+            .0
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|e| e.ends_with("exit:3"))
+    })
+    .await;
+    let log = received.0.lock().unwrap().clone();
+    assert_eq!(log[0], "agent-uid heartbeat");
+    assert_eq!(
+        log[1],
+        "agent-uid logs:sim: /usr/local/bin/tiffany --task sleep --seconds 1.5 --exit-code 3"
+    );
+    assert!(
+        log.iter().filter(|e| e.ends_with("heartbeat")).count() >= 2,
+        "heartbeats while running: {log:?}"
+    );
+    assert_eq!(log.last().unwrap(), "agent-uid exit:3");
+    // Like upstream, the API still says CREATED after the guest stopped.
+    assert_eq!(state(&host.get(&uid).unwrap()), MicroVmState::Created);
+}
+
+/// Runs the far-host binary, as an operator would.
+struct Daemon {
+    child: Child,
+    endpoint: String,
+}
+
+impl Daemon {
+    fn start(state: &std::path::Path, port: u16) -> Self {
+        let child = Command::new(env!("CARGO_BIN_EXE_far-host"))
+            .args(["--listen", &format!("127.0.0.1:{port}"), "--state-dir"])
+            .arg(state)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        Self {
+            child,
+            endpoint: format!("http://127.0.0.1:{port}"),
+        }
+    }
+
+    async fn client(&self) -> MicroVmClient<tonic::transport::Channel> {
+        for _ in 0..500 {
+            if let Ok(client) = MicroVmClient::connect(self.endpoint.clone()).await {
+                return client;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!("far-host did not come up at {}", self.endpoint);
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+#[tokio::test]
+async fn far_host_killed_with_sigkill_comes_back_with_every_vm() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let mut daemon = Daemon::start(dir.path(), port);
+    let mut client = daemon.client().await;
+    let mut uids = Vec::new();
+    for i in 0..5 {
+        let request = CreateMicroVmRequest {
+            microvm: Some(spec(&format!("vm{i}"), None)),
+            metadata: Default::default(),
+        };
+        uids.push(
+            client
+                .create_micro_vm(request)
+                .await
+                .unwrap()
+                .into_inner()
+                .microvm
+                .unwrap()
+                .spec
+                .unwrap()
+                .uid
+                .unwrap(),
+        );
+    }
+    let list = |mut c: MicroVmClient<tonic::transport::Channel>| async move {
+        let r = ListMicroVMsRequest {
+            namespace: "far".into(),
+            name: None,
+        };
+        let mut uids: Vec<String> = c
+            .list_micro_v_ms(r)
+            .await
+            .unwrap()
+            .into_inner()
+            .microvm
+            .into_iter()
+            .map(|vm| vm.spec.unwrap().uid.unwrap())
+            .collect();
+        uids.sort();
+        uids
+    };
+    daemon.child.kill().unwrap(); // SIGKILL: no chance to clean up
+    daemon.child.wait().unwrap();
+    drop(daemon);
+
+    let daemon = Daemon::start(dir.path(), port);
+    let client = daemon.client().await;
+    let mut want = uids.clone();
+    want.sort();
+    assert_eq!(
+        list(client.clone()).await,
+        want,
+        "every VM is back, none duplicated"
+    );
+    let mut c = client.clone();
+    let err = c
+        .get_micro_vm(GetMicroVmRequest {
+            uid: "01NOPE".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(Failure::of(&err), Failure::NotFound);
+}
