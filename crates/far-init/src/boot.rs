@@ -1,0 +1,182 @@
+//! Getting from the kernel to a root filesystem an agent can run in, and powering off.
+
+use std::ffi::CStr;
+use std::fs;
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use base64::Engine as _;
+use far_agent_protocol::{Mount, Secrets};
+use rustix::mount::{MountFlags, mount, mount_move};
+
+use crate::say;
+
+fn mkdir(path: &Path, mode: u32) -> Result<(), String> {
+    match fs::DirBuilder::new().recursive(true).mode(mode).create(path) {
+        Ok(()) => Ok(()),
+        Err(e) => Err(format!("creating {}: {e}", path.display())),
+    }
+}
+
+/// Mounts a filesystem, treating "already mounted there" as done.
+fn mount_once(source: &str, target: &str, fstype: &str, flags: MountFlags, data: &CStr) -> Result<(), String> {
+    mkdir(Path::new(target), 0o755)?;
+    match mount(source, target, fstype, flags, data) {
+        Ok(()) | Err(rustix::io::Errno::BUSY) => Ok(()),
+        Err(e) => Err(format!("mounting {fstype} on {target}: {e}")),
+    }
+}
+
+/// `/dev`, `/proc` and `/sys`.
+pub fn mount_pseudo_filesystems() -> Result<(), String> {
+    let nosuid = MountFlags::NOSUID | MountFlags::NOEXEC;
+    mount_once("devtmpfs", "/dev", "devtmpfs", MountFlags::NOSUID, c"mode=0755")?;
+    mount_once("proc", "/proc", "proc", nosuid | MountFlags::NODEV, c"")?;
+    mount_once("sysfs", "/sys", "sysfs", nosuid | MountFlags::NODEV, c"")
+}
+
+/// `/tmp`, `/run`, `/dev/shm` and `/dev/pts`, fresh in every VM.
+pub fn mount_runtime_filesystems() -> Result<(), String> {
+    let flags = MountFlags::NOSUID | MountFlags::NODEV;
+    mount_once("tmpfs", "/tmp", "tmpfs", flags, c"mode=1777")?;
+    mount_once("tmpfs", "/run", "tmpfs", flags, c"mode=0755")?;
+    mount_once("tmpfs", "/dev/shm", "tmpfs", flags, c"mode=1777")?;
+    mount_once("devpts", "/dev/pts", "devpts", MountFlags::NOSUID | MountFlags::NOEXEC, c"mode=0620,ptmxmode=0666")
+}
+
+/// Loads the kernel modules listed (one path per line, in load order) with `finit_module`.
+pub fn load_modules(list: &Path) -> Result<(), String> {
+    let text = fs::read_to_string(list).map_err(|e| format!("reading {}: {e}", list.display()))?;
+    for module in text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')) {
+        let file = fs::File::open(module).map_err(|e| format!("opening module {module}: {e}"))?;
+        match rustix::system::finit_module(&file, c"", 0) {
+            Ok(()) | Err(rustix::io::Errno::EXIST) => {}
+            Err(e) => return Err(format!("loading module {module}: {e}")),
+        }
+    }
+    Ok(())
+}
+
+fn wait_for(path: &Path, within: Duration) -> Result<(), String> {
+    let deadline = Instant::now() + within;
+    while !path.exists() {
+        if Instant::now() > deadline {
+            return Err(format!("{} did not appear within {within:?}", path.display()));
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    Ok(())
+}
+
+/// Mounts the root volume and makes it `/`, keeping `/dev`, `/proc` and `/sys`.
+pub fn mount_root_and_switch(device: &Path, target: &Path) -> Result<(), String> {
+    wait_for(device, Duration::from_secs(10))?;
+    mkdir(target, 0o755)?;
+    mount(device, target, "ext4", MountFlags::empty(), None)
+        .map_err(|e| format!("mounting root volume {} as ext4: {e}", device.display()))?;
+    for pseudo in ["/dev", "/proc", "/sys"] {
+        let inside = target.join(pseudo.trim_start_matches('/'));
+        mkdir(&inside, 0o755)?;
+        mount_move(pseudo, &inside).map_err(|e| format!("moving {pseudo} into the root volume: {e}"))?;
+    }
+    rustix::process::chdir(target).map_err(|e| format!("entering the root volume: {e}"))?;
+    mount_move(".", "/").map_err(|e| format!("moving the root volume to /: {e}"))?;
+    rustix::process::chroot(".").map_err(|e| format!("chroot into the root volume: {e}"))?;
+    rustix::process::chdir("/").map_err(|e| format!("chdir /: {e}"))
+}
+
+/// The block device of the `index`th additional volume (the root volume is `/dev/vda`).
+fn volume_device(index: u32) -> Option<PathBuf> {
+    let letter = char::from_u32(u32::from(b'b') + index).filter(|c| c.is_ascii_lowercase())?;
+    Some(PathBuf::from(format!("/dev/vd{letter}")))
+}
+
+/// Mounts the read-only volumes.
+pub fn mount_volumes(mounts: &[Mount]) -> Result<(), String> {
+    for m in mounts {
+        let device = volume_device(m.index).ok_or_else(|| format!("volume index {} has no device", m.index))?;
+        wait_for(&device, Duration::from_secs(10))?;
+        mkdir(Path::new(&m.mount_path), 0o755)?;
+        mount(&device, m.mount_path.as_str(), "ext4", MountFlags::RDONLY | MountFlags::NODEV | MountFlags::NOSUID, None)
+            .map_err(|e| format!("mounting {} on {}: {e}", device.display(), m.mount_path))?;
+    }
+    Ok(())
+}
+
+/// Writes secret files on memory-backed filesystems (one tmpfs per directory), mode 0400, so
+/// no secret ever touches the VM's disk.
+pub fn write_secret_files(secrets: &Secrets) -> Result<(), String> {
+    let mut mounted: Vec<PathBuf> = Vec::new();
+    for file in &secrets.files {
+        let path = Path::new(&file.path);
+        if !path.is_absolute() || path.components().any(|c| c == std::path::Component::ParentDir) {
+            return Err(format!("secret file path {:?} must be absolute, without '..'", file.path));
+        }
+        let dir = path.parent().unwrap_or(Path::new("/")).to_owned();
+        if !mounted.contains(&dir) {
+            mount_once("tmpfs", &dir.to_string_lossy(), "tmpfs", MountFlags::NOSUID | MountFlags::NODEV | MountFlags::NOEXEC, c"mode=0700")?;
+            mounted.push(dir);
+        }
+        let content = base64::engine::general_purpose::STANDARD
+            .decode(&file.content)
+            .map_err(|_| format!("secret file {:?} is not base64", file.path))?;
+        fs::write(path, content).map_err(|e| format!("writing secret file {}: {e}", file.path))?;
+        fs::set_permissions(path, fs::Permissions::from_mode(0o400))
+            .map_err(|e| format!("chmod 0400 {}: {e}", file.path))?;
+    }
+    Ok(())
+}
+
+/// The kernel command line (empty when unreadable).
+pub fn kernel_cmdline() -> String {
+    fs::read_to_string("/proc/cmdline").unwrap_or_default()
+}
+
+/// Syncs disks and powers the VM off. As PID 1 this is a reboot: with Firecracker (and QEMU's
+/// `-no-reboot`) the hypervisor then exits. Outside PID 1 (tests) it exits the process.
+pub fn power_off(code: i32) -> ! {
+    rustix::fs::sync();
+    if rustix::process::getpid().is_init() {
+        if let Err(e) = rustix::system::reboot(rustix::system::RebootCommand::Restart) {
+            say!("reboot failed: {e}");
+        }
+        loop {
+            std::thread::sleep(Duration::from_secs(3600));
+        }
+    }
+    std::process::exit(code)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn additional_volumes_follow_the_root_device() {
+        assert_eq!(volume_device(0), Some(PathBuf::from("/dev/vdb")));
+        assert_eq!(volume_device(24), Some(PathBuf::from("/dev/vdz")));
+        assert_eq!(volume_device(25), None);
+    }
+
+    #[test]
+    fn secret_paths_that_climb_out_are_refused() {
+        let secrets = Secrets {
+            env: vec![],
+            files: vec![far_agent_protocol::SecretFile { path: "/run/s/../../etc/shadow".into(), content: String::new() }],
+        };
+        assert!(write_secret_files(&secrets).unwrap_err().contains("without '..'"));
+    }
+
+    #[test]
+    fn missing_module_lists_name_the_file() {
+        let err = load_modules(Path::new("/nonexistent/modules")).unwrap_err();
+        assert!(err.starts_with("reading /nonexistent/modules"), "{err}");
+    }
+
+    #[test]
+    fn errors_from_wait_name_the_device() {
+        let err = wait_for(Path::new("/dev/nonexistent-vdq"), Duration::from_millis(30)).unwrap_err();
+        assert!(err.contains("/dev/nonexistent-vdq"));
+    }
+}

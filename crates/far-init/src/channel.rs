@@ -1,0 +1,133 @@
+//! The agent status channel, from the guest's side.
+
+use std::time::{Duration, Instant};
+
+use far_agent_protocol::{Exit, RunConfig, Secrets, limits, paths};
+use serde::Serialize;
+use ureq::Agent;
+
+use crate::say;
+
+/// Why a channel call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ChannelError {
+    /// The channel could not be reached.
+    #[error("{route}: {source}")]
+    Transport {
+        /// The route.
+        route: String,
+        /// The cause.
+        #[source]
+        source: ureq::Error,
+    },
+    /// The channel refused the request.
+    #[error("{route}: answered {status}")]
+    Refused {
+        /// The route.
+        route: String,
+        /// The HTTP status.
+        status: u16,
+    },
+    /// The answer was not what the protocol says.
+    #[error("{route}: malformed answer: {detail}")]
+    Malformed {
+        /// The route.
+        route: String,
+        /// What was wrong.
+        detail: String,
+    },
+}
+
+/// A client of the status channel for one agent.
+pub struct Channel {
+    base: String,
+    uid: String,
+    authorization: String,
+    agent: Agent,
+}
+
+impl Channel {
+    /// The channel named in the run configuration.
+    pub fn new(config: &RunConfig) -> Self {
+        let agent = Agent::config_builder()
+            .timeout_global(Some(Duration::from_secs(5)))
+            .http_status_as_error(false)
+            .build()
+            .into();
+        Self {
+            base: config.channel.url.trim_end_matches('/').to_owned(),
+            uid: config.agent.uid.clone(),
+            authorization: format!("Bearer {}", config.channel.token),
+            agent,
+        }
+    }
+
+    fn url(&self, route: &str) -> String {
+        format!("{}{}", self.base, paths::for_agent(route, &self.uid))
+    }
+
+    /// POSTs one message.
+    ///
+    /// # Errors
+    /// [`ChannelError`] when unreachable or refused.
+    pub fn post<T: Serialize>(&self, route: &str, body: &T) -> Result<(), ChannelError> {
+        let bytes = serde_json::to_vec(body).unwrap_or_default();
+        let response = self
+            .agent
+            .post(self.url(route))
+            .header("Authorization", &self.authorization)
+            .header("Content-Type", "application/json")
+            .send(&bytes[..])
+            .map_err(|source| ChannelError::Transport { route: route.to_owned(), source })?;
+        let status = response.status().as_u16();
+        if (200..300).contains(&status) { Ok(()) } else { Err(ChannelError::Refused { route: route.to_owned(), status }) }
+    }
+
+    /// Fetches the agent's secret values.
+    ///
+    /// # Errors
+    /// [`ChannelError`] when unreachable, refused or malformed.
+    pub fn secrets(&self) -> Result<Secrets, ChannelError> {
+        let route = paths::SECRETS;
+        let mut response = self
+            .agent
+            .get(self.url(route))
+            .header("Authorization", &self.authorization)
+            .call()
+            .map_err(|source| ChannelError::Transport { route: route.to_owned(), source })?;
+        let status = response.status().as_u16();
+        if status != 200 {
+            return Err(ChannelError::Refused { route: route.to_owned(), status });
+        }
+        let body = response
+            .body_mut()
+            .with_config()
+            .limit(limits::REQUEST_BYTES as u64)
+            .read_to_vec()
+            .map_err(|source| ChannelError::Transport { route: route.to_owned(), source })?;
+        serde_json::from_slice(&body).map_err(|e| ChannelError::Malformed { route: route.to_owned(), detail: e.to_string() })
+    }
+
+    /// Reports the exit, retrying until acknowledged or `within` has passed.
+    pub fn report_exit(&self, exit: &Exit, within: Duration) {
+        let started = Instant::now();
+        let mut delay = Duration::from_millis(100);
+        loop {
+            match self.post(paths::EXIT, exit) {
+                Ok(()) => return,
+                Err(ChannelError::Refused { status, .. }) if (400..500).contains(&status) && status != 429 => {
+                    say!("exit report refused ({status}); not retrying");
+                    return;
+                }
+                Err(e) if started.elapsed() >= within => {
+                    say!("exit report never acknowledged: {e}");
+                    return;
+                }
+                Err(_) => {
+                    std::thread::sleep(delay);
+                    delay = (delay * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,116 @@
+//! far-init: PID 1 in every FAR microVM.
+//!
+//! As the initrd's `/init` it loads the virtio modules shipped beside it, mounts the root
+//! volume and switches into it; as `init=` inside a root filesystem it skips those steps. Then
+//! it mounts what a process needs, brings up the network, reads the run configuration from the
+//! metadata service, fetches secret values from the status channel, starts the agent with
+//! exactly its configured environment, streams its output, heartbeats, reaps zombies, forwards
+//! SIGTERM, reports the exit code and powers the VM off.
+//!
+//! It never panics on bad input: every failure is printed on the console, reported on the
+//! channel when one is known, and the VM powers off.
+
+mod boot;
+mod channel;
+mod metadata;
+mod net;
+mod run;
+mod sysinfo;
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use far_agent_protocol::{Exit, RUN_CONFIG_KEY, RunConfig, Secrets};
+
+use crate::channel::Channel;
+use crate::metadata::Metadata;
+
+/// Where the metadata service answers (MMDS, as Flintlock provides it).
+const METADATA_URL: &str = "http://169.254.169.254";
+
+/// Present only in FAR's initrd: far-init is then the initrd's `/init`.
+const INITRD_MODULE_LIST: &str = "/etc/far/modules";
+
+/// Prints a line on the console, tagged so it stands out among the agent's output.
+macro_rules! say {
+    ($($arg:tt)*) => { println!("far-init: {}", format_args!($($arg)*)) };
+}
+pub(crate) use say;
+
+/// Why the agent could not be run.
+#[derive(Debug, thiserror::Error)]
+pub enum Fatal {
+    /// Booting (modules, root volume, mounts) failed.
+    #[error("boot: {0}")]
+    Boot(String),
+    /// The network could not be configured.
+    #[error("network: {0}")]
+    Network(String),
+    /// The run configuration could not be read.
+    #[error("metadata: {0}")]
+    Metadata(String),
+    /// The run configuration is unusable.
+    #[error("run configuration: {0}")]
+    Config(#[from] far_agent_protocol::RunConfigError),
+    /// Secret values could not be fetched or written.
+    #[error("secrets: {0}")]
+    Secrets(String),
+    /// The entrypoint could not be started.
+    #[error("starting {entrypoint}: {reason}")]
+    Start {
+        /// The program.
+        entrypoint: String,
+        /// The OS's reason.
+        reason: String,
+    },
+}
+
+fn main() {
+    let mut channel: Option<Arc<Channel>> = None;
+    let outcome = init(&mut channel);
+    let exit = match outcome {
+        Ok(code) => Exit { code, start_error: None },
+        Err(fatal) => {
+            say!("fatal: {fatal}");
+            Exit { code: 127, start_error: Some(fatal.to_string()) }
+        }
+    };
+    if let Some(channel) = &channel {
+        channel.report_exit(&exit, Duration::from_secs(60));
+    }
+    say!("agent exited with code {}; powering off", exit.code);
+    boot::power_off(exit.code);
+}
+
+fn init(channel_out: &mut Option<Arc<Channel>>) -> Result<i32, Fatal> {
+    let in_initrd = Path::new(INITRD_MODULE_LIST).exists();
+    boot::mount_pseudo_filesystems().map_err(Fatal::Boot)?;
+    if in_initrd {
+        boot::load_modules(Path::new(INITRD_MODULE_LIST)).map_err(Fatal::Boot)?;
+        boot::mount_root_and_switch(Path::new("/dev/vda"), Path::new("/newroot")).map_err(Fatal::Boot)?;
+        boot::mount_pseudo_filesystems().map_err(Fatal::Boot)?;
+    }
+    boot::mount_runtime_filesystems().map_err(Fatal::Boot)?;
+    net::configure(&boot::kernel_cmdline()).map_err(Fatal::Network)?;
+
+    let metadata = Metadata::new(METADATA_URL);
+    let bytes = metadata.fetch(RUN_CONFIG_KEY, Duration::from_secs(30)).map_err(|e| Fatal::Metadata(e.to_string()))?;
+    let config = RunConfig::parse(&bytes)?;
+    let channel = Arc::new(Channel::new(&config));
+    *channel_out = Some(Arc::clone(&channel));
+    say!("running agent {}/{} (attempt {})", config.agent.namespace, config.agent.name, config.agent.attempt);
+
+    if let Err(e) = rustix::system::sethostname(config.hostname.as_bytes()) {
+        say!("cannot set hostname {:?}: {e}", config.hostname);
+    }
+    boot::mount_volumes(&config.mounts).map_err(Fatal::Boot)?;
+    let secrets = if config.has_secrets {
+        let secrets = channel.secrets().map_err(|e| Fatal::Secrets(e.to_string()))?;
+        boot::write_secret_files(&secrets).map_err(Fatal::Secrets)?;
+        secrets
+    } else {
+        Secrets::default()
+    };
+    run::run_agent(&config, secrets, channel)
+}
