@@ -13,14 +13,24 @@ use rustix::mount::{MountFlags, mount, mount_move};
 use crate::say;
 
 fn mkdir(path: &Path, mode: u32) -> Result<(), String> {
-    match fs::DirBuilder::new().recursive(true).mode(mode).create(path) {
+    match fs::DirBuilder::new()
+        .recursive(true)
+        .mode(mode)
+        .create(path)
+    {
         Ok(()) => Ok(()),
         Err(e) => Err(format!("creating {}: {e}", path.display())),
     }
 }
 
 /// Mounts a filesystem, treating "already mounted there" as done.
-fn mount_once(source: &str, target: &str, fstype: &str, flags: MountFlags, data: &CStr) -> Result<(), String> {
+fn mount_once(
+    source: &str,
+    target: &str,
+    fstype: &str,
+    flags: MountFlags,
+    data: &CStr,
+) -> Result<(), String> {
     mkdir(Path::new(target), 0o755)?;
     match mount(source, target, fstype, flags, data) {
         Ok(()) | Err(rustix::io::Errno::BUSY) => Ok(()),
@@ -31,7 +41,13 @@ fn mount_once(source: &str, target: &str, fstype: &str, flags: MountFlags, data:
 /// `/dev`, `/proc` and `/sys`.
 pub fn mount_pseudo_filesystems() -> Result<(), String> {
     let nosuid = MountFlags::NOSUID | MountFlags::NOEXEC;
-    mount_once("devtmpfs", "/dev", "devtmpfs", MountFlags::NOSUID, c"mode=0755")?;
+    mount_once(
+        "devtmpfs",
+        "/dev",
+        "devtmpfs",
+        MountFlags::NOSUID,
+        c"mode=0755",
+    )?;
     mount_once("proc", "/proc", "proc", nosuid | MountFlags::NODEV, c"")?;
     mount_once("sysfs", "/sys", "sysfs", nosuid | MountFlags::NODEV, c"")
 }
@@ -42,13 +58,23 @@ pub fn mount_runtime_filesystems() -> Result<(), String> {
     mount_once("tmpfs", "/tmp", "tmpfs", flags, c"mode=1777")?;
     mount_once("tmpfs", "/run", "tmpfs", flags, c"mode=0755")?;
     mount_once("tmpfs", "/dev/shm", "tmpfs", flags, c"mode=1777")?;
-    mount_once("devpts", "/dev/pts", "devpts", MountFlags::NOSUID | MountFlags::NOEXEC, c"mode=0620,ptmxmode=0666")
+    mount_once(
+        "devpts",
+        "/dev/pts",
+        "devpts",
+        MountFlags::NOSUID | MountFlags::NOEXEC,
+        c"mode=0620,ptmxmode=0666",
+    )
 }
 
 /// Loads the kernel modules listed (one path per line, in load order) with `finit_module`.
 pub fn load_modules(list: &Path) -> Result<(), String> {
     let text = fs::read_to_string(list).map_err(|e| format!("reading {}: {e}", list.display()))?;
-    for module in text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')) {
+    for module in text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+    {
         let file = fs::File::open(module).map_err(|e| format!("opening module {module}: {e}"))?;
         match rustix::system::finit_module(&file, c"", 0) {
             Ok(()) | Err(rustix::io::Errno::EXIST) => {}
@@ -62,7 +88,10 @@ fn wait_for(path: &Path, within: Duration) -> Result<(), String> {
     let deadline = Instant::now() + within;
     while !path.exists() {
         if Instant::now() > deadline {
-            return Err(format!("{} did not appear within {within:?}", path.display()));
+            return Err(format!(
+                "{} did not appear within {within:?}",
+                path.display()
+            ));
         }
         std::thread::sleep(Duration::from_millis(10));
     }
@@ -78,7 +107,8 @@ pub fn mount_root_and_switch(device: &Path, target: &Path) -> Result<(), String>
     for pseudo in ["/dev", "/proc", "/sys"] {
         let inside = target.join(pseudo.trim_start_matches('/'));
         mkdir(&inside, 0o755)?;
-        mount_move(pseudo, &inside).map_err(|e| format!("moving {pseudo} into the root volume: {e}"))?;
+        mount_move(pseudo, &inside)
+            .map_err(|e| format!("moving {pseudo} into the root volume: {e}"))?;
     }
     rustix::process::chdir(target).map_err(|e| format!("entering the root volume: {e}"))?;
     mount_move(".", "/").map_err(|e| format!("moving the root volume to /: {e}"))?;
@@ -95,11 +125,18 @@ fn volume_device(index: u32) -> Option<PathBuf> {
 /// Mounts the read-only volumes.
 pub fn mount_volumes(mounts: &[Mount]) -> Result<(), String> {
     for m in mounts {
-        let device = volume_device(m.index).ok_or_else(|| format!("volume index {} has no device", m.index))?;
+        let device = volume_device(m.index)
+            .ok_or_else(|| format!("volume index {} has no device", m.index))?;
         wait_for(&device, Duration::from_secs(10))?;
         mkdir(Path::new(&m.mount_path), 0o755)?;
-        mount(&device, m.mount_path.as_str(), "ext4", MountFlags::RDONLY | MountFlags::NODEV | MountFlags::NOSUID, None)
-            .map_err(|e| format!("mounting {} on {}: {e}", device.display(), m.mount_path))?;
+        mount(
+            &device,
+            m.mount_path.as_str(),
+            "ext4",
+            MountFlags::RDONLY | MountFlags::NODEV | MountFlags::NOSUID,
+            None,
+        )
+        .map_err(|e| format!("mounting {} on {}: {e}", device.display(), m.mount_path))?;
     }
     Ok(())
 }
@@ -110,12 +147,25 @@ pub fn write_secret_files(secrets: &Secrets) -> Result<(), String> {
     let mut mounted: Vec<PathBuf> = Vec::new();
     for file in &secrets.files {
         let path = Path::new(&file.path);
-        if !path.is_absolute() || path.components().any(|c| c == std::path::Component::ParentDir) {
-            return Err(format!("secret file path {:?} must be absolute, without '..'", file.path));
+        if !path.is_absolute()
+            || path
+                .components()
+                .any(|c| c == std::path::Component::ParentDir)
+        {
+            return Err(format!(
+                "secret file path {:?} must be absolute, without '..'",
+                file.path
+            ));
         }
         let dir = path.parent().unwrap_or(Path::new("/")).to_owned();
         if !mounted.contains(&dir) {
-            mount_once("tmpfs", &dir.to_string_lossy(), "tmpfs", MountFlags::NOSUID | MountFlags::NODEV | MountFlags::NOEXEC, c"mode=0700")?;
+            mount_once(
+                "tmpfs",
+                &dir.to_string_lossy(),
+                "tmpfs",
+                MountFlags::NOSUID | MountFlags::NODEV | MountFlags::NOEXEC,
+                c"mode=0700",
+            )?;
             mounted.push(dir);
         }
         let content = base64::engine::general_purpose::STANDARD
@@ -163,9 +213,16 @@ mod tests {
     fn secret_paths_that_climb_out_are_refused() {
         let secrets = Secrets {
             env: vec![],
-            files: vec![far_agent_protocol::SecretFile { path: "/run/s/../../etc/shadow".into(), content: String::new() }],
+            files: vec![far_agent_protocol::SecretFile {
+                path: "/run/s/../../etc/shadow".into(),
+                content: String::new(),
+            }],
         };
-        assert!(write_secret_files(&secrets).unwrap_err().contains("without '..'"));
+        assert!(
+            write_secret_files(&secrets)
+                .unwrap_err()
+                .contains("without '..'")
+        );
     }
 
     #[test]
@@ -176,7 +233,8 @@ mod tests {
 
     #[test]
     fn errors_from_wait_name_the_device() {
-        let err = wait_for(Path::new("/dev/nonexistent-vdq"), Duration::from_millis(30)).unwrap_err();
+        let err =
+            wait_for(Path::new("/dev/nonexistent-vdq"), Duration::from_millis(30)).unwrap_err();
         assert!(err.contains("/dev/nonexistent-vdq"));
     }
 }

@@ -78,9 +78,19 @@ impl Channel {
             .header("Authorization", &self.authorization)
             .header("Content-Type", "application/json")
             .send(&bytes[..])
-            .map_err(|source| ChannelError::Transport { route: route.to_owned(), source })?;
+            .map_err(|source| ChannelError::Transport {
+                route: route.to_owned(),
+                source,
+            })?;
         let status = response.status().as_u16();
-        if (200..300).contains(&status) { Ok(()) } else { Err(ChannelError::Refused { route: route.to_owned(), status }) }
+        if (200..300).contains(&status) {
+            Ok(())
+        } else {
+            Err(ChannelError::Refused {
+                route: route.to_owned(),
+                status,
+            })
+        }
     }
 
     /// Fetches the agent's secret values.
@@ -94,18 +104,30 @@ impl Channel {
             .get(self.url(route))
             .header("Authorization", &self.authorization)
             .call()
-            .map_err(|source| ChannelError::Transport { route: route.to_owned(), source })?;
+            .map_err(|source| ChannelError::Transport {
+                route: route.to_owned(),
+                source,
+            })?;
         let status = response.status().as_u16();
         if status != 200 {
-            return Err(ChannelError::Refused { route: route.to_owned(), status });
+            return Err(ChannelError::Refused {
+                route: route.to_owned(),
+                status,
+            });
         }
         let body = response
             .body_mut()
             .with_config()
             .limit(limits::REQUEST_BYTES as u64)
             .read_to_vec()
-            .map_err(|source| ChannelError::Transport { route: route.to_owned(), source })?;
-        serde_json::from_slice(&body).map_err(|e| ChannelError::Malformed { route: route.to_owned(), detail: e.to_string() })
+            .map_err(|source| ChannelError::Transport {
+                route: route.to_owned(),
+                source,
+            })?;
+        serde_json::from_slice(&body).map_err(|e| ChannelError::Malformed {
+            route: route.to_owned(),
+            detail: e.to_string(),
+        })
     }
 
     /// Reports the exit, retrying until acknowledged or `within` has passed.
@@ -115,7 +137,9 @@ impl Channel {
         loop {
             match self.post(paths::EXIT, exit) {
                 Ok(()) => return,
-                Err(ChannelError::Refused { status, .. }) if (400..500).contains(&status) && status != 429 => {
+                Err(ChannelError::Refused { status, .. })
+                    if (400..500).contains(&status) && status != 429 =>
+                {
                     say!("exit report refused ({status}); not retrying");
                     return;
                 }

@@ -26,7 +26,8 @@ use far_agent_protocol::{Exit, RUN_CONFIG_KEY, RunConfig, Secrets};
 use crate::channel::Channel;
 use crate::metadata::Metadata;
 
-/// Where the metadata service answers (MMDS, as Flintlock provides it).
+/// Where the metadata service answers (MMDS, as Flintlock provides it), unless the kernel
+/// command line says `far.metadata=URL` (far-host's QEMU provider serves it on the host).
 const METADATA_URL: &str = "http://169.254.169.254";
 
 /// Present only in FAR's initrd: far-init is then the initrd's `/init`.
@@ -70,10 +71,16 @@ fn main() {
     let mut channel: Option<Arc<Channel>> = None;
     let outcome = init(&mut channel);
     let exit = match outcome {
-        Ok(code) => Exit { code, start_error: None },
+        Ok(code) => Exit {
+            code,
+            start_error: None,
+        },
         Err(fatal) => {
             say!("fatal: {fatal}");
-            Exit { code: 127, start_error: Some(fatal.to_string()) }
+            Exit {
+                code: 127,
+                start_error: Some(fatal.to_string()),
+            }
         }
     };
     if let Some(channel) = &channel {
@@ -83,34 +90,68 @@ fn main() {
     boot::power_off(exit.code);
 }
 
+/// The metadata service's base URL from the kernel command line, or MMDS's address.
+fn metadata_url(cmdline: &str) -> &str {
+    cmdline
+        .split_whitespace()
+        .find_map(|arg| arg.strip_prefix("far.metadata="))
+        .unwrap_or(METADATA_URL)
+}
+
 fn init(channel_out: &mut Option<Arc<Channel>>) -> Result<i32, Fatal> {
     let in_initrd = Path::new(INITRD_MODULE_LIST).exists();
     boot::mount_pseudo_filesystems().map_err(Fatal::Boot)?;
     if in_initrd {
         boot::load_modules(Path::new(INITRD_MODULE_LIST)).map_err(Fatal::Boot)?;
-        boot::mount_root_and_switch(Path::new("/dev/vda"), Path::new("/newroot")).map_err(Fatal::Boot)?;
+        boot::mount_root_and_switch(Path::new("/dev/vda"), Path::new("/newroot"))
+            .map_err(Fatal::Boot)?;
         boot::mount_pseudo_filesystems().map_err(Fatal::Boot)?;
     }
     boot::mount_runtime_filesystems().map_err(Fatal::Boot)?;
-    net::configure(&boot::kernel_cmdline()).map_err(Fatal::Network)?;
+    let cmdline = boot::kernel_cmdline();
+    net::configure(&cmdline).map_err(Fatal::Network)?;
 
-    let metadata = Metadata::new(METADATA_URL);
-    let bytes = metadata.fetch(RUN_CONFIG_KEY, Duration::from_secs(30)).map_err(|e| Fatal::Metadata(e.to_string()))?;
+    let metadata = Metadata::new(metadata_url(&cmdline));
+    let bytes = metadata
+        .fetch(RUN_CONFIG_KEY, Duration::from_secs(30))
+        .map_err(|e| Fatal::Metadata(e.to_string()))?;
     let config = RunConfig::parse(&bytes)?;
     let channel = Arc::new(Channel::new(&config));
     *channel_out = Some(Arc::clone(&channel));
-    say!("running agent {}/{} (attempt {})", config.agent.namespace, config.agent.name, config.agent.attempt);
+    say!(
+        "running agent {}/{} (attempt {})",
+        config.agent.namespace,
+        config.agent.name,
+        config.agent.attempt
+    );
 
     if let Err(e) = rustix::system::sethostname(config.hostname.as_bytes()) {
         say!("cannot set hostname {:?}: {e}", config.hostname);
     }
     boot::mount_volumes(&config.mounts).map_err(Fatal::Boot)?;
     let secrets = if config.has_secrets {
-        let secrets = channel.secrets().map_err(|e| Fatal::Secrets(e.to_string()))?;
+        let secrets = channel
+            .secrets()
+            .map_err(|e| Fatal::Secrets(e.to_string()))?;
         boot::write_secret_files(&secrets).map_err(Fatal::Secrets)?;
         secrets
     } else {
         Secrets::default()
     };
     run::run_agent(&config, secrets, channel)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_metadata_url_defaults_to_mmds_and_can_be_moved_on_the_kernel_command_line() {
+        assert_eq!(
+            super::metadata_url("console=ttyS0 quiet"),
+            "http://169.254.169.254"
+        );
+        assert_eq!(
+            super::metadata_url("quiet far.metadata=http://169.254.0.2:4000 x"),
+            "http://169.254.0.2:4000"
+        );
+    }
 }

@@ -46,7 +46,10 @@ impl Metadata {
             .http_status_as_error(false)
             .build()
             .into();
-        Self { base: base.trim_end_matches('/').to_owned(), agent }
+        Self {
+            base: base.trim_end_matches('/').to_owned(),
+            agent,
+        }
     }
 
     /// A V2 session token, or `None` when the service only speaks V1.
@@ -59,7 +62,15 @@ impl Metadata {
         if !response.status().is_success() {
             return Ok(None);
         }
-        Ok(Some(response.body_mut().with_config().limit(4096).read_to_string()?.trim().to_owned()))
+        Ok(Some(
+            response
+                .body_mut()
+                .with_config()
+                .limit(4096)
+                .read_to_string()?
+                .trim()
+                .to_owned(),
+        ))
     }
 
     fn fetch_once(&self, key: &str) -> Result<Vec<u8>, FetchError> {
@@ -149,9 +160,15 @@ mod tests {
                 let mut body = vec![0; length];
                 reader.read_exact(&mut body).unwrap();
                 let request = first.trim().to_owned();
-                log.lock().unwrap().push(format!("{request} token={}", token.as_deref().unwrap_or("-")));
+                log.lock().unwrap().push(format!(
+                    "{request} token={}",
+                    token.as_deref().unwrap_or("-")
+                ));
                 let (status, text) = answer(&request, token.as_deref());
-                let reply = format!("HTTP/1.1 {status} X\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{text}", text.len());
+                let reply = format!(
+                    "HTTP/1.1 {status} X\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{text}",
+                    text.len()
+                );
                 stream.write_all(reply.as_bytes()).unwrap();
             }
         });
@@ -162,12 +179,19 @@ mod tests {
     fn v2_token_flow_is_used_when_the_service_offers_it() {
         let (base, seen) = serve(|request, token| match (request, token) {
             (r, _) if r.starts_with("PUT /latest/api/token") => (200, "T0K".into()),
-            (r, Some("T0K")) if r.starts_with("GET /latest/far-run") => (200, "{\"version\":1}".into()),
+            (r, Some("T0K")) if r.starts_with("GET /latest/far-run") => {
+                (200, "{\"version\":1}".into())
+            }
             _ => (401, String::new()),
         });
-        let bytes = Metadata::new(&base).fetch("far-run", Duration::from_secs(2)).unwrap();
+        let bytes = Metadata::new(&base)
+            .fetch("far-run", Duration::from_secs(2))
+            .unwrap();
         assert_eq!(bytes, b"{\"version\":1}");
-        assert_eq!(seen.lock().unwrap()[1], "GET /latest/far-run HTTP/1.1 token=T0K");
+        assert_eq!(
+            seen.lock().unwrap()[1],
+            "GET /latest/far-run HTTP/1.1 token=T0K"
+        );
     }
 
     #[test]
@@ -177,18 +201,46 @@ mod tests {
             r if r.starts_with("GET /latest/far-run") => (200, "cfg".into()),
             _ => (404, String::new()),
         });
-        assert_eq!(Metadata::new(&base).fetch("far-run", Duration::from_secs(2)).unwrap(), b"cfg");
-        assert_eq!(seen.lock().unwrap()[1], "GET /latest/far-run HTTP/1.1 token=-");
+        assert_eq!(
+            Metadata::new(&base)
+                .fetch("far-run", Duration::from_secs(2))
+                .unwrap(),
+            b"cfg"
+        );
+        assert_eq!(
+            seen.lock().unwrap()[1],
+            "GET /latest/far-run HTTP/1.1 token=-"
+        );
     }
 
     #[test]
     fn a_missing_key_is_an_error_at_once_and_an_absent_service_after_the_wait() {
-        let (base, _) = serve(|request, _| if request.starts_with("PUT") { (404, String::new()) } else { (404, String::new()) });
-        let err = Metadata::new(&base).fetch("far-run", Duration::from_secs(5)).unwrap_err();
-        assert!(matches!(err, MetadataError::Status { status: 404, .. }), "{err}");
+        let (base, _) = serve(|request, _| {
+            if request.starts_with("PUT") {
+                (404, String::new())
+            } else {
+                (404, String::new())
+            }
+        });
+        let err = Metadata::new(&base)
+            .fetch("far-run", Duration::from_secs(5))
+            .unwrap_err();
+        assert!(
+            matches!(err, MetadataError::Status { status: 404, .. }),
+            "{err}"
+        );
 
-        let closed = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
-        let err = Metadata::new(&format!("http://{closed}")).fetch("far-run", Duration::from_millis(300)).unwrap_err();
-        assert!(err.to_string().starts_with(&format!("no answer from http://{closed}/latest/far-run")), "{err}");
+        let closed = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        let err = Metadata::new(&format!("http://{closed}"))
+            .fetch("far-run", Duration::from_millis(300))
+            .unwrap_err();
+        assert!(
+            err.to_string()
+                .starts_with(&format!("no answer from http://{closed}/latest/far-run")),
+            "{err}"
+        );
     }
 }

@@ -8,10 +8,16 @@
 use std::net::Ipv4Addr;
 
 use rustix::net::netlink::SocketAddrNetlink;
-use rustix::net::{AddressFamily, SocketType, bind, recv, send, socket_with, RecvFlags, SendFlags, SocketFlags};
+use rustix::net::{
+    AddressFamily, RecvFlags, SendFlags, SocketFlags, SocketType, bind, recv, send, socket_with,
+};
 
 /// The address used when nothing else is configured.
-pub const DEFAULT_ADDRESS: Address = Address { ip: Ipv4Addr::new(169, 254, 0, 15), prefix: 16, gateway: None };
+pub const DEFAULT_ADDRESS: Address = Address {
+    ip: Ipv4Addr::new(169, 254, 0, 15),
+    prefix: 16,
+    gateway: None,
+};
 
 /// An interface's IPv4 configuration.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -29,16 +35,26 @@ pub struct Address {
 /// # Errors
 /// A sentence naming the malformed value.
 pub fn from_cmdline(cmdline: &str) -> Result<Option<Address>, String> {
-    let Some(value) = cmdline.split_whitespace().find_map(|arg| arg.strip_prefix("far.ip=")) else {
+    let Some(value) = cmdline
+        .split_whitespace()
+        .find_map(|arg| arg.strip_prefix("far.ip="))
+    else {
         return Ok(None);
     };
-    let bad = || format!("far.ip={value:?}: use ADDRESS/PREFIX[,GATEWAY], e.g. 10.0.0.5/24,10.0.0.1");
-    let (cidr, gateway) = value.split_once(',').map_or((value, None), |(c, g)| (c, Some(g)));
+    let bad =
+        || format!("far.ip={value:?}: use ADDRESS/PREFIX[,GATEWAY], e.g. 10.0.0.5/24,10.0.0.1");
+    let (cidr, gateway) = value
+        .split_once(',')
+        .map_or((value, None), |(c, g)| (c, Some(g)));
     let (ip, prefix) = cidr.split_once('/').ok_or_else(bad)?;
     let ip = ip.parse().map_err(|_| bad())?;
     let prefix: u8 = prefix.parse().ok().filter(|p| *p <= 32).ok_or_else(bad)?;
     let gateway = gateway.map(|g| g.parse().map_err(|_| bad())).transpose()?;
-    Ok(Some(Address { ip, prefix, gateway }))
+    Ok(Some(Address {
+        ip,
+        prefix,
+        gateway,
+    }))
 }
 
 /// Brings up `lo` and the first Ethernet interface with its address and route.
@@ -49,12 +65,16 @@ pub fn configure(cmdline: &str) -> Result<(), String> {
     let address = from_cmdline(cmdline)?.unwrap_or(DEFAULT_ADDRESS);
     let rtnl = Rtnl::open()?;
     let lo = if_index("lo")?;
-    rtnl.link_up(lo).map_err(|e| format!("bringing up lo: {e}"))?;
+    rtnl.link_up(lo)
+        .map_err(|e| format!("bringing up lo: {e}"))?;
     let eth = if_index("eth0")?;
-    rtnl.link_up(eth).map_err(|e| format!("bringing up eth0: {e}"))?;
-    rtnl.add_address(eth, &address).map_err(|e| format!("adding {}/{} to eth0: {e}", address.ip, address.prefix))?;
+    rtnl.link_up(eth)
+        .map_err(|e| format!("bringing up eth0: {e}"))?;
+    rtnl.add_address(eth, &address)
+        .map_err(|e| format!("adding {}/{} to eth0: {e}", address.ip, address.prefix))?;
     if let Some(gateway) = address.gateway {
-        rtnl.add_default_route(eth, gateway).map_err(|e| format!("adding default route via {gateway}: {e}"))?;
+        rtnl.add_default_route(eth, gateway)
+            .map_err(|e| format!("adding default route via {gateway}: {e}"))?;
     }
     Ok(())
 }
@@ -64,8 +84,15 @@ fn if_index(name: &str) -> Result<u32, String> {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     loop {
         match std::fs::read_to_string(&path) {
-            Ok(text) => return text.trim().parse().map_err(|_| format!("{path}: not a number")),
-            Err(_) if std::time::Instant::now() < deadline => std::thread::sleep(std::time::Duration::from_millis(10)),
+            Ok(text) => {
+                return text
+                    .trim()
+                    .parse()
+                    .map_err(|_| format!("{path}: not a number"));
+            }
+            Err(_) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(10))
+            }
             Err(e) => return Err(format!("interface {name} not found ({path}: {e})")),
         }
     }
@@ -118,9 +145,15 @@ fn message(kind: u16, flags: u16, body: &[u8], attrs: &[(u16, &[u8])]) -> Vec<u8
 
 impl Rtnl {
     fn open() -> Result<Self, String> {
-        let fd = socket_with(AddressFamily::NETLINK, SocketType::RAW, SocketFlags::CLOEXEC, None)
-            .map_err(|e| format!("opening a netlink socket: {e}"))?;
-        bind(&fd, &SocketAddrNetlink::new(0, 0)).map_err(|e| format!("binding the netlink socket: {e}"))?;
+        let fd = socket_with(
+            AddressFamily::NETLINK,
+            SocketType::RAW,
+            SocketFlags::CLOEXEC,
+            None,
+        )
+        .map_err(|e| format!("opening a netlink socket: {e}"))?;
+        bind(&fd, &SocketAddrNetlink::new(0, 0))
+            .map_err(|e| format!("binding the netlink socket: {e}"))?;
         Ok(Self { fd })
     }
 
@@ -153,14 +186,36 @@ impl Rtnl {
         body.extend_from_slice(&index.to_ne_bytes());
         let ip = address.ip.octets();
         let flags = NLM_F_CREATE | NLM_F_REPLACE;
-        self.request(&message(RTM_NEWADDR, flags, &body, &[(IFA_LOCAL, &ip), (IFA_ADDRESS, &ip)]))
+        self.request(&message(
+            RTM_NEWADDR,
+            flags,
+            &body,
+            &[(IFA_LOCAL, &ip), (IFA_ADDRESS, &ip)],
+        ))
     }
 
     fn add_default_route(&self, index: u32, gateway: Ipv4Addr) -> Result<(), String> {
-        let mut body = vec![AF_INET, 0, 0, 0, RT_TABLE_MAIN, RTPROT_BOOT, RT_SCOPE_UNIVERSE, RTN_UNICAST];
+        let mut body = vec![
+            AF_INET,
+            0,
+            0,
+            0,
+            RT_TABLE_MAIN,
+            RTPROT_BOOT,
+            RT_SCOPE_UNIVERSE,
+            RTN_UNICAST,
+        ];
         body.extend_from_slice(&0u32.to_ne_bytes());
         let flags = NLM_F_CREATE | NLM_F_REPLACE;
-        self.request(&message(RTM_NEWROUTE, flags, &body, &[(RTA_GATEWAY, &gateway.octets()), (RTA_OIF, &index.to_ne_bytes())]))
+        self.request(&message(
+            RTM_NEWROUTE,
+            flags,
+            &body,
+            &[
+                (RTA_GATEWAY, &gateway.octets()),
+                (RTA_OIF, &index.to_ne_bytes()),
+            ],
+        ))
     }
 }
 
@@ -173,21 +228,49 @@ mod tests {
         assert_eq!(from_cmdline("console=ttyS0 quiet").unwrap(), None);
         assert_eq!(
             from_cmdline("quiet far.ip=10.0.0.5/24,10.0.0.1 panic=-1").unwrap(),
-            Some(Address { ip: Ipv4Addr::new(10, 0, 0, 5), prefix: 24, gateway: Some(Ipv4Addr::new(10, 0, 0, 1)) })
+            Some(Address {
+                ip: Ipv4Addr::new(10, 0, 0, 5),
+                prefix: 24,
+                gateway: Some(Ipv4Addr::new(10, 0, 0, 1))
+            })
         );
-        assert_eq!(from_cmdline("far.ip=10.0.0.5/8").unwrap().unwrap().gateway, None);
-        for bad in ["far.ip=10.0.0.5", "far.ip=10.0.0.5/33", "far.ip=x/24", "far.ip=10.0.0.5/24,gw"] {
-            assert!(from_cmdline(bad).unwrap_err().contains("e.g. 10.0.0.5/24,10.0.0.1"), "{bad}");
+        assert_eq!(
+            from_cmdline("far.ip=10.0.0.5/8").unwrap().unwrap().gateway,
+            None
+        );
+        for bad in [
+            "far.ip=10.0.0.5",
+            "far.ip=10.0.0.5/33",
+            "far.ip=x/24",
+            "far.ip=10.0.0.5/24,gw",
+        ] {
+            assert!(
+                from_cmdline(bad)
+                    .unwrap_err()
+                    .contains("e.g. 10.0.0.5/24,10.0.0.1"),
+                "{bad}"
+            );
         }
     }
 
     #[test]
     fn netlink_messages_are_laid_out_as_the_kernel_reads_them() {
-        let msg = message(RTM_NEWADDR, NLM_F_CREATE, &[2, 16, 0, 0, 1, 0, 0, 0], &[(IFA_LOCAL, &[169, 254, 0, 15])]);
+        let msg = message(
+            RTM_NEWADDR,
+            NLM_F_CREATE,
+            &[2, 16, 0, 0, 1, 0, 0, 0],
+            &[(IFA_LOCAL, &[169, 254, 0, 15])],
+        );
         assert_eq!(msg.len(), 16 + 8 + 8);
-        assert_eq!(u32::from_ne_bytes(msg[0..4].try_into().unwrap()) as usize, msg.len());
+        assert_eq!(
+            u32::from_ne_bytes(msg[0..4].try_into().unwrap()) as usize,
+            msg.len()
+        );
         assert_eq!(u16::from_ne_bytes([msg[4], msg[5]]), RTM_NEWADDR);
-        assert_eq!(u16::from_ne_bytes([msg[6], msg[7]]), NLM_F_CREATE | NLM_F_REQUEST | NLM_F_ACK);
+        assert_eq!(
+            u16::from_ne_bytes([msg[6], msg[7]]),
+            NLM_F_CREATE | NLM_F_REQUEST | NLM_F_ACK
+        );
         assert_eq!(&msg[24..26], &8u16.to_ne_bytes(), "attribute length");
         assert_eq!(&msg[28..32], &[169, 254, 0, 15]);
     }

@@ -3,9 +3,9 @@
 use std::io::{BufRead, BufReader, Read};
 use std::path::Path;
 use std::process::{Command, Stdio};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError, sync_channel};
-use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -27,7 +27,11 @@ const LOG_DRAIN: Duration = Duration::from_secs(2);
 ///
 /// # Errors
 /// [`Fatal::Start`] when the entrypoint cannot be started.
-pub fn run_agent(config: &RunConfig, secrets: Secrets, channel: Arc<Channel>) -> Result<i32, Fatal> {
+pub fn run_agent(
+    config: &RunConfig,
+    secrets: Secrets,
+    channel: Arc<Channel>,
+) -> Result<i32, Fatal> {
     let terminate = Arc::new(AtomicBool::new(false));
     for signal in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
         if let Err(e) = signal_hook::flag::register(signal, Arc::clone(&terminate)) {
@@ -39,21 +43,33 @@ pub fn run_agent(config: &RunConfig, secrets: Secrets, channel: Arc<Channel>) ->
     command
         .args(&config.args)
         .env_clear()
-        .envs(config.env.iter().chain(&secrets.env).map(|e| (&e.name, &e.value)))
+        .envs(
+            config
+                .env
+                .iter()
+                .chain(&secrets.env)
+                .map(|e| (&e.name, &e.value)),
+        )
         .current_dir("/")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
     let boot_to_entrypoint_ms = sysinfo::uptime_ms(Path::new("/proc"));
-    let mut child = command.spawn().map_err(|e| Fatal::Start { entrypoint: config.entrypoint.clone(), reason: e.to_string() })?;
+    let mut child = command.spawn().map_err(|e| Fatal::Start {
+        entrypoint: config.entrypoint.clone(),
+        reason: e.to_string(),
+    })?;
     drop(secrets);
     if let Some(ms) = boot_to_entrypoint_ms {
         say!("entrypoint started {ms} ms after the kernel");
     }
-    let pid = i32::try_from(child.id()).ok().and_then(Pid::from_raw).ok_or_else(|| Fatal::Start {
-        entrypoint: config.entrypoint.clone(),
-        reason: format!("unusable pid {}", child.id()),
-    })?;
+    let pid = i32::try_from(child.id())
+        .ok()
+        .and_then(Pid::from_raw)
+        .ok_or_else(|| Fatal::Start {
+            entrypoint: config.entrypoint.clone(),
+            reason: format!("unusable pid {}", child.id()),
+        })?;
 
     let (lines, queue) = sync_channel::<LogLine>(LOG_QUEUE);
     let dropped = Arc::new(std::sync::atomic::AtomicU64::new(0));
@@ -82,7 +98,11 @@ pub fn run_agent(config: &RunConfig, secrets: Secrets, channel: Arc<Channel>) ->
         })
     };
 
-    let code = reap_until(pid, &terminate, Duration::from_secs(config.grace_period_seconds.into()));
+    let code = reap_until(
+        pid,
+        &terminate,
+        Duration::from_secs(config.grace_period_seconds.into()),
+    );
     exited.store(true, Ordering::Relaxed);
     let _ = heartbeats.join();
     let _ = shipper.join();
@@ -96,7 +116,9 @@ pub fn run_agent(config: &RunConfig, secrets: Secrets, channel: Arc<Channel>) ->
 fn sleep_unless(stop: &AtomicBool, total: Duration) {
     let until = Instant::now() + total;
     while !stop.load(Ordering::Relaxed) && Instant::now() < until {
-        thread::sleep(Duration::from_millis(50).min(until.saturating_duration_since(Instant::now())));
+        thread::sleep(
+            Duration::from_millis(50).min(until.saturating_duration_since(Instant::now())),
+        );
     }
 }
 
@@ -133,19 +155,33 @@ fn reap_until(agent: Pid, terminate: &AtomicBool, grace: Duration) -> i32 {
 }
 
 /// Copies one output stream to the console and into the log queue, line by line.
-fn read_lines(stream: impl Read + Send + 'static, which: Stream, queue: SyncSender<LogLine>, dropped: Arc<std::sync::atomic::AtomicU64>) {
+fn read_lines(
+    stream: impl Read + Send + 'static,
+    which: Stream,
+    queue: SyncSender<LogLine>,
+    dropped: Arc<std::sync::atomic::AtomicU64>,
+) {
     thread::spawn(move || {
         let mut reader = BufReader::new(stream);
         let mut buf = Vec::new();
         loop {
             buf.clear();
-            match reader.by_ref().take(limits::LOG_LINE_BYTES as u64).read_until(b'\n', &mut buf) {
+            match reader
+                .by_ref()
+                .take(limits::LOG_LINE_BYTES as u64)
+                .read_until(b'\n', &mut buf)
+            {
                 Ok(0) | Err(_) => return,
                 Ok(_) => {}
             }
-            let text = String::from_utf8_lossy(&buf).trim_end_matches(['\n', '\r']).to_owned();
+            let text = String::from_utf8_lossy(&buf)
+                .trim_end_matches(['\n', '\r'])
+                .to_owned();
             println!("{text}");
-            match queue.try_send(LogLine { stream: which, text }) {
+            match queue.try_send(LogLine {
+                stream: which,
+                text,
+            }) {
                 Ok(()) => {}
                 Err(TrySendError::Full(_)) => {
                     dropped.fetch_add(1, Ordering::Relaxed);
@@ -191,7 +227,10 @@ fn ship_logs(queue: &Receiver<LogLine>, channel: &Channel, exited: &AtomicBool) 
                 channel.post(paths::LOGS, &shipment).is_ok()
             });
             if !delivered {
-                say!("log batch {seq} not delivered ({} lines)", shipment.lines.len());
+                say!(
+                    "log batch {seq} not delivered ({} lines)",
+                    shipment.lines.len()
+                );
             }
             seq += 1;
         }
