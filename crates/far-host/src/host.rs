@@ -157,6 +157,7 @@ impl<P: Provider> Host<P> {
     pub fn create(self: &Arc<Self>, mut spec: MicroVmSpec) -> Result<MicroVm, HostError> {
         validate(&mut spec, &self.config.limits, self.provider.name())
             .map_err(HostError::Invalid)?;
+        self.provider.check(&spec).map_err(HostError::Invalid)?;
         let uid = ulid::Ulid::new().to_string();
         spec.uid = Some(uid.clone());
         let record = VmRecord::new(&spec);

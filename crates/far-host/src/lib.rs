@@ -6,9 +6,11 @@
 //! - [`host`]: VM records and their state machine (PENDING -> CREATED | FAILED, DELETING -> gone);
 //! - [`store`]: records on disk, written atomically, adopted again after a restart;
 //! - [`validate`]: what a spec must hold, with upstream's defaults;
-//! - [`provider`]: what runs VMs (`sim` plays the guest for scale tests).
+//! - [`provider`]: what runs VMs (`qemu` microVMs, `sim` plays the guest for scale tests);
+//! - [`images`]: where the files an image reference names are found.
 
 pub mod host;
+pub mod images;
 pub mod provider;
 pub mod record;
 pub mod service;

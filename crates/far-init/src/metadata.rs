@@ -215,13 +215,7 @@ mod tests {
 
     #[test]
     fn a_missing_key_is_an_error_at_once_and_an_absent_service_after_the_wait() {
-        let (base, _) = serve(|request, _| {
-            if request.starts_with("PUT") {
-                (404, String::new())
-            } else {
-                (404, String::new())
-            }
-        });
+        let (base, _) = serve(|_, _| (404, String::new()));
         let err = Metadata::new(&base)
             .fetch("far-run", Duration::from_secs(5))
             .unwrap_err();

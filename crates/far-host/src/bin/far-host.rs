@@ -1,15 +1,38 @@
 //! `far-host`: serve Flintlock's MicroVM API for this machine.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use clap::Parser;
+use clap::{Parser, ValueEnum};
+use far_host::images::Images;
+use far_host::provider::Provider;
+use far_host::provider::qemu::{Accel, Qemu, QemuConfig};
 use far_host::provider::sim::{Sim, SimConfig};
 use far_host::validate::Limits;
 use far_host::{Host, HostConfig, Service};
 use tonic::transport::Server;
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum ProviderName {
+    /// QEMU microVMs (KVM when it works, software emulation otherwise).
+    Qemu,
+    /// No VMs: simulated guests, for scale tests.
+    Sim,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum AccelName {
+    /// KVM if a probe guest boots under it, else software emulation.
+    Auto,
+    /// KVM.
+    Kvm,
+    /// Software emulation.
+    Tcg,
+}
 
 /// Serve Flintlock's MicroVM gRPC API on this machine.
 #[derive(Parser, Debug)]
@@ -18,15 +41,26 @@ struct Args {
     /// Address to serve gRPC on. Plaintext is served only on loopback addresses.
     #[arg(long, env = "FAR_HOST_LISTEN", default_value = "127.0.0.1:9090")]
     listen: SocketAddr,
-    /// Directory for VM records.
+    /// Directory for VM records and VM working files.
     #[arg(long, env = "FAR_HOST_STATE_DIR", default_value = "/var/lib/far-host")]
     state_dir: PathBuf,
     /// File holding the shared token clients must send (`authorization: basic ...`).
     #[arg(long, env = "FAR_HOST_TOKEN_FILE")]
     token_file: Option<PathBuf>,
     /// Provider that runs VMs.
-    #[arg(long, env = "FAR_HOST_PROVIDER", value_parser = ["sim"], default_value = "sim")]
-    provider: String,
+    #[arg(long, env = "FAR_HOST_PROVIDER", value_enum, default_value_t = ProviderName::Qemu)]
+    provider: ProviderName,
+    /// An image reference and the local directory holding it (files by name, volumes as
+    /// rootfs.ext4), e.g. ghcr.io/microscaler/tiffany-vm:v0.3.1=target/guest/images/tiffany.
+    /// Repeatable.
+    #[arg(long = "image", value_name = "REF=DIR", value_parser = parse_alias)]
+    images: Vec<(String, PathBuf)>,
+    /// qemu: accelerator.
+    #[arg(long, value_enum, default_value_t = AccelName::Auto)]
+    accel: AccelName,
+    /// qemu: the QEMU binary.
+    #[arg(long, default_value = "qemu-system-x86_64")]
+    qemu_binary: PathBuf,
     /// Most vCPUs in one VM.
     #[arg(long, default_value_t = Limits::default().max_vcpu)]
     max_vcpu: i32,
@@ -42,6 +76,14 @@ struct Args {
     /// sim: starting any VM whose id contains this text fails (failure injection).
     #[arg(long)]
     sim_fail_starts_containing: Option<String>,
+}
+
+fn parse_alias(text: &str) -> Result<(String, PathBuf), String> {
+    let (reference, dir) = text
+        .split_once('=')
+        .ok_or_else(|| format!("--image {text:?}: use REF=DIR"))?;
+    let dir = std::fs::canonicalize(dir).map_err(|e| format!("--image {text:?}: {dir}: {e}"))?;
+    Ok((reference.to_owned(), dir))
 }
 
 #[tokio::main]
@@ -75,20 +117,43 @@ async fn main() -> Result<()> {
         },
         ..HostConfig::default()
     };
-    let provider = Sim::new(SimConfig {
-        boot_delay: Duration::from_millis(args.sim_boot_delay_ms),
-        fail_starts_containing: args.sim_fail_starts_containing,
-    });
-    let host = Host::open(config, &args.state_dir, provider)
+    match args.provider {
+        ProviderName::Sim => {
+            let sim = Sim::new(SimConfig {
+                boot_delay: Duration::from_millis(args.sim_boot_delay_ms),
+                fail_starts_containing: args.sim_fail_starts_containing.clone(),
+            });
+            run(&args, config, token, sim).await
+        }
+        ProviderName::Qemu => {
+            let images = Images::new(args.images.iter().cloned().collect::<BTreeMap<_, _>>());
+            let mut qemu = QemuConfig::new(images, args.state_dir.join("run"));
+            qemu.binary = args.qemu_binary.clone();
+            qemu.accel = match args.accel {
+                AccelName::Auto => Accel::Auto,
+                AccelName::Kvm => Accel::Kvm,
+                AccelName::Tcg => Accel::Tcg,
+            };
+            run(&args, config, token, Qemu::new(qemu)).await
+        }
+    }
+}
+
+async fn run<P: Provider>(
+    args: &Args,
+    config: HostConfig,
+    token: Option<String>,
+    provider: P,
+) -> Result<()> {
+    let host: Arc<Host<P>> = Host::open(config, &args.state_dir, provider)
         .await
         .with_context(|| format!("opening state dir {}", args.state_dir.display()))?;
-    tracing::info!(listen = %args.listen, provider = %args.provider, "far-host serving");
+    tracing::info!(listen = %args.listen, provider = ?args.provider, "far-host serving");
     Server::builder()
         .add_service(Service::new(host, token))
         .serve_with_shutdown(args.listen, shutdown())
         .await
-        .context("serving gRPC")?;
-    Ok(())
+        .context("serving gRPC")
 }
 
 /// Resolves on Ctrl-C or SIGTERM. VMs keep running: they are adopted at the next start.
@@ -96,7 +161,14 @@ async fn shutdown() {
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
-        _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
+        () = async {
+            match term.as_mut() {
+                Some(t) => {
+                    t.recv().await;
+                }
+                None => std::future::pending().await,
+            }
+        } => {}
     }
     tracing::info!("far-host stopping");
 }

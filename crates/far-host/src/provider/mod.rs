@@ -1,5 +1,7 @@
 //! Providers run VMs; far-host's service decides when.
 
+pub mod mmds;
+pub mod qemu;
 pub mod sim;
 
 use std::future::Future;
@@ -24,6 +26,15 @@ pub struct Started {
 pub trait Provider: Send + Sync + 'static {
     /// The provider's name as clients ask for it in `MicroVMSpec.provider`.
     fn name(&self) -> &'static str;
+
+    /// Checks, when the VM is created, what can be checked at once (images, files), so a
+    /// client hears of a bad reference from CreateMicroVM rather than from a FAILED VM later.
+    ///
+    /// # Errors
+    /// A sentence naming the cause.
+    fn check(&self, _spec: &MicroVmSpec) -> Result<(), String> {
+        Ok(())
+    }
 
     /// Starts a VM.
     fn start(

@@ -1,0 +1,508 @@
+//! The `qemu` provider: each VM is a `qemu-system-x86_64 -M microvm` process.
+//!
+//! KVM is used when a probe guest really boots under it, software emulation (TCG) otherwise.
+//! Each VM gets: its vCPUs and memory; the kernel and initrd from their images; a private copy
+//! of its root volume and its additional volumes read-only (virtio-blk); a user-mode network on
+//! 169.254.0.0/16 where the host is 169.254.0.2; a metadata endpoint on host loopback, told to
+//! far-init by `far.metadata=` on the kernel command line; its serial console in
+//! `console.log`. QEMU runs in its own process group, so VMs outlive a far-host restart and are
+//! adopted again by pid and process start time.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs;
+use std::os::unix::process::CommandExt as _;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use flintlock_proto::types::MicroVmSpec;
+use rustix::process::{Pid, Signal, kill_process};
+use tokio::sync::OnceCell;
+use tracing::{info, warn};
+
+use super::mmds::{self, MetadataServer};
+use super::{Provider, ProviderError, Started};
+use crate::images::Images;
+use crate::record::{ProcessIdentity, VmRecord};
+
+/// The host as guests see it on the user-mode network.
+pub const HOST_ADDRESS: &str = "169.254.0.2";
+
+/// Which accelerator QEMU uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Accel {
+    /// KVM if a probe guest boots under it, else TCG.
+    Auto,
+    /// Hardware virtualisation.
+    Kvm,
+    /// Software emulation.
+    Tcg,
+}
+
+/// Settings of the qemu provider.
+#[derive(Debug, Clone)]
+pub struct QemuConfig {
+    /// The QEMU binary.
+    pub binary: PathBuf,
+    /// Accelerator choice.
+    pub accel: Accel,
+    /// Where images are found.
+    pub images: Images,
+    /// Per-VM working directories (volume copies, console logs).
+    pub run_dir: PathBuf,
+    /// Kernel arguments under the spec's own.
+    pub kernel_args: BTreeMap<String, String>,
+}
+
+impl QemuConfig {
+    /// Defaults for a dev host: `console=ttyS0 quiet panic=-1`.
+    pub fn new(images: Images, run_dir: PathBuf) -> Self {
+        let kernel_args = [("console", "ttyS0"), ("quiet", ""), ("panic", "-1")]
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .collect();
+        Self {
+            binary: "qemu-system-x86_64".into(),
+            accel: Accel::Auto,
+            images,
+            run_dir,
+            kernel_args,
+        }
+    }
+}
+
+struct Running {
+    exited: Arc<AtomicBool>,
+    _metadata: MetadataServer,
+}
+
+/// The qemu provider.
+pub struct Qemu {
+    config: QemuConfig,
+    accel: OnceCell<&'static str>,
+    vms: Mutex<HashMap<String, Running>>,
+}
+
+impl std::fmt::Debug for Qemu {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Qemu")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Reads a process's start time (clock ticks since boot, `/proc/PID/stat` field 22).
+pub fn start_ticks(pid: u32) -> Option<u64> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name may hold spaces and parentheses: count fields after the last ')'.
+    let after = &stat[stat.rfind(')')? + 1..];
+    after.split_whitespace().nth(19)?.parse().ok()
+}
+
+fn alive(identity: &ProcessIdentity) -> bool {
+    start_ticks(identity.pid) == Some(identity.start_ticks)
+}
+
+fn cmdline(
+    base: &BTreeMap<String, String>,
+    spec: &BTreeMap<String, String>,
+    metadata_port: u16,
+) -> String {
+    let mut args = base.clone();
+    args.extend(spec.iter().map(|(k, v)| (k.clone(), v.clone())));
+    args.insert(
+        "far.metadata".into(),
+        format!("http://{HOST_ADDRESS}:{metadata_port}"),
+    );
+    args.iter()
+        .map(|(k, v)| {
+            if v.is_empty() {
+                k.clone()
+            } else {
+                format!("{k}={v}")
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+impl Qemu {
+    /// A qemu provider.
+    pub fn new(config: QemuConfig) -> Self {
+        Self {
+            config,
+            accel: OnceCell::new(),
+            vms: Mutex::default(),
+        }
+    }
+
+    fn vm_dir(&self, uid: &str) -> PathBuf {
+        self.config.run_dir.join(uid)
+    }
+
+    /// The console log of a VM.
+    pub fn console_log(&self, uid: &str) -> PathBuf {
+        self.vm_dir(uid).join("console.log")
+    }
+
+    async fn accel(&self, kernel: &Path) -> &'static str {
+        *self
+            .accel
+            .get_or_init(|| async {
+                match self.config.accel {
+                    Accel::Kvm => "kvm",
+                    Accel::Tcg => "tcg",
+                    Accel::Auto => probe_kvm(&self.config.binary, kernel).await,
+                }
+            })
+            .await
+    }
+
+    fn resolve(&self, spec: &MicroVmSpec) -> Result<Resolved, String> {
+        let images = &self.config.images;
+        let kernel = spec.kernel.as_ref().ok_or("kernel is required")?;
+        let kernel_path = images
+            .file(
+                &kernel.image,
+                kernel.filename.as_deref().unwrap_or_default(),
+            )
+            .map_err(|e| format!("kernel: {e}"))?;
+        let initrd = spec
+            .initrd
+            .as_ref()
+            .map(|i| images.file(&i.image, i.filename.as_deref().unwrap_or("initrd.cpio.gz")))
+            .transpose()
+            .map_err(|e| format!("initrd: {e}"))?;
+        let source = |v: &flintlock_proto::types::Volume| {
+            v.source
+                .as_ref()
+                .and_then(|s| s.container_source.clone())
+                .unwrap_or_default()
+        };
+        let root = spec.root_volume.as_ref().ok_or("root_volume is required")?;
+        let root = images
+            .volume(&source(root))
+            .map_err(|e| format!("root_volume: {e}"))?;
+        let extra = spec
+            .additional_volumes
+            .iter()
+            .map(|v| {
+                images
+                    .volume(&source(v))
+                    .map_err(|e| format!("additional volume {}: {e}", v.id))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Resolved {
+            kernel: kernel_path,
+            initrd,
+            root,
+            extra,
+        })
+    }
+
+    fn watch(
+        &self,
+        uid: &str,
+        identity: ProcessIdentity,
+        child: Option<std::process::Child>,
+        metadata: MetadataServer,
+    ) {
+        let exited = Arc::new(AtomicBool::new(false));
+        let flag = Arc::clone(&exited);
+        let id = uid.to_owned();
+        std::thread::spawn(move || {
+            match child {
+                Some(mut child) => {
+                    let status = child.wait();
+                    info!(uid = %id, ?status, "VM process exited");
+                }
+                None => {
+                    while alive(&identity) {
+                        std::thread::sleep(Duration::from_millis(200));
+                    }
+                    info!(uid = %id, "adopted VM process exited");
+                }
+            }
+            flag.store(true, Ordering::Relaxed);
+        });
+        self.vms.lock().unwrap_or_else(|e| e.into_inner()).insert(
+            uid.to_owned(),
+            Running {
+                exited,
+                _metadata: metadata,
+            },
+        );
+    }
+}
+
+struct Resolved {
+    kernel: PathBuf,
+    initrd: Option<PathBuf>,
+    root: PathBuf,
+    extra: Vec<PathBuf>,
+}
+
+/// Boots the kernel alone under KVM: a working KVM reaches the "no root" panic in seconds;
+/// a broken one (as in nested setups without real virtualisation) hangs.
+async fn probe_kvm(binary: &Path, kernel: &Path) -> &'static str {
+    if fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_err()
+    {
+        info!("no usable /dev/kvm: software emulation");
+        return "tcg";
+    }
+    let probe = tokio::process::Command::new(binary)
+        .args([
+            "-M",
+            "microvm",
+            "-accel",
+            "kvm",
+            "-cpu",
+            "host",
+            "-m",
+            "128",
+            "-nodefaults",
+            "-no-user-config",
+            "-nographic",
+        ])
+        .args([
+            "-serial",
+            "stdio",
+            "-no-reboot",
+            "-append",
+            "console=ttyS0 panic=-1",
+            "-kernel",
+        ])
+        .arg(kernel)
+        .stdin(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .output();
+    match tokio::time::timeout(Duration::from_secs(20), probe).await {
+        Ok(Ok(out)) if String::from_utf8_lossy(&out.stdout).contains("Kernel panic") => {
+            info!("a probe guest boots under KVM: using KVM");
+            "kvm"
+        }
+        _ => {
+            warn!("a probe guest does not boot under KVM: software emulation");
+            "tcg"
+        }
+    }
+}
+
+impl Provider for Qemu {
+    fn name(&self) -> &'static str {
+        "qemu"
+    }
+
+    fn check(&self, spec: &MicroVmSpec) -> Result<(), String> {
+        self.resolve(spec).map(|_| ())
+    }
+
+    async fn start(&self, record: &VmRecord, spec: &MicroVmSpec) -> Result<Started, ProviderError> {
+        let resolved = self.resolve(spec).map_err(ProviderError)?;
+        let dir = self.vm_dir(&record.uid);
+        fs::create_dir_all(&dir)
+            .map_err(|e| ProviderError(format!("creating {}: {e}", dir.display())))?;
+        let root = dir.join("root.ext4");
+        fs::copy(&resolved.root, &root).map_err(|e| {
+            ProviderError(format!(
+                "copying root volume {}: {e}",
+                resolved.root.display()
+            ))
+        })?;
+        let metadata = mmds::serve(0, mmds::decode(&spec.metadata))
+            .await
+            .map_err(|e| ProviderError(format!("metadata endpoint: {e}")))?;
+        fs::write(dir.join("metadata.port"), metadata.port().to_string())
+            .map_err(|e| ProviderError(format!("writing metadata.port: {e}")))?;
+        let accel = self.accel(&resolved.kernel).await;
+        let console = fs::File::create(dir.join("console.log"))
+            .map_err(|e| ProviderError(format!("creating console.log: {e}")))?;
+        let kernel_args = spec
+            .kernel
+            .as_ref()
+            .map(|k| k.cmdline.clone())
+            .unwrap_or_default();
+
+        let mut qemu = Command::new(&self.config.binary);
+        qemu.args([
+            "-M",
+            "microvm",
+            "-accel",
+            accel,
+            "-cpu",
+            if accel == "kvm" { "host" } else { "max" },
+        ])
+        .args([
+            "-smp",
+            &spec.vcpu.to_string(),
+            "-m",
+            &spec.memory_in_mb.to_string(),
+        ])
+        .args([
+            "-nodefaults",
+            "-no-user-config",
+            "-nographic",
+            "-serial",
+            "stdio",
+            "-no-reboot",
+        ])
+        .arg("-kernel")
+        .arg(&resolved.kernel)
+        .args([
+            "-append",
+            &cmdline(&self.config.kernel_args, &kernel_args, metadata.port()),
+        ]);
+        if let Some(initrd) = &resolved.initrd {
+            qemu.arg("-initrd").arg(initrd);
+        }
+        let mut drive = |id: String, file: &Path, readonly: bool| {
+            let ro = if readonly { ",readonly=on" } else { "" };
+            qemu.arg("-drive")
+                .arg(format!(
+                    "id={id},file={},format=raw,if=none{ro}",
+                    file.display()
+                ))
+                .args(["-device", &format!("virtio-blk-device,drive={id}")]);
+        };
+        drive("root".into(), &root, false);
+        for (i, volume) in resolved.extra.iter().enumerate() {
+            drive(format!("vol{i}"), volume, true);
+        }
+        let mac = spec.interfaces.first().and_then(|i| i.guest_mac.clone());
+        qemu.args([
+            "-netdev",
+            &format!("user,id=n0,net=169.254.0.0/16,host={HOST_ADDRESS}"),
+        ]);
+        qemu.args([
+            "-device",
+            &match mac {
+                Some(mac) => format!("virtio-net-device,netdev=n0,mac={mac}"),
+                None => "virtio-net-device,netdev=n0".into(),
+            },
+        ]);
+        let stderr = console
+            .try_clone()
+            .map_err(|e| ProviderError(format!("console.log: {e}")))?;
+        qemu.stdin(Stdio::null())
+            .stdout(console)
+            .stderr(stderr)
+            .process_group(0);
+
+        let child = qemu.spawn().map_err(|e| {
+            ProviderError(format!("starting {}: {e}", self.config.binary.display()))
+        })?;
+        let pid = child.id();
+        let identity = ProcessIdentity {
+            pid,
+            start_ticks: start_ticks(pid).unwrap_or(0),
+        };
+        info!(uid = %record.uid, pid, accel, "VM process started");
+        self.watch(&record.uid, identity.clone(), Some(child), metadata);
+        Ok(Started {
+            process: Some(identity),
+        })
+    }
+
+    async fn stop(&self, record: &VmRecord) -> Result<(), ProviderError> {
+        if let Some(identity) = record.process.as_ref().filter(|p| alive(p)) {
+            let pid = Pid::from_raw(i32::try_from(identity.pid).unwrap_or(0))
+                .ok_or_else(|| ProviderError("bad pid".into()))?;
+            let _ = kill_process(pid, Signal::TERM);
+            for _ in 0..100 {
+                if !alive(identity) {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            if alive(identity) {
+                let _ = kill_process(pid, Signal::KILL);
+            }
+        }
+        self.vms
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&record.uid);
+        let dir = self.vm_dir(&record.uid);
+        match fs::remove_dir_all(&dir) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                Err(ProviderError(format!("removing {}: {e}", dir.display())))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    async fn adopt(&self, record: &VmRecord, spec: &MicroVmSpec) -> bool {
+        let Some(identity) = record.process.clone().filter(alive) else {
+            return false;
+        };
+        let port = fs::read_to_string(self.vm_dir(&record.uid).join("metadata.port"))
+            .ok()
+            .and_then(|p| p.trim().parse().ok())
+            .unwrap_or(0);
+        match mmds::serve(port, mmds::decode(&spec.metadata)).await {
+            Ok(metadata) => {
+                self.watch(&record.uid, identity, None, metadata);
+                true
+            }
+            Err(e) => {
+                warn!(uid = %record.uid, port, error = %e, "cannot serve the adopted VM's metadata again");
+                false
+            }
+        }
+    }
+
+    fn has_exited(&self, record: &VmRecord) -> bool {
+        match self
+            .vms
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&record.uid)
+        {
+            Some(running) => running.exited.load(Ordering::Relaxed),
+            None => record.process.as_ref().is_none_or(|p| !alive(p)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_kernel_command_line_merges_spec_over_defaults_and_names_the_metadata_endpoint() {
+        let base = QemuConfig::new(Images::default(), PathBuf::new()).kernel_args;
+        let spec = [
+            ("quiet".to_owned(), String::new()),
+            ("panic".to_owned(), "0".to_owned()),
+        ]
+        .into();
+        assert_eq!(
+            cmdline(&base, &spec, 4242),
+            "console=ttyS0 far.metadata=http://169.254.0.2:4242 panic=0 quiet"
+        );
+    }
+
+    #[test]
+    fn a_process_is_known_by_pid_and_start_time() {
+        let me = std::process::id();
+        let ticks = start_ticks(me).unwrap();
+        assert!(alive(&ProcessIdentity {
+            pid: me,
+            start_ticks: ticks
+        }));
+        assert!(
+            !alive(&ProcessIdentity {
+                pid: me,
+                start_ticks: ticks + 1
+            }),
+            "a reused pid is not the same process"
+        );
+    }
+}
