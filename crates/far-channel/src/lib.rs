@@ -1,0 +1,354 @@
+//! The agent status channel: what far-init tells FAR about the agent it runs.
+//!
+//! HTTP routes ([`far_agent_protocol::paths`]) for heartbeats, log batches, the exit code and the
+//! one-time fetch of secret values. Every request carries the agent's own bearer token, an HMAC
+//! of its UID ([`token`]): a token opens only its own agent's routes. Bodies are bounded, each
+//! agent's request rate is bounded, each agent's log buffer is bounded.
+//!
+//! The channel keeps what it hears in memory and tells its owner through [`Event`]s: the
+//! controller turns them into status (writing the API server only when state changes), and
+//! `far run` into terminal output.
+
+pub mod token;
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use far_agent_protocol::{Exit, Heartbeat, LogBatch, LogLine, Secrets, limits};
+use tokio::sync::broadcast;
+use tokio::time::Instant;
+
+pub use token::TokenKey;
+
+/// Settings of the channel.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The key agents' tokens are derived from.
+    pub key: TokenKey,
+    /// Log lines kept per agent (the newest).
+    pub log_lines_per_agent: usize,
+    /// Requests one agent may make per second before being answered 429.
+    pub requests_per_second: u32,
+}
+
+impl Config {
+    /// Defaults: 1000 log lines and 50 requests per second per agent.
+    pub fn new(key: TokenKey) -> Self {
+        Self {
+            key,
+            log_lines_per_agent: 1000,
+            requests_per_second: 50,
+        }
+    }
+}
+
+/// What an agent said, as it arrives.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// A heartbeat; `first` for the agent's first since the channel started.
+    Heartbeat {
+        /// The agent's UID.
+        uid: String,
+        /// Whether this is the first heartbeat heard from it.
+        first: bool,
+        /// What it reported.
+        heartbeat: Heartbeat,
+    },
+    /// New log lines (a retried batch is not repeated).
+    Logs {
+        /// The agent's UID.
+        uid: String,
+        /// The lines, in order.
+        lines: Vec<LogLine>,
+    },
+    /// The agent exited (said once, however often far-init retries).
+    Exited {
+        /// The agent's UID.
+        uid: String,
+        /// How.
+        exit: Exit,
+    },
+}
+
+/// What the channel knows of one agent.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AgentView {
+    /// Time since the last heartbeat, if any was heard.
+    pub since_heartbeat: Option<Duration>,
+    /// The last heartbeat's figures.
+    pub heartbeat: Option<Heartbeat>,
+    /// The newest log lines.
+    pub logs: Vec<LogLine>,
+    /// The exit, once reported.
+    pub exit: Option<Exit>,
+}
+
+#[derive(Default)]
+struct Agent {
+    last_heartbeat: Option<(Instant, Heartbeat)>,
+    logs: VecDeque<LogLine>,
+    next_seq: u64,
+    exit: Option<Exit>,
+    secrets: Option<Secrets>,
+    window: Option<(Instant, u32)>,
+}
+
+struct Shared {
+    config: Config,
+    agents: Mutex<HashMap<String, Agent>>,
+    events: broadcast::Sender<Event>,
+}
+
+/// The status channel. Cheap to clone.
+#[derive(Clone)]
+pub struct Channel {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for Channel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Channel").finish_non_exhaustive()
+    }
+}
+
+/// Why a request was refused; each maps to one status code.
+#[derive(Debug)]
+enum Refusal {
+    Unauthorized,
+    TooMany,
+    Malformed(String),
+    Body(StatusCode, String),
+    NotFound,
+}
+
+impl axum::response::IntoResponse for Refusal {
+    fn into_response(self) -> axum::response::Response {
+        match self {
+            Refusal::Unauthorized => (
+                StatusCode::UNAUTHORIZED,
+                "this token does not belong to this agent".to_owned(),
+            ),
+            Refusal::TooMany => (
+                StatusCode::TOO_MANY_REQUESTS,
+                "too many requests from this agent".to_owned(),
+            ),
+            Refusal::Malformed(why) => (StatusCode::BAD_REQUEST, why),
+            Refusal::Body(status, why) => (status, why),
+            Refusal::NotFound => (
+                StatusCode::NOT_FOUND,
+                "nothing here for this agent".to_owned(),
+            ),
+        }
+        .into_response()
+    }
+}
+
+fn body<T>(parsed: Result<Json<T>, JsonRejection>) -> Result<T, Refusal> {
+    // The rejection knows its status: 413 for an oversized body, 400/415/422 for bad ones.
+    parsed
+        .map(|Json(v)| v)
+        .map_err(|e| Refusal::Body(e.status(), e.body_text()))
+}
+
+impl Channel {
+    /// A channel with these settings.
+    pub fn new(config: Config) -> Self {
+        let (events, _) = broadcast::channel(16_384);
+        Self {
+            shared: Arc::new(Shared {
+                config,
+                agents: Mutex::default(),
+                events,
+            }),
+        }
+    }
+
+    fn agents(&self) -> MutexGuard<'_, HashMap<String, Agent>> {
+        self.shared.agents.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The HTTP routes, to serve on their own or nest in a larger server.
+    pub fn router(&self) -> Router {
+        Router::new()
+            .route("/v1/agents/{uid}/heartbeat", post(heartbeat))
+            .route("/v1/agents/{uid}/logs", post(logs))
+            .route("/v1/agents/{uid}/exit", post(exit))
+            .route("/v1/agents/{uid}/secrets", get(secrets))
+            .layer(DefaultBodyLimit::max(limits::REQUEST_BYTES))
+            .with_state(self.clone())
+    }
+
+    /// Everything agents say from now on.
+    pub fn subscribe(&self) -> broadcast::Receiver<Event> {
+        self.shared.events.subscribe()
+    }
+
+    /// The token to give the agent with this UID.
+    pub fn token_for(&self, uid: &str) -> String {
+        self.shared.config.key.token_for(uid)
+    }
+
+    /// Holds an agent's secret values until its far-init fetches them, once.
+    pub fn provide_secrets(&self, uid: &str, secrets: Secrets) {
+        self.agents().entry(uid.to_owned()).or_default().secrets = Some(secrets);
+    }
+
+    /// What is known of an agent.
+    pub fn view(&self, uid: &str) -> Option<AgentView> {
+        self.agents().get(uid).map(|a| AgentView {
+            since_heartbeat: a.last_heartbeat.map(|(at, _)| at.elapsed()),
+            heartbeat: a.last_heartbeat.map(|(_, h)| h),
+            logs: a.logs.iter().cloned().collect(),
+            exit: a.exit.clone(),
+        })
+    }
+
+    /// Drops everything about an agent (it is gone).
+    pub fn forget(&self, uid: &str) {
+        self.agents().remove(uid);
+    }
+
+    /// Authenticates and rate-limits one request, then applies `change` to the agent's state.
+    fn with_agent<T>(
+        &self,
+        uid: &str,
+        headers: &HeaderMap,
+        change: impl FnOnce(&mut Agent) -> T,
+    ) -> Result<T, Refusal> {
+        let token = headers
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .ok_or(Refusal::Unauthorized)?;
+        if !self.shared.config.key.verify(uid, token) {
+            tracing::debug!(agent = %uid, "channel request with a foreign or bad token");
+            return Err(Refusal::Unauthorized);
+        }
+        let mut agents = self.agents();
+        let agent = agents.entry(uid.to_owned()).or_default();
+        let now = Instant::now();
+        match &mut agent.window {
+            Some((start, count)) if now.duration_since(*start) < Duration::from_secs(1) => {
+                *count += 1;
+                if *count > self.shared.config.requests_per_second {
+                    return Err(Refusal::TooMany);
+                }
+            }
+            window => *window = Some((now, 1)),
+        }
+        Ok(change(agent))
+    }
+
+    fn emit(&self, event: Event) {
+        // No subscriber is fine: the state is kept either way.
+        let _ = self.shared.events.send(event);
+    }
+}
+
+async fn heartbeat(
+    State(channel): State<Channel>,
+    Path(uid): Path<String>,
+    headers: HeaderMap,
+    parsed: Result<Json<Heartbeat>, JsonRejection>,
+) -> Result<StatusCode, Refusal> {
+    let beat = body(parsed)?;
+    let first = channel.with_agent(&uid, &headers, |a| {
+        a.last_heartbeat.replace((Instant::now(), beat)).is_none()
+    })?;
+    channel.emit(Event::Heartbeat {
+        uid,
+        first,
+        heartbeat: beat,
+    });
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn logs(
+    State(channel): State<Channel>,
+    Path(uid): Path<String>,
+    headers: HeaderMap,
+    parsed: Result<Json<LogBatch>, JsonRejection>,
+) -> Result<StatusCode, Refusal> {
+    let batch = body(parsed)?;
+    if batch.lines.len() > limits::LOG_LINES_PER_BATCH {
+        return Err(Refusal::Malformed(format!(
+            "at most {} lines per batch",
+            limits::LOG_LINES_PER_BATCH
+        )));
+    }
+    let keep = channel.shared.config.log_lines_per_agent;
+    let lines = channel.with_agent(&uid, &headers, |a| {
+        if batch.seq < a.next_seq {
+            return None; // A retry of a batch already kept.
+        }
+        a.next_seq = batch.seq + 1;
+        let mut lines = batch.lines;
+        for line in &mut lines {
+            if line.text.len() > limits::LOG_LINE_BYTES {
+                let mut cut = limits::LOG_LINE_BYTES;
+                while !line.text.is_char_boundary(cut) {
+                    cut -= 1;
+                }
+                line.text.truncate(cut);
+            }
+            a.logs.push_back(line.clone());
+        }
+        while a.logs.len() > keep {
+            a.logs.pop_front();
+        }
+        Some(lines)
+    })?;
+    if let Some(lines) = lines {
+        for line in &lines {
+            tracing::info!(target: "far_agent", agent = %uid, stream = ?line.stream, "{}", line.text);
+        }
+        channel.emit(Event::Logs { uid, lines });
+    }
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn exit(
+    State(channel): State<Channel>,
+    Path(uid): Path<String>,
+    headers: HeaderMap,
+    parsed: Result<Json<Exit>, JsonRejection>,
+) -> Result<StatusCode, Refusal> {
+    let mut exit = body(parsed)?;
+    if let Some(reason) = &mut exit.start_error
+        && reason.len() > limits::MESSAGE_BYTES
+    {
+        let mut cut = limits::MESSAGE_BYTES;
+        while !reason.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        reason.truncate(cut);
+    }
+    let new = channel.with_agent(&uid, &headers, |a| {
+        if a.exit.is_some() {
+            return false;
+        }
+        a.exit = Some(exit.clone());
+        true
+    })?;
+    if new {
+        channel.emit(Event::Exited { uid, exit });
+    }
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn secrets(
+    State(channel): State<Channel>,
+    Path(uid): Path<String>,
+    headers: HeaderMap,
+) -> Result<Json<Secrets>, Refusal> {
+    channel
+        .with_agent(&uid, &headers, |a| a.secrets.take())?
+        .map(Json)
+        .ok_or(Refusal::NotFound)
+}

@@ -1,0 +1,80 @@
+//! Per-agent tokens: an HMAC of the agent's UID under the channel's key, so the channel needs
+//! no table of tokens (it survives restarts) and one agent's token is worthless for another.
+
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use hmac::{Hmac, KeyInit, Mac};
+use sha2::Sha256;
+
+/// What is signed, so a token for this purpose is never valid for another.
+const DOMAIN: &[u8] = b"far-agent-token/v1:";
+
+/// The key tokens are derived from. `Debug` never prints it.
+#[derive(Clone)]
+pub struct TokenKey(Vec<u8>);
+
+impl std::fmt::Debug for TokenKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("TokenKey(<redacted>)")
+    }
+}
+
+/// A key shorter than this is refused.
+pub const MIN_KEY_BYTES: usize = 32;
+
+/// A key too short to be safe.
+#[derive(Debug, thiserror::Error)]
+#[error("the channel key must be at least {MIN_KEY_BYTES} bytes, got {0}")]
+pub struct WeakKey(pub usize);
+
+impl TokenKey {
+    /// A key from secret bytes.
+    ///
+    /// # Errors
+    /// [`WeakKey`] when shorter than [`MIN_KEY_BYTES`].
+    pub fn new(bytes: Vec<u8>) -> Result<Self, WeakKey> {
+        if bytes.len() < MIN_KEY_BYTES {
+            return Err(WeakKey(bytes.len()));
+        }
+        Ok(Self(bytes))
+    }
+
+    fn mac(&self, uid: &str) -> Hmac<Sha256> {
+        // HMAC accepts keys of any length.
+        let mut mac =
+            <Hmac<Sha256> as KeyInit>::new_from_slice(&self.0).unwrap_or_else(|_| unreachable!());
+        mac.update(DOMAIN);
+        mac.update(uid.as_bytes());
+        mac
+    }
+
+    /// The token of the agent with this UID.
+    pub fn token_for(&self, uid: &str) -> String {
+        URL_SAFE_NO_PAD.encode(self.mac(uid).finalize().into_bytes())
+    }
+
+    /// Whether `token` is this agent's, compared in constant time.
+    pub fn verify(&self, uid: &str, token: &str) -> bool {
+        match URL_SAFE_NO_PAD.decode(token) {
+            Ok(bytes) => self.mac(uid).verify_slice(&bytes).is_ok(),
+            Err(_) => false,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_token_is_valid_only_for_its_own_agent_and_key() {
+        let key = TokenKey::new(vec![7; 32]).unwrap();
+        let token = key.token_for("uid-a");
+        assert!(key.verify("uid-a", &token));
+        assert!(!key.verify("uid-b", &token));
+        assert!(!TokenKey::new(vec![8; 32]).unwrap().verify("uid-a", &token));
+        assert!(!key.verify("uid-a", "not base64!"));
+        assert!(!format!("{key:?}").contains('7'));
+        assert!(TokenKey::new(vec![1; 16]).is_err());
+    }
+}

@@ -1,0 +1,278 @@
+//! The channel over real HTTP: what agents can do with their own token, and what they cannot
+//! do with anyone else's or with bad bodies.
+
+use std::time::Duration;
+
+use far_agent_protocol::{EnvVar, Exit, Heartbeat, LogBatch, LogLine, Secrets, Stream, limits};
+use far_channel::{Channel, Config, Event, TokenKey};
+use reqwest::StatusCode;
+
+async fn serve(config: Config) -> (Channel, String) {
+    let channel = Channel::new(config);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let router = channel.router();
+    tokio::spawn(async move { axum::serve(listener, router).await });
+    (channel, base)
+}
+
+fn config() -> Config {
+    Config::new(TokenKey::new(vec![42; 32]).unwrap())
+}
+
+fn beat() -> Heartbeat {
+    Heartbeat {
+        boot_to_entrypoint_ms: Some(900),
+        memory_used_bytes: 1,
+        memory_total_bytes: 2,
+        cpu_used_ms: 3,
+    }
+}
+
+async fn post<T: serde::Serialize>(
+    base: &str,
+    uid: &str,
+    route: &str,
+    token: &str,
+    body: &T,
+) -> StatusCode {
+    reqwest::Client::new()
+        .post(format!("{base}/v1/agents/{uid}/{route}"))
+        .bearer_auth(token)
+        .json(body)
+        .send()
+        .await
+        .unwrap()
+        .status()
+}
+
+#[tokio::test]
+async fn an_agent_reports_heartbeats_logs_and_exit_and_the_owner_hears_each_once() {
+    let (channel, base) = serve(config()).await;
+    let mut events = channel.subscribe();
+    let token = channel.token_for("a");
+
+    assert_eq!(
+        post(&base, "a", "heartbeat", &token, &beat()).await,
+        StatusCode::NO_CONTENT
+    );
+    assert_eq!(
+        post(&base, "a", "heartbeat", &token, &beat()).await,
+        StatusCode::NO_CONTENT
+    );
+    let batch = LogBatch {
+        seq: 0,
+        lines: vec![LogLine {
+            stream: Stream::Stdout,
+            text: "hello".into(),
+        }],
+    };
+    assert_eq!(
+        post(&base, "a", "logs", &token, &batch).await,
+        StatusCode::NO_CONTENT
+    );
+    assert_eq!(
+        post(&base, "a", "logs", &token, &batch).await,
+        StatusCode::NO_CONTENT,
+        "a retried batch is accepted"
+    );
+    let exit = Exit {
+        code: 3,
+        start_error: None,
+    };
+    assert_eq!(
+        post(&base, "a", "exit", &token, &exit).await,
+        StatusCode::NO_CONTENT
+    );
+    assert_eq!(
+        post(&base, "a", "exit", &token, &exit).await,
+        StatusCode::NO_CONTENT,
+        "a retried exit is accepted"
+    );
+
+    let mut seen = Vec::new();
+    while let Ok(Ok(event)) = tokio::time::timeout(Duration::from_millis(200), events.recv()).await
+    {
+        seen.push(event);
+    }
+    assert_eq!(
+        seen,
+        [
+            Event::Heartbeat {
+                uid: "a".into(),
+                first: true,
+                heartbeat: beat()
+            },
+            Event::Heartbeat {
+                uid: "a".into(),
+                first: false,
+                heartbeat: beat()
+            },
+            Event::Logs {
+                uid: "a".into(),
+                lines: batch.lines.clone()
+            },
+            Event::Exited {
+                uid: "a".into(),
+                exit: exit.clone()
+            },
+        ]
+    );
+    let view = channel.view("a").unwrap();
+    assert_eq!(view.logs, batch.lines, "the retried batch is kept once");
+    assert_eq!(view.exit, Some(exit));
+}
+
+#[tokio::test]
+async fn a_foreign_token_is_refused_and_changes_nothing() {
+    let (channel, base) = serve(config()).await;
+    let theirs = channel.token_for("b");
+    for route in ["heartbeat", "exit"] {
+        let status = if route == "exit" {
+            post(
+                &base,
+                "a",
+                route,
+                &theirs,
+                &Exit {
+                    code: 0,
+                    start_error: None,
+                },
+            )
+            .await
+        } else {
+            post(&base, "a", route, &theirs, &beat()).await
+        };
+        assert_eq!(status, StatusCode::UNAUTHORIZED);
+    }
+    let status = reqwest::Client::new()
+        .post(format!("{base}/v1/agents/a/heartbeat"))
+        .json(&beat())
+        .send()
+        .await
+        .unwrap()
+        .status();
+    assert_eq!(status, StatusCode::UNAUTHORIZED, "no token");
+    assert_eq!(channel.view("a"), None, "nothing recorded for agent a");
+
+    channel.provide_secrets(
+        "a",
+        Secrets {
+            env: vec![EnvVar {
+                name: "K".into(),
+                value: "v".into(),
+            }],
+            files: vec![],
+        },
+    );
+    let stolen = reqwest::Client::new()
+        .get(format!("{base}/v1/agents/a/secrets"))
+        .bearer_auth(&theirs)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(stolen.status(), StatusCode::UNAUTHORIZED);
+    let own = reqwest::Client::new()
+        .get(format!("{base}/v1/agents/a/secrets"))
+        .bearer_auth(channel.token_for("a"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(own.status(), StatusCode::OK);
+    assert_eq!(own.json::<Secrets>().await.unwrap().env[0].value, "v");
+    let again = reqwest::Client::new()
+        .get(format!("{base}/v1/agents/a/secrets"))
+        .bearer_auth(channel.token_for("a"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        again.status(),
+        StatusCode::NOT_FOUND,
+        "secret values are handed out once"
+    );
+}
+
+#[tokio::test]
+async fn malformed_and_oversized_bodies_get_4xx() {
+    let (channel, base) = serve(config()).await;
+    let token = channel.token_for("a");
+    let client = reqwest::Client::new();
+    let send = |body: Vec<u8>| {
+        client
+            .post(format!("{base}/v1/agents/a/heartbeat"))
+            .bearer_auth(&token)
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+    };
+    assert_eq!(
+        send(b"{not json".to_vec()).await.unwrap().status(),
+        StatusCode::BAD_REQUEST
+    );
+    assert_eq!(
+        send(br#"{"surprise":1}"#.to_vec()).await.unwrap().status(),
+        StatusCode::UNPROCESSABLE_ENTITY
+    );
+    let huge = vec![b' '; limits::REQUEST_BYTES + 1];
+    assert_eq!(
+        send(huge).await.unwrap().status(),
+        StatusCode::PAYLOAD_TOO_LARGE
+    );
+    let too_many = LogBatch {
+        seq: 0,
+        lines: vec![
+            LogLine {
+                stream: Stream::Stdout,
+                text: String::new()
+            };
+            limits::LOG_LINES_PER_BATCH + 1
+        ],
+    };
+    assert_eq!(
+        post(&base, "a", "logs", &token, &too_many).await,
+        StatusCode::BAD_REQUEST
+    );
+}
+
+#[tokio::test]
+async fn a_flooding_agent_is_slowed_and_its_log_buffer_stays_bounded() {
+    let mut config = config();
+    config.requests_per_second = 5;
+    config.log_lines_per_agent = 3;
+    let (channel, base) = serve(config).await;
+    let token = channel.token_for("a");
+    let mut statuses = Vec::new();
+    for seq in 0..8 {
+        let batch = LogBatch {
+            seq,
+            lines: vec![LogLine {
+                stream: Stream::Stderr,
+                text: format!("line {seq}"),
+            }],
+        };
+        statuses.push(post(&base, "a", "logs", &token, &batch).await);
+    }
+    assert_eq!(
+        statuses
+            .iter()
+            .filter(|s| **s == StatusCode::NO_CONTENT)
+            .count(),
+        5
+    );
+    assert_eq!(
+        statuses
+            .iter()
+            .filter(|s| **s == StatusCode::TOO_MANY_REQUESTS)
+            .count(),
+        3
+    );
+    let kept: Vec<String> = channel
+        .view("a")
+        .unwrap()
+        .logs
+        .into_iter()
+        .map(|l| l.text)
+        .collect();
+    assert_eq!(kept, ["line 2", "line 3", "line 4"]);
+}
