@@ -3,6 +3,8 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+mod run;
+
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use far_api::manifest::{self, Object};
@@ -26,10 +28,23 @@ enum Command {
         #[arg(required = true)]
         files: Vec<PathBuf>,
     },
+    /// Run one FarAgent in a real microVM on this machine, with no cluster: an embedded
+    /// far-host and status channel, the agent's output streamed, its exit code returned.
+    Run(run::RunArgs),
 }
 
 fn main() -> Result<ExitCode> {
     match Cli::parse().command {
+        Command::Run(args) => {
+            tracing_subscriber::fmt()
+                .with_env_filter(
+                    tracing_subscriber::EnvFilter::try_from_env("FAR_LOG")
+                        .unwrap_or_else(|_| "warn".into()),
+                )
+                .with_writer(std::io::stderr)
+                .init();
+            tokio::runtime::Runtime::new()?.block_on(run::run(args))
+        }
         Command::Crd => {
             print!("{}", far_api::crds_yaml()?);
             Ok(ExitCode::SUCCESS)

@@ -187,6 +187,16 @@ impl<P: Provider> Host<P> {
         Ok(record.to_proto())
     }
 
+    /// far-host extension: whether the VM's guest has stopped (its process exited). Upstream's
+    /// API keeps saying CREATED for such a VM.
+    ///
+    /// # Errors
+    /// [`HostError::NotFound`].
+    pub fn guest_exited(&self, uid: &str) -> Result<bool, HostError> {
+        self.get(uid)?;
+        Ok(self.lock().get(uid).is_some_and(|r| r.guest_exited))
+    }
+
     /// The VMs in a namespace, optionally only those with this name, oldest first.
     pub fn list(&self, namespace: &str, name: Option<&str>) -> Vec<MicroVm> {
         self.lock()

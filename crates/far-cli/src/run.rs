@@ -1,0 +1,455 @@
+//! `far run`: one FarAgent in a real microVM on this machine, with no cluster.
+//!
+//! It starts what a cluster would provide, in this process: a far-host (qemu provider) served
+//! over gRPC on loopback and the agent status channel. It then does what the controller does
+//! for one agent (plan the VM with `far-vmspec`, create it through Flintlock's API, follow it
+//! through the channel) and shows it: progress on stderr, the agent's stdout and stderr as they
+//! arrive, and the agent's exit code as its own. Ctrl-C deletes the VM and waits until it is
+//! gone; the working directory is removed.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use far_agent_protocol::{
+    AgentRef, ChannelConfig, EnvVar, Mount, RUN_CONFIG_KEY, RUN_CONFIG_VERSION, RunConfig, Stream,
+};
+use far_api::manifest::{self, Object};
+use far_api::{FarAgent, FlintlockHost, FlintlockHostSpec, HostCapacity, VmLimits};
+use far_channel::{Channel, Config, Event, TokenKey};
+use far_host::images::Images;
+use far_host::provider::qemu::{Accel, HOST_ADDRESS, Qemu, QemuConfig};
+use far_host::validate::Limits;
+use far_host::{Host, HostConfig, Service};
+use far_vmspec::{Defaults, ImageFile, VmPlan, plan};
+use flintlock_proto::MicroVmClient;
+use flintlock_proto::errors::Failure;
+use flintlock_proto::types::micro_vm_status::MicroVmState;
+use flintlock_proto::v1alpha1::{DeleteMicroVmRequest, GetMicroVmRequest};
+use kube::ResourceExt;
+use tokio::time::Instant;
+use tonic::transport::Channel as GrpcChannel;
+
+/// Image references `far run` gives the guest pieces built by `scripts/build-guest`.
+const KERNEL_IMAGE: &str = "far.local/kernel:dev";
+const INIT_IMAGE: &str = "far.local/far-init:dev";
+
+/// What `far run` was asked.
+#[derive(Debug, clap::Args)]
+pub struct RunArgs {
+    /// A YAML file holding one FarAgent.
+    pub manifest: PathBuf,
+    /// Where `scripts/build-guest` put the guest images (kernel, far-init initrd).
+    #[arg(long, env = "FAR_GUEST_DIR", default_value = "target/guest")]
+    pub guest_dir: PathBuf,
+    /// An image reference and the local directory holding it (files by name, volumes as
+    /// rootfs.ext4). Repeatable.
+    #[arg(long = "image", value_name = "REF=DIR")]
+    pub images: Vec<String>,
+    /// Use KVM, or software emulation (tcg), or KVM only if a probe guest boots (auto).
+    #[arg(long, default_value = "auto", value_parser = ["auto", "kvm", "tcg"])]
+    pub accel: String,
+}
+
+fn say(message: impl std::fmt::Display) {
+    eprintln!("far: {message}");
+}
+
+fn load_agent(path: &Path) -> Result<FarAgent> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let docs = manifest::documents(&text).with_context(|| path.display().to_string())?;
+    let [doc] = docs.as_slice() else {
+        bail!(
+            "{}: holds {} documents; far run takes exactly one FarAgent",
+            path.display(),
+            docs.len()
+        );
+    };
+    let (object, warnings) = manifest::admit(0, doc).with_context(|| path.display().to_string())?;
+    for warning in warnings {
+        say(format!("warning: {}: {warning}", path.display()));
+    }
+    match object {
+        Object::FarAgent(agent) => Ok(*agent),
+        Object::FlintlockHost(_) => bail!(
+            "{}: is a FlintlockHost; far run takes a FarAgent",
+            path.display()
+        ),
+    }
+}
+
+/// Without a cluster there are no Secrets or ConfigMaps to read values from.
+fn literal_env(agent: &FarAgent) -> Result<Vec<EnvVar>> {
+    if let Some(i) = agent.spec.secret_files.first().map(|_| 0) {
+        bail!(
+            "spec.secretFiles[{i}]: far run has no cluster to read Secrets from; run this agent through the controller"
+        );
+    }
+    agent
+        .spec
+        .env
+        .iter()
+        .enumerate()
+        .map(|(i, e)| match (&e.value, &e.value_from) {
+            (_, Some(_)) => bail!("spec.env[{i}] ({}): valueFrom needs a cluster; give a literal value to run it with far run", e.name),
+            (value, None) => Ok(EnvVar { name: e.name.clone(), value: value.clone().unwrap_or_default() }),
+        })
+        .collect()
+}
+
+fn random_key() -> Result<TokenKey> {
+    let mut bytes = vec![0u8; 32];
+    std::io::Read::read_exact(&mut std::fs::File::open("/dev/urandom")?, &mut bytes)
+        .context("reading /dev/urandom")?;
+    Ok(TokenKey::new(bytes)?)
+}
+
+fn parse_images(args: &RunArgs) -> Result<BTreeMap<String, PathBuf>> {
+    let guest = args.guest_dir.join("images");
+    if !guest.join("far-init").is_dir() || !guest.join("kernel").is_dir() {
+        bail!(
+            "guest images missing in {}: run ./scripts/build-guest first",
+            guest.display()
+        );
+    }
+    let mut images = BTreeMap::from([
+        (
+            KERNEL_IMAGE.to_owned(),
+            std::fs::canonicalize(guest.join("kernel"))?,
+        ),
+        (
+            INIT_IMAGE.to_owned(),
+            std::fs::canonicalize(guest.join("far-init"))?,
+        ),
+    ]);
+    for alias in &args.images {
+        let (reference, dir) = alias
+            .split_once('=')
+            .with_context(|| format!("--image {alias:?}: use REF=DIR"))?;
+        let dir =
+            std::fs::canonicalize(dir).with_context(|| format!("--image {alias:?}: {dir}"))?;
+        images.insert(reference.to_owned(), dir);
+    }
+    Ok(images)
+}
+
+/// The FlintlockHost `far run` plays: this machine, with far-host's VM limits.
+fn local_host(endpoint: &str, limits: &Limits) -> FlintlockHost {
+    FlintlockHost::new(
+        "local",
+        FlintlockHostSpec {
+            endpoint: endpoint.to_owned(),
+            tls_secret_ref: None,
+            token_secret_ref: None,
+            provider: Some("qemu".into()),
+            capacity: HostCapacity {
+                cpu: u32::try_from(limits.max_vcpu).unwrap_or(1),
+                memory: format!("{}Mi", limits.max_memory_mib),
+            },
+            vm_limits: VmLimits {
+                min_memory: format!("{}Mi", limits.min_memory_mib),
+                max_memory: format!("{}Mi", limits.max_memory_mib),
+                max_cpu: u32::try_from(limits.max_vcpu).unwrap_or(1),
+            },
+            bridge_name: None,
+            unschedulable: false,
+        },
+    )
+}
+
+/// Runs the agent; its exit code becomes `far`'s.
+pub async fn run(args: RunArgs) -> Result<ExitCode> {
+    // Taken over before any VM exists, so an interrupt at any moment still deletes it.
+    let mut stop = Stop::listen()?;
+    let mut agent = load_agent(&args.manifest)?;
+    let env = literal_env(&agent)?;
+    let images = parse_images(&args)?;
+    agent
+        .metadata
+        .namespace
+        .get_or_insert_with(|| "default".into());
+    agent.metadata.uid = Some(ulid::Ulid::new().to_string().to_lowercase());
+    let (name, uid) = (agent.name_any(), agent.uid().unwrap_or_default());
+
+    let channel = Channel::new(Config::new(random_key()?));
+    let channel_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let channel_port = channel_listener.local_addr()?.port();
+    let router = channel.router();
+    tokio::spawn(async move { axum::serve(channel_listener, router).await });
+
+    let state = tempfile::Builder::new()
+        .prefix("far-run-")
+        .tempdir()
+        .context("creating a working directory")?;
+    let limits = Limits::default();
+    let mut qemu = QemuConfig::new(Images::new(images), state.path().join("run"));
+    qemu.accel = match args.accel.as_str() {
+        "kvm" => Accel::Kvm,
+        "tcg" => Accel::Tcg,
+        _ => Accel::Auto,
+    };
+    let host = Host::open(
+        HostConfig {
+            limits,
+            ..HostConfig::default()
+        },
+        state.path(),
+        Qemu::new(qemu),
+    )
+    .await?;
+    let grpc_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let endpoint = format!("http://{}", grpc_listener.local_addr()?);
+    let service = Service::new(Arc::clone(&host), None);
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(service)
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(
+                grpc_listener,
+            )),
+    );
+    let mut client = MicroVmClient::connect(endpoint.clone())
+        .await
+        .context("connecting to the embedded far-host")?;
+
+    let run_config = RunConfig {
+        version: RUN_CONFIG_VERSION,
+        agent: AgentRef {
+            namespace: agent.namespace().unwrap_or_default(),
+            name: name.clone(),
+            uid: uid.clone(),
+            attempt: 0,
+        },
+        hostname: name.clone(),
+        entrypoint: agent.spec.entrypoint.clone(),
+        args: agent.spec.args.clone(),
+        env,
+        has_secrets: false,
+        mounts: (0u32..)
+            .zip(&agent.spec.volumes)
+            .map(|(index, v)| Mount {
+                index,
+                mount_path: v.mount_path.clone(),
+            })
+            .collect(),
+        channel: ChannelConfig {
+            url: format!("http://{HOST_ADDRESS}:{channel_port}"),
+            token: channel.token_for(&uid),
+        },
+        heartbeat_interval_seconds: agent.spec.heartbeat.interval_seconds,
+        grace_period_seconds: 30,
+    };
+    let defaults = Defaults {
+        namespace: "far".into(),
+        kernel: ImageFile {
+            image: KERNEL_IMAGE.into(),
+            filename: "vmlinuz".into(),
+        },
+        kernel_cmdline: BTreeMap::new(),
+        initrd: ImageFile {
+            image: INIT_IMAGE.into(),
+            filename: "initrd.cpio.gz".into(),
+        },
+    };
+    let metadata = BTreeMap::from([(RUN_CONFIG_KEY.to_owned(), run_config.to_bytes())]);
+    let local = local_host(&endpoint, &limits);
+    let planned = plan(&VmPlan {
+        agent: &agent,
+        host: &local,
+        defaults: &defaults,
+        attempt: 0,
+        guest_metadata: &metadata,
+    })?;
+    say(format!("{name}: {}", planned.sizing.describe("local")));
+
+    let mut events = channel.subscribe();
+    let created = client
+        .create_micro_vm(planned.request)
+        .await
+        .context("CreateMicroVM")?
+        .into_inner();
+    let vm_uid = created
+        .microvm
+        .and_then(|vm| vm.spec)
+        .and_then(|s| s.uid)
+        .context("far-host answered without a uid")?;
+    say(format!("{name}: VM {vm_uid} created; booting"));
+
+    let outcome = follow(
+        &mut client,
+        &host,
+        &mut events,
+        &mut stop,
+        &agent,
+        &vm_uid,
+        &uid,
+    )
+    .await;
+    say(format!("{name}: deleting VM {vm_uid}"));
+    delete(&mut client, &vm_uid).await;
+    let code = match outcome {
+        Outcome::Exited(code) => {
+            say(format!("{name}: agent exited with code {code}"));
+            code
+        }
+        Outcome::Failed(reason) => {
+            say(format!("{name}: failed: {reason}"));
+            show_console(&state.path().join("run").join(&vm_uid));
+            1
+        }
+        Outcome::Interrupted => {
+            say(format!("{name}: interrupted"));
+            130
+        }
+    };
+    Ok(ExitCode::from(
+        u8::try_from(code.rem_euclid(256)).unwrap_or(1),
+    ))
+}
+
+/// Ctrl-C (SIGINT) and SIGTERM.
+struct Stop {
+    interrupt: tokio::signal::unix::Signal,
+    terminate: tokio::signal::unix::Signal,
+}
+
+impl Stop {
+    fn listen() -> Result<Self> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(Self {
+            interrupt: signal(SignalKind::interrupt())?,
+            terminate: signal(SignalKind::terminate())?,
+        })
+    }
+
+    async fn requested(&mut self) {
+        tokio::select! {
+            _ = self.interrupt.recv() => {}
+            _ = self.terminate.recv() => {}
+        }
+    }
+}
+
+enum Outcome {
+    Exited(i32),
+    Failed(String),
+    Interrupted,
+}
+
+async fn follow(
+    client: &mut MicroVmClient<GrpcChannel>,
+    host: &Host<Qemu>,
+    events: &mut tokio::sync::broadcast::Receiver<Event>,
+    stop: &mut Stop,
+    agent: &FarAgent,
+    vm_uid: &str,
+    uid: &str,
+) -> Outcome {
+    let heartbeat_timeout = Duration::from_secs(agent.spec.heartbeat.timeout_seconds.into());
+    let deadline = agent
+        .spec
+        .active_deadline_seconds
+        .map(|s| Instant::now() + Duration::from_secs(s.unsigned_abs()));
+    let started = Instant::now();
+    let mut last_heartbeat: Option<Instant> = None;
+    let mut created_at: Option<Instant> = None;
+    let mut poll = tokio::time::interval(Duration::from_millis(250));
+    loop {
+        tokio::select! {
+            () = stop.requested() => return Outcome::Interrupted,
+            event = events.recv() => match event {
+                Ok(Event::Heartbeat { uid: who, first, heartbeat }) if who == uid => {
+                    if first {
+                        let boot = heartbeat.boot_to_entrypoint_ms.map_or(String::new(), |ms| format!(", {ms} ms from kernel start to entrypoint"));
+                        say(format!("agent running after {:.1} s{boot}", started.elapsed().as_secs_f64()));
+                    }
+                    last_heartbeat = Some(Instant::now());
+                }
+                Ok(Event::Logs { uid: who, lines }) if who == uid => {
+                    for line in lines {
+                        match line.stream {
+                            Stream::Stdout => println!("{}", line.text),
+                            Stream::Stderr => eprintln!("{}", line.text),
+                        }
+                    }
+                }
+                Ok(Event::Exited { uid: who, exit }) if who == uid => {
+                    return match exit.start_error {
+                        Some(reason) => Outcome::Failed(format!("the agent could not start: {reason}")),
+                        None => Outcome::Exited(exit.code),
+                    };
+                }
+                Ok(_) => {}
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => say(format!("{n} channel events were missed")),
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => return Outcome::Failed("the status channel closed".into()),
+            },
+            _ = poll.tick() => {
+                match client.get_micro_vm(GetMicroVmRequest { uid: vm_uid.to_owned() }).await {
+                    Ok(vm) => {
+                        let state = vm.into_inner().microvm.and_then(|vm| vm.status).map(|s| s.state);
+                        if state == Some(MicroVmState::Failed as i32) {
+                            return Outcome::Failed("the VM could not be started (state FAILED)".into());
+                        }
+                        if state == Some(MicroVmState::Created as i32) && created_at.is_none() {
+                            created_at = Some(Instant::now());
+                        }
+                    }
+                    Err(status) => return Outcome::Failed(format!("GetMicroVM: {status}")),
+                }
+                if host.guest_exited(vm_uid).unwrap_or(false) {
+                    // Give the exit report, sent just before power-off, a moment to land.
+                    if let Ok(Ok(Event::Exited { exit, .. })) = tokio::time::timeout(Duration::from_secs(2), events.recv()).await {
+                        return Outcome::Exited(exit.code);
+                    }
+                    return Outcome::Failed("the VM stopped without the agent reporting an exit code".into());
+                }
+                let silent_since = last_heartbeat.or(created_at);
+                if silent_since.is_some_and(|at| at.elapsed() > heartbeat_timeout) {
+                    let what = if last_heartbeat.is_some() { "HeartbeatLost" } else { "BootTimeout" };
+                    return Outcome::Failed(format!("{what}: no heartbeat for {} s", heartbeat_timeout.as_secs()));
+                }
+                if deadline.is_some_and(|d| Instant::now() > d) {
+                    return Outcome::Failed("DeadlineExceeded: activeDeadlineSeconds passed".into());
+                }
+            }
+        }
+    }
+}
+
+async fn delete(client: &mut MicroVmClient<GrpcChannel>, vm_uid: &str) {
+    if let Err(status) = client
+        .delete_micro_vm(DeleteMicroVmRequest {
+            uid: vm_uid.to_owned(),
+        })
+        .await
+    {
+        say(format!("DeleteMicroVM: {status}"));
+        return;
+    }
+    for _ in 0..300 {
+        match client
+            .get_micro_vm(GetMicroVmRequest {
+                uid: vm_uid.to_owned(),
+            })
+            .await
+        {
+            Err(status) if Failure::of(&status) == Failure::NotFound => return,
+            _ => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+    say(format!("VM {vm_uid} was not gone after 30 s"));
+}
+
+/// The end of the VM's console, for a failure nobody reported over the channel.
+fn show_console(dir: &Path) {
+    if let Ok(console) = std::fs::read_to_string(dir.join("console.log")) {
+        let lines: Vec<&str> = console.lines().collect();
+        say("last lines of the VM console:");
+        for line in &lines[lines.len().saturating_sub(20)..] {
+            eprintln!("  | {line}");
+        }
+    }
+}

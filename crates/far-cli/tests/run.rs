@@ -1,0 +1,142 @@
+//! `far run` as a user runs it: a real microVM (QEMU, software emulation here) booted from the
+//! guest images of `scripts/build-guest`, the agent's output on stdout/stderr, its exit code
+//! as far's, and nothing left behind, also after Ctrl-C.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn manifest(dir: &Path, args: &str) -> PathBuf {
+    let path = dir.join("agent.yaml");
+    std::fs::write(
+        &path,
+        format!(
+            "apiVersion: tiffany.dev/v1\nkind: FarAgent\nmetadata:\n  name: test-agent\nspec:\n  image: far.test/tiffany:dev\n  memory: 256Mi\n  cpu: 1\n  entrypoint: /usr/local/bin/tiffany\n  args: [{args}]\n  env:\n    - {{name: MODE, value: test}}\n"
+        ),
+    )
+    .unwrap();
+    path
+}
+
+fn far_run(manifest: &Path) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_far"));
+    command
+        .current_dir(repo())
+        .args([
+            "run",
+            "--accel",
+            "tcg",
+            "--image",
+            "far.test/tiffany:dev=target/guest/images/tiffany",
+        ])
+        .arg(manifest);
+    command
+}
+
+/// QEMU processes whose command line mentions `needle`.
+fn qemus_mentioning(needle: &str) -> usize {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| std::fs::read(e.ok()?.path().join("cmdline")).ok())
+        .filter(|c| {
+            let c = String::from_utf8_lossy(c);
+            c.contains("qemu-system") && c.contains(needle)
+        })
+        .count()
+}
+
+#[test]
+fn the_agents_output_and_exit_code_become_fars() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = far_run(&manifest(dir.path(), "--task, fail, --exit-code, '3'"))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{stderr}");
+    assert!(
+        stderr.contains("failing on purpose with exit code 3"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("far: test-agent: VM of 256 MiB and 1 vCPU on host local"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("far: agent running after"), "{stderr}");
+    assert!(
+        stderr.contains("far: test-agent: agent exited with code 3"),
+        "{stderr}"
+    );
+
+    let out = far_run(&manifest(dir.path(), "--task, embedder"))
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    assert_eq!(stdout.lines().count(), 3, "{stdout}");
+    assert!(
+        stdout.lines().all(|l| l.starts_with("embedding ")),
+        "{stdout}"
+    );
+}
+
+#[test]
+fn ctrl_c_stops_the_vm_and_leaves_nothing_behind() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = far_run(&manifest(dir.path(), "--task, sleep, --seconds, '600'"))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    // Wait until the agent runs: its progress line reaches stdout.
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = tx.send(line);
+        }
+    });
+    let first = rx
+        .recv_timeout(Duration::from_secs(120))
+        .expect("the agent never printed");
+    assert!(first.starts_with("working: 0/600"), "{first}");
+    let working_dir = std::fs::read_dir(std::env::temp_dir())
+        .unwrap()
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .find(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("far-run-"))
+                && qemus_mentioning(&p.to_string_lossy()) > 0
+        })
+        .expect("a running VM under a far-run working directory");
+
+    rustix::process::kill_process(
+        rustix::process::Pid::from_raw(pid as i32).unwrap(),
+        rustix::process::Signal::INT,
+    )
+    .unwrap();
+    let started = Instant::now();
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(130));
+    assert!(started.elapsed() < Duration::from_secs(30));
+    assert_eq!(
+        qemus_mentioning(&working_dir.to_string_lossy()),
+        0,
+        "the VM process is gone"
+    );
+    assert!(!working_dir.exists(), "the working directory is removed");
+}
