@@ -1,0 +1,441 @@
+//! The reconcile decision: from what is known of a FarAgent, its VM and its guest, to the
+//! status it should have and the actions to take. Pure: no IO, no clock (`now` is an input),
+//! so it is property-tested; [`crate::reconcile`] is the thin shell that observes and acts.
+//!
+//! The life it encodes (see `docs/controller.md`): finalizer first; a host recorded before any
+//! VM exists; at most one VM created per attempt; `Running` only on the guest's first heartbeat;
+//! `Completed`/`Failed` from the exit code; `Failed` with a reason on VM FAILED, boot timeout,
+//! heartbeat loss or deadline; restarts with back-off; a finished agent's VM deleted; deletion
+//! through the finalizer, bounded when the host is gone.
+
+use std::time::Duration;
+
+use far_api::{
+    AgentReason, FarAgentSpec, FarAgentStatus, Phase, RestartPolicy, VmSize, agent_condition,
+};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::jiff::{SignedDuration, Timestamp};
+
+use crate::conditions;
+
+/// How long a deleted agent waits for an unreachable host before its finalizer is released.
+pub const DELETE_GRACE: Duration = Duration::from_secs(120);
+/// How often an agent waiting on something outside the controller is looked at again.
+pub const RECHECK: Duration = Duration::from_secs(30);
+/// How often a running agent is looked at (its heartbeats also trigger reconciles).
+pub const RUNNING_RECHECK: Duration = Duration::from_secs(10);
+
+/// Flintlock's view of the agent's current VM.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Vm {
+    /// The host could not be asked (unreachable since the given time).
+    Unknown {
+        /// When the host was first found unreachable.
+        since: Timestamp,
+    },
+    /// The host says there is no such VM.
+    Absent,
+    /// The VM exists.
+    Present {
+        /// Flintlock's uid.
+        uid: String,
+        /// Flintlock's state.
+        state: VmState,
+    },
+}
+
+/// Flintlock's VM states.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum VmState {
+    /// Accepted, not started.
+    Pending,
+    /// The hypervisor started (says nothing of the guest).
+    Created,
+    /// Starting failed for good.
+    Failed,
+    /// Being torn down.
+    Deleting,
+}
+
+impl VmState {
+    /// Flintlock's name for it, as written to `status.vmState`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            VmState::Pending => "PENDING",
+            VmState::Created => "CREATED",
+            VmState::Failed => "FAILED",
+            VmState::Deleting => "DELETING",
+        }
+    }
+}
+
+/// What the status channel heard from the current attempt's guest.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Guest {
+    /// The last heartbeat.
+    pub last_heartbeat: Option<Timestamp>,
+    /// The exit code and, when the agent never started, why.
+    pub exit: Option<(i32, Option<String>)>,
+}
+
+/// Where the agent can go, computed by the shell only while it has no host.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Placement {
+    /// This host fits; the VM will have this size.
+    Fits {
+        /// The FlintlockHost.
+        host: String,
+        /// The VM's size there.
+        vm: VmSize,
+        /// What the sizing rule says (raised sizes are named).
+        message: String,
+    },
+    /// No host fits; why, for each.
+    Unschedulable(String),
+}
+
+/// Everything the decision looks at.
+#[derive(Clone, Debug)]
+pub struct Observation<'a> {
+    /// The agent's spec.
+    pub spec: &'a FarAgentSpec,
+    /// Its current status.
+    pub status: &'a FarAgentStatus,
+    /// `metadata.generation`.
+    pub generation: Option<i64>,
+    /// Whether our finalizer is on it.
+    pub has_finalizer: bool,
+    /// When deletion was asked, if it was.
+    pub deleting_since: Option<Timestamp>,
+    /// The current VM, when the agent has one or a host to ask.
+    pub vm: Option<Vm>,
+    /// The guest's reports for the current attempt.
+    pub guest: Guest,
+    /// Where it could go (only looked at while it has no host).
+    pub placement: Option<Placement>,
+    /// Whether every Secret and ConfigMap value it needs is there (`Err` names what is not).
+    pub config: Result<(), String>,
+    /// The time now.
+    pub now: Timestamp,
+}
+
+/// Something the shell must do.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Action {
+    /// Put the finalizer on the agent.
+    AddFinalizer,
+    /// Take the finalizer off: the agent may go.
+    RemoveFinalizer,
+    /// Find the VM of this attempt on the agent's host (adopt it), else create it.
+    CreateVm {
+        /// The attempt, from 0.
+        attempt: u32,
+    },
+    /// Delete the VM with this Flintlock uid.
+    DeleteVm {
+        /// Flintlock's uid.
+        uid: String,
+    },
+    /// Delete the FarAgent itself (`ttlSecondsAfterFinished` passed).
+    DeleteAgent,
+    /// Tell users: a Kubernetes Event on the agent.
+    Event {
+        /// Warning (else Normal).
+        warning: bool,
+        /// One word (`Scheduled`, `VMCreated`, ...).
+        reason: &'static str,
+        /// A sentence.
+        message: String,
+    },
+}
+
+/// What to do and what the status should be.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Decision {
+    /// The status the agent should have (written only when it differs).
+    pub status: FarAgentStatus,
+    /// Actions, in order.
+    pub actions: Vec<Action>,
+    /// When to look again; `None`: only when something changes.
+    pub requeue: Option<Duration>,
+}
+
+fn at(t: Timestamp) -> Time {
+    Time(t)
+}
+
+fn elapsed(since: Option<&Time>, now: Timestamp) -> Duration {
+    since.map_or(Duration::ZERO, |t| now.duration_since(t.0).unsigned_abs())
+}
+
+/// Restart back-off: 10 s doubling to 5 minutes, by restarts so far.
+pub fn backoff(restarts: u32) -> Duration {
+    Duration::from_secs(10u64.saturating_mul(1 << restarts.min(5)).min(300))
+}
+
+struct Builder<'a> {
+    o: &'a Observation<'a>,
+    status: FarAgentStatus,
+    actions: Vec<Action>,
+}
+
+impl Builder<'_> {
+    fn condition(&mut self, kind: &str, value: bool, reason: AgentReason, message: &str) {
+        conditions::set(&mut self.status.conditions, kind, value, reason.as_str(), message, self.o.generation, self.o.now);
+    }
+
+    fn event(&mut self, warning: bool, reason: &'static str, message: String) {
+        self.actions.push(Action::Event { warning, reason, message });
+    }
+
+    fn phase(&mut self, phase: Phase, reason: AgentReason, message: impl Into<String>) {
+        self.status.phase = Some(phase);
+        self.status.reason = Some(reason);
+        self.status.message = Some(message.into());
+    }
+
+    fn done(self, requeue: Option<Duration>) -> Decision {
+        Decision { status: self.status, actions: self.actions, requeue }
+    }
+
+    /// The agent failed (or exited non-zero): restart it or finish it.
+    fn fail(mut self, reason: AgentReason, message: String, exit_code: Option<i32>) -> Decision {
+        let o = self.o;
+        let restarts = self.status.restart_count;
+        if let Some(Vm::Present { uid, state }) = &o.vm
+            && *state != VmState::Deleting
+        {
+            self.actions.push(Action::DeleteVm { uid: uid.clone() });
+        }
+        self.status.exit_code = exit_code;
+        if o.spec.restart_policy == RestartPolicy::OnFailure && restarts < o.spec.backoff_limit {
+            let wait = backoff(restarts);
+            self.event(true, "BackOff", format!("{message}; restarting in a new VM in {} s (restart {} of {})", wait.as_secs(), restarts + 1, o.spec.backoff_limit));
+            self.phase(Phase::Pending, AgentReason::BackOff, format!("{message}; restarting in {} s", wait.as_secs()));
+            self.status.restart_count = restarts + 1;
+            self.status.finish_time = Some(at(o.now));
+            self.status.host = None;
+            self.status.vm_uid = None;
+            self.status.vm_state = None;
+            self.status.start_time = None;
+            self.condition(agent_condition::AGENT_READY, false, reason, &message);
+            self.condition(agent_condition::VM_CREATED, false, reason, "the VM of the failed run is deleted");
+            return self.done(Some(wait));
+        }
+        self.event(true, "Failed", message.clone());
+        self.phase(Phase::Failed, reason, message.clone());
+        self.status.finish_time = Some(at(o.now));
+        self.condition(agent_condition::AGENT_READY, false, reason, &message);
+        self.condition(agent_condition::FINISHED, true, reason, &message);
+        let requeue = self.finished_requeue();
+        self.done(requeue)
+    }
+
+    fn finished_requeue(&self) -> Option<Duration> {
+        let ttl = self.o.spec.ttl_seconds_after_finished?;
+        let left = Duration::from_secs(ttl.unsigned_abs()).saturating_sub(elapsed(self.status.finish_time.as_ref(), self.o.now));
+        Some(left.max(Duration::from_secs(1)))
+    }
+}
+
+/// Decides what to do for one agent.
+pub fn decide(o: &Observation<'_>) -> Decision {
+    let mut b = Builder { o, status: o.status.clone(), actions: Vec::new() };
+    b.status.observed_generation = o.generation;
+
+    // Deletion: tear the VM down, then let the agent go; a host that is gone is waited on for
+    // a bounded grace only.
+    if let Some(since) = o.deleting_since {
+        if !o.has_finalizer {
+            return b.done(None);
+        }
+        b.phase(b.status.phase.unwrap_or(Phase::Pending), AgentReason::Terminating, "the FarAgent is being deleted");
+        return match &o.vm {
+            None | Some(Vm::Absent) => {
+                b.actions.push(Action::RemoveFinalizer);
+                b.event(false, "Deleted", "the agent's VM is gone".into());
+                b.done(None)
+            }
+            Some(Vm::Present { uid, state }) => {
+                if *state != VmState::Deleting {
+                    b.actions.push(Action::DeleteVm { uid: uid.clone() });
+                }
+                b.done(Some(Duration::from_secs(2)))
+            }
+            Some(Vm::Unknown { .. }) => {
+                let waited = o.now.duration_since(since).unsigned_abs();
+                if waited >= DELETE_GRACE {
+                    b.event(true, "HostUnreachable", format!(
+                        "host {} did not answer for {} s; releasing the FarAgent, its VM may be left on that host and is collected when the host returns",
+                        o.status.host.as_deref().unwrap_or("?"), waited.as_secs()));
+                    b.actions.push(Action::RemoveFinalizer);
+                    b.done(None)
+                } else {
+                    b.done(Some((DELETE_GRACE - waited).min(Duration::from_secs(10))))
+                }
+            }
+        };
+    }
+
+    if !o.has_finalizer {
+        b.actions.push(Action::AddFinalizer);
+        if b.status.reason.is_none() {
+            b.phase(b.status.phase.unwrap_or(Phase::Pending), AgentReason::Provisioning, "accepted");
+        }
+        return b.done(Some(Duration::ZERO));
+    }
+
+    // Finished: nothing brings it back; free the VM, honour the TTL.
+    if b.status.phase.is_some_and(Phase::is_terminal) {
+        if let Some(Vm::Present { uid, state }) = &o.vm
+            && *state != VmState::Deleting
+        {
+            b.actions.push(Action::DeleteVm { uid: uid.clone() });
+        }
+        if o.spec.ttl_seconds_after_finished.is_some_and(|ttl| elapsed(b.status.finish_time.as_ref(), o.now).as_secs() >= ttl.unsigned_abs()) {
+            b.actions.push(Action::DeleteAgent);
+            return b.done(None);
+        }
+        let requeue = b.finished_requeue();
+        return b.done(requeue);
+    }
+
+    // Back-off before a restart.
+    if b.status.reason == Some(AgentReason::BackOff) {
+        let wait = backoff(b.status.restart_count.saturating_sub(1));
+        let waited = elapsed(b.status.finish_time.as_ref(), o.now);
+        if waited < wait {
+            return b.done(Some(wait - waited));
+        }
+        b.status.finish_time = None;
+        b.status.exit_code = None;
+    }
+
+    // The deadline counts from the first start and holds across restarts.
+    if let (Some(limit), Some(start)) = (o.spec.active_deadline_seconds, b.status.start_time.as_ref())
+        && o.now.duration_since(start.0) >= SignedDuration::from_secs(limit)
+    {
+        return b.fail(AgentReason::DeadlineExceeded, format!("ran longer than activeDeadlineSeconds ({limit} s)"), None);
+    }
+
+    // Placement, recorded before any VM exists.
+    if b.status.host.is_none() {
+        return match &o.placement {
+            Some(Placement::Fits { host, vm, message }) => {
+                b.status.host = Some(host.clone());
+                b.status.vm = Some(*vm);
+                b.condition(agent_condition::SCHEDULED, true, AgentReason::Provisioning, message);
+                b.phase(Phase::Pending, AgentReason::Provisioning, message.clone());
+                b.event(false, "Scheduled", format!("placed on host {host}: {message}"));
+                b.done(Some(Duration::ZERO))
+            }
+            Some(Placement::Unschedulable(why)) => {
+                b.condition(agent_condition::SCHEDULED, false, AgentReason::Unschedulable, why);
+                b.phase(Phase::Pending, AgentReason::Unschedulable, why.clone());
+                b.done(Some(RECHECK))
+            }
+            None => {
+                b.phase(Phase::Pending, AgentReason::Provisioning, "waiting for placement");
+                b.done(Some(RECHECK))
+            }
+        };
+    }
+
+    // Before the VM exists: its configuration must resolve.
+    if b.status.vm_uid.is_none()
+        && let Err(missing) = &o.config
+    {
+        b.phase(Phase::Pending, AgentReason::ConfigMissing, missing.clone());
+        return b.done(Some(RECHECK));
+    }
+
+    // The guest's own word wins over everything Flintlock says.
+    if let Some((code, start_error)) = &o.guest.exit {
+        if let Some(reason) = start_error {
+            return b.fail(AgentReason::StartError, format!("the agent could not start: {reason}"), Some(*code));
+        }
+        if *code == 0 {
+            if let Some(Vm::Present { uid, state }) = &o.vm
+                && *state != VmState::Deleting
+            {
+                b.actions.push(Action::DeleteVm { uid: uid.clone() });
+            }
+            b.status.exit_code = Some(0);
+            b.status.finish_time = Some(at(o.now));
+            b.phase(Phase::Completed, AgentReason::Completed, "the agent exited with code 0");
+            b.condition(agent_condition::AGENT_READY, false, AgentReason::Completed, "the agent exited");
+            b.condition(agent_condition::FINISHED, true, AgentReason::Completed, "the agent exited with code 0");
+            b.event(false, "Completed", "the agent exited with code 0".into());
+            let requeue = b.finished_requeue();
+            return b.done(requeue);
+        }
+        return b.fail(AgentReason::Error, format!("the agent exited with code {code}"), Some(*code));
+    }
+
+    let timeout = Duration::from_secs(o.spec.heartbeat.timeout_seconds.into());
+    match &o.vm {
+        None | Some(Vm::Absent) => {
+            if b.status.vm_uid.is_some() {
+                // The VM we recorded is gone without a word from the guest.
+                return b.fail(AgentReason::VMFailed, "the agent's VM disappeared from its host".into(), None);
+            }
+            let attempt = b.status.restart_count;
+            b.actions.push(Action::CreateVm { attempt });
+            b.phase(Phase::Pending, AgentReason::Provisioning, format!("creating the VM on host {}", b.status.host.as_deref().unwrap_or("?")));
+            b.done(Some(Duration::from_secs(2)))
+        }
+        Some(Vm::Unknown { since }) => {
+            let silent = o.guest.last_heartbeat.map_or_else(|| o.now.duration_since(*since).unsigned_abs(), |t| o.now.duration_since(t).unsigned_abs());
+            if silent >= timeout {
+                let message = format!("host {} unreachable and no heartbeat for {} s", b.status.host.as_deref().unwrap_or("?"), silent.as_secs());
+                return b.fail(AgentReason::HeartbeatLost, message, None);
+            }
+            if b.status.reason != Some(AgentReason::HostUnreachable) {
+                b.event(true, "HostUnreachable", format!("host {} does not answer", b.status.host.as_deref().unwrap_or("?")));
+            }
+            let phase = b.status.phase.unwrap_or(Phase::Pending);
+            b.phase(phase, AgentReason::HostUnreachable, format!("host {} does not answer", b.status.host.as_deref().unwrap_or("?")));
+            b.done(Some(Duration::from_secs(5)))
+        }
+        Some(Vm::Present { uid, state }) => {
+            let first_sight = b.status.vm_uid.as_deref() != Some(uid.as_str());
+            b.status.vm_uid = Some(uid.clone());
+            b.status.vm_state = Some(state.as_str().to_owned());
+            if first_sight {
+                b.condition(agent_condition::VM_CREATED, true, AgentReason::Booting, &format!("VM {uid}"));
+                b.event(false, "VMCreated", format!("VM {uid} created on host {}", b.status.host.as_deref().unwrap_or("?")));
+            }
+            match state {
+                VmState::Failed => b.fail(AgentReason::VMFailed, format!("Flintlock reports VM {uid} FAILED"), None),
+                VmState::Deleting => b.fail(AgentReason::VMFailed, format!("VM {uid} is being deleted by someone else"), None),
+                VmState::Pending | VmState::Created => match o.guest.last_heartbeat {
+                    Some(last) => {
+                        let silent = o.now.duration_since(last).unsigned_abs();
+                        if silent >= timeout {
+                            return b.fail(AgentReason::HeartbeatLost, format!("no heartbeat for {} s", silent.as_secs()), None);
+                        }
+                        if b.status.phase != Some(Phase::Running) {
+                            b.status.start_time.get_or_insert(at(last));
+                            b.phase(Phase::Running, AgentReason::Running, "the agent runs");
+                            b.condition(agent_condition::AGENT_READY, true, AgentReason::Running, "the agent's init reported in");
+                            b.event(false, "Started", format!("the agent runs in VM {uid}"));
+                        }
+                        b.done(Some(RUNNING_RECHECK.min(timeout)))
+                    }
+                    None => {
+                        let since = o.status.conditions.iter().find(|c| c.type_ == agent_condition::VM_CREATED).map(|c| c.last_transition_time.0).unwrap_or(o.now);
+                        let waited = o.now.duration_since(since).unsigned_abs();
+                        if waited >= timeout {
+                            return b.fail(AgentReason::BootTimeout, format!("the agent's init did not report in within {} s of the VM's creation", timeout.as_secs()), None);
+                        }
+                        b.phase(Phase::Pending, AgentReason::Booting, format!("VM {uid} is {}; waiting for the agent to report in", state.as_str()));
+                        b.done(Some((timeout - waited).min(Duration::from_secs(5))))
+                    }
+                },
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

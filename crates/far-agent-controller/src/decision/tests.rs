@@ -1,0 +1,314 @@
+use proptest::prelude::*;
+
+use super::*;
+use far_api::{Heartbeat, RestartPolicy};
+
+fn spec() -> FarAgentSpec {
+    FarAgentSpec {
+        image: "busybox:1".into(),
+        memory: "512Mi".into(),
+        cpu: 1,
+        entrypoint: "/bin/agent".into(),
+        args: vec![],
+        env: vec![],
+        secret_files: vec![],
+        volumes: vec![],
+        kernel: None,
+        host_selector: Default::default(),
+        restart_policy: RestartPolicy::Never,
+        backoff_limit: 2,
+        active_deadline_seconds: None,
+        ttl_seconds_after_finished: None,
+        heartbeat: Heartbeat { interval_seconds: 10, timeout_seconds: 60 },
+        network: None,
+    }
+}
+
+fn t(s: i64) -> Timestamp {
+    Timestamp::from_second(1_800_000_000 + s).unwrap()
+}
+
+fn observe<'a>(spec: &'a FarAgentSpec, status: &'a FarAgentStatus, now: i64) -> Observation<'a> {
+    Observation {
+        spec,
+        status,
+        generation: Some(1),
+        has_finalizer: true,
+        deleting_since: None,
+        vm: None,
+        guest: Guest::default(),
+        placement: None,
+        config: Ok(()),
+        now: t(now),
+    }
+}
+
+fn fits() -> Placement {
+    Placement::Fits { host: "h1".into(), vm: VmSize { vcpu: 1, memory_mib: 1024 }, message: "sized".into() }
+}
+
+fn present(state: VmState) -> Option<Vm> {
+    Some(Vm::Present { uid: "vm1".into(), state })
+}
+
+/// Walks an agent through its whole life, feeding each decision's status into the next.
+#[test]
+fn an_agent_goes_from_accepted_to_completed_with_one_vm() {
+    let spec = spec();
+    let status = FarAgentStatus::default();
+    let mut o = observe(&spec, &status, 0);
+    o.has_finalizer = false;
+    let d = decide(&o);
+    assert_eq!(d.actions, [Action::AddFinalizer]);
+
+    let status = d.status;
+    let mut o = observe(&spec, &status, 1);
+    o.placement = Some(fits());
+    let d = decide(&o);
+    assert_eq!(d.status.host.as_deref(), Some("h1"), "host recorded before any VM");
+    assert!(!d.actions.iter().any(|a| matches!(a, Action::CreateVm { .. })));
+
+    let status = d.status;
+    let mut o = observe(&spec, &status, 2);
+    o.vm = Some(Vm::Absent);
+    let d = decide(&o);
+    assert_eq!(d.actions, [Action::CreateVm { attempt: 0 }]);
+    assert_eq!(d.status.reason, Some(AgentReason::Provisioning));
+
+    let mut status = d.status;
+    status.vm_uid = Some("vm1".into());
+    let mut o = observe(&spec, &status, 3);
+    o.vm = present(VmState::Created);
+    let d = decide(&o);
+    assert_eq!((d.status.phase, d.status.reason), (Some(Phase::Pending), Some(AgentReason::Booting)), "CREATED is not Running");
+
+    let status = d.status;
+    let mut o = observe(&spec, &status, 5);
+    o.vm = present(VmState::Created);
+    o.guest.last_heartbeat = Some(t(4));
+    let d = decide(&o);
+    assert_eq!(d.status.phase, Some(Phase::Running));
+    assert_eq!(d.status.start_time, Some(Time(t(4))));
+
+    let status = d.status;
+    let mut o = observe(&spec, &status, 9);
+    o.vm = present(VmState::Created);
+    o.guest = Guest { last_heartbeat: Some(t(8)), exit: Some((0, None)) };
+    let d = decide(&o);
+    assert_eq!((d.status.phase, d.status.exit_code), (Some(Phase::Completed), Some(0)));
+    assert!(d.actions.contains(&Action::DeleteVm { uid: "vm1".into() }), "a finished agent's VM is freed");
+    assert!(conditions::is_true(&d.status.conditions, agent_condition::FINISHED));
+}
+
+#[test]
+fn a_non_zero_exit_is_failed_or_restarted_with_backoff() {
+    let mut spec = spec();
+    let mut status = FarAgentStatus { phase: Some(Phase::Running), host: Some("h1".into()), vm_uid: Some("vm1".into()), ..Default::default() };
+    let mut o = observe(&spec, &status, 0);
+    o.vm = present(VmState::Created);
+    o.guest.exit = Some((3, None));
+    let d = decide(&o);
+    assert_eq!((d.status.phase, d.status.reason, d.status.exit_code), (Some(Phase::Failed), Some(AgentReason::Error), Some(3)));
+
+    spec.restart_policy = RestartPolicy::OnFailure;
+    let mut o = observe(&spec, &status, 0);
+    o.vm = present(VmState::Created);
+    o.guest.exit = Some((3, None));
+    let d = decide(&o);
+    assert_eq!((d.status.phase, d.status.reason, d.status.restart_count), (Some(Phase::Pending), Some(AgentReason::BackOff), 1));
+    assert_eq!(d.requeue, Some(Duration::from_secs(10)));
+    assert!(d.actions.contains(&Action::DeleteVm { uid: "vm1".into() }));
+    assert_eq!(d.status.host, None, "a restart may go to another host");
+
+    status = d.status;
+    let mut o = observe(&spec, &status, 5);
+    o.placement = Some(fits());
+    assert!(decide(&o).actions.is_empty(), "nothing happens during the back-off");
+    let mut o = observe(&spec, &status, 11);
+    o.placement = Some(fits());
+    let d = decide(&o);
+    assert_eq!(d.status.host.as_deref(), Some("h1"));
+    let status = d.status;
+    let mut o = observe(&spec, &status, 12);
+    o.vm = Some(Vm::Absent);
+    assert_eq!(decide(&o).actions, [Action::CreateVm { attempt: 1 }], "the restart is attempt 1");
+}
+
+#[test]
+fn silence_fails_the_agent_with_the_right_reason() {
+    let spec = spec();
+    let mut booting = FarAgentStatus { host: Some("h1".into()), vm_uid: Some("vm1".into()), ..Default::default() };
+    conditions::set(&mut booting.conditions, agent_condition::VM_CREATED, true, "Booting", "", Some(1), t(0));
+    let mut o = observe(&spec, &booting, 61);
+    o.vm = present(VmState::Created);
+    assert_eq!(decide(&o).status.reason, Some(AgentReason::BootTimeout));
+
+    let running = FarAgentStatus { phase: Some(Phase::Running), host: Some("h1".into()), vm_uid: Some("vm1".into()), ..Default::default() };
+    let mut o = observe(&spec, &running, 100);
+    o.vm = present(VmState::Created);
+    o.guest.last_heartbeat = Some(t(30));
+    assert_eq!(decide(&o).status.reason, Some(AgentReason::HeartbeatLost));
+
+    let mut o = observe(&spec, &running, 100);
+    o.vm = Some(Vm::Unknown { since: t(90) });
+    o.guest.last_heartbeat = Some(t(95));
+    let d = decide(&o);
+    assert_eq!((d.status.phase, d.status.reason), (Some(Phase::Running), Some(AgentReason::HostUnreachable)));
+
+    let mut o = observe(&spec, &running, 100);
+    o.vm = present(VmState::Failed);
+    assert_eq!(decide(&o).status.reason, Some(AgentReason::VMFailed));
+}
+
+#[test]
+fn deletion_waits_for_the_vm_but_not_forever_for_a_dead_host() {
+    let spec = spec();
+    let status = FarAgentStatus { phase: Some(Phase::Running), host: Some("h1".into()), vm_uid: Some("vm1".into()), ..Default::default() };
+    let mut o = observe(&spec, &status, 10);
+    o.deleting_since = Some(t(0));
+    o.vm = present(VmState::Created);
+    assert_eq!(decide(&o).actions, [Action::DeleteVm { uid: "vm1".into() }]);
+    o.vm = present(VmState::Deleting);
+    assert!(decide(&o).actions.is_empty());
+    o.vm = Some(Vm::Absent);
+    assert!(decide(&o).actions.contains(&Action::RemoveFinalizer));
+
+    o.vm = Some(Vm::Unknown { since: t(0) });
+    assert!(!decide(&o).actions.contains(&Action::RemoveFinalizer), "within the grace the host is waited for");
+    let mut o = observe(&spec, &status, 121);
+    o.deleting_since = Some(t(0));
+    o.vm = Some(Vm::Unknown { since: t(0) });
+    let d = decide(&o);
+    assert!(d.actions.contains(&Action::RemoveFinalizer));
+    assert!(d.actions.iter().any(|a| matches!(a, Action::Event { warning: true, reason: "HostUnreachable", .. })));
+}
+
+#[test]
+fn missing_configuration_holds_the_agent_pending_without_a_vm() {
+    let spec = spec();
+    let status = FarAgentStatus { host: Some("h1".into()), ..Default::default() };
+    let mut o = observe(&spec, &status, 0);
+    o.vm = Some(Vm::Absent);
+    o.config = Err("secret \"creds\" not found".into());
+    let d = decide(&o);
+    assert_eq!(d.status.reason, Some(AgentReason::ConfigMissing));
+    assert_eq!(d.status.message.as_deref(), Some("secret \"creds\" not found"));
+    assert!(d.actions.is_empty());
+}
+
+#[test]
+fn backoff_doubles_to_five_minutes() {
+    let waits: Vec<u64> = (0..8).map(|n| backoff(n).as_secs()).collect();
+    assert_eq!(waits, [10, 20, 40, 80, 160, 300, 300, 300]);
+}
+
+fn phases() -> impl Strategy<Value = Option<Phase>> {
+    prop_oneof![Just(None), Just(Some(Phase::Pending)), Just(Some(Phase::Running)), Just(Some(Phase::Completed)), Just(Some(Phase::Failed))]
+}
+
+fn vms() -> impl Strategy<Value = Option<Vm>> {
+    prop_oneof![
+        Just(None),
+        Just(Some(Vm::Absent)),
+        (0i64..200).prop_map(|s| Some(Vm::Unknown { since: t(s) })),
+        prop_oneof![Just(VmState::Pending), Just(VmState::Created), Just(VmState::Failed), Just(VmState::Deleting)]
+            .prop_map(|state| Some(Vm::Present { uid: "vm1".into(), state })),
+    ]
+}
+
+prop_compose! {
+    fn observations()(
+        phase in phases(),
+        backoff_reason in any::<bool>(),
+        host in any::<bool>(),
+        vm_uid in any::<bool>(),
+        restart_count in 0u32..4,
+        on_failure in any::<bool>(),
+        has_finalizer in any::<bool>(),
+        deleting in proptest::option::of(0i64..300),
+        vm in vms(),
+        heartbeat in proptest::option::of(0i64..300),
+        exit in proptest::option::of((-1i32..4, proptest::option::of(Just("no entrypoint".to_owned())))),
+        placement in proptest::option::of(any::<bool>()),
+        config_ok in any::<bool>(),
+        ttl in proptest::option::of(0i64..100),
+        deadline in proptest::option::of(1i64..100),
+        started in proptest::option::of(0i64..300),
+        now in 0i64..400,
+    ) -> (FarAgentSpec, FarAgentStatus, bool, Option<i64>, Option<Vm>, Guest, Option<Placement>, bool, i64) {
+        let mut s = spec();
+        s.restart_policy = if on_failure { RestartPolicy::OnFailure } else { RestartPolicy::Never };
+        s.ttl_seconds_after_finished = ttl;
+        s.active_deadline_seconds = deadline;
+        let status = FarAgentStatus {
+            phase,
+            reason: backoff_reason.then_some(AgentReason::BackOff),
+            host: host.then(|| "h1".to_owned()),
+            vm_uid: (host && vm_uid).then(|| "vm1".to_owned()),
+            restart_count: restart_count.min(s.backoff_limit),
+            start_time: started.map(|s| Time(t(s))),
+            finish_time: phase.filter(|p| p.is_terminal()).map(|_| Time(t(0))),
+            ..Default::default()
+        };
+        let guest = Guest { last_heartbeat: heartbeat.map(t), exit };
+        let placement = placement.map(|ok| if ok { fits() } else { Placement::Unschedulable("no host".into()) });
+        (s, status, has_finalizer, deleting, vm, guest, placement, config_ok, now)
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(2000))]
+
+    #[test]
+    fn the_decision_keeps_its_promises((spec, status, has_finalizer, deleting, vm, guest, placement, config_ok, now) in observations()) {
+        let o = Observation {
+            spec: &spec,
+            status: &status,
+            generation: Some(1),
+            has_finalizer,
+            deleting_since: deleting.map(t),
+            vm,
+            guest,
+            placement,
+            config: if config_ok { Ok(()) } else { Err("missing".into()) },
+            now: t(now),
+        };
+        let d = decide(&o);
+        let creates = d.actions.iter().filter(|a| matches!(a, Action::CreateVm { .. })).count();
+
+        // No way back from a terminal phase.
+        if status.phase.is_some_and(Phase::is_terminal) {
+            prop_assert_eq!(d.status.phase, status.phase);
+            prop_assert_eq!(creates, 0);
+        }
+        // At most one VM per decision, only with a host, a finalizer and resolved configuration,
+        // and never while deleting.
+        prop_assert!(creates <= 1);
+        if creates == 1 {
+            prop_assert!(d.status.host.is_some() && has_finalizer && deleting.is_none() && config_ok);
+            prop_assert!(status.vm_uid.is_none());
+        }
+        // The attempt is the restart count: a new attempt only after a recorded restart.
+        for a in &d.actions {
+            if let Action::CreateVm { attempt } = a {
+                prop_assert_eq!(*attempt, d.status.restart_count);
+            }
+        }
+        // Restarts only grow, within the limit.
+        prop_assert!(d.status.restart_count >= status.restart_count);
+        prop_assert!(d.status.restart_count <= spec.backoff_limit);
+        // Every path ends terminal, lets the agent go, or waits with a reason.
+        let released = d.actions.iter().any(|a| matches!(a, Action::RemoveFinalizer | Action::DeleteAgent))
+            || (deleting.is_some() && !has_finalizer);
+        let terminal = d.status.phase.is_some_and(Phase::is_terminal);
+        if !terminal && !released {
+            prop_assert!(d.requeue.is_some(), "a waiting agent is looked at again");
+            prop_assert!(d.status.reason.is_some(), "a waiting agent says why");
+        }
+        // A terminal agent's VM is always on its way out (once the finalizer guards it).
+        if terminal && has_finalizer && let Some(Vm::Present { state, .. }) = &o.vm {
+            let deleting_vm = d.actions.iter().any(|a| matches!(a, Action::DeleteVm { .. }));
+            prop_assert!(*state == VmState::Deleting || deleting_vm || deleting.is_some(), "VM left running");
+        }
+    }
+}
