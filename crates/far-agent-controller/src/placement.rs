@@ -1,1 +1,203 @@
-//! placeholder
+//! Which FlintlockHost an agent goes to: capacity-aware, like the Kubernetes scheduler's
+//! filter and score, and pure.
+//!
+//! A host is a candidate when it is Ready, not cordoned, carries every `hostSelector` label,
+//! accepts the agent's VM size ([`far_api::sizing`]) and has room for it after what its agents
+//! already hold. Among candidates the one with the most memory left wins (spreading load;
+//! ties go to the name that sorts first, so the choice is deterministic).
+
+use std::collections::{BTreeMap, HashMap};
+
+use far_api::sizing::size_vm;
+use far_api::{FarAgent, FarAgentSpec, VmLimits};
+
+use crate::decision::Placement;
+
+/// What placement needs to know of one host.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HostView {
+    /// The FlintlockHost's name.
+    pub name: String,
+    /// Its labels.
+    pub labels: BTreeMap<String, String>,
+    /// Whether its last probe succeeded.
+    pub ready: bool,
+    /// Cordoned.
+    pub unschedulable: bool,
+    /// Total vCPUs for VMs.
+    pub cpu: u64,
+    /// Total memory for VMs, MiB.
+    pub memory_mib: u64,
+    /// Its VM size bounds.
+    pub limits: VmLimits,
+}
+
+/// Resources held on one host.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Held {
+    /// vCPUs.
+    pub cpu: u64,
+    /// Memory, MiB.
+    pub memory_mib: u64,
+    /// Agents.
+    pub agents: u32,
+}
+
+/// What every host holds: the VM sizes of the agents placed on it and not finished.
+pub fn held<'a>(agents: impl IntoIterator<Item = &'a FarAgent>) -> HashMap<String, Held> {
+    let mut by_host: HashMap<String, Held> = HashMap::new();
+    for agent in agents {
+        let Some(status) = &agent.status else { continue };
+        if status.phase.is_some_and(far_api::Phase::is_terminal) {
+            continue;
+        }
+        if let (Some(host), Some(vm)) = (&status.host, &status.vm) {
+            let h = by_host.entry(host.clone()).or_default();
+            h.cpu += u64::from(vm.vcpu);
+            h.memory_mib += u64::from(vm.memory_mib);
+            h.agents += 1;
+        }
+    }
+    by_host
+}
+
+/// Places an agent.
+pub fn place(spec: &FarAgentSpec, hosts: &[HostView], held: &HashMap<String, Held>) -> Placement {
+    let mut best: Option<(u64, &HostView, far_api::sizing::Sizing)> = None;
+    let mut passed = Vec::new();
+    let mut sorted: Vec<&HostView> = hosts.iter().collect();
+    sorted.sort_by(|a, b| a.name.cmp(&b.name));
+    for host in sorted {
+        let why_not = if !host.ready {
+            Some("not Ready".to_owned())
+        } else if host.unschedulable {
+            Some("cordoned".to_owned())
+        } else if let Some((k, v)) = spec.host_selector.iter().find(|(k, v)| host.labels.get(*k) != Some(*v)) {
+            Some(format!("lacks label {k}={v}"))
+        } else {
+            match size_vm(spec, &host.name, &host.limits) {
+                Err(e) => Some(e.to_string()),
+                Ok(sizing) => {
+                    let used = held.get(&host.name).copied().unwrap_or_default();
+                    let cpu_left = host.cpu.saturating_sub(used.cpu);
+                    let mem_left = host.memory_mib.saturating_sub(used.memory_mib);
+                    if u64::from(sizing.vm.vcpu) > cpu_left {
+                        Some(format!("{cpu_left} vCPU free, needs {}", sizing.vm.vcpu))
+                    } else if u64::from(sizing.vm.memory_mib) > mem_left {
+                        Some(format!("{mem_left} MiB free, needs {}", sizing.vm.memory_mib))
+                    } else {
+                        let left = mem_left - u64::from(sizing.vm.memory_mib);
+                        if best.as_ref().is_none_or(|(l, _, _)| left > *l) {
+                            best = Some((left, host, sizing));
+                        }
+                        None
+                    }
+                }
+            }
+        };
+        if let Some(why) = why_not {
+            passed.push(format!("{}: {why}", host.name));
+        }
+    }
+    match best {
+        Some((_, host, sizing)) => Placement::Fits { host: host.name.clone(), vm: sizing.vm, message: sizing.describe(&host.name) },
+        None if hosts.is_empty() => Placement::Unschedulable("no FlintlockHost exists".into()),
+        None => Placement::Unschedulable(format!("0/{} hosts fit: {}", hosts.len(), passed.join("; "))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use far_api::{FarAgentStatus, Heartbeat, Phase, RestartPolicy, VmSize};
+    use proptest::prelude::*;
+
+    fn spec(memory: &str, cpu: u32) -> FarAgentSpec {
+        FarAgentSpec {
+            image: "busybox:1".into(),
+            memory: memory.into(),
+            cpu,
+            entrypoint: "/bin/agent".into(),
+            args: vec![],
+            env: vec![],
+            secret_files: vec![],
+            volumes: vec![],
+            kernel: None,
+            host_selector: Default::default(),
+            restart_policy: RestartPolicy::Never,
+            backoff_limit: 3,
+            active_deadline_seconds: None,
+            ttl_seconds_after_finished: None,
+            heartbeat: Heartbeat::default(),
+            network: None,
+        }
+    }
+
+    fn host(name: &str, cpu: u64, memory_mib: u64) -> HostView {
+        HostView { name: name.into(), labels: Default::default(), ready: true, unschedulable: false, cpu, memory_mib, limits: VmLimits::default() }
+    }
+
+    #[test]
+    fn the_host_with_most_memory_left_wins_and_the_vm_is_sized_for_it() {
+        let hosts = [host("a", 8, 4096), host("b", 8, 8192)];
+        let Placement::Fits { host, vm, message } = place(&spec("512Mi", 1), &hosts, &HashMap::new()) else { panic!() };
+        assert_eq!((host.as_str(), vm), ("b", VmSize { vcpu: 1, memory_mib: 1024 }));
+        assert!(message.contains("runs no VM under 1024 MiB"), "{message}");
+    }
+
+    #[test]
+    fn unschedulable_says_why_each_host_was_passed_over() {
+        let mut sel = spec("512Mi", 2);
+        sel.host_selector.insert("zone".into(), "a".into());
+        let mut cordoned = host("b", 8, 8192);
+        cordoned.unschedulable = true;
+        let mut down = host("c", 8, 8192);
+        down.ready = false;
+        let mut full = host("d", 8, 8192);
+        full.labels.insert("zone".into(), "a".into());
+        let mut other_zone = host("a", 8, 8192);
+        other_zone.labels.insert("zone".into(), "b".into());
+        let used = HashMap::from([("d".to_owned(), Held { cpu: 7, memory_mib: 0, agents: 3 })]);
+        assert_eq!(
+            place(&sel, &[other_zone, cordoned, down, full], &used),
+            Placement::Unschedulable("0/4 hosts fit: a: lacks label zone=a; b: cordoned; c: not Ready; d: 1 vCPU free, needs 2".into())
+        );
+        assert_eq!(place(&sel, &[], &used), Placement::Unschedulable("no FlintlockHost exists".into()));
+    }
+
+    #[test]
+    fn held_counts_unfinished_agents_on_each_host() {
+        let agent = |host: &str, phase: Phase| {
+            let mut a = FarAgent::new("x", spec("1Gi", 1));
+            a.status = Some(FarAgentStatus { phase: Some(phase), host: Some(host.into()), vm: Some(VmSize { vcpu: 2, memory_mib: 1024 }), ..Default::default() });
+            a
+        };
+        let agents = [agent("a", Phase::Running), agent("a", Phase::Pending), agent("a", Phase::Completed), agent("b", Phase::Running)];
+        let held = held(&agents);
+        assert_eq!(held["a"], Held { cpu: 4, memory_mib: 2048, agents: 2 });
+        assert_eq!(held["b"].agents, 1);
+    }
+
+    proptest! {
+        #[test]
+        fn a_placement_never_overcommits_a_host(
+            caps in proptest::collection::vec((1u64..16, 1024u64..16384, 0u64..16, 0u64..16384, any::<bool>()), 1..6),
+            mem in 1u64..8192, cpu in 1u32..8,
+        ) {
+            let hosts: Vec<HostView> = caps.iter().enumerate().map(|(i, (c, m, _, _, ready))| {
+                let mut h = host(&format!("h{i}"), *c, *m);
+                h.ready = *ready;
+                h
+            }).collect();
+            let held: HashMap<String, Held> = caps.iter().enumerate()
+                .map(|(i, (_, _, c, m, _))| (format!("h{i}"), Held { cpu: *c, memory_mib: *m, agents: 1 })).collect();
+            if let Placement::Fits { host, vm, .. } = place(&spec(&format!("{mem}Mi"), cpu), &hosts, &held) {
+                let h = hosts.iter().find(|h| h.name == host).unwrap();
+                prop_assert!(h.ready);
+                prop_assert!(held[&host].cpu + u64::from(vm.vcpu) <= h.cpu);
+                prop_assert!(held[&host].memory_mib + u64::from(vm.memory_mib) <= h.memory_mib);
+                prop_assert!(u64::from(vm.memory_mib) >= mem);
+            }
+        }
+    }
+}
