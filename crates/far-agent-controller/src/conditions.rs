@@ -38,7 +38,9 @@ pub fn set(
 
 /// Whether a condition is present and True.
 pub fn is_true(conditions: &[Condition], kind: &str) -> bool {
-    conditions.iter().any(|c| c.type_ == kind && c.status == "True")
+    conditions
+        .iter()
+        .any(|c| c.type_ == kind && c.status == "True")
 }
 
 #[cfg(test)]
@@ -47,11 +49,17 @@ mod tests {
 
     #[test]
     fn rewriting_a_condition_keeps_its_transition_time() {
-        let (t0, t1) = (Timestamp::from_second(100).unwrap(), Timestamp::from_second(200).unwrap());
+        let (t0, t1) = (
+            Timestamp::from_second(100).unwrap(),
+            Timestamp::from_second(200).unwrap(),
+        );
         let mut c = Vec::new();
         set(&mut c, "Ready", true, "Probed", "ok", Some(1), t0);
         set(&mut c, "Ready", true, "Probed", "still ok", Some(1), t1);
-        assert_eq!((c.len(), c[0].last_transition_time.0, c[0].message.as_str()), (1, t0, "still ok"));
+        assert_eq!(
+            (c.len(), c[0].last_transition_time.0, c[0].message.as_str()),
+            (1, t0, "still ok")
+        );
         set(&mut c, "Ready", false, "Unreachable", "down", Some(1), t1);
         assert_eq!(c[0].last_transition_time.0, t1);
         assert!(!is_true(&c, "Ready"));

@@ -181,11 +181,23 @@ struct Builder<'a> {
 
 impl Builder<'_> {
     fn condition(&mut self, kind: &str, value: bool, reason: AgentReason, message: &str) {
-        conditions::set(&mut self.status.conditions, kind, value, reason.as_str(), message, self.o.generation, self.o.now);
+        conditions::set(
+            &mut self.status.conditions,
+            kind,
+            value,
+            reason.as_str(),
+            message,
+            self.o.generation,
+            self.o.now,
+        );
     }
 
     fn event(&mut self, warning: bool, reason: &'static str, message: String) {
-        self.actions.push(Action::Event { warning, reason, message });
+        self.actions.push(Action::Event {
+            warning,
+            reason,
+            message,
+        });
     }
 
     fn phase(&mut self, phase: Phase, reason: AgentReason, message: impl Into<String>) {
@@ -195,7 +207,11 @@ impl Builder<'_> {
     }
 
     fn done(self, requeue: Option<Duration>) -> Decision {
-        Decision { status: self.status, actions: self.actions, requeue }
+        Decision {
+            status: self.status,
+            actions: self.actions,
+            requeue,
+        }
     }
 
     /// The agent failed (or exited non-zero): restart it or finish it.
@@ -210,8 +226,21 @@ impl Builder<'_> {
         self.status.exit_code = exit_code;
         if o.spec.restart_policy == RestartPolicy::OnFailure && restarts < o.spec.backoff_limit {
             let wait = backoff(restarts);
-            self.event(true, "BackOff", format!("{message}; restarting in a new VM in {} s (restart {} of {})", wait.as_secs(), restarts + 1, o.spec.backoff_limit));
-            self.phase(Phase::Pending, AgentReason::BackOff, format!("{message}; restarting in {} s", wait.as_secs()));
+            self.event(
+                true,
+                "BackOff",
+                format!(
+                    "{message}; restarting in a new VM in {} s (restart {} of {})",
+                    wait.as_secs(),
+                    restarts + 1,
+                    o.spec.backoff_limit
+                ),
+            );
+            self.phase(
+                Phase::Pending,
+                AgentReason::BackOff,
+                format!("{message}; restarting in {} s", wait.as_secs()),
+            );
             self.status.restart_count = restarts + 1;
             self.status.finish_time = Some(at(o.now));
             self.status.host = None;
@@ -219,7 +248,12 @@ impl Builder<'_> {
             self.status.vm_state = None;
             self.status.start_time = None;
             self.condition(agent_condition::AGENT_READY, false, reason, &message);
-            self.condition(agent_condition::VM_CREATED, false, reason, "the VM of the failed run is deleted");
+            self.condition(
+                agent_condition::VM_CREATED,
+                false,
+                reason,
+                "the VM of the failed run is deleted",
+            );
             return self.done(Some(wait));
         }
         self.event(true, "Failed", message.clone());
@@ -233,14 +267,19 @@ impl Builder<'_> {
 
     fn finished_requeue(&self) -> Option<Duration> {
         let ttl = self.o.spec.ttl_seconds_after_finished?;
-        let left = Duration::from_secs(ttl.unsigned_abs()).saturating_sub(elapsed(self.status.finish_time.as_ref(), self.o.now));
+        let left = Duration::from_secs(ttl.unsigned_abs())
+            .saturating_sub(elapsed(self.status.finish_time.as_ref(), self.o.now));
         Some(left.max(Duration::from_secs(1)))
     }
 }
 
 /// Decides what to do for one agent.
 pub fn decide(o: &Observation<'_>) -> Decision {
-    let mut b = Builder { o, status: o.status.clone(), actions: Vec::new() };
+    let mut b = Builder {
+        o,
+        status: o.status.clone(),
+        actions: Vec::new(),
+    };
     b.status.observed_generation = o.generation;
 
     // Deletion: tear the VM down, then let the agent go; a host that is gone is waited on for
@@ -249,7 +288,11 @@ pub fn decide(o: &Observation<'_>) -> Decision {
         if !o.has_finalizer {
             return b.done(None);
         }
-        b.phase(b.status.phase.unwrap_or(Phase::Pending), AgentReason::Terminating, "the FarAgent is being deleted");
+        b.phase(
+            b.status.phase.unwrap_or(Phase::Pending),
+            AgentReason::Terminating,
+            "the FarAgent is being deleted",
+        );
         return match &o.vm {
             None | Some(Vm::Absent) => {
                 b.actions.push(Action::RemoveFinalizer);
@@ -280,7 +323,11 @@ pub fn decide(o: &Observation<'_>) -> Decision {
     if !o.has_finalizer {
         b.actions.push(Action::AddFinalizer);
         if b.status.reason.is_none() {
-            b.phase(b.status.phase.unwrap_or(Phase::Pending), AgentReason::Provisioning, "accepted");
+            b.phase(
+                b.status.phase.unwrap_or(Phase::Pending),
+                AgentReason::Provisioning,
+                "accepted",
+            );
         }
         return b.done(Some(Duration::ZERO));
     }
@@ -292,7 +339,9 @@ pub fn decide(o: &Observation<'_>) -> Decision {
         {
             b.actions.push(Action::DeleteVm { uid: uid.clone() });
         }
-        if o.spec.ttl_seconds_after_finished.is_some_and(|ttl| elapsed(b.status.finish_time.as_ref(), o.now).as_secs() >= ttl.unsigned_abs()) {
+        if o.spec.ttl_seconds_after_finished.is_some_and(|ttl| {
+            elapsed(b.status.finish_time.as_ref(), o.now).as_secs() >= ttl.unsigned_abs()
+        }) {
             b.actions.push(Action::DeleteAgent);
             return b.done(None);
         }
@@ -312,10 +361,15 @@ pub fn decide(o: &Observation<'_>) -> Decision {
     }
 
     // The deadline counts from the first start and holds across restarts.
-    if let (Some(limit), Some(start)) = (o.spec.active_deadline_seconds, b.status.start_time.as_ref())
+    if let (Some(limit), Some(start)) =
+        (o.spec.active_deadline_seconds, b.status.start_time.as_ref())
         && o.now.duration_since(start.0) >= SignedDuration::from_secs(limit)
     {
-        return b.fail(AgentReason::DeadlineExceeded, format!("ran longer than activeDeadlineSeconds ({limit} s)"), None);
+        return b.fail(
+            AgentReason::DeadlineExceeded,
+            format!("ran longer than activeDeadlineSeconds ({limit} s)"),
+            None,
+        );
     }
 
     // Placement, recorded before any VM exists.
@@ -324,18 +378,36 @@ pub fn decide(o: &Observation<'_>) -> Decision {
             Some(Placement::Fits { host, vm, message }) => {
                 b.status.host = Some(host.clone());
                 b.status.vm = Some(*vm);
-                b.condition(agent_condition::SCHEDULED, true, AgentReason::Provisioning, message);
+                b.condition(
+                    agent_condition::SCHEDULED,
+                    true,
+                    AgentReason::Provisioning,
+                    message,
+                );
                 b.phase(Phase::Pending, AgentReason::Provisioning, message.clone());
-                b.event(false, "Scheduled", format!("placed on host {host}: {message}"));
+                b.event(
+                    false,
+                    "Scheduled",
+                    format!("placed on host {host}: {message}"),
+                );
                 b.done(Some(Duration::ZERO))
             }
             Some(Placement::Unschedulable(why)) => {
-                b.condition(agent_condition::SCHEDULED, false, AgentReason::Unschedulable, why);
+                b.condition(
+                    agent_condition::SCHEDULED,
+                    false,
+                    AgentReason::Unschedulable,
+                    why,
+                );
                 b.phase(Phase::Pending, AgentReason::Unschedulable, why.clone());
                 b.done(Some(RECHECK))
             }
             None => {
-                b.phase(Phase::Pending, AgentReason::Provisioning, "waiting for placement");
+                b.phase(
+                    Phase::Pending,
+                    AgentReason::Provisioning,
+                    "waiting for placement",
+                );
                 b.done(Some(RECHECK))
             }
         };
@@ -352,7 +424,11 @@ pub fn decide(o: &Observation<'_>) -> Decision {
     // The guest's own word wins over everything Flintlock says.
     if let Some((code, start_error)) = &o.guest.exit {
         if let Some(reason) = start_error {
-            return b.fail(AgentReason::StartError, format!("the agent could not start: {reason}"), Some(*code));
+            return b.fail(
+                AgentReason::StartError,
+                format!("the agent could not start: {reason}"),
+                Some(*code),
+            );
         }
         if *code == 0 {
             if let Some(Vm::Present { uid, state }) = &o.vm
@@ -362,14 +438,32 @@ pub fn decide(o: &Observation<'_>) -> Decision {
             }
             b.status.exit_code = Some(0);
             b.status.finish_time = Some(at(o.now));
-            b.phase(Phase::Completed, AgentReason::Completed, "the agent exited with code 0");
-            b.condition(agent_condition::AGENT_READY, false, AgentReason::Completed, "the agent exited");
-            b.condition(agent_condition::FINISHED, true, AgentReason::Completed, "the agent exited with code 0");
+            b.phase(
+                Phase::Completed,
+                AgentReason::Completed,
+                "the agent exited with code 0",
+            );
+            b.condition(
+                agent_condition::AGENT_READY,
+                false,
+                AgentReason::Completed,
+                "the agent exited",
+            );
+            b.condition(
+                agent_condition::FINISHED,
+                true,
+                AgentReason::Completed,
+                "the agent exited with code 0",
+            );
             b.event(false, "Completed", "the agent exited with code 0".into());
             let requeue = b.finished_requeue();
             return b.done(requeue);
         }
-        return b.fail(AgentReason::Error, format!("the agent exited with code {code}"), Some(*code));
+        return b.fail(
+            AgentReason::Error,
+            format!("the agent exited with code {code}"),
+            Some(*code),
+        );
     }
 
     let timeout = Duration::from_secs(o.spec.heartbeat.timeout_seconds.into());
@@ -377,24 +471,56 @@ pub fn decide(o: &Observation<'_>) -> Decision {
         None | Some(Vm::Absent) => {
             if b.status.vm_uid.is_some() {
                 // The VM we recorded is gone without a word from the guest.
-                return b.fail(AgentReason::VMFailed, "the agent's VM disappeared from its host".into(), None);
+                return b.fail(
+                    AgentReason::VMFailed,
+                    "the agent's VM disappeared from its host".into(),
+                    None,
+                );
             }
             let attempt = b.status.restart_count;
             b.actions.push(Action::CreateVm { attempt });
-            b.phase(Phase::Pending, AgentReason::Provisioning, format!("creating the VM on host {}", b.status.host.as_deref().unwrap_or("?")));
+            b.phase(
+                Phase::Pending,
+                AgentReason::Provisioning,
+                format!(
+                    "creating the VM on host {}",
+                    b.status.host.as_deref().unwrap_or("?")
+                ),
+            );
             b.done(Some(Duration::from_secs(2)))
         }
         Some(Vm::Unknown { since }) => {
-            let silent = o.guest.last_heartbeat.map_or_else(|| o.now.duration_since(*since).unsigned_abs(), |t| o.now.duration_since(t).unsigned_abs());
+            let silent = o.guest.last_heartbeat.map_or_else(
+                || o.now.duration_since(*since).unsigned_abs(),
+                |t| o.now.duration_since(t).unsigned_abs(),
+            );
             if silent >= timeout {
-                let message = format!("host {} unreachable and no heartbeat for {} s", b.status.host.as_deref().unwrap_or("?"), silent.as_secs());
+                let message = format!(
+                    "host {} unreachable and no heartbeat for {} s",
+                    b.status.host.as_deref().unwrap_or("?"),
+                    silent.as_secs()
+                );
                 return b.fail(AgentReason::HeartbeatLost, message, None);
             }
             if b.status.reason != Some(AgentReason::HostUnreachable) {
-                b.event(true, "HostUnreachable", format!("host {} does not answer", b.status.host.as_deref().unwrap_or("?")));
+                b.event(
+                    true,
+                    "HostUnreachable",
+                    format!(
+                        "host {} does not answer",
+                        b.status.host.as_deref().unwrap_or("?")
+                    ),
+                );
             }
             let phase = b.status.phase.unwrap_or(Phase::Pending);
-            b.phase(phase, AgentReason::HostUnreachable, format!("host {} does not answer", b.status.host.as_deref().unwrap_or("?")));
+            b.phase(
+                phase,
+                AgentReason::HostUnreachable,
+                format!(
+                    "host {} does not answer",
+                    b.status.host.as_deref().unwrap_or("?")
+                ),
+            );
             b.done(Some(Duration::from_secs(5)))
         }
         Some(Vm::Present { uid, state }) => {
@@ -402,33 +528,75 @@ pub fn decide(o: &Observation<'_>) -> Decision {
             b.status.vm_uid = Some(uid.clone());
             b.status.vm_state = Some(state.as_str().to_owned());
             if first_sight {
-                b.condition(agent_condition::VM_CREATED, true, AgentReason::Booting, &format!("VM {uid}"));
-                b.event(false, "VMCreated", format!("VM {uid} created on host {}", b.status.host.as_deref().unwrap_or("?")));
+                b.condition(
+                    agent_condition::VM_CREATED,
+                    true,
+                    AgentReason::Booting,
+                    &format!("VM {uid}"),
+                );
+                b.event(
+                    false,
+                    "VMCreated",
+                    format!(
+                        "VM {uid} created on host {}",
+                        b.status.host.as_deref().unwrap_or("?")
+                    ),
+                );
             }
             match state {
-                VmState::Failed => b.fail(AgentReason::VMFailed, format!("Flintlock reports VM {uid} FAILED"), None),
-                VmState::Deleting => b.fail(AgentReason::VMFailed, format!("VM {uid} is being deleted by someone else"), None),
+                VmState::Failed => b.fail(
+                    AgentReason::VMFailed,
+                    format!("Flintlock reports VM {uid} FAILED"),
+                    None,
+                ),
+                VmState::Deleting => b.fail(
+                    AgentReason::VMFailed,
+                    format!("VM {uid} is being deleted by someone else"),
+                    None,
+                ),
                 VmState::Pending | VmState::Created => match o.guest.last_heartbeat {
                     Some(last) => {
                         let silent = o.now.duration_since(last).unsigned_abs();
                         if silent >= timeout {
-                            return b.fail(AgentReason::HeartbeatLost, format!("no heartbeat for {} s", silent.as_secs()), None);
+                            return b.fail(
+                                AgentReason::HeartbeatLost,
+                                format!("no heartbeat for {} s", silent.as_secs()),
+                                None,
+                            );
                         }
                         if b.status.phase != Some(Phase::Running) {
                             b.status.start_time.get_or_insert(at(last));
                             b.phase(Phase::Running, AgentReason::Running, "the agent runs");
-                            b.condition(agent_condition::AGENT_READY, true, AgentReason::Running, "the agent's init reported in");
+                            b.condition(
+                                agent_condition::AGENT_READY,
+                                true,
+                                AgentReason::Running,
+                                "the agent's init reported in",
+                            );
                             b.event(false, "Started", format!("the agent runs in VM {uid}"));
                         }
                         b.done(Some(RUNNING_RECHECK.min(timeout)))
                     }
                     None => {
-                        let since = o.status.conditions.iter().find(|c| c.type_ == agent_condition::VM_CREATED).map(|c| c.last_transition_time.0).unwrap_or(o.now);
+                        let since = o
+                            .status
+                            .conditions
+                            .iter()
+                            .find(|c| c.type_ == agent_condition::VM_CREATED)
+                            .map(|c| c.last_transition_time.0)
+                            .unwrap_or(o.now);
                         let waited = o.now.duration_since(since).unsigned_abs();
                         if waited >= timeout {
                             return b.fail(AgentReason::BootTimeout, format!("the agent's init did not report in within {} s of the VM's creation", timeout.as_secs()), None);
                         }
-                        b.phase(Phase::Pending, AgentReason::Booting, format!("VM {uid} is {}; waiting for the agent to report in", state.as_str()));
+                        b.phase(
+                            Phase::Pending,
+                            AgentReason::Booting,
+                            format!(
+                                "VM {uid} is {}; waiting for the agent to report in",
+                                state.as_str()
+                            ),
+                        );
                         b.done(Some((timeout - waited).min(Duration::from_secs(5))))
                     }
                 },

@@ -47,7 +47,9 @@ pub struct Held {
 pub fn held<'a>(agents: impl IntoIterator<Item = &'a FarAgent>) -> HashMap<String, Held> {
     let mut by_host: HashMap<String, Held> = HashMap::new();
     for agent in agents {
-        let Some(status) = &agent.status else { continue };
+        let Some(status) = &agent.status else {
+            continue;
+        };
         if status.phase.is_some_and(far_api::Phase::is_terminal) {
             continue;
         }
@@ -72,7 +74,11 @@ pub fn place(spec: &FarAgentSpec, hosts: &[HostView], held: &HashMap<String, Hel
             Some("not Ready".to_owned())
         } else if host.unschedulable {
             Some("cordoned".to_owned())
-        } else if let Some((k, v)) = spec.host_selector.iter().find(|(k, v)| host.labels.get(*k) != Some(*v)) {
+        } else if let Some((k, v)) = spec
+            .host_selector
+            .iter()
+            .find(|(k, v)| host.labels.get(*k) != Some(*v))
+        {
             Some(format!("lacks label {k}={v}"))
         } else {
             match size_vm(spec, &host.name, &host.limits) {
@@ -84,7 +90,10 @@ pub fn place(spec: &FarAgentSpec, hosts: &[HostView], held: &HashMap<String, Hel
                     if u64::from(sizing.vm.vcpu) > cpu_left {
                         Some(format!("{cpu_left} vCPU free, needs {}", sizing.vm.vcpu))
                     } else if u64::from(sizing.vm.memory_mib) > mem_left {
-                        Some(format!("{mem_left} MiB free, needs {}", sizing.vm.memory_mib))
+                        Some(format!(
+                            "{mem_left} MiB free, needs {}",
+                            sizing.vm.memory_mib
+                        ))
                     } else {
                         let left = mem_left - u64::from(sizing.vm.memory_mib);
                         if best.as_ref().is_none_or(|(l, _, _)| left > *l) {
@@ -100,9 +109,17 @@ pub fn place(spec: &FarAgentSpec, hosts: &[HostView], held: &HashMap<String, Hel
         }
     }
     match best {
-        Some((_, host, sizing)) => Placement::Fits { host: host.name.clone(), vm: sizing.vm, message: sizing.describe(&host.name) },
+        Some((_, host, sizing)) => Placement::Fits {
+            host: host.name.clone(),
+            vm: sizing.vm,
+            message: sizing.describe(&host.name),
+        },
         None if hosts.is_empty() => Placement::Unschedulable("no FlintlockHost exists".into()),
-        None => Placement::Unschedulable(format!("0/{} hosts fit: {}", hosts.len(), passed.join("; "))),
+        None => Placement::Unschedulable(format!(
+            "0/{} hosts fit: {}",
+            hosts.len(),
+            passed.join("; ")
+        )),
     }
 }
 
@@ -134,14 +151,35 @@ mod tests {
     }
 
     fn host(name: &str, cpu: u64, memory_mib: u64) -> HostView {
-        HostView { name: name.into(), labels: Default::default(), ready: true, unschedulable: false, cpu, memory_mib, limits: VmLimits::default() }
+        HostView {
+            name: name.into(),
+            labels: Default::default(),
+            ready: true,
+            unschedulable: false,
+            cpu,
+            memory_mib,
+            limits: VmLimits::default(),
+        }
     }
 
     #[test]
     fn the_host_with_most_memory_left_wins_and_the_vm_is_sized_for_it() {
         let hosts = [host("a", 8, 4096), host("b", 8, 8192)];
-        let Placement::Fits { host, vm, message } = place(&spec("512Mi", 1), &hosts, &HashMap::new()) else { panic!() };
-        assert_eq!((host.as_str(), vm), ("b", VmSize { vcpu: 1, memory_mib: 1024 }));
+        let Placement::Fits { host, vm, message } =
+            place(&spec("512Mi", 1), &hosts, &HashMap::new())
+        else {
+            panic!()
+        };
+        assert_eq!(
+            (host.as_str(), vm),
+            (
+                "b",
+                VmSize {
+                    vcpu: 1,
+                    memory_mib: 1024
+                }
+            )
+        );
         assert!(message.contains("runs no VM under 1024 MiB"), "{message}");
     }
 
@@ -157,24 +195,54 @@ mod tests {
         full.labels.insert("zone".into(), "a".into());
         let mut other_zone = host("a", 8, 8192);
         other_zone.labels.insert("zone".into(), "b".into());
-        let used = HashMap::from([("d".to_owned(), Held { cpu: 7, memory_mib: 0, agents: 3 })]);
+        let used = HashMap::from([(
+            "d".to_owned(),
+            Held {
+                cpu: 7,
+                memory_mib: 0,
+                agents: 3,
+            },
+        )]);
         assert_eq!(
             place(&sel, &[other_zone, cordoned, down, full], &used),
             Placement::Unschedulable("0/4 hosts fit: a: lacks label zone=a; b: cordoned; c: not Ready; d: 1 vCPU free, needs 2".into())
         );
-        assert_eq!(place(&sel, &[], &used), Placement::Unschedulable("no FlintlockHost exists".into()));
+        assert_eq!(
+            place(&sel, &[], &used),
+            Placement::Unschedulable("no FlintlockHost exists".into())
+        );
     }
 
     #[test]
     fn held_counts_unfinished_agents_on_each_host() {
         let agent = |host: &str, phase: Phase| {
             let mut a = FarAgent::new("x", spec("1Gi", 1));
-            a.status = Some(FarAgentStatus { phase: Some(phase), host: Some(host.into()), vm: Some(VmSize { vcpu: 2, memory_mib: 1024 }), ..Default::default() });
+            a.status = Some(FarAgentStatus {
+                phase: Some(phase),
+                host: Some(host.into()),
+                vm: Some(VmSize {
+                    vcpu: 2,
+                    memory_mib: 1024,
+                }),
+                ..Default::default()
+            });
             a
         };
-        let agents = [agent("a", Phase::Running), agent("a", Phase::Pending), agent("a", Phase::Completed), agent("b", Phase::Running)];
+        let agents = [
+            agent("a", Phase::Running),
+            agent("a", Phase::Pending),
+            agent("a", Phase::Completed),
+            agent("b", Phase::Running),
+        ];
         let held = held(&agents);
-        assert_eq!(held["a"], Held { cpu: 4, memory_mib: 2048, agents: 2 });
+        assert_eq!(
+            held["a"],
+            Held {
+                cpu: 4,
+                memory_mib: 2048,
+                agents: 2
+            }
+        );
         assert_eq!(held["b"].agents, 1);
     }
 

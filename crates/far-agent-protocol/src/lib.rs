@@ -34,20 +34,26 @@ pub mod limits {
     pub const MESSAGE_BYTES: usize = 1024;
 }
 
-/// The channel's routes, relative to the channel URL; `{uid}` is the FarAgent's UID.
+/// An agent's id on the channel: its UID and attempt, so the reports of an earlier run's VM
+/// never count for a later run.
+pub fn channel_id(uid: &str, attempt: u32) -> String {
+    format!("{uid}.{attempt}")
+}
+
+/// The channel's routes, relative to the channel URL; `{id}` is the agent's [`channel_id`].
 pub mod paths {
     /// POST a [`super::Heartbeat`].
-    pub const HEARTBEAT: &str = "/v1/agents/{uid}/heartbeat";
+    pub const HEARTBEAT: &str = "/v1/agents/{id}/heartbeat";
     /// POST a [`super::LogBatch`].
-    pub const LOGS: &str = "/v1/agents/{uid}/logs";
+    pub const LOGS: &str = "/v1/agents/{id}/logs";
     /// POST the [`super::Exit`].
-    pub const EXIT: &str = "/v1/agents/{uid}/exit";
+    pub const EXIT: &str = "/v1/agents/{id}/exit";
     /// GET the agent's [`super::Secrets`].
-    pub const SECRETS: &str = "/v1/agents/{uid}/secrets";
+    pub const SECRETS: &str = "/v1/agents/{id}/secrets";
 
     /// A route for one agent.
-    pub fn for_agent(route: &str, uid: &str) -> String {
-        route.replace("{uid}", uid)
+    pub fn for_agent(route: &str, id: &str) -> String {
+        route.replace("{id}", id)
     }
 }
 
@@ -92,6 +98,8 @@ pub struct Mount {
 pub struct ChannelConfig {
     /// Base URL of the status channel, e.g. `http://10.0.2.2:8443`.
     pub url: String,
+    /// The agent's id on the channel ([`channel_id`]).
+    pub id: String,
     /// The agent's bearer token. Never logged.
     pub token: String,
 }
@@ -191,6 +199,9 @@ impl RunConfig {
         }
         if self.agent.uid.is_empty() {
             return invalid("agent.uid", "must not be empty");
+        }
+        if self.channel.id.is_empty() || self.channel.id.contains(['/', '?', '#']) {
+            return invalid("channel.id", "must be non-empty, without '/', '?' or '#'");
         }
         if !(self.channel.url.starts_with("http://") || self.channel.url.starts_with("https://")) {
             return invalid("channel.url", "must be an http:// or https:// URL");

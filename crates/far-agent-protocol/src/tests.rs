@@ -25,6 +25,7 @@ fn config() -> RunConfig {
         }],
         channel: ChannelConfig {
             url: "http://10.0.2.2:8443".into(),
+            id: channel_id("u-1", 0),
             token: "tok".into(),
         },
         heartbeat_interval_seconds: 10,
@@ -108,8 +109,8 @@ fn debug_output_never_shows_the_token_or_secret_values() {
 #[test]
 fn channel_paths_are_per_agent() {
     assert_eq!(
-        paths::for_agent(paths::HEARTBEAT, "u-1"),
-        "/v1/agents/u-1/heartbeat"
+        paths::for_agent(paths::HEARTBEAT, &channel_id("u-1", 2)),
+        "/v1/agents/u-1.2/heartbeat"
     );
 }
 

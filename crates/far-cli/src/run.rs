@@ -174,6 +174,7 @@ pub async fn run(args: RunArgs) -> Result<ExitCode> {
         .get_or_insert_with(|| "default".into());
     agent.metadata.uid = Some(ulid::Ulid::new().to_string().to_lowercase());
     let (name, uid) = (agent.name_any(), agent.uid().unwrap_or_default());
+    let channel_id = far_agent_protocol::channel_id(&uid, 0);
 
     let channel = Channel::new(Config::new(random_key()?));
     let channel_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
@@ -237,7 +238,8 @@ pub async fn run(args: RunArgs) -> Result<ExitCode> {
             .collect(),
         channel: ChannelConfig {
             url: format!("http://{HOST_ADDRESS}:{channel_port}"),
-            token: channel.token_for(&uid),
+            id: channel_id.clone(),
+            token: channel.token_for(&channel_id),
         },
         heartbeat_interval_seconds: agent.spec.heartbeat.interval_seconds,
         grace_period_seconds: 30,
@@ -285,7 +287,7 @@ pub async fn run(args: RunArgs) -> Result<ExitCode> {
         &mut stop,
         &agent,
         &vm_uid,
-        &uid,
+        &channel_id,
     )
     .await;
     say(format!("{name}: deleting VM {vm_uid}"));

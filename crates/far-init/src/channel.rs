@@ -41,7 +41,7 @@ pub enum ChannelError {
 /// A client of the status channel for one agent.
 pub struct Channel {
     base: String,
-    uid: String,
+    id: String,
     authorization: String,
     agent: Agent,
 }
@@ -56,14 +56,14 @@ impl Channel {
             .into();
         Self {
             base: config.channel.url.trim_end_matches('/').to_owned(),
-            uid: config.agent.uid.clone(),
+            id: config.channel.id.clone(),
             authorization: format!("Bearer {}", config.channel.token),
             agent,
         }
     }
 
     fn url(&self, route: &str) -> String {
-        format!("{}{}", self.base, paths::for_agent(route, &self.uid))
+        format!("{}{}", self.base, paths::for_agent(route, &self.id))
     }
 
     /// POSTs one message.

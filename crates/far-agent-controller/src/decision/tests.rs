@@ -19,7 +19,10 @@ fn spec() -> FarAgentSpec {
         backoff_limit: 2,
         active_deadline_seconds: None,
         ttl_seconds_after_finished: None,
-        heartbeat: Heartbeat { interval_seconds: 10, timeout_seconds: 60 },
+        heartbeat: Heartbeat {
+            interval_seconds: 10,
+            timeout_seconds: 60,
+        },
         network: None,
     }
 }
@@ -44,11 +47,21 @@ fn observe<'a>(spec: &'a FarAgentSpec, status: &'a FarAgentStatus, now: i64) -> 
 }
 
 fn fits() -> Placement {
-    Placement::Fits { host: "h1".into(), vm: VmSize { vcpu: 1, memory_mib: 1024 }, message: "sized".into() }
+    Placement::Fits {
+        host: "h1".into(),
+        vm: VmSize {
+            vcpu: 1,
+            memory_mib: 1024,
+        },
+        message: "sized".into(),
+    }
 }
 
 fn present(state: VmState) -> Option<Vm> {
-    Some(Vm::Present { uid: "vm1".into(), state })
+    Some(Vm::Present {
+        uid: "vm1".into(),
+        state,
+    })
 }
 
 /// Walks an agent through its whole life, feeding each decision's status into the next.
@@ -65,8 +78,16 @@ fn an_agent_goes_from_accepted_to_completed_with_one_vm() {
     let mut o = observe(&spec, &status, 1);
     o.placement = Some(fits());
     let d = decide(&o);
-    assert_eq!(d.status.host.as_deref(), Some("h1"), "host recorded before any VM");
-    assert!(!d.actions.iter().any(|a| matches!(a, Action::CreateVm { .. })));
+    assert_eq!(
+        d.status.host.as_deref(),
+        Some("h1"),
+        "host recorded before any VM"
+    );
+    assert!(
+        !d.actions
+            .iter()
+            .any(|a| matches!(a, Action::CreateVm { .. }))
+    );
 
     let status = d.status;
     let mut o = observe(&spec, &status, 2);
@@ -80,7 +101,11 @@ fn an_agent_goes_from_accepted_to_completed_with_one_vm() {
     let mut o = observe(&spec, &status, 3);
     o.vm = present(VmState::Created);
     let d = decide(&o);
-    assert_eq!((d.status.phase, d.status.reason), (Some(Phase::Pending), Some(AgentReason::Booting)), "CREATED is not Running");
+    assert_eq!(
+        (d.status.phase, d.status.reason),
+        (Some(Phase::Pending), Some(AgentReason::Booting)),
+        "CREATED is not Running"
+    );
 
     let status = d.status;
     let mut o = observe(&spec, &status, 5);
@@ -93,29 +118,52 @@ fn an_agent_goes_from_accepted_to_completed_with_one_vm() {
     let status = d.status;
     let mut o = observe(&spec, &status, 9);
     o.vm = present(VmState::Created);
-    o.guest = Guest { last_heartbeat: Some(t(8)), exit: Some((0, None)) };
+    o.guest = Guest {
+        last_heartbeat: Some(t(8)),
+        exit: Some((0, None)),
+    };
     let d = decide(&o);
-    assert_eq!((d.status.phase, d.status.exit_code), (Some(Phase::Completed), Some(0)));
-    assert!(d.actions.contains(&Action::DeleteVm { uid: "vm1".into() }), "a finished agent's VM is freed");
-    assert!(conditions::is_true(&d.status.conditions, agent_condition::FINISHED));
+    assert_eq!(
+        (d.status.phase, d.status.exit_code),
+        (Some(Phase::Completed), Some(0))
+    );
+    assert!(
+        d.actions.contains(&Action::DeleteVm { uid: "vm1".into() }),
+        "a finished agent's VM is freed"
+    );
+    assert!(conditions::is_true(
+        &d.status.conditions,
+        agent_condition::FINISHED
+    ));
 }
 
 #[test]
 fn a_non_zero_exit_is_failed_or_restarted_with_backoff() {
     let mut spec = spec();
-    let mut status = FarAgentStatus { phase: Some(Phase::Running), host: Some("h1".into()), vm_uid: Some("vm1".into()), ..Default::default() };
+    let mut status = FarAgentStatus {
+        phase: Some(Phase::Running),
+        host: Some("h1".into()),
+        vm_uid: Some("vm1".into()),
+        ..Default::default()
+    };
     let mut o = observe(&spec, &status, 0);
     o.vm = present(VmState::Created);
     o.guest.exit = Some((3, None));
     let d = decide(&o);
-    assert_eq!((d.status.phase, d.status.reason, d.status.exit_code), (Some(Phase::Failed), Some(AgentReason::Error), Some(3)));
+    assert_eq!(
+        (d.status.phase, d.status.reason, d.status.exit_code),
+        (Some(Phase::Failed), Some(AgentReason::Error), Some(3))
+    );
 
     spec.restart_policy = RestartPolicy::OnFailure;
     let mut o = observe(&spec, &status, 0);
     o.vm = present(VmState::Created);
     o.guest.exit = Some((3, None));
     let d = decide(&o);
-    assert_eq!((d.status.phase, d.status.reason, d.status.restart_count), (Some(Phase::Pending), Some(AgentReason::BackOff), 1));
+    assert_eq!(
+        (d.status.phase, d.status.reason, d.status.restart_count),
+        (Some(Phase::Pending), Some(AgentReason::BackOff), 1)
+    );
     assert_eq!(d.requeue, Some(Duration::from_secs(10)));
     assert!(d.actions.contains(&Action::DeleteVm { uid: "vm1".into() }));
     assert_eq!(d.status.host, None, "a restart may go to another host");
@@ -123,7 +171,10 @@ fn a_non_zero_exit_is_failed_or_restarted_with_backoff() {
     status = d.status;
     let mut o = observe(&spec, &status, 5);
     o.placement = Some(fits());
-    assert!(decide(&o).actions.is_empty(), "nothing happens during the back-off");
+    assert!(
+        decide(&o).actions.is_empty(),
+        "nothing happens during the back-off"
+    );
     let mut o = observe(&spec, &status, 11);
     o.placement = Some(fits());
     let d = decide(&o);
@@ -131,19 +182,40 @@ fn a_non_zero_exit_is_failed_or_restarted_with_backoff() {
     let status = d.status;
     let mut o = observe(&spec, &status, 12);
     o.vm = Some(Vm::Absent);
-    assert_eq!(decide(&o).actions, [Action::CreateVm { attempt: 1 }], "the restart is attempt 1");
+    assert_eq!(
+        decide(&o).actions,
+        [Action::CreateVm { attempt: 1 }],
+        "the restart is attempt 1"
+    );
 }
 
 #[test]
 fn silence_fails_the_agent_with_the_right_reason() {
     let spec = spec();
-    let mut booting = FarAgentStatus { host: Some("h1".into()), vm_uid: Some("vm1".into()), ..Default::default() };
-    conditions::set(&mut booting.conditions, agent_condition::VM_CREATED, true, "Booting", "", Some(1), t(0));
+    let mut booting = FarAgentStatus {
+        host: Some("h1".into()),
+        vm_uid: Some("vm1".into()),
+        ..Default::default()
+    };
+    conditions::set(
+        &mut booting.conditions,
+        agent_condition::VM_CREATED,
+        true,
+        "Booting",
+        "",
+        Some(1),
+        t(0),
+    );
     let mut o = observe(&spec, &booting, 61);
     o.vm = present(VmState::Created);
     assert_eq!(decide(&o).status.reason, Some(AgentReason::BootTimeout));
 
-    let running = FarAgentStatus { phase: Some(Phase::Running), host: Some("h1".into()), vm_uid: Some("vm1".into()), ..Default::default() };
+    let running = FarAgentStatus {
+        phase: Some(Phase::Running),
+        host: Some("h1".into()),
+        vm_uid: Some("vm1".into()),
+        ..Default::default()
+    };
     let mut o = observe(&spec, &running, 100);
     o.vm = present(VmState::Created);
     o.guest.last_heartbeat = Some(t(30));
@@ -153,7 +225,10 @@ fn silence_fails_the_agent_with_the_right_reason() {
     o.vm = Some(Vm::Unknown { since: t(90) });
     o.guest.last_heartbeat = Some(t(95));
     let d = decide(&o);
-    assert_eq!((d.status.phase, d.status.reason), (Some(Phase::Running), Some(AgentReason::HostUnreachable)));
+    assert_eq!(
+        (d.status.phase, d.status.reason),
+        (Some(Phase::Running), Some(AgentReason::HostUnreachable))
+    );
 
     let mut o = observe(&spec, &running, 100);
     o.vm = present(VmState::Failed);
@@ -163,7 +238,12 @@ fn silence_fails_the_agent_with_the_right_reason() {
 #[test]
 fn deletion_waits_for_the_vm_but_not_forever_for_a_dead_host() {
     let spec = spec();
-    let status = FarAgentStatus { phase: Some(Phase::Running), host: Some("h1".into()), vm_uid: Some("vm1".into()), ..Default::default() };
+    let status = FarAgentStatus {
+        phase: Some(Phase::Running),
+        host: Some("h1".into()),
+        vm_uid: Some("vm1".into()),
+        ..Default::default()
+    };
     let mut o = observe(&spec, &status, 10);
     o.deleting_since = Some(t(0));
     o.vm = present(VmState::Created);
@@ -174,25 +254,41 @@ fn deletion_waits_for_the_vm_but_not_forever_for_a_dead_host() {
     assert!(decide(&o).actions.contains(&Action::RemoveFinalizer));
 
     o.vm = Some(Vm::Unknown { since: t(0) });
-    assert!(!decide(&o).actions.contains(&Action::RemoveFinalizer), "within the grace the host is waited for");
+    assert!(
+        !decide(&o).actions.contains(&Action::RemoveFinalizer),
+        "within the grace the host is waited for"
+    );
     let mut o = observe(&spec, &status, 121);
     o.deleting_since = Some(t(0));
     o.vm = Some(Vm::Unknown { since: t(0) });
     let d = decide(&o);
     assert!(d.actions.contains(&Action::RemoveFinalizer));
-    assert!(d.actions.iter().any(|a| matches!(a, Action::Event { warning: true, reason: "HostUnreachable", .. })));
+    assert!(d.actions.iter().any(|a| matches!(
+        a,
+        Action::Event {
+            warning: true,
+            reason: "HostUnreachable",
+            ..
+        }
+    )));
 }
 
 #[test]
 fn missing_configuration_holds_the_agent_pending_without_a_vm() {
     let spec = spec();
-    let status = FarAgentStatus { host: Some("h1".into()), ..Default::default() };
+    let status = FarAgentStatus {
+        host: Some("h1".into()),
+        ..Default::default()
+    };
     let mut o = observe(&spec, &status, 0);
     o.vm = Some(Vm::Absent);
     o.config = Err("secret \"creds\" not found".into());
     let d = decide(&o);
     assert_eq!(d.status.reason, Some(AgentReason::ConfigMissing));
-    assert_eq!(d.status.message.as_deref(), Some("secret \"creds\" not found"));
+    assert_eq!(
+        d.status.message.as_deref(),
+        Some("secret \"creds\" not found")
+    );
     assert!(d.actions.is_empty());
 }
 
@@ -203,7 +299,13 @@ fn backoff_doubles_to_five_minutes() {
 }
 
 fn phases() -> impl Strategy<Value = Option<Phase>> {
-    prop_oneof![Just(None), Just(Some(Phase::Pending)), Just(Some(Phase::Running)), Just(Some(Phase::Completed)), Just(Some(Phase::Failed))]
+    prop_oneof![
+        Just(None),
+        Just(Some(Phase::Pending)),
+        Just(Some(Phase::Running)),
+        Just(Some(Phase::Completed)),
+        Just(Some(Phase::Failed))
+    ]
 }
 
 fn vms() -> impl Strategy<Value = Option<Vm>> {
@@ -211,8 +313,16 @@ fn vms() -> impl Strategy<Value = Option<Vm>> {
         Just(None),
         Just(Some(Vm::Absent)),
         (0i64..200).prop_map(|s| Some(Vm::Unknown { since: t(s) })),
-        prop_oneof![Just(VmState::Pending), Just(VmState::Created), Just(VmState::Failed), Just(VmState::Deleting)]
-            .prop_map(|state| Some(Vm::Present { uid: "vm1".into(), state })),
+        prop_oneof![
+            Just(VmState::Pending),
+            Just(VmState::Created),
+            Just(VmState::Failed),
+            Just(VmState::Deleting)
+        ]
+        .prop_map(|state| Some(Vm::Present {
+            uid: "vm1".into(),
+            state
+        })),
     ]
 }
 

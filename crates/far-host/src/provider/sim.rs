@@ -252,7 +252,7 @@ impl Channel<'_> {
         let url = format!(
             "{}{}",
             self.config.channel.url.trim_end_matches('/'),
-            paths::for_agent(route, &self.config.agent.uid)
+            paths::for_agent(route, &self.config.channel.id)
         );
         let sent = self
             .client

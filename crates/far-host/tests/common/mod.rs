@@ -112,6 +112,7 @@ pub fn run_config(channel: SocketAddr, args: &[&str]) -> RunConfig {
         mounts: vec![],
         channel: ChannelConfig {
             url: format!("http://{channel}"),
+            id: "agent-uid".into(),
             token: "agent-token".into(),
         },
         heartbeat_interval_seconds: 1,
