@@ -1,0 +1,1011 @@
+//! A fake Kubernetes API server: real HTTP, answering as `shared/kube-apiserver-semantics.md`
+//! records a real kube-apiserver does, for the resources FAR's controller uses.
+//!
+//! What it does: list and watch with resourceVersion (one global counter; watches replay from a
+//! given version, then stream live, one JSON object per line, and end at `timeoutSeconds`), the
+//! status subresource (status writes touch only status; main-resource writes ignore status),
+//! merge, JSON and apply patches (apply is treated as a merge: there is no field ownership),
+//! 409 on a stale resourceVersion, `generation` bumped on spec changes, finalizers and
+//! `deletionTimestamp`, admission of FarAgents and FlintlockHosts with their CRD rules
+//! (`far_api::admission`), Events and Leases. Each request is counted by verb and resource.
+//! Failure injection answers the next N requests of a verb with a chosen status.
+
+use std::collections::{BTreeMap, HashMap};
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::{Body, Bytes};
+use axum::extract::State;
+use axum::http::{HeaderMap, Method, StatusCode, Uri, header};
+use axum::response::{IntoResponse, Response};
+use serde_json::{Value, json};
+use tokio::sync::broadcast;
+
+/// A resource the fake serves.
+#[derive(Clone, Copy, Debug)]
+struct Kind {
+    group: &'static str,
+    version: &'static str,
+    plural: &'static str,
+    kind: &'static str,
+    namespaced: bool,
+    status: bool,
+}
+
+const KINDS: &[Kind] = &[
+    Kind {
+        group: "tiffany.dev",
+        version: "v1",
+        plural: "faragents",
+        kind: "FarAgent",
+        namespaced: true,
+        status: true,
+    },
+    Kind {
+        group: "tiffany.dev",
+        version: "v1",
+        plural: "flintlockhosts",
+        kind: "FlintlockHost",
+        namespaced: false,
+        status: true,
+    },
+    Kind {
+        group: "",
+        version: "v1",
+        plural: "secrets",
+        kind: "Secret",
+        namespaced: true,
+        status: false,
+    },
+    Kind {
+        group: "",
+        version: "v1",
+        plural: "configmaps",
+        kind: "ConfigMap",
+        namespaced: true,
+        status: false,
+    },
+    Kind {
+        group: "",
+        version: "v1",
+        plural: "namespaces",
+        kind: "Namespace",
+        namespaced: false,
+        status: false,
+    },
+    Kind {
+        group: "events.k8s.io",
+        version: "v1",
+        plural: "events",
+        kind: "Event",
+        namespaced: true,
+        status: false,
+    },
+    Kind {
+        group: "coordination.k8s.io",
+        version: "v1",
+        plural: "leases",
+        kind: "Lease",
+        namespaced: true,
+        status: false,
+    },
+];
+
+impl Kind {
+    fn api_version(&self) -> String {
+        if self.group.is_empty() {
+            self.version.to_owned()
+        } else {
+            format!("{}/{}", self.group, self.version)
+        }
+    }
+
+    fn qualified(&self) -> String {
+        if self.group.is_empty() {
+            self.plural.to_owned()
+        } else {
+            format!("{}.{}", self.plural, self.group)
+        }
+    }
+
+    fn is_custom(&self) -> bool {
+        self.group == "tiffany.dev"
+    }
+}
+
+type Key = (&'static str, String, String);
+
+#[derive(Clone, Debug)]
+struct Change {
+    rv: u64,
+    plural: &'static str,
+    namespace: String,
+    kind: &'static str,
+    object: Value,
+}
+
+#[derive(Default)]
+struct Inner {
+    rv: u64,
+    objects: BTreeMap<Key, Value>,
+    log: Vec<Change>,
+    counts: BTreeMap<(String, String), u64>,
+    failures: HashMap<String, (u16, u32)>,
+}
+
+struct Shared {
+    inner: Mutex<Inner>,
+    changes: broadcast::Sender<Change>,
+}
+
+/// A running fake API server; stops when dropped.
+pub struct FakeApiServer {
+    address: SocketAddr,
+    shared: Arc<Shared>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for FakeApiServer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl std::fmt::Debug for FakeApiServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FakeApiServer")
+            .field("address", &self.address)
+            .finish_non_exhaustive()
+    }
+}
+
+impl FakeApiServer {
+    /// Starts a fake API server on a free loopback port.
+    ///
+    /// # Panics
+    /// When no loopback port can be bound (a broken test machine).
+    pub async fn start() -> Self {
+        let (changes, _) = broadcast::channel(65_536);
+        let shared = Arc::new(Shared {
+            inner: Mutex::default(),
+            changes,
+        });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind loopback");
+        let address = listener.local_addr().expect("local address");
+        let app = Router::new()
+            .fallback(handle)
+            .with_state(Arc::clone(&shared));
+        let task = tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        Self {
+            address,
+            shared,
+            task,
+        }
+    }
+
+    /// The server's base URL.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.address)
+    }
+
+    /// A kube client talking to this server.
+    ///
+    /// # Panics
+    /// Never for a running server.
+    pub fn client(&self) -> kube::Client {
+        let config = kube::Config::new(self.url().parse().expect("url"));
+        kube::Client::try_from(config).expect("client")
+    }
+
+    /// Requests served so far, by `(verb, resource)`: verbs are get, list, watch, create,
+    /// update, patch and delete.
+    pub fn requests(&self) -> BTreeMap<(String, String), u64> {
+        lock(&self.shared).counts.clone()
+    }
+
+    /// Answers the next `times` requests with this verb (any resource) with `status`.
+    pub fn fail_next(&self, verb: &str, status: u16, times: u32) {
+        lock(&self.shared)
+            .failures
+            .insert(verb.to_owned(), (status, times));
+    }
+
+    /// The stored object, if any (for assertions).
+    pub fn object(&self, plural: &str, namespace: &str, name: &str) -> Option<Value> {
+        lock(&self.shared)
+            .objects
+            .iter()
+            .find(|((p, n, m), _)| *p == plural && n == namespace && m == name)
+            .map(|(_, v)| v.clone())
+    }
+}
+
+fn lock(shared: &Shared) -> MutexGuard<'_, Inner> {
+    shared.inner.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn now() -> String {
+    k8s_openapi::jiff::Timestamp::now()
+        .round(k8s_openapi::jiff::Unit::Second)
+        .unwrap_or_else(|_| k8s_openapi::jiff::Timestamp::now())
+        .strftime("%Y-%m-%dT%H:%M:%SZ")
+        .to_string()
+}
+
+fn status(code: u16, reason: &str, message: String, details: Value) -> Response {
+    let mut body = json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure", "message": message, "reason": reason, "code": code});
+    if !details.is_null() {
+        body["details"] = details;
+    }
+    (
+        StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+        [(header::CONTENT_TYPE, "application/json")],
+        body.to_string(),
+    )
+        .into_response()
+}
+
+fn not_found(kind: &Kind, name: &str) -> Response {
+    status(
+        404,
+        "NotFound",
+        format!("{} \"{name}\" not found", kind.qualified()),
+        json!({"name": name, "group": kind.group, "kind": kind.plural}),
+    )
+}
+
+fn conflict(kind: &Kind, name: &str) -> Response {
+    status(
+        409,
+        "Conflict",
+        format!(
+            "Operation cannot be fulfilled on {} \"{name}\": the object has been modified; please apply your changes to the latest version and try again",
+            kind.qualified()
+        ),
+        json!({"name": name, "group": kind.group, "kind": kind.plural}),
+    )
+}
+
+fn ok(code: StatusCode, value: &Value) -> Response {
+    (
+        code,
+        [(header::CONTENT_TYPE, "application/json")],
+        format!("{value}\n"),
+    )
+        .into_response()
+}
+
+/// A parsed request path.
+struct Target {
+    kind: &'static Kind,
+    namespace: Option<String>,
+    name: Option<String>,
+    subresource: Option<String>,
+}
+
+fn parse_path(path: &str) -> Option<Target> {
+    let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
+    let (group, version, rest) = match parts.as_slice() {
+        ["api", version, rest @ ..] => ("", *version, rest),
+        ["apis", group, version, rest @ ..] => (*group, *version, rest),
+        _ => return None,
+    };
+    let (namespace, rest) = match rest {
+        ["namespaces", ns, plural, ..] if !plural.is_empty() => {
+            (Some((*ns).to_owned()), &rest[2..])
+        }
+        _ => (None, rest),
+    };
+    let (plural, name, subresource) = match rest {
+        [plural] => (*plural, None, None),
+        [plural, name] => (*plural, Some((*name).to_owned()), None),
+        [plural, name, sub] => (*plural, Some((*name).to_owned()), Some((*sub).to_owned())),
+        _ => return None,
+    };
+    // A bare /api/v1/namespaces/NAME is the Namespace object itself.
+    let (namespace, plural, name) = match (&namespace, plural, &name) {
+        (None, "namespaces", _) => (None, "namespaces", name),
+        _ => (namespace, plural, name),
+    };
+    let kind = KINDS
+        .iter()
+        .find(|k| k.group == group && k.version == version && k.plural == plural)?;
+    if !kind.namespaced && namespace.is_some() {
+        return None;
+    }
+    if kind.namespaced && namespace.is_none() && name.is_some() {
+        return None;
+    }
+    Some(Target {
+        kind,
+        namespace,
+        name,
+        subresource,
+    })
+}
+
+fn query(uri: &Uri) -> HashMap<String, String> {
+    uri.query()
+        .unwrap_or_default()
+        .split('&')
+        .filter_map(|kv| kv.split_once('=').or(Some((kv, ""))))
+        .filter(|(k, _)| !k.is_empty())
+        .map(|(k, v)| (k.to_owned(), percent_decode(v)))
+        .collect()
+}
+
+fn percent_decode(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'%' if i + 2 < bytes.len() => {
+                if let Ok(b) = u8::from_str_radix(&text[i + 1..i + 3], 16) {
+                    out.push(b);
+                    i += 3;
+                    continue;
+                }
+                out.push(b'%');
+            }
+            b'+' => out.push(b' '),
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn selected(object: &Value, q: &HashMap<String, String>) -> bool {
+    let labels = object
+        .pointer("/metadata/labels")
+        .and_then(Value::as_object);
+    let label_ok = q.get("labelSelector").is_none_or(|sel| {
+        sel.split(',')
+            .filter(|s| !s.is_empty())
+            .all(|term| match term.split_once('=') {
+                Some((k, v)) => {
+                    labels
+                        .and_then(|l| l.get(k.trim_end_matches('=')))
+                        .and_then(Value::as_str)
+                        == Some(v.trim_start_matches('='))
+                }
+                None => labels.is_some_and(|l| l.contains_key(term)),
+            })
+    });
+    let field_ok = q.get("fieldSelector").is_none_or(|sel| {
+        sel.split(',')
+            .filter(|s| !s.is_empty())
+            .all(|term| match term.split_once('=') {
+                Some(("metadata.name", v)) => {
+                    object.pointer("/metadata/name").and_then(Value::as_str) == Some(v)
+                }
+                Some(("metadata.namespace", v)) => {
+                    object
+                        .pointer("/metadata/namespace")
+                        .and_then(Value::as_str)
+                        == Some(v)
+                }
+                _ => true,
+            })
+    });
+    label_ok && field_ok
+}
+
+fn verb(method: &Method, target: &Target, q: &HashMap<String, String>) -> &'static str {
+    match (method.as_str(), target.name.is_some()) {
+        ("GET", false) if q.get("watch").is_some_and(|w| w == "true" || w == "1") => "watch",
+        ("GET", false) => "list",
+        ("GET", true) => "get",
+        ("POST", _) => "create",
+        ("PUT", _) => "update",
+        ("PATCH", _) => "patch",
+        ("DELETE", _) => "delete",
+        _ => "other",
+    }
+}
+
+async fn handle(
+    State(shared): State<Arc<Shared>>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let Some(target) = parse_path(uri.path()) else {
+        return (
+            StatusCode::NOT_FOUND,
+            [(header::CONTENT_TYPE, "text/plain")],
+            "404 page not found",
+        )
+            .into_response();
+    };
+    let q = query(&uri);
+    let verb = verb(&method, &target, &q);
+    {
+        let mut inner = lock(&shared);
+        *inner
+            .counts
+            .entry((verb.to_owned(), target.kind.plural.to_owned()))
+            .or_default() += 1;
+        if let Some((code, left)) = inner.failures.get_mut(verb) {
+            let code = *code;
+            *left -= 1;
+            if *left == 0 {
+                inner.failures.remove(verb);
+            }
+            if code == 429 {
+                return (
+                    StatusCode::TOO_MANY_REQUESTS,
+                    [(header::RETRY_AFTER, "1")],
+                    "Too many requests, please try again later.",
+                )
+                    .into_response();
+            }
+            return status(
+                code,
+                "InternalError",
+                format!("injected failure for {verb}"),
+                Value::Null,
+            );
+        }
+    }
+    match verb {
+        "list" => list(&shared, &target, &q),
+        "watch" => watch(&shared, &target, &q),
+        "get" => get(&shared, &target),
+        "create" => create(&shared, &target, &body),
+        "update" => update(&shared, &target, &body),
+        "patch" => patch(&shared, &target, &headers, &body),
+        "delete" => delete(&shared, &target),
+        _ => status(
+            405,
+            "MethodNotAllowed",
+            format!("{method} is not supported"),
+            Value::Null,
+        ),
+    }
+}
+
+fn list(shared: &Shared, target: &Target, q: &HashMap<String, String>) -> Response {
+    let inner = lock(shared);
+    let items: Vec<Value> = inner
+        .objects
+        .iter()
+        .filter(|((p, ns, _), _)| {
+            *p == target.kind.plural && target.namespace.as_ref().is_none_or(|n| n == ns)
+        })
+        .map(|(_, v)| v.clone())
+        .filter(|v| selected(v, q))
+        .collect();
+    let list = json!({
+        "apiVersion": target.kind.api_version(),
+        "kind": format!("{}List", target.kind.kind),
+        "metadata": {"resourceVersion": inner.rv.to_string(), "continue": ""},
+        "items": items,
+    });
+    ok(StatusCode::OK, &list)
+}
+
+fn watch(shared: &Shared, target: &Target, q: &HashMap<String, String>) -> Response {
+    let from: Option<u64> = q
+        .get("resourceVersion")
+        .and_then(|v| v.parse().ok())
+        .filter(|v| *v > 0);
+    let timeout = q
+        .get("timeoutSeconds")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1800u64);
+    let plural = target.kind.plural;
+    let namespace = target.namespace.clone();
+    let q = q.clone();
+    let matches = move |c: &Change| {
+        c.plural == plural
+            && namespace.as_ref().is_none_or(|n| *n == c.namespace)
+            && selected(&c.object, &q)
+    };
+    // Subscribe first, then read the backlog: nothing falls between the two.
+    let mut live = shared.changes.subscribe();
+    let (backlog, mut last): (Vec<Value>, u64) = {
+        let inner = lock(shared);
+        match from {
+            Some(rv) => (
+                inner
+                    .log
+                    .iter()
+                    .filter(|c| c.rv > rv && matches(c))
+                    .map(|c| json!({"type": c.kind, "object": c.object}))
+                    .collect(),
+                inner.rv,
+            ),
+            None => (
+                inner
+                    .objects
+                    .iter()
+                    .filter(|((p, _, _), v)| {
+                        *p == plural
+                            && matches(&Change {
+                                rv: 0,
+                                plural,
+                                namespace: v
+                                    .pointer("/metadata/namespace")
+                                    .and_then(Value::as_str)
+                                    .unwrap_or_default()
+                                    .to_owned(),
+                                kind: "ADDED",
+                                object: (*v).clone(),
+                            })
+                    })
+                    .map(|(_, v)| json!({"type": "ADDED", "object": v}))
+                    .collect(),
+                inner.rv,
+            ),
+        }
+    };
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, Infallible>>(1024);
+    tokio::spawn(async move {
+        for event in backlog {
+            if tx
+                .send(Ok(Bytes::from(format!("{event}\n"))))
+                .await
+                .is_err()
+            {
+                return;
+            }
+        }
+        let end = tokio::time::sleep(Duration::from_secs(timeout));
+        tokio::pin!(end);
+        loop {
+            tokio::select! {
+                () = &mut end => return,
+                change = live.recv() => match change {
+                    Ok(c) if c.rv > last && matches(&c) => {
+                        last = c.rv;
+                        let line = json!({"type": c.kind, "object": c.object});
+                        if tx.send(Ok(Bytes::from(format!("{line}\n")))).await.is_err() {
+                            return;
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(broadcast::error::RecvError::Lagged(_)) => {
+                        let expired = json!({"type": "ERROR", "object": {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure", "message": "too old resource version", "reason": "Expired", "code": 410}});
+                        let _ = tx.send(Ok(Bytes::from(format!("{expired}\n")))).await;
+                        return;
+                    }
+                    Err(broadcast::error::RecvError::Closed) => return,
+                },
+            }
+        }
+    });
+    let stream = tokio_stream::wrappers::ReceiverStream::new(rx);
+    Response::builder()
+        .status(StatusCode::OK)
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(Body::from_stream(stream))
+        .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
+}
+
+fn key(target: &Target, name: &str) -> Key {
+    (
+        target.kind.plural,
+        target.namespace.clone().unwrap_or_default(),
+        name.to_owned(),
+    )
+}
+
+fn get(shared: &Shared, target: &Target) -> Response {
+    let name = target.name.clone().unwrap_or_default();
+    match lock(shared).objects.get(&key(target, &name)) {
+        Some(v) => ok(StatusCode::OK, v),
+        None => not_found(target.kind, &name),
+    }
+}
+
+/// Runs the CRD admission rules for our kinds; other kinds are taken as they are.
+fn admit(kind: &Kind, object: &Value, old: Option<&Value>) -> Result<Value, Response> {
+    if !kind.is_custom() {
+        return Ok(object.clone());
+    }
+    let admission = far_api::manifest::admission_for(&kind.api_version(), kind.kind)
+        .ok()
+        .flatten()
+        .ok_or_else(|| {
+            status(
+                500,
+                "InternalError",
+                "no admission rules".into(),
+                Value::Null,
+            )
+        })?;
+    admission.admit(object, old).map(|a| a.object).map_err(|rejected| {
+        let causes: Vec<Value> = rejected.causes.iter().map(|c| json!({"reason": c.reason, "message": c.message, "field": c.field})).collect();
+        status(422, "Invalid", rejected.to_string(), json!({"name": rejected.name, "group": kind.group, "kind": kind.kind, "causes": causes}))
+    })
+}
+
+/// Stores a write and tells watchers, or removes the object when it is terminating with no
+/// finalizers left.
+fn commit(
+    inner: &mut Inner,
+    shared: &Shared,
+    target: &Target,
+    name: &str,
+    mut object: Value,
+    kind: &'static str,
+) -> Value {
+    inner.rv += 1;
+    let rv = inner.rv;
+    object["metadata"]["resourceVersion"] = json!(rv.to_string());
+    let k = key(target, name);
+    let finalizers_left = object
+        .pointer("/metadata/finalizers")
+        .and_then(Value::as_array)
+        .is_some_and(|f| !f.is_empty());
+    let (kind, stored) =
+        if object.pointer("/metadata/deletionTimestamp").is_some() && !finalizers_left {
+            inner.objects.remove(&k);
+            ("DELETED", object.clone())
+        } else {
+            inner.objects.insert(k, object.clone());
+            (kind, object.clone())
+        };
+    let change = Change {
+        rv,
+        plural: target.kind.plural,
+        namespace: target.namespace.clone().unwrap_or_default(),
+        kind,
+        object: stored,
+    };
+    inner.log.push(change.clone());
+    let _ = shared.changes.send(change);
+    object
+}
+
+fn create(shared: &Shared, target: &Target, body: &[u8]) -> Response {
+    let Ok(mut object) = serde_json::from_slice::<Value>(body) else {
+        return status(
+            400,
+            "BadRequest",
+            "the object provided is not JSON".into(),
+            Value::Null,
+        );
+    };
+    if object
+        .pointer("/metadata/resourceVersion")
+        .is_some_and(|v| !v.is_null())
+    {
+        return status(
+            500,
+            "",
+            "resourceVersion should not be set on objects to be created".into(),
+            Value::Null,
+        );
+    }
+    let generate = object
+        .pointer("/metadata/generateName")
+        .and_then(Value::as_str)
+        .map(str::to_owned);
+    let name = match (
+        object.pointer("/metadata/name").and_then(Value::as_str),
+        generate,
+    ) {
+        (Some(n), _) if !n.is_empty() => n.to_owned(),
+        (_, Some(prefix)) => format!(
+            "{prefix}{}",
+            &ulid::Ulid::new().to_string().to_lowercase()[21..]
+        ),
+        _ => String::new(),
+    };
+    object["apiVersion"] = json!(target.kind.api_version());
+    object["kind"] = json!(target.kind.kind);
+    object["metadata"]["name"] = json!(name);
+    if let Some(ns) = &target.namespace {
+        object["metadata"]["namespace"] = json!(ns);
+    }
+    if target.kind.status {
+        if let Some(map) = object.as_object_mut() {
+            map.remove("status");
+        }
+    }
+    let mut object = match admit(target.kind, &object, None) {
+        Ok(o) => o,
+        Err(response) => return response,
+    };
+    let mut inner = lock(shared);
+    if inner.objects.contains_key(&key(target, &name)) {
+        return status(
+            409,
+            "AlreadyExists",
+            format!("{} \"{name}\" already exists", target.kind.qualified()),
+            json!({"name": name, "group": target.kind.group, "kind": target.kind.plural}),
+        );
+    }
+    let meta = &mut object["metadata"];
+    meta["uid"] = json!(ulid::Ulid::new().to_string().to_lowercase());
+    meta["creationTimestamp"] = json!(now());
+    if target.kind.is_custom() {
+        meta["generation"] = json!(1);
+    }
+    if let Some(m) = meta.as_object_mut() {
+        m.remove("deletionTimestamp");
+    }
+    let stored = commit(&mut inner, shared, target, &name, object, "ADDED");
+    ok(StatusCode::CREATED, &stored)
+}
+
+/// Applies the result of an update or patch (`candidate`) over `current`, with the status
+/// subresource's and the main resource's rules, and stores it if anything changed.
+fn write(
+    shared: &Shared,
+    inner: &mut Inner,
+    target: &Target,
+    current: &Value,
+    candidate: Value,
+) -> Response {
+    let name = target.name.clone().unwrap_or_default();
+    let mut next = current.clone();
+    let status_write = target.subresource.as_deref() == Some("status");
+    if status_write {
+        match candidate.get("status") {
+            Some(s) => next["status"] = s.clone(),
+            None => {
+                if let Some(map) = next.as_object_mut() {
+                    map.remove("status");
+                }
+            }
+        }
+    } else {
+        let keep_status = current.get("status").cloned();
+        next = candidate;
+        if target.kind.status {
+            match keep_status {
+                Some(s) => next["status"] = s,
+                None => {
+                    if let Some(map) = next.as_object_mut() {
+                        map.remove("status");
+                    }
+                }
+            }
+        }
+        // Server-owned metadata is kept whatever the client sent.
+        for field in [
+            "uid",
+            "creationTimestamp",
+            "generation",
+            "deletionTimestamp",
+            "namespace",
+            "name",
+        ] {
+            match current["metadata"].get(field) {
+                Some(v) => next["metadata"][field] = v.clone(),
+                None => {
+                    if let Some(m) = next["metadata"].as_object_mut() {
+                        m.remove(field);
+                    }
+                }
+            }
+        }
+        let old_finalizers: Vec<Value> = current
+            .pointer("/metadata/finalizers")
+            .and_then(Value::as_array)
+            .cloned()
+            .unwrap_or_default();
+        let new_finalizers: Vec<Value> = next
+            .pointer("/metadata/finalizers")
+            .and_then(Value::as_array)
+            .cloned()
+            .unwrap_or_default();
+        if current.pointer("/metadata/deletionTimestamp").is_some()
+            && new_finalizers.iter().any(|f| !old_finalizers.contains(f))
+        {
+            return status(422, "Invalid", "metadata.finalizers: Forbidden: no new finalizers can be added if the object is being deleted".into(), Value::Null);
+        }
+        if new_finalizers.is_empty() {
+            if let Some(m) = next["metadata"].as_object_mut() {
+                m.remove("finalizers");
+            }
+        }
+    }
+    let mut next = match admit(target.kind, &next, Some(current)) {
+        Ok(o) => o,
+        Err(response) => return response,
+    };
+    next["metadata"]["resourceVersion"] = current["metadata"]["resourceVersion"].clone();
+    if next == *current {
+        return ok(StatusCode::OK, current);
+    }
+    if target.kind.is_custom() && next.get("spec") != current.get("spec") {
+        let generation = current
+            .pointer("/metadata/generation")
+            .and_then(Value::as_i64)
+            .unwrap_or(1);
+        next["metadata"]["generation"] = json!(generation + 1);
+    }
+    let stored = commit(inner, shared, target, &name, next, "MODIFIED");
+    ok(StatusCode::OK, &stored)
+}
+
+fn update(shared: &Shared, target: &Target, body: &[u8]) -> Response {
+    let name = target.name.clone().unwrap_or_default();
+    let Ok(candidate) = serde_json::from_slice::<Value>(body) else {
+        return status(
+            400,
+            "BadRequest",
+            "the object provided is not JSON".into(),
+            Value::Null,
+        );
+    };
+    let mut inner = lock(shared);
+    let Some(current) = inner.objects.get(&key(target, &name)).cloned() else {
+        return not_found(target.kind, &name);
+    };
+    match candidate
+        .pointer("/metadata/resourceVersion")
+        .and_then(Value::as_str)
+    {
+        None | Some("") => {
+            return status(
+                422,
+                "Invalid",
+                format!(
+                    "{} \"{name}\" is invalid: metadata.resourceVersion: Invalid value: 0x0: must be specified for an update",
+                    target.kind.qualified()
+                ),
+                Value::Null,
+            );
+        }
+        Some(rv)
+            if Some(rv)
+                != current
+                    .pointer("/metadata/resourceVersion")
+                    .and_then(Value::as_str) =>
+        {
+            return conflict(target.kind, &name);
+        }
+        Some(_) => {}
+    }
+    write(shared, &mut inner, target, &current, candidate)
+}
+
+fn patch(shared: &Shared, target: &Target, headers: &HeaderMap, body: &[u8]) -> Response {
+    let name = target.name.clone().unwrap_or_default();
+    let content_type = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default();
+    let mut inner = lock(shared);
+    let Some(current) = inner.objects.get(&key(target, &name)).cloned() else {
+        return not_found(target.kind, &name);
+    };
+    let mut candidate = current.clone();
+    match content_type.split(';').next().unwrap_or_default() {
+        "application/merge-patch+json" | "application/apply-patch+yaml" => {
+            let Ok(patch) = serde_json::from_slice::<Value>(body) else {
+                return status(
+                    400,
+                    "BadRequest",
+                    "error decoding patch".into(),
+                    Value::Null,
+                );
+            };
+            if let Some(rv) = patch
+                .pointer("/metadata/resourceVersion")
+                .and_then(Value::as_str)
+                && Some(rv)
+                    != current
+                        .pointer("/metadata/resourceVersion")
+                        .and_then(Value::as_str)
+            {
+                return conflict(target.kind, &name);
+            }
+            json_patch::merge(&mut candidate, &patch);
+        }
+        "application/json-patch+json" => {
+            let Ok(Value::Array(ops)) = serde_json::from_slice::<Value>(body) else {
+                return status(
+                    400,
+                    "BadRequest",
+                    "error decoding patch: not an array of operations".into(),
+                    Value::Null,
+                );
+            };
+            // As the API server does: `test` of a missing path against null passes (kube-rs
+            // relies on it to add the first finalizer).
+            let ops: Vec<Value> = ops
+                .into_iter()
+                .filter(|op| {
+                    let missing_null_test = op["op"] == "test"
+                        && op["value"].is_null()
+                        && op["path"]
+                            .as_str()
+                            .is_some_and(|p| current.pointer(p).is_none_or(Value::is_null));
+                    !missing_null_test
+                })
+                .collect();
+            let Ok(patch) = serde_json::from_value::<json_patch::Patch>(Value::Array(ops)) else {
+                return status(
+                    400,
+                    "BadRequest",
+                    "error decoding patch".into(),
+                    Value::Null,
+                );
+            };
+            if json_patch::patch(&mut candidate, &patch).is_err() {
+                return status(
+                    422,
+                    "Invalid",
+                    "the server rejected our request due to an error in our request".into(),
+                    json!({}),
+                );
+            }
+        }
+        "application/strategic-merge-patch+json" if !target.kind.is_custom() => {
+            let Ok(patch) = serde_json::from_slice::<Value>(body) else {
+                return status(
+                    400,
+                    "BadRequest",
+                    "error decoding patch".into(),
+                    Value::Null,
+                );
+            };
+            json_patch::merge(&mut candidate, &patch);
+        }
+        other => {
+            return status(
+                415,
+                "UnsupportedMediaType",
+                format!(
+                    "the body of the request was in an unknown format ({other}) - accepted media types include: application/json-patch+json, application/merge-patch+json, application/apply-patch+yaml"
+                ),
+                Value::Null,
+            );
+        }
+    }
+    write(shared, &mut inner, target, &current, candidate)
+}
+
+fn delete(shared: &Shared, target: &Target) -> Response {
+    let name = target.name.clone().unwrap_or_default();
+    let mut inner = lock(shared);
+    let Some(current) = inner.objects.get(&key(target, &name)).cloned() else {
+        return not_found(target.kind, &name);
+    };
+    let has_finalizers = current
+        .pointer("/metadata/finalizers")
+        .and_then(Value::as_array)
+        .is_some_and(|f| !f.is_empty());
+    if has_finalizers {
+        if current.pointer("/metadata/deletionTimestamp").is_some() {
+            return ok(StatusCode::OK, &current);
+        }
+        let mut next = current.clone();
+        next["metadata"]["deletionTimestamp"] = json!(now());
+        next["metadata"]["deletionGracePeriodSeconds"] = json!(0);
+        if let Some(g) = current
+            .pointer("/metadata/generation")
+            .and_then(Value::as_i64)
+        {
+            next["metadata"]["generation"] = json!(g + 1);
+        }
+        let stored = commit(&mut inner, shared, target, &name, next, "MODIFIED");
+        return ok(StatusCode::OK, &stored);
+    }
+    let mut gone = current.clone();
+    gone["metadata"]["deletionTimestamp"] = json!(now());
+    let uid = current
+        .pointer("/metadata/uid")
+        .cloned()
+        .unwrap_or(Value::Null);
+    commit(&mut inner, shared, target, &name, gone, "DELETED");
+    ok(
+        StatusCode::OK,
+        &json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success", "details": {"name": name, "group": target.kind.group, "kind": target.kind.plural, "uid": uid}}),
+    )
+}

@@ -1,0 +1,9 @@
+//! Test support for FAR: components tests run against for real.
+//!
+//! - [`apiserver::FakeApiServer`]: a Kubernetes API server over real HTTP, for the resources
+//!   the controller uses, answering as a real kube-apiserver does.
+
+pub mod apiserver;
+
+#[cfg(test)]
+mod tests;

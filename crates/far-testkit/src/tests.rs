@@ -1,0 +1,161 @@
+//! The fake API server, driven by kube-rs as the controller drives a real one.
+
+use far_api::{FarAgent, FarAgentStatus, Phase};
+use futures::StreamExt;
+use kube::Api;
+use kube::api::{DeleteParams, Patch, PatchParams, PostParams, WatchEvent, WatchParams};
+use serde_json::json;
+
+use crate::apiserver::FakeApiServer;
+
+fn agent(name: &str) -> FarAgent {
+    serde_json::from_value(json!({
+        "apiVersion": "tiffany.dev/v1", "kind": "FarAgent",
+        "metadata": {"name": name},
+        "spec": {"image": "busybox:1", "memory": "512Mi", "cpu": 1, "entrypoint": "/bin/sh"}
+    }))
+    .unwrap()
+}
+
+#[tokio::test]
+async fn create_get_list_and_admission_behave_as_the_api_server() {
+    let server = FakeApiServer::start().await;
+    let api: Api<FarAgent> = Api::namespaced(server.client(), "ns1");
+    let created = api
+        .create(&PostParams::default(), &agent("a"))
+        .await
+        .unwrap();
+    assert_eq!(created.metadata.generation, Some(1));
+    assert!(created.metadata.uid.is_some() && created.metadata.resource_version.is_some());
+    assert_eq!(created.spec.backoff_limit, 3, "defaults applied");
+
+    let err = api
+        .create(&PostParams::default(), &agent("a"))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, kube::Error::Api(ref s) if s.code == 409 && s.reason == "AlreadyExists"),
+        "{err:?}"
+    );
+    let mut bad = agent("b");
+    bad.spec.cpu = 0;
+    let err = api.create(&PostParams::default(), &bad).await.unwrap_err();
+    match err {
+        kube::Error::Api(s) => {
+            assert_eq!((s.code, s.reason.as_str()), (422, "Invalid"));
+            assert!(s.message.contains("spec.cpu"), "{}", s.message);
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(api.list(&Default::default()).await.unwrap().items.len(), 1);
+    assert!(matches!(api.get("nope").await.unwrap_err(), kube::Error::Api(s) if s.code == 404));
+}
+
+#[tokio::test]
+async fn status_writes_touch_only_status_and_stale_writes_conflict() {
+    let server = FakeApiServer::start().await;
+    let api: Api<FarAgent> = Api::namespaced(server.client(), "ns1");
+    let created = api
+        .create(&PostParams::default(), &agent("a"))
+        .await
+        .unwrap();
+    let status = json!({"status": {"phase": "Running"}, "spec": {"cpu": 4}});
+    let patched = api
+        .patch_status("a", &PatchParams::default(), &Patch::Merge(&status))
+        .await
+        .unwrap();
+    assert_eq!(patched.status.unwrap().phase, Some(Phase::Running));
+    assert_eq!(
+        patched.spec.cpu, 1,
+        "spec is ignored on the status subresource"
+    );
+    assert_eq!(patched.metadata.generation, Some(1));
+
+    let immutable = api
+        .patch(
+            "a",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"cpu": 2}})),
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(immutable, kube::Error::Api(ref s) if s.code == 422 && s.message.contains("spec is immutable")),
+        "{immutable:?}"
+    );
+
+    let stale = json!({"metadata": {"resourceVersion": created.metadata.resource_version}, "status": {"phase": "Failed"}});
+    let err = api
+        .patch_status("a", &PatchParams::default(), &Patch::Merge(&stale))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, kube::Error::Api(s) if s.code == 409));
+
+    let same = api
+        .patch_status(
+            "a",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"status": {"phase": "Running"}})),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        same.metadata.resource_version, patched.metadata.resource_version,
+        "a no-op write keeps the version"
+    );
+    let _ = FarAgentStatus::default();
+}
+
+#[tokio::test]
+async fn finalizers_hold_deletion_and_watchers_see_every_step() {
+    let server = FakeApiServer::start().await;
+    let api: Api<FarAgent> = Api::namespaced(server.client(), "ns1");
+    let list = api.list(&Default::default()).await.unwrap();
+    let rv = list.metadata.resource_version.unwrap();
+    let mut stream = api
+        .watch(&WatchParams::default().timeout(10), &rv)
+        .await
+        .unwrap()
+        .boxed();
+
+    api.create(&PostParams::default(), &agent("a"))
+        .await
+        .unwrap();
+    let add = json!([{"op": "test", "path": "/metadata/finalizers", "value": null}, {"op": "add", "path": "/metadata/finalizers", "value": ["tiffany.dev/vm-cleanup"]}]);
+    api.patch(
+        "a",
+        &PatchParams::default(),
+        &Patch::<()>::Json(serde_json::from_value(add).unwrap()),
+    )
+    .await
+    .unwrap();
+    api.delete("a", &DeleteParams::default()).await.unwrap();
+    let terminating = api.get("a").await.unwrap();
+    assert!(terminating.metadata.deletion_timestamp.is_some());
+    assert_eq!(terminating.metadata.generation, Some(2));
+    let remove = json!([{"op": "remove", "path": "/metadata/finalizers"}]);
+    api.patch(
+        "a",
+        &PatchParams::default(),
+        &Patch::<()>::Json(serde_json::from_value(remove).unwrap()),
+    )
+    .await
+    .unwrap();
+    assert!(
+        api.get_opt("a").await.unwrap().is_none(),
+        "gone once the last finalizer is removed"
+    );
+
+    let mut kinds = Vec::new();
+    while kinds.len() < 4 {
+        match stream.next().await.unwrap().unwrap() {
+            WatchEvent::Added(_) => kinds.push("ADDED"),
+            WatchEvent::Modified(_) => kinds.push("MODIFIED"),
+            WatchEvent::Deleted(_) => kinds.push("DELETED"),
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(kinds, ["ADDED", "MODIFIED", "MODIFIED", "DELETED"]);
+    let counts = server.requests();
+    assert_eq!(counts[&("patch".to_owned(), "faragents".to_owned())], 2);
+}
