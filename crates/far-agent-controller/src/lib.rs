@@ -2,8 +2,16 @@
 //!
 //! - [`decision`]: the pure reconcile decision, property-tested;
 //! - [`placement`]: which FlintlockHost an agent goes to;
-//! - [`conditions`]: standard conditions merged by type.
+//! - [`conditions`]: standard conditions merged by type;
+//! - [`reconcile`]: the shell that observes, decides and acts;
+//! - [`flintlock`]: per-host Flintlock clients with deadlines and retries;
+//! - [`hosts`]: host probing, allocation and orphan collection;
+//! - [`run`]: the wiring.
 
 pub mod conditions;
 pub mod decision;
+pub mod flintlock;
+pub mod hosts;
 pub mod placement;
+pub mod reconcile;
+pub mod run;

@@ -1,1 +1,113 @@
-fn main() {}
+//! `far-agent-controller`: reconcile FarAgents into Flintlock microVMs.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context as _, Result};
+use clap::Parser;
+use far_agent_controller::reconcile::Config;
+use far_channel::TokenKey;
+use far_vmspec::{Defaults, ImageFile};
+use kube::runtime::events::Reporter;
+
+/// Reconcile FarAgents into Flintlock microVMs across a pool of FlintlockHosts.
+#[derive(Parser, Debug)]
+#[command(name = "far-agent-controller", version)]
+struct Args {
+    /// Flintlock namespace holding FAR's VMs.
+    #[arg(long, env = "FAR_FLINTLOCK_NAMESPACE", default_value = "far")]
+    flintlock_namespace: String,
+    /// Default kernel image (OCI reference) and the file in it.
+    #[arg(
+        long,
+        env = "FAR_KERNEL_IMAGE",
+        default_value = "ghcr.io/microscaler/far-kernel:6.1"
+    )]
+    kernel_image: String,
+    /// The kernel's file name inside its image.
+    #[arg(long, env = "FAR_KERNEL_FILENAME", default_value = "boot/vmlinuz")]
+    kernel_filename: String,
+    /// The far-init initrd image (OCI reference).
+    #[arg(
+        long,
+        env = "FAR_INITRD_IMAGE",
+        default_value = "ghcr.io/microscaler/far-init:latest"
+    )]
+    initrd_image: String,
+    /// The initrd's file name inside its image.
+    #[arg(long, env = "FAR_INITRD_FILENAME", default_value = "initrd.cpio.gz")]
+    initrd_filename: String,
+    /// Where the agent status channel listens.
+    #[arg(long, env = "FAR_CHANNEL_LISTEN", default_value = "0.0.0.0:8443")]
+    channel_listen: SocketAddr,
+    /// The channel's URL as guests reach it (given to every agent).
+    #[arg(long, env = "FAR_CHANNEL_URL")]
+    channel_url: String,
+    /// File holding the key agents' tokens are derived from (at least 32 bytes), e.g. a
+    /// mounted Secret.
+    #[arg(long, env = "FAR_CHANNEL_KEY_FILE")]
+    channel_key_file: PathBuf,
+    /// Seconds an agent gets between SIGTERM and SIGKILL.
+    #[arg(long, env = "FAR_GRACE_PERIOD_SECONDS", default_value_t = 30)]
+    grace_period_seconds: u32,
+    /// Deadline of each Flintlock call, in seconds.
+    #[arg(long, env = "FAR_FLINTLOCK_TIMEOUT_SECONDS", default_value_t = 10)]
+    flintlock_timeout_seconds: u64,
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .json()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .init();
+    let args = Args::parse();
+    let key = std::fs::read(&args.channel_key_file).with_context(|| {
+        format!(
+            "reading --channel-key-file {}",
+            args.channel_key_file.display()
+        )
+    })?;
+    let channel = far_channel::Channel::new(far_channel::Config::new(
+        TokenKey::new(key).context("--channel-key-file")?,
+    ));
+    let listener = tokio::net::TcpListener::bind(args.channel_listen)
+        .await
+        .with_context(|| format!("binding --channel-listen {}", args.channel_listen))?;
+    let router = channel.router();
+    tokio::spawn(async move { axum::serve(listener, router).await });
+
+    let client = kube::Client::try_default()
+        .await
+        .context("connecting to Kubernetes (in-cluster or KUBECONFIG)")?;
+    let config = Config {
+        defaults: Defaults {
+            namespace: args.flintlock_namespace,
+            kernel: ImageFile {
+                image: args.kernel_image,
+                filename: args.kernel_filename,
+            },
+            kernel_cmdline: BTreeMap::new(),
+            initrd: ImageFile {
+                image: args.initrd_image,
+                filename: args.initrd_filename,
+            },
+        },
+        channel_url: args.channel_url,
+        grace_period_seconds: args.grace_period_seconds,
+        call_timeout: Duration::from_secs(args.flintlock_timeout_seconds),
+    };
+    let reporter = Reporter {
+        controller: "far-agent-controller".into(),
+        instance: std::env::var("POD_NAME").ok(),
+    };
+    far_agent_controller::run::run(client, config, channel, reporter, async {
+        let _ = tokio::signal::ctrl_c().await;
+    })
+    .await;
+    Ok(())
+}

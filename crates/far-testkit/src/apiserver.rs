@@ -217,6 +217,16 @@ impl FakeApiServer {
             .insert(verb.to_owned(), (status, times));
     }
 
+    /// Every stored object of a resource (for assertions).
+    pub fn objects(&self, plural: &str) -> Vec<Value> {
+        lock(&self.shared)
+            .objects
+            .iter()
+            .filter(|((p, _, _), _)| *p == plural)
+            .map(|(_, v)| v.clone())
+            .collect()
+    }
+
     /// The stored object, if any (for assertions).
     pub fn object(&self, plural: &str, namespace: &str, name: &str) -> Option<Value> {
         lock(&self.shared)
@@ -609,7 +619,7 @@ fn get(shared: &Shared, target: &Target) -> Response {
 }
 
 /// Runs the CRD admission rules for our kinds; other kinds are taken as they are.
-fn admit(kind: &Kind, object: &Value, old: Option<&Value>) -> Result<Value, Response> {
+fn admit(kind: &Kind, object: &Value, old: Option<&Value>) -> Result<Value, Box<Response>> {
     if !kind.is_custom() {
         return Ok(object.clone());
     }
@@ -626,7 +636,7 @@ fn admit(kind: &Kind, object: &Value, old: Option<&Value>) -> Result<Value, Resp
         })?;
     admission.admit(object, old).map(|a| a.object).map_err(|rejected| {
         let causes: Vec<Value> = rejected.causes.iter().map(|c| json!({"reason": c.reason, "message": c.message, "field": c.field})).collect();
-        status(422, "Invalid", rejected.to_string(), json!({"name": rejected.name, "group": kind.group, "kind": kind.kind, "causes": causes}))
+        Box::new(status(422, "Invalid", rejected.to_string(), json!({"name": rejected.name, "group": kind.group, "kind": kind.kind, "causes": causes})))
     })
 }
 
@@ -709,14 +719,14 @@ fn create(shared: &Shared, target: &Target, body: &[u8]) -> Response {
     if let Some(ns) = &target.namespace {
         object["metadata"]["namespace"] = json!(ns);
     }
-    if target.kind.status {
-        if let Some(map) = object.as_object_mut() {
-            map.remove("status");
-        }
+    if target.kind.status
+        && let Some(map) = object.as_object_mut()
+    {
+        map.remove("status");
     }
     let mut object = match admit(target.kind, &object, None) {
         Ok(o) => o,
-        Err(response) => return response,
+        Err(response) => return *response,
     };
     let mut inner = lock(shared);
     if inner.objects.contains_key(&key(target, &name)) {
@@ -807,15 +817,15 @@ fn write(
         {
             return status(422, "Invalid", "metadata.finalizers: Forbidden: no new finalizers can be added if the object is being deleted".into(), Value::Null);
         }
-        if new_finalizers.is_empty() {
-            if let Some(m) = next["metadata"].as_object_mut() {
-                m.remove("finalizers");
-            }
+        if new_finalizers.is_empty()
+            && let Some(m) = next["metadata"].as_object_mut()
+        {
+            m.remove("finalizers");
         }
     }
     let mut next = match admit(target.kind, &next, Some(current)) {
         Ok(o) => o,
-        Err(response) => return response,
+        Err(response) => return *response,
     };
     next["metadata"]["resourceVersion"] = current["metadata"]["resourceVersion"].clone();
     if next == *current {

@@ -1,0 +1,288 @@
+//! Flintlock clients, one per FlintlockHost: the basic token from the host's Secret, a deadline
+//! on every call, and retries with back-off for calls that are safe to repeat.
+//!
+//! CreateMicroVM is never retried here: Flintlock's create is not idempotent, so a lost answer
+//! is resolved by the next reconcile listing the VM by name and adopting it.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use far_api::FlintlockHost;
+use flintlock_proto::MicroVmClient;
+use flintlock_proto::auth::BasicToken;
+use flintlock_proto::errors::{Failure, code_label};
+use flintlock_proto::types::MicroVm;
+use flintlock_proto::v1alpha1::{
+    CreateMicroVmRequest, DeleteMicroVmRequest, GetMicroVmRequest, ListMicroVMsRequest,
+};
+use tonic::codegen::InterceptedService;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Request, Status};
+
+/// Adds the host's token, when it has one.
+#[derive(Clone, Debug, Default)]
+pub struct Auth(Option<BasicToken>);
+
+impl tonic::service::Interceptor for Auth {
+    fn call(&mut self, request: Request<()>) -> Result<Request<()>, Status> {
+        match &mut self.0 {
+            Some(token) => token.call(request),
+            None => Ok(request),
+        }
+    }
+}
+
+type Client = MicroVmClient<InterceptedService<Channel, Auth>>;
+
+/// A host's client, with the endpoint and token it was built for.
+struct Cached {
+    endpoint: String,
+    token: Option<String>,
+    client: Client,
+}
+
+/// Why a Flintlock call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum FlintlockError {
+    /// The endpoint is not a usable URL.
+    #[error("host {host}: endpoint {endpoint:?}: {reason}")]
+    Endpoint {
+        /// The FlintlockHost.
+        host: String,
+        /// Its endpoint.
+        endpoint: String,
+        /// Why it cannot be used.
+        reason: String,
+    },
+    /// The host answered with an error, or could not be reached.
+    #[error("host {host}: {method}: {status}")]
+    Call {
+        /// The FlintlockHost.
+        host: String,
+        /// The RPC.
+        method: &'static str,
+        /// gRPC's status.
+        status: Status,
+    },
+}
+
+impl FlintlockError {
+    /// How the failure should be treated.
+    pub fn failure(&self) -> Failure {
+        match self {
+            FlintlockError::Endpoint { .. } => Failure::Invalid,
+            FlintlockError::Call { status, .. } => Failure::of(status),
+        }
+    }
+
+    /// Whether the host could not be reached at all (as opposed to refusing the call).
+    pub fn unreachable(&self) -> bool {
+        matches!(self.failure(), Failure::Transient)
+    }
+
+    /// A closed-set label for metrics.
+    pub fn code_label(&self) -> &'static str {
+        match self {
+            FlintlockError::Endpoint { .. } => "ENDPOINT",
+            FlintlockError::Call { status, .. } => code_label(status.code()),
+        }
+    }
+}
+
+/// Clients for every host, built on first use and rebuilt when the endpoint or token changes.
+pub struct Pool {
+    clients: Mutex<HashMap<String, Cached>>,
+    timeout: Duration,
+}
+
+impl std::fmt::Debug for Pool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pool")
+            .field("timeout", &self.timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+/// How many times a call safe to repeat is tried.
+const ATTEMPTS: u32 = 3;
+
+impl Pool {
+    /// A pool whose calls each get `timeout`.
+    pub fn new(timeout: Duration) -> Self {
+        Self {
+            clients: Mutex::default(),
+            timeout,
+        }
+    }
+
+    fn client(&self, host: &FlintlockHost, token: Option<&str>) -> Result<Client, FlintlockError> {
+        let name = kube::ResourceExt::name_any(host);
+        let endpoint = host.spec.endpoint.clone();
+        let mut clients = self.clients.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(cached) = clients.get(&name)
+            && cached.endpoint == endpoint
+            && cached.token.as_deref() == token
+        {
+            return Ok(cached.client.clone());
+        }
+        let bad = |reason: String| FlintlockError::Endpoint {
+            host: name.clone(),
+            endpoint: endpoint.clone(),
+            reason,
+        };
+        let channel = Endpoint::from_shared(endpoint.clone())
+            .map_err(|e| bad(e.to_string()))?
+            .connect_timeout(self.timeout)
+            .timeout(self.timeout)
+            .connect_lazy();
+        let auth = Auth(
+            token
+                .map(BasicToken::new)
+                .transpose()
+                .map_err(|e| bad(e.message().to_owned()))?,
+        );
+        let client = MicroVmClient::with_interceptor(channel, auth);
+        clients.insert(
+            name,
+            Cached {
+                endpoint,
+                token: token.map(str::to_owned),
+                client: client.clone(),
+            },
+        );
+        Ok(client)
+    }
+
+    async fn call<T, F, Fut>(
+        &self,
+        host: &FlintlockHost,
+        token: Option<&str>,
+        method: &'static str,
+        retry: bool,
+        f: F,
+    ) -> Result<T, FlintlockError>
+    where
+        F: Fn(Client) -> Fut,
+        Fut: std::future::Future<Output = Result<tonic::Response<T>, Status>>,
+    {
+        let client = self.client(host, token)?;
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let result = match tokio::time::timeout(self.timeout, f(client.clone())).await {
+                Ok(result) => result.map(tonic::Response::into_inner),
+                Err(_) => Err(Status::deadline_exceeded(format!(
+                    "no answer within {:?}",
+                    self.timeout
+                ))),
+            };
+            match result {
+                Ok(value) => return Ok(value),
+                Err(status)
+                    if retry && attempt < ATTEMPTS && Failure::of(&status).is_retryable() =>
+                {
+                    tokio::time::sleep(Duration::from_millis(100 * 2u64.pow(attempt))).await;
+                }
+                Err(status) => {
+                    return Err(FlintlockError::Call {
+                        host: kube::ResourceExt::name_any(host),
+                        method,
+                        status,
+                    });
+                }
+            }
+        }
+    }
+
+    /// GetMicroVM; `Ok(None)` when the host says "not found".
+    ///
+    /// # Errors
+    /// [`FlintlockError`] for anything else.
+    pub async fn get(
+        &self,
+        host: &FlintlockHost,
+        token: Option<&str>,
+        uid: &str,
+    ) -> Result<Option<MicroVm>, FlintlockError> {
+        let result = self
+            .call(host, token, "GetMicroVM", true, |mut c| {
+                let uid = uid.to_owned();
+                async move { c.get_micro_vm(GetMicroVmRequest { uid }).await }
+            })
+            .await;
+        match result {
+            Ok(response) => Ok(response.microvm),
+            Err(e) if e.failure() == Failure::NotFound => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// ListMicroVMs in a namespace, optionally by name.
+    ///
+    /// # Errors
+    /// [`FlintlockError`].
+    pub async fn list(
+        &self,
+        host: &FlintlockHost,
+        token: Option<&str>,
+        namespace: &str,
+        name: Option<&str>,
+    ) -> Result<Vec<MicroVm>, FlintlockError> {
+        self.call(host, token, "ListMicroVMs", true, |mut c| {
+            let request = ListMicroVMsRequest {
+                namespace: namespace.to_owned(),
+                name: name.map(str::to_owned),
+            };
+            async move { c.list_micro_v_ms(request).await }
+        })
+        .await
+        .map(|r| r.microvm)
+    }
+
+    /// CreateMicroVM, once.
+    ///
+    /// # Errors
+    /// [`FlintlockError`].
+    pub async fn create(
+        &self,
+        host: &FlintlockHost,
+        token: Option<&str>,
+        request: CreateMicroVmRequest,
+    ) -> Result<MicroVm, FlintlockError> {
+        let vm = self
+            .call(host, token, "CreateMicroVM", false, |mut c| {
+                let request = request.clone();
+                async move { c.create_micro_vm(request).await }
+            })
+            .await?
+            .microvm;
+        vm.ok_or_else(|| FlintlockError::Call {
+            host: kube::ResourceExt::name_any(host),
+            method: "CreateMicroVM",
+            status: Status::internal("the host answered without a microvm"),
+        })
+    }
+
+    /// DeleteMicroVM; a VM already gone is not an error.
+    ///
+    /// # Errors
+    /// [`FlintlockError`].
+    pub async fn delete(
+        &self,
+        host: &FlintlockHost,
+        token: Option<&str>,
+        uid: &str,
+    ) -> Result<(), FlintlockError> {
+        let result = self
+            .call(host, token, "DeleteMicroVM", true, |mut c| {
+                let uid = uid.to_owned();
+                async move { c.delete_micro_vm(DeleteMicroVmRequest { uid }).await }
+            })
+            .await;
+        match result {
+            Err(e) if e.failure() != Failure::NotFound => Err(e),
+            _ => Ok(()),
+        }
+    }
+}

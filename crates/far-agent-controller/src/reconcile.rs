@@ -1,0 +1,599 @@
+//! The shell around [`crate::decision`]: observe (the API server's cache, Flintlock, the status
+//! channel), decide, act (Flintlock calls, finalizer and status patches, Events).
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use base64::Engine as _;
+use far_agent_protocol::{
+    AgentRef, ChannelConfig, EnvVar, Mount, RUN_CONFIG_KEY, RUN_CONFIG_VERSION, RunConfig,
+    SecretFile, Secrets, channel_id,
+};
+use far_api::{FINALIZER, FarAgent, FarAgentStatus, FlintlockHost, host_condition};
+use far_vmspec::{Defaults, VmName, VmPlan, plan};
+use flintlock_proto::types::micro_vm_status::MicroVmState;
+use k8s_openapi::api::core::v1::{ConfigMap, Secret};
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Api, Patch, PatchParams};
+use kube::runtime::controller::Action as Requeue;
+use kube::runtime::events::{Event as KubeEvent, EventType, Recorder, Reporter};
+use kube::runtime::reflector::{ObjectRef, Store};
+use kube::{Resource, ResourceExt};
+use serde_json::{Value, json};
+use tracing::{info, warn};
+
+use crate::decision::{self, Action, Guest, Observation, Vm, VmState};
+use crate::flintlock::{FlintlockError, Pool};
+use crate::placement::{HostView, held, place};
+
+/// What the controller decides for every agent.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// Kernel, initrd and Flintlock namespace for VMs.
+    pub defaults: Defaults,
+    /// The status channel's URL as guests reach it.
+    pub channel_url: String,
+    /// Seconds the agent gets between SIGTERM and SIGKILL.
+    pub grace_period_seconds: u32,
+    /// Deadline of each Flintlock call.
+    pub call_timeout: Duration,
+}
+
+/// Everything a reconcile needs.
+pub struct Context {
+    /// The Kubernetes client.
+    pub client: kube::Client,
+    /// Settings.
+    pub config: Config,
+    /// The status channel.
+    pub channel: far_channel::Channel,
+    /// FlintlockHosts, from a reflector.
+    pub hosts: Store<FlintlockHost>,
+    /// FarAgents, from the controller's reflector.
+    pub agents: Store<FarAgent>,
+    /// Flintlock clients.
+    pub flintlock: Pool,
+    /// Hosts that stopped answering, and since when.
+    pub unreachable: Mutex<HashMap<String, Timestamp>>,
+    /// Agents by UID, for turning channel reports into reconciles.
+    pub by_uid: Mutex<HashMap<String, ObjectRef<FarAgent>>>,
+    /// Tokens of hosts, read from their Secrets.
+    pub tokens: Mutex<HashMap<String, Option<String>>>,
+    /// Who writes Events.
+    pub reporter: Reporter,
+    /// Set once the FarAgent cache has been filled.
+    pub agents_ready: std::sync::atomic::AtomicBool,
+}
+
+impl Context {
+    /// Whether the FarAgent cache holds every agent (so absence means none).
+    pub fn agents_ready(&self) -> bool {
+        self.agents_ready.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+impl std::fmt::Debug for Context {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Context")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Why a reconcile failed; each variant has a closed-set metric label.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The API server refused or failed a call.
+    #[error("kubernetes: {0}")]
+    Kube(#[from] kube::Error),
+    /// A Flintlock call failed.
+    #[error(transparent)]
+    Flintlock(#[from] FlintlockError),
+    /// The VM could not be planned.
+    #[error("planning the VM: {0}")]
+    Plan(#[from] far_vmspec::PlanError),
+    /// The agent's host is not (or no longer) a FlintlockHost.
+    #[error("host {0} is not a FlintlockHost")]
+    NoHost(String),
+}
+
+impl Error {
+    /// The label for metrics: a closed set, never object names.
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            Error::Kube(_) => "kube",
+            Error::Flintlock(_) => "flintlock",
+            Error::Plan(_) => "plan",
+            Error::NoHost(_) => "no_host",
+        }
+    }
+}
+
+fn now() -> Timestamp {
+    Timestamp::now()
+}
+
+/// The host's token, read from its Secret (cached; the Secret is read again when the host's
+/// object changes).
+pub async fn host_token(ctx: &Context, host: &FlintlockHost) -> Result<Option<String>, Error> {
+    let Some(reference) = &host.spec.token_secret_ref else {
+        return Ok(None);
+    };
+    let cache_key = format!(
+        "{}@{}",
+        host.name_any(),
+        host.resource_version().unwrap_or_default()
+    );
+    if let Some(token) = ctx
+        .tokens
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .get(&cache_key)
+    {
+        return Ok(token.clone());
+    }
+    let namespace = reference
+        .namespace
+        .clone()
+        .unwrap_or_else(|| ctx.client.default_namespace().to_owned());
+    let secret = Api::<Secret>::namespaced(ctx.client.clone(), &namespace)
+        .get_opt(&reference.name)
+        .await?;
+    let token = secret.and_then(|s| s.data).and_then(|d| {
+        d.get(&reference.key)
+            .map(|b| String::from_utf8_lossy(&b.0).trim().to_owned())
+    });
+    ctx.tokens
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .insert(cache_key, token.clone());
+    Ok(token)
+}
+
+fn host_object(ctx: &Context, name: &str) -> Option<Arc<FlintlockHost>> {
+    ctx.hosts.get(&ObjectRef::new(name))
+}
+
+/// Notes a host's reachability and returns since when it has been unreachable.
+fn mark(ctx: &Context, host: &str, reachable: bool) -> Option<Timestamp> {
+    let mut unreachable = ctx.unreachable.lock().unwrap_or_else(|e| e.into_inner());
+    if reachable {
+        unreachable.remove(host);
+        None
+    } else {
+        Some(*unreachable.entry(host.to_owned()).or_insert_with(now))
+    }
+}
+
+fn vm_state(vm: &flintlock_proto::types::MicroVm) -> VmState {
+    match vm
+        .status
+        .as_ref()
+        .and_then(|s| MicroVmState::try_from(s.state).ok())
+    {
+        Some(MicroVmState::Created) => VmState::Created,
+        Some(MicroVmState::Failed) => VmState::Failed,
+        Some(MicroVmState::Deleting) => VmState::Deleting,
+        _ => VmState::Pending,
+    }
+}
+
+fn vm_uid(vm: &flintlock_proto::types::MicroVm) -> Option<String> {
+    vm.spec.as_ref().and_then(|s| s.uid.clone())
+}
+
+/// Asks the agent's host about its current VM: by uid when recorded, else by name (adopting a
+/// VM created by a reconcile whose status write was lost).
+async fn observe_vm(
+    ctx: &Context,
+    agent: &FarAgent,
+    status: &FarAgentStatus,
+    host_name: &str,
+) -> Result<Vm, Error> {
+    let Some(host) = host_object(ctx, host_name) else {
+        return Ok(Vm::Unknown {
+            since: mark(ctx, host_name, false).unwrap_or_else(now),
+        });
+    };
+    let token = host_token(ctx, &host).await?;
+    let result = match &status.vm_uid {
+        Some(uid) => ctx
+            .flintlock
+            .get(&host, token.as_deref(), uid)
+            .await
+            .map(|vm| vm.map(|v| (uid.clone(), v))),
+        None => {
+            let name = VmName::for_agent(agent, status.restart_count)
+                .map_err(far_vmspec::PlanError::from)?;
+            ctx.flintlock
+                .list(
+                    &host,
+                    token.as_deref(),
+                    &ctx.config.defaults.namespace,
+                    Some(name.id()),
+                )
+                .await
+                .map(|vms| vms.into_iter().find_map(|vm| vm_uid(&vm).map(|u| (u, vm))))
+        }
+    };
+    match result {
+        Ok(found) => {
+            mark(ctx, host_name, true);
+            Ok(match found {
+                Some((uid, vm)) => Vm::Present {
+                    uid,
+                    state: vm_state(&vm),
+                },
+                None => Vm::Absent,
+            })
+        }
+        Err(e) if e.unreachable() => {
+            warn!(host = host_name, error = %e, "host unreachable");
+            Ok(Vm::Unknown {
+                since: mark(ctx, host_name, false).unwrap_or_else(now),
+            })
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+fn host_views(ctx: &Context) -> Vec<HostView> {
+    ctx.hosts
+        .state()
+        .iter()
+        .map(|h| HostView {
+            name: h.name_any(),
+            labels: h.labels().clone(),
+            ready: h
+                .status
+                .as_ref()
+                .is_some_and(|s| crate::conditions::is_true(&s.conditions, host_condition::READY)),
+            unschedulable: h.spec.unschedulable,
+            cpu: u64::from(h.spec.capacity.cpu),
+            memory_mib: far_api::quantity::Memory::parse(&h.spec.capacity.memory)
+                .map_or(0, |m| m.mib_ceil()),
+            limits: h.spec.vm_limits.clone(),
+        })
+        .collect()
+}
+
+/// The agent's environment and secret values, resolved from Secrets and ConfigMaps as a Pod's
+/// would be. `Err` names the first missing Secret, ConfigMap or key.
+async fn resolve(
+    ctx: &Context,
+    agent: &FarAgent,
+) -> Result<Result<(Vec<EnvVar>, Secrets), String>, Error> {
+    let namespace = agent.namespace().unwrap_or_default();
+    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &namespace);
+    let config_maps: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), &namespace);
+    let mut env = Vec::new();
+    let mut secret_values = Secrets::default();
+    for var in &agent.spec.env {
+        let Some(from) = &var.value_from else {
+            env.push(EnvVar {
+                name: var.name.clone(),
+                value: var.value.clone().unwrap_or_default(),
+            });
+            continue;
+        };
+        if let Some(r) = &from.secret_key_ref {
+            let value = secrets
+                .get_opt(&r.name)
+                .await?
+                .and_then(|s| s.data)
+                .and_then(|d| {
+                    d.get(&r.key)
+                        .map(|b| String::from_utf8_lossy(&b.0).into_owned())
+                });
+            match value {
+                Some(value) => secret_values.env.push(EnvVar {
+                    name: var.name.clone(),
+                    value,
+                }),
+                None if r.optional => {}
+                None => {
+                    return Ok(Err(format!(
+                        "spec.env {}: key {:?} of Secret {:?} not found",
+                        var.name, r.key, r.name
+                    )));
+                }
+            }
+        } else if let Some(r) = &from.config_map_key_ref {
+            let value = config_maps
+                .get_opt(&r.name)
+                .await?
+                .and_then(|c| c.data)
+                .and_then(|d| d.get(&r.key).cloned());
+            match value {
+                Some(value) => env.push(EnvVar {
+                    name: var.name.clone(),
+                    value,
+                }),
+                None if r.optional => {}
+                None => {
+                    return Ok(Err(format!(
+                        "spec.env {}: key {:?} of ConfigMap {:?} not found",
+                        var.name, r.key, r.name
+                    )));
+                }
+            }
+        }
+    }
+    for (i, file) in agent.spec.secret_files.iter().enumerate() {
+        let Some(data) = secrets
+            .get_opt(&file.secret_name)
+            .await?
+            .and_then(|s| s.data)
+        else {
+            return Ok(Err(format!(
+                "spec.secretFiles[{i}]: Secret {:?} not found",
+                file.secret_name
+            )));
+        };
+        let items: Vec<(String, String)> = if file.items.is_empty() {
+            data.keys().map(|k| (k.clone(), k.clone())).collect()
+        } else {
+            file.items
+                .iter()
+                .map(|i| (i.key.clone(), i.path.clone()))
+                .collect()
+        };
+        for (key, path) in items {
+            let Some(bytes) = data.get(&key) else {
+                return Ok(Err(format!(
+                    "spec.secretFiles[{i}]: key {key:?} of Secret {:?} not found",
+                    file.secret_name
+                )));
+            };
+            secret_values.files.push(SecretFile {
+                path: format!("{}/{path}", file.mount_path),
+                content: base64::engine::general_purpose::STANDARD.encode(&bytes.0),
+            });
+        }
+    }
+    Ok(Ok((env, secret_values)))
+}
+
+/// A merge patch turning `old` status into `new`: fields `new` no longer has are nulled.
+fn status_patch(old: &FarAgentStatus, new: &FarAgentStatus) -> Value {
+    let old = serde_json::to_value(old).unwrap_or_default();
+    let mut new = serde_json::to_value(new).unwrap_or_default();
+    if let (Some(old), Some(new)) = (old.as_object(), new.as_object_mut()) {
+        for key in old.keys() {
+            new.entry(key.clone()).or_insert(Value::Null);
+        }
+    }
+    json!({ "status": new })
+}
+
+async fn publish(ctx: &Context, agent: &FarAgent, warning: bool, reason: &str, note: String) {
+    let recorder = Recorder::new(ctx.client.clone(), ctx.reporter.clone());
+    let event = KubeEvent {
+        type_: if warning {
+            EventType::Warning
+        } else {
+            EventType::Normal
+        },
+        reason: reason.to_owned(),
+        note: Some(note),
+        action: "Reconcile".into(),
+        secondary: None,
+    };
+    if let Err(e) = recorder.publish(&event, &agent.object_ref(&())).await {
+        warn!(agent = %agent.name_any(), error = %e, "event not recorded");
+    }
+}
+
+/// Reconciles one FarAgent.
+///
+/// # Errors
+/// [`Error`] when the API server or a Flintlock host fails a call; the agent is retried.
+pub async fn reconcile(agent: Arc<FarAgent>, ctx: Arc<Context>) -> Result<Requeue, Error> {
+    let namespace = agent.namespace().unwrap_or_default();
+    let name = agent.name_any();
+    let uid = agent.uid().unwrap_or_default();
+    ctx.by_uid
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .insert(uid.clone(), ObjectRef::from_obj(agent.as_ref()));
+    let api: Api<FarAgent> = Api::namespaced(ctx.client.clone(), &namespace);
+    let status = agent.status.clone().unwrap_or_default();
+    let terminal = status.phase.is_some_and(far_api::Phase::is_terminal);
+    let deleting_since = agent.metadata.deletion_timestamp.as_ref().map(|t| t.0);
+
+    let vm = match &status.host {
+        Some(host) if status.vm_uid.is_some() || !terminal => {
+            Some(observe_vm(&ctx, &agent, &status, host).await?)
+        }
+        _ => None,
+    };
+    let id = channel_id(&uid, status.restart_count);
+    let view = ctx.channel.view(&id);
+    let guest = Guest {
+        last_heartbeat: view
+            .as_ref()
+            .and_then(|v| v.since_heartbeat)
+            .map(|ago| now() - ago),
+        exit: view.and_then(|v| v.exit).map(|e| (e.code, e.start_error)),
+    };
+    let placement = (status.host.is_none() && !terminal && deleting_since.is_none()).then(|| {
+        let agents = ctx.agents.state();
+        place(
+            &agent.spec,
+            &host_views(&ctx),
+            &held(agents.iter().map(AsRef::as_ref)),
+        )
+    });
+    let needs_config =
+        status.host.is_some() && status.vm_uid.is_none() && !terminal && deleting_since.is_none();
+    let resolved = if needs_config {
+        Some(resolve(&ctx, &agent).await?)
+    } else {
+        None
+    };
+    let config = match &resolved {
+        Some(Err(missing)) => Err(missing.clone()),
+        _ => Ok(()),
+    };
+
+    let decision = decision::decide(&Observation {
+        spec: &agent.spec,
+        status: &status,
+        generation: agent.metadata.generation,
+        has_finalizer: agent.finalizers().iter().any(|f| f == FINALIZER),
+        deleting_since,
+        vm,
+        guest,
+        placement,
+        config,
+        now: now(),
+    });
+    let mut new_status = decision.status;
+
+    for action in decision.actions {
+        match action {
+            Action::AddFinalizer => {
+                // The test makes the write conditional on the list we saw (as kube-rs does).
+                let patch = match &agent.metadata.finalizers {
+                    None => json!([{"op": "test", "path": "/metadata/finalizers", "value": null},
+                                   {"op": "add", "path": "/metadata/finalizers", "value": [FINALIZER]}]),
+                    Some(current) => {
+                        json!([{"op": "test", "path": "/metadata/finalizers", "value": current},
+                                            {"op": "add", "path": "/metadata/finalizers/-", "value": FINALIZER}])
+                    }
+                };
+                let patch: json_patch::Patch =
+                    serde_json::from_value(patch).map_err(kube::Error::SerdeError)?;
+                api.patch(&name, &PatchParams::default(), &Patch::<()>::Json(patch))
+                    .await?;
+            }
+            Action::RemoveFinalizer => {
+                let finalizers: Vec<String> = agent
+                    .finalizers()
+                    .iter()
+                    .filter(|f| *f != FINALIZER)
+                    .cloned()
+                    .collect();
+                let patch = json!({"metadata": {"finalizers": if finalizers.is_empty() { Value::Null } else { json!(finalizers) }, "resourceVersion": agent.resource_version()}});
+                api.patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
+                    .await?;
+                ctx.channel.forget(&id);
+                ctx.by_uid
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .remove(&uid);
+                info!(agent = %name, "released");
+                return Ok(Requeue::await_change());
+            }
+            Action::CreateVm { attempt } => {
+                let Some((env, secrets)) = resolved.clone().and_then(Result::ok) else {
+                    continue;
+                };
+                let host_name = new_status.host.clone().unwrap_or_default();
+                let host = host_object(&ctx, &host_name)
+                    .ok_or_else(|| Error::NoHost(host_name.clone()))?;
+                let id = channel_id(&uid, attempt);
+                let has_secrets = !secrets.env.is_empty() || !secrets.files.is_empty();
+                if has_secrets {
+                    ctx.channel.provide_secrets(&id, secrets);
+                }
+                let run = RunConfig {
+                    version: RUN_CONFIG_VERSION,
+                    agent: AgentRef {
+                        namespace: namespace.clone(),
+                        name: name.clone(),
+                        uid: uid.clone(),
+                        attempt,
+                    },
+                    hostname: name.clone(),
+                    entrypoint: agent.spec.entrypoint.clone(),
+                    args: agent.spec.args.clone(),
+                    env,
+                    has_secrets,
+                    mounts: (0u32..)
+                        .zip(&agent.spec.volumes)
+                        .map(|(index, v)| Mount {
+                            index,
+                            mount_path: v.mount_path.clone(),
+                        })
+                        .collect(),
+                    channel: ChannelConfig {
+                        url: ctx.config.channel_url.clone(),
+                        id: id.clone(),
+                        token: ctx.channel.token_for(&id),
+                    },
+                    heartbeat_interval_seconds: agent.spec.heartbeat.interval_seconds,
+                    grace_period_seconds: ctx.config.grace_period_seconds,
+                };
+                let metadata = BTreeMap::from([(RUN_CONFIG_KEY.to_owned(), run.to_bytes())]);
+                let planned = plan(&VmPlan {
+                    agent: &agent,
+                    host: &host,
+                    defaults: &ctx.config.defaults,
+                    attempt,
+                    guest_metadata: &metadata,
+                })?;
+                let token = host_token(&ctx, &host).await?;
+                let vm = ctx
+                    .flintlock
+                    .create(&host, token.as_deref(), planned.request)
+                    .await?;
+                let vm_uid = vm_uid(&vm).unwrap_or_default();
+                info!(agent = %name, vm = %vm_uid, host = %host_name, attempt, "VM created");
+                // Recorded at once: Flintlock's create is not idempotent.
+                new_status.vm_uid = Some(vm_uid.clone());
+                new_status.vm_state = Some(vm_state(&vm).as_str().to_owned());
+                api.patch_status(
+                    &name,
+                    &PatchParams::default(),
+                    &Patch::Merge(status_patch(&status, &new_status)),
+                )
+                .await?;
+                publish(
+                    &ctx,
+                    &agent,
+                    false,
+                    "VMCreated",
+                    format!("VM {vm_uid} created on host {host_name}"),
+                )
+                .await;
+            }
+            Action::DeleteVm { uid: vm } => {
+                if let Some(host_name) = status.host.as_ref()
+                    && let Some(host) = host_object(&ctx, host_name)
+                {
+                    let token = host_token(&ctx, &host).await?;
+                    ctx.flintlock.delete(&host, token.as_deref(), &vm).await?;
+                    info!(agent = %name, %vm, "VM deleted");
+                }
+            }
+            Action::DeleteAgent => {
+                api.delete(&name, &Default::default()).await?;
+            }
+            Action::Event {
+                warning,
+                reason,
+                message,
+            } => publish(&ctx, &agent, warning, reason, message).await,
+        }
+    }
+    if new_status != status {
+        api.patch_status(
+            &name,
+            &PatchParams::default(),
+            &Patch::Merge(status_patch(&status, &new_status)),
+        )
+        .await?;
+    }
+    Ok(match decision.requeue {
+        Some(after) => Requeue::requeue(after.max(Duration::from_millis(1))),
+        None => Requeue::await_change(),
+    })
+}
+
+/// What to do after a failed reconcile: try again soon.
+pub fn error_policy(agent: Arc<FarAgent>, error: &Error, _ctx: Arc<Context>) -> Requeue {
+    warn!(agent = %agent.name_any(), error = %error, kind = error.metric_label(), "reconcile failed");
+    Requeue::requeue(Duration::from_secs(2))
+}

@@ -1,0 +1,119 @@
+//! Wiring: watches, the controller loop, channel reports as reconcile triggers, host probing.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use far_api::{FarAgent, FlintlockHost};
+use futures::StreamExt;
+use kube::Api;
+use kube::runtime::events::Reporter;
+use kube::runtime::reflector;
+use kube::runtime::{Controller, WatchStreamExt, watcher};
+use tokio_stream::wrappers::BroadcastStream;
+use tracing::{info, warn};
+
+use crate::flintlock::Pool;
+use crate::reconcile::{Config, Context, error_policy, reconcile};
+
+/// Runs the controller until `shutdown` resolves.
+pub async fn run(
+    client: kube::Client,
+    config: Config,
+    channel: far_channel::Channel,
+    reporter: Reporter,
+    shutdown: impl Future<Output = ()> + Send + Sync + 'static,
+) {
+    let agents: Api<FarAgent> = Api::all(client.clone());
+    let hosts_api: Api<FlintlockHost> = Api::all(client.clone());
+
+    let (hosts, hosts_writer) = reflector::store();
+    let host_watch = watcher(hosts_api, watcher::Config::default())
+        .default_backoff()
+        .reflect(hosts_writer)
+        .applied_objects();
+    tokio::spawn(async move {
+        host_watch
+            .for_each(|r| async move {
+                if let Err(e) = r {
+                    warn!(error = %e, "FlintlockHost watch");
+                }
+            })
+            .await;
+    });
+
+    let controller = Controller::new(agents, watcher::Config::default());
+    let ctx = Arc::new(Context {
+        client: client.clone(),
+        flintlock: Pool::new(config.call_timeout),
+        config,
+        channel: channel.clone(),
+        hosts: hosts.clone(),
+        agents: controller.store(),
+        unreachable: Default::default(),
+        by_uid: Default::default(),
+        tokens: Default::default(),
+        reporter,
+        agents_ready: AtomicBool::new(false),
+    });
+
+    // The first heartbeat and the exit of an agent reconcile it at once; other heartbeats only
+    // refresh the channel's memory.
+    let by_uid = Arc::clone(&ctx);
+    let triggers = BroadcastStream::new(channel.subscribe()).filter_map(move |event| {
+        let ctx = Arc::clone(&by_uid);
+        async move {
+            let id = match event.ok()? {
+                far_channel::Event::Heartbeat {
+                    uid, first: true, ..
+                }
+                | far_channel::Event::Exited { uid, .. } => uid,
+                _ => return None,
+            };
+            let agent_uid = id
+                .rsplit_once('.')
+                .map_or(id.as_str(), |(u, _)| u)
+                .to_owned();
+            ctx.by_uid
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .get(&agent_uid)
+                .cloned()
+        }
+    });
+
+    let ready = Arc::clone(&ctx);
+    let agents_store = ctx.agents.clone();
+    let hosts_ready = hosts.clone();
+    tokio::spawn(async move {
+        until_ready(&agents_store).await;
+        until_ready(&hosts_ready).await;
+        ready.agents_ready.store(true, Ordering::Relaxed);
+        info!("caches filled");
+        crate::hosts::run(ready).await;
+    });
+
+    controller
+        .reconcile_on(triggers)
+        .graceful_shutdown_on(shutdown)
+        .run(reconcile, error_policy, ctx)
+        .for_each(|result| async move {
+            if let Err(e) = result {
+                tracing::debug!(error = %e, "reconcile");
+            }
+        })
+        .await;
+    info!("controller stopped");
+}
+
+/// Waits until a reflector store has been filled. Polled, because a `wait_until_ready` future
+/// awaited before the store is filled was seen never to wake here (kube-runtime 5.0.0).
+async fn until_ready<K: kube::Resource + Clone + 'static>(store: &reflector::Store<K>)
+where
+    K::DynamicType: std::hash::Hash + Eq + Clone,
+{
+    use futures::FutureExt as _;
+    while store.wait_until_ready().now_or_never().is_none() {
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}

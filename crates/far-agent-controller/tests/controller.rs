@@ -1,0 +1,455 @@
+//! The real controller loop against the in-repo fake API server (real HTTP), a far-host with
+//! the sim provider (real gRPC), and the status channel (real HTTP).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use far_agent_controller::reconcile::Config;
+use far_api::{FarAgent, FlintlockHost, Phase};
+use far_channel::{Channel, TokenKey};
+use far_host::provider::sim::{Sim, SimConfig};
+use far_host::{Host, HostConfig, Service};
+use far_testkit::apiserver::FakeApiServer;
+use far_vmspec::{Defaults, ImageFile, VmName};
+use kube::Api;
+use kube::api::{DeleteParams, PostParams};
+use kube::runtime::events::Reporter;
+use serde_json::json;
+use tokio::sync::oneshot;
+
+struct Env {
+    api: FakeApiServer,
+    host: Arc<Host<Sim>>,
+    endpoint: String,
+    channel: Channel,
+    channel_url: String,
+    _state: tempfile::TempDir,
+    stop: Option<oneshot::Sender<()>>,
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+async fn env() -> Env {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
+        .with_test_writer()
+        .try_init();
+    let api = FakeApiServer::start().await;
+    let state = tempfile::tempdir().unwrap();
+    let host = Host::open(
+        HostConfig {
+            retry_delay: Duration::from_millis(20),
+            ..HostConfig::default()
+        },
+        state.path(),
+        Sim::new(SimConfig {
+            boot_delay: Duration::from_millis(20),
+            ..SimConfig::default()
+        }),
+    )
+    .await
+    .unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let endpoint = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(Service::new(Arc::clone(&host), None))
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+
+    let channel = Channel::new(far_channel::Config::new(
+        TokenKey::new(vec![9; 32]).unwrap(),
+    ));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let channel_url = format!("http://{}", listener.local_addr().unwrap());
+    let router = channel.router();
+    tokio::spawn(async move { axum::serve(listener, router).await });
+
+    let hosts: Api<FlintlockHost> = Api::all(api.client());
+    let host_object: FlintlockHost = serde_json::from_value(json!({
+        "apiVersion": "tiffany.dev/v1", "kind": "FlintlockHost", "metadata": {"name": "sim-1"},
+        "spec": {"endpoint": endpoint, "provider": "sim", "capacity": {"cpu": 4, "memory": "8Gi"}, "vmLimits": {"minMemory": "64Mi", "maxMemory": "8Gi", "maxCpu": 4}}
+    })).unwrap();
+    hosts
+        .create(&PostParams::default(), &host_object)
+        .await
+        .unwrap();
+    Env {
+        api,
+        host,
+        endpoint,
+        channel,
+        channel_url,
+        _state: state,
+        stop: None,
+    }
+}
+
+impl Env {
+    fn start_controller(&mut self) {
+        let config = Config {
+            defaults: Defaults {
+                namespace: "far".into(),
+                kernel: ImageFile {
+                    image: "far.local/kernel:dev".into(),
+                    filename: "vmlinuz".into(),
+                },
+                kernel_cmdline: BTreeMap::new(),
+                initrd: ImageFile {
+                    image: "far.local/far-init:dev".into(),
+                    filename: "initrd.cpio.gz".into(),
+                },
+            },
+            channel_url: self.channel_url.clone(),
+            grace_period_seconds: 5,
+            call_timeout: Duration::from_secs(2),
+        };
+        let (tx, rx) = oneshot::channel();
+        self.stop = Some(tx);
+        let reporter = Reporter {
+            controller: "far-agent-controller".into(),
+            instance: Some("test".into()),
+        };
+        tokio::spawn(far_agent_controller::run::run(
+            self.api.client(),
+            config,
+            self.channel.clone(),
+            reporter,
+            async {
+                let _ = rx.await;
+            },
+        ));
+    }
+
+    fn agents(&self) -> Api<FarAgent> {
+        Api::namespaced(self.api.client(), "default")
+    }
+
+    async fn create(&self, name: &str, extra: serde_json::Value) -> FarAgent {
+        let mut spec = json!({"image": "busybox:1", "memory": "256Mi", "cpu": 1, "entrypoint": "/bin/agent", "heartbeat": {"intervalSeconds": 1, "timeoutSeconds": 10}});
+        json_patch::merge(&mut spec, &extra);
+        let agent: FarAgent = serde_json::from_value(json!({"apiVersion": "tiffany.dev/v1", "kind": "FarAgent", "metadata": {"name": name}, "spec": spec})).unwrap();
+        self.agents()
+            .create(&PostParams::default(), &agent)
+            .await
+            .unwrap()
+    }
+
+    async fn wait_for(
+        &self,
+        name: &str,
+        what: &str,
+        check: impl Fn(&FarAgent) -> bool,
+    ) -> FarAgent {
+        for _ in 0..600 {
+            if let Some(agent) = self.agents().get_opt(name).await.unwrap()
+                && check(&agent)
+            {
+                return agent;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!(
+            "{name}: timed out waiting for {what}; last: {:?}; hosts: {:?}; requests: {:?}",
+            self.agents()
+                .get_opt(name)
+                .await
+                .unwrap()
+                .and_then(|a| a.status),
+            self.api
+                .objects("flintlockhosts")
+                .iter()
+                .map(|h| h["status"].clone())
+                .collect::<Vec<_>>(),
+            self.api.requests()
+        );
+    }
+
+    fn vms(&self) -> Vec<flintlock_proto::types::MicroVm> {
+        self.host.list("far", None)
+    }
+
+    fn event_reasons(&self) -> Vec<String> {
+        self.api
+            .objects("events")
+            .iter()
+            .filter_map(|e| e["reason"].as_str().map(str::to_owned))
+            .collect()
+    }
+}
+
+fn phase(agent: &FarAgent) -> Option<Phase> {
+    agent.status.as_ref().and_then(|s| s.phase)
+}
+
+#[tokio::test]
+async fn an_agent_runs_to_completed_and_its_vm_is_freed() {
+    let mut env = env().await;
+    env.start_controller();
+    env.create(
+        "ok",
+        json!({"args": ["--seconds", "0.5", "--exit-code", "0"]}),
+    )
+    .await;
+    let agent = env
+        .wait_for("ok", "Completed", |a| phase(a) == Some(Phase::Completed))
+        .await;
+    let status = agent.status.unwrap();
+    assert_eq!(status.exit_code, Some(0));
+    assert_eq!(status.host.as_deref(), Some("sim-1"));
+    assert!(status.vm_uid.is_some() && status.start_time.is_some() && status.finish_time.is_some());
+    assert_eq!(status.vm.unwrap().memory_mib, 256);
+    assert!(
+        agent
+            .metadata
+            .finalizers
+            .unwrap()
+            .contains(&far_api::FINALIZER.to_owned())
+    );
+    for _ in 0..100 {
+        if env.vms().is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(env.vms().is_empty(), "the finished agent's VM is deleted");
+    let reasons = env.event_reasons();
+    for reason in ["Scheduled", "VMCreated", "Started", "Completed"] {
+        assert!(
+            reasons.iter().any(|r| r == reason),
+            "no {reason} event in {reasons:?}"
+        );
+    }
+
+    env.agents()
+        .delete("ok", &DeleteParams::default())
+        .await
+        .unwrap();
+    for _ in 0..200 {
+        if env.agents().get_opt("ok").await.unwrap().is_none() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("the deleted agent was not released");
+}
+
+#[tokio::test]
+async fn a_non_zero_exit_fails_and_on_failure_restarts_in_a_new_vm() {
+    let mut env = env().await;
+    env.start_controller();
+    env.create(
+        "three",
+        json!({"args": ["--seconds", "0.2", "--exit-code", "3"]}),
+    )
+    .await;
+    let agent = env
+        .wait_for("three", "Failed", |a| phase(a) == Some(Phase::Failed))
+        .await;
+    let status = agent.status.unwrap();
+    assert_eq!(
+        (status.exit_code, status.reason),
+        (Some(3), Some(far_api::AgentReason::Error))
+    );
+
+    env.create("again", json!({"args": ["--seconds", "0.2", "--exit-code", "4"], "restartPolicy": "OnFailure", "backoffLimit": 1})).await;
+    let agent = env
+        .wait_for("again", "the restart to fail for good", |a| {
+            phase(a) == Some(Phase::Failed)
+        })
+        .await;
+    let status = agent.status.unwrap();
+    assert_eq!((status.restart_count, status.exit_code), (1, Some(4)));
+    assert!(env.event_reasons().iter().any(|r| r == "BackOff"));
+}
+
+#[tokio::test]
+async fn an_agent_no_host_can_hold_stays_pending_unschedulable() {
+    let mut env = env().await;
+    env.start_controller();
+    env.create("huge", json!({"memory": "64Gi"})).await;
+    let agent = env
+        .wait_for("huge", "Unschedulable", |a| {
+            a.status.as_ref().and_then(|s| s.reason) == Some(far_api::AgentReason::Unschedulable)
+        })
+        .await;
+    let status = agent.status.unwrap();
+    assert_eq!(status.phase, Some(Phase::Pending));
+    assert!(
+        status
+            .message
+            .unwrap()
+            .contains("sim-1: asks for 65536 MiB; host sim-1 runs no VM over 8192 MiB")
+    );
+    assert!(env.vms().is_empty());
+}
+
+#[tokio::test]
+async fn a_vm_created_before_a_crash_is_adopted_not_duplicated() {
+    let mut env = env().await;
+    // The controller "crashed" after CreateMicroVM and before writing status: the VM exists,
+    // the FarAgent does not know it.
+    let agent = env
+        .create("adopt", json!({"args": ["--seconds", "0.5"]}))
+        .await;
+    let name = VmName::for_agent(&agent, 0).unwrap();
+    let client = flintlock_proto::MicroVmClient::connect(env.endpoint.clone())
+        .await
+        .unwrap();
+    let spec = flintlock_proto::types::MicroVmSpec {
+        id: name.id().to_owned(),
+        namespace: "far".into(),
+        kernel: Some(flintlock_proto::types::Kernel {
+            image: "k".into(),
+            filename: Some("vmlinuz".into()),
+            ..Default::default()
+        }),
+        root_volume: Some(flintlock_proto::types::Volume {
+            id: "root".into(),
+            source: Some(flintlock_proto::types::VolumeSource {
+                container_source: Some("busybox:1".into()),
+                virtiofs_source: None,
+            }),
+            ..Default::default()
+        }),
+        interfaces: vec![flintlock_proto::types::NetworkInterface {
+            device_id: "agent0".into(),
+            r#type: 1,
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    let mut c = client.clone();
+    let existing = c
+        .create_micro_vm(flintlock_proto::v1alpha1::CreateMicroVmRequest {
+            microvm: Some(spec),
+            metadata: Default::default(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .microvm
+        .unwrap()
+        .spec
+        .unwrap()
+        .uid
+        .unwrap();
+    // The status write that was lost: the agent was already placed.
+    let api = env.agents();
+    api.patch_status("adopt", &Default::default(), &kube::api::Patch::Merge(json!({"status": {"phase": "Pending", "reason": "Provisioning", "host": "sim-1", "vm": {"vcpu": 1, "memoryMiB": 256}}}))).await.unwrap();
+    let finalizer = json!({"metadata": {"finalizers": [far_api::FINALIZER]}});
+    api.patch(
+        "adopt",
+        &Default::default(),
+        &kube::api::Patch::Merge(finalizer),
+    )
+    .await
+    .unwrap();
+
+    env.start_controller();
+    let agent = env
+        .wait_for("adopt", "the VM adopted", |a| {
+            a.status.as_ref().and_then(|s| s.vm_uid.clone()).is_some()
+        })
+        .await;
+    assert_eq!(
+        agent.status.unwrap().vm_uid.as_deref(),
+        Some(existing.as_str())
+    );
+    assert_eq!(
+        env.host.list("far", Some(name.id())).len(),
+        1,
+        "no second VM"
+    );
+}
+
+#[tokio::test]
+async fn orphaned_vms_are_collected_and_a_deleted_running_agent_takes_its_vm_along() {
+    let mut env = env().await;
+    env.start_controller();
+    env.create("long", json!({"args": ["--seconds", "600"]}))
+        .await;
+    env.wait_for("long", "Running", |a| phase(a) == Some(Phase::Running))
+        .await;
+
+    let orphan = VmName::new(
+        "default",
+        "ghost",
+        "00000000-dead-beef-0000-000000000000",
+        0,
+    )
+    .unwrap();
+    let mut client = flintlock_proto::MicroVmClient::connect(env.endpoint.clone())
+        .await
+        .unwrap();
+    let spec = flintlock_proto::types::MicroVmSpec {
+        id: orphan.id().to_owned(),
+        namespace: "far".into(),
+        kernel: Some(flintlock_proto::types::Kernel {
+            image: "k".into(),
+            filename: Some("vmlinuz".into()),
+            ..Default::default()
+        }),
+        root_volume: Some(flintlock_proto::types::Volume {
+            id: "root".into(),
+            source: Some(flintlock_proto::types::VolumeSource {
+                container_source: Some("busybox:1".into()),
+                virtiofs_source: None,
+            }),
+            ..Default::default()
+        }),
+        interfaces: vec![flintlock_proto::types::NetworkInterface {
+            device_id: "agent0".into(),
+            r#type: 1,
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    client
+        .create_micro_vm(flintlock_proto::v1alpha1::CreateMicroVmRequest {
+            microvm: Some(spec),
+            metadata: Default::default(),
+        })
+        .await
+        .unwrap();
+    for _ in 0..300 {
+        if env.host.list("far", Some(orphan.id())).is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        env.host.list("far", Some(orphan.id())).is_empty(),
+        "the orphan is deleted"
+    );
+    assert_eq!(env.vms().len(), 1, "the running agent's VM is left alone");
+
+    env.agents()
+        .delete("long", &DeleteParams::default())
+        .await
+        .unwrap();
+    for _ in 0..300 {
+        if env.agents().get_opt("long").await.unwrap().is_none() && env.vms().is_empty() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!(
+        "agent or VM left: {:?} / {}",
+        env.agents()
+            .get_opt("long")
+            .await
+            .unwrap()
+            .map(|a| a.status),
+        env.vms().len()
+    );
+}
