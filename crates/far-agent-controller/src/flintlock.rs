@@ -94,6 +94,7 @@ impl FlintlockError {
 pub struct Pool {
     clients: Mutex<HashMap<String, Cached>>,
     timeout: Duration,
+    metrics: std::sync::Arc<crate::metrics::Metrics>,
 }
 
 impl std::fmt::Debug for Pool {
@@ -108,11 +109,12 @@ impl std::fmt::Debug for Pool {
 const ATTEMPTS: u32 = 3;
 
 impl Pool {
-    /// A pool whose calls each get `timeout`.
-    pub fn new(timeout: Duration) -> Self {
+    /// A pool whose calls each get `timeout`, timed into `metrics`.
+    pub fn new(timeout: Duration, metrics: std::sync::Arc<crate::metrics::Metrics>) -> Self {
         Self {
             clients: Mutex::default(),
             timeout,
+            metrics,
         }
     }
 
@@ -170,6 +172,7 @@ impl Pool {
         let mut attempt = 0;
         loop {
             attempt += 1;
+            let started = tokio::time::Instant::now();
             let result = match tokio::time::timeout(self.timeout, f(client.clone())).await {
                 Ok(result) => result.map(tonic::Response::into_inner),
                 Err(_) => Err(Status::deadline_exceeded(format!(
@@ -177,6 +180,10 @@ impl Pool {
                     self.timeout
                 ))),
             };
+            let code = result
+                .as_ref()
+                .map_or_else(|s| code_label(s.code()), |_| "OK");
+            self.metrics.rpc(method, code, started.elapsed());
             match result {
                 Ok(value) => return Ok(value),
                 Err(status)

@@ -32,6 +32,29 @@ const PROBE_TIME_REFRESH: Duration = Duration::from_secs(60);
 /// Probes every host once, updates their status, and deletes orphaned VMs.
 pub async fn probe_all(ctx: &Context) {
     let agents = ctx.agents.state();
+    for phase in [
+        far_api::Phase::Pending,
+        far_api::Phase::Running,
+        far_api::Phase::Completed,
+        far_api::Phase::Failed,
+    ] {
+        let count = agents
+            .iter()
+            .filter(|a| {
+                a.status
+                    .as_ref()
+                    .and_then(|s| s.phase)
+                    .unwrap_or(far_api::Phase::Pending)
+                    == phase
+            })
+            .count();
+        ctx.metrics
+            .agents
+            .get_or_create(&crate::metrics::PhaseLabels {
+                phase: phase.as_str(),
+            })
+            .set(i64::try_from(count).unwrap_or(i64::MAX));
+    }
     let held = held(agents.iter().map(AsRef::as_ref));
     // Which VM each agent owns now, by agent UID.
     let owners: std::collections::HashMap<String, (u32, Option<String>)> = agents

@@ -6,12 +6,14 @@
 //! - [`reconcile`]: the shell that observes, decides and acts;
 //! - [`flintlock`]: per-host Flintlock clients with deadlines and retries;
 //! - [`hosts`]: host probing, allocation and orphan collection;
+//! - [`metrics`]: OpenMetrics and health endpoints;
 //! - [`run`]: the wiring.
 
 pub mod conditions;
 pub mod decision;
 pub mod flintlock;
 pub mod hosts;
+pub mod metrics;
 pub mod placement;
 pub mod reconcile;
 pub mod run;

@@ -52,6 +52,9 @@ struct Args {
     /// Seconds an agent gets between SIGTERM and SIGKILL.
     #[arg(long, env = "FAR_GRACE_PERIOD_SECONDS", default_value_t = 30)]
     grace_period_seconds: u32,
+    /// Where /metrics, /healthz and /readyz are served.
+    #[arg(long, env = "FAR_METRICS_LISTEN", default_value = "0.0.0.0:8080")]
+    metrics_listen: SocketAddr,
     /// Deadline of each Flintlock call, in seconds.
     #[arg(long, env = "FAR_FLINTLOCK_TIMEOUT_SECONDS", default_value_t = 10)]
     flintlock_timeout_seconds: u64,
@@ -101,11 +104,17 @@ async fn main() -> Result<()> {
         grace_period_seconds: args.grace_period_seconds,
         call_timeout: Duration::from_secs(args.flintlock_timeout_seconds),
     };
+    let metrics = std::sync::Arc::new(far_agent_controller::metrics::Metrics::default());
+    let listener = tokio::net::TcpListener::bind(args.metrics_listen)
+        .await
+        .with_context(|| format!("binding --metrics-listen {}", args.metrics_listen))?;
+    let router = far_agent_controller::metrics::router(std::sync::Arc::clone(&metrics));
+    tokio::spawn(async move { axum::serve(listener, router).await });
     let reporter = Reporter {
         controller: "far-agent-controller".into(),
         instance: std::env::var("POD_NAME").ok(),
     };
-    far_agent_controller::run::run(client, config, channel, reporter, async {
+    far_agent_controller::run::run(client, config, channel, reporter, metrics, async {
         let _ = tokio::signal::ctrl_c().await;
     })
     .await;

@@ -64,6 +64,8 @@ pub struct Context {
     pub reporter: Reporter,
     /// Set once the FarAgent cache has been filled.
     pub agents_ready: std::sync::atomic::AtomicBool,
+    /// Metrics.
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 impl Context {
@@ -390,6 +392,18 @@ async fn publish(ctx: &Context, agent: &FarAgent, warning: bool, reason: &str, n
 /// # Errors
 /// [`Error`] when the API server or a Flintlock host fails a call; the agent is retried.
 pub async fn reconcile(agent: Arc<FarAgent>, ctx: Arc<Context>) -> Result<Requeue, Error> {
+    let started = tokio::time::Instant::now();
+    ctx.metrics.reconciles.inc();
+    let result = reconcile_inner(&agent, &ctx).await;
+    ctx.metrics
+        .reconcile_duration
+        .observe(started.elapsed().as_secs_f64());
+    result
+}
+
+async fn reconcile_inner(agent: &Arc<FarAgent>, ctx: &Arc<Context>) -> Result<Requeue, Error> {
+    let agent = Arc::clone(agent);
+    let ctx = Arc::clone(ctx);
     let namespace = agent.namespace().unwrap_or_default();
     let name = agent.name_any();
     let uid = agent.uid().unwrap_or_default();
@@ -578,6 +592,14 @@ pub async fn reconcile(agent: Arc<FarAgent>, ctx: Arc<Context>) -> Result<Requeu
             } => publish(&ctx, &agent, warning, reason, message).await,
         }
     }
+    if new_status.phase == Some(far_api::Phase::Running)
+        && status.phase != Some(far_api::Phase::Running)
+        && let Some(created) = &agent.metadata.creation_timestamp
+    {
+        ctx.metrics
+            .time_to_running
+            .observe(now().duration_since(created.0).as_secs_f64().max(0.0));
+    }
     if new_status != status {
         api.patch_status(
             &name,
@@ -593,7 +615,13 @@ pub async fn reconcile(agent: Arc<FarAgent>, ctx: Arc<Context>) -> Result<Requeu
 }
 
 /// What to do after a failed reconcile: try again soon.
-pub fn error_policy(agent: Arc<FarAgent>, error: &Error, _ctx: Arc<Context>) -> Requeue {
+pub fn error_policy(agent: Arc<FarAgent>, error: &Error, ctx: Arc<Context>) -> Requeue {
+    ctx.metrics
+        .reconcile_errors
+        .get_or_create(&crate::metrics::ErrorLabels {
+            error: error.metric_label(),
+        })
+        .inc();
     warn!(agent = %agent.name_any(), error = %error, kind = error.metric_label(), "reconcile failed");
     Requeue::requeue(Duration::from_secs(2))
 }

@@ -22,6 +22,7 @@ pub async fn run(
     config: Config,
     channel: far_channel::Channel,
     reporter: Reporter,
+    metrics: Arc<crate::metrics::Metrics>,
     shutdown: impl Future<Output = ()> + Send + Sync + 'static,
 ) {
     let agents: Api<FarAgent> = Api::all(client.clone());
@@ -45,7 +46,8 @@ pub async fn run(
     let controller = Controller::new(agents, watcher::Config::default());
     let ctx = Arc::new(Context {
         client: client.clone(),
-        flintlock: Pool::new(config.call_timeout),
+        flintlock: Pool::new(config.call_timeout, Arc::clone(&metrics)),
+        metrics,
         config,
         channel: channel.clone(),
         hosts: hosts.clone(),
@@ -89,6 +91,7 @@ pub async fn run(
         until_ready(&agents_store).await;
         until_ready(&hosts_ready).await;
         ready.agents_ready.store(true, Ordering::Relaxed);
+        ready.metrics.set_ready();
         info!("caches filled");
         crate::hosts::run(ready).await;
     });

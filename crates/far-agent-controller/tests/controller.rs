@@ -26,6 +26,7 @@ struct Env {
     channel_url: String,
     _state: tempfile::TempDir,
     stop: Option<oneshot::Sender<()>>,
+    metrics: Arc<far_agent_controller::metrics::Metrics>,
 }
 
 impl Drop for Env {
@@ -91,6 +92,7 @@ async fn env() -> Env {
         channel_url,
         _state: state,
         stop: None,
+        metrics: Arc::default(),
     }
 }
 
@@ -124,6 +126,7 @@ impl Env {
             config,
             self.channel.clone(),
             reporter,
+            Arc::clone(&self.metrics),
             async {
                 let _ = rx.await;
             },
@@ -222,6 +225,12 @@ async fn an_agent_runs_to_completed_and_its_vm_is_freed() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert!(env.vms().is_empty(), "the finished agent's VM is deleted");
+    let metrics = env.metrics.encode();
+    assert!(
+        metrics.contains("far_controller_time_to_running_seconds_count 1"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("far_controller_flintlock_rpc_duration_seconds_count{method=\"CreateMicroVM\",code=\"OK\"} 1"), "{metrics}");
     let reasons = env.event_reasons();
     for reason in ["Scheduled", "VMCreated", "Started", "Completed"] {
         assert!(
