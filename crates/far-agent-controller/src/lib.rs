@@ -6,6 +6,7 @@
 //! - [`reconcile`]: the shell that observes, decides and acts;
 //! - [`flintlock`]: per-host Flintlock clients with deadlines and retries;
 //! - [`hosts`]: host probing, allocation and orphan collection;
+//! - [`leader`]: leader election on a Lease;
 //! - [`metrics`]: OpenMetrics and health endpoints;
 //! - [`run`]: the wiring.
 
@@ -13,6 +14,7 @@ pub mod conditions;
 pub mod decision;
 pub mod flintlock;
 pub mod hosts;
+pub mod leader;
 pub mod metrics;
 pub mod placement;
 pub mod reconcile;

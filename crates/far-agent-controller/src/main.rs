@@ -52,6 +52,12 @@ struct Args {
     /// Seconds an agent gets between SIGTERM and SIGKILL.
     #[arg(long, env = "FAR_GRACE_PERIOD_SECONDS", default_value_t = 30)]
     grace_period_seconds: u32,
+    /// Namespace of the leader-election Lease (default: the client's namespace).
+    #[arg(long, env = "FAR_LEASE_NAMESPACE")]
+    lease_namespace: Option<String>,
+    /// Seconds a leader that stops renewing keeps the Lease.
+    #[arg(long, env = "FAR_LEASE_SECONDS", default_value_t = 15)]
+    lease_seconds: u64,
     /// Where /metrics, /healthz and /readyz are served.
     #[arg(long, env = "FAR_METRICS_LISTEN", default_value = "0.0.0.0:8080")]
     metrics_listen: SocketAddr,
@@ -114,9 +120,28 @@ async fn main() -> Result<()> {
         controller: "far-agent-controller".into(),
         instance: std::env::var("POD_NAME").ok(),
     };
-    far_agent_controller::run::run(client, config, channel, reporter, metrics, async {
-        let _ = tokio::signal::ctrl_c().await;
-    })
+    let election = far_agent_controller::leader::Election {
+        namespace: args
+            .lease_namespace
+            .unwrap_or_else(|| client.default_namespace().to_owned()),
+        name: "far-agent-controller".into(),
+        identity: reporter
+            .instance
+            .clone()
+            .unwrap_or_else(|| format!("far-agent-controller-{}", std::process::id())),
+        duration: Duration::from_secs(args.lease_seconds),
+    };
+    far_agent_controller::run::run_leading(
+        client,
+        config,
+        channel,
+        reporter,
+        metrics,
+        election,
+        async {
+            let _ = tokio::signal::ctrl_c().await;
+        },
+    )
     .await;
     Ok(())
 }

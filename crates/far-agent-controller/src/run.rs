@@ -33,7 +33,7 @@ pub async fn run(
         .default_backoff()
         .reflect(hosts_writer)
         .applied_objects();
-    tokio::spawn(async move {
+    let host_watcher = tokio::spawn(async move {
         host_watch
             .for_each(|r| async move {
                 if let Err(e) = r {
@@ -87,7 +87,7 @@ pub async fn run(
     let ready = Arc::clone(&ctx);
     let agents_store = ctx.agents.clone();
     let hosts_ready = hosts.clone();
-    tokio::spawn(async move {
+    let prober = tokio::spawn(async move {
         until_ready(&agents_store).await;
         until_ready(&hosts_ready).await;
         ready.agents_ready.store(true, Ordering::Relaxed);
@@ -106,6 +106,9 @@ pub async fn run(
             }
         })
         .await;
+    // Nothing acts for this replica once the controller has stopped.
+    prober.abort();
+    host_watcher.abort();
     info!("controller stopped");
 }
 
@@ -119,4 +122,43 @@ where
     while store.wait_until_ready().now_or_never().is_none() {
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
+}
+
+/// Runs the controller only while this replica holds the Lease: waits to lead, then runs until
+/// `shutdown` resolves or the lead is lost (then returns, and the process should exit so a
+/// fresh replica competes again).
+pub async fn run_leading(
+    client: kube::Client,
+    config: Config,
+    channel: far_channel::Channel,
+    reporter: Reporter,
+    metrics: Arc<crate::metrics::Metrics>,
+    election: crate::leader::Election,
+    shutdown: impl Future<Output = ()> + Send + Sync + 'static,
+) {
+    let mut leading = crate::leader::campaign(client.clone(), election);
+    let mut shutdown = Box::pin(shutdown);
+    loop {
+        if *leading.borrow() {
+            break;
+        }
+        tokio::select! {
+            () = &mut shutdown => return,
+            changed = leading.changed() => if changed.is_err() { return },
+        }
+    }
+    info!("leading: starting the controller");
+    let stop = async move {
+        tokio::select! {
+            () = shutdown => {}
+            () = async {
+                while *leading.borrow() {
+                    if leading.changed().await.is_err() {
+                        break;
+                    }
+                }
+            } => warn!("lost the lead: stopping"),
+        }
+    };
+    run(client, config, channel, reporter, metrics, stop).await;
 }

@@ -462,3 +462,79 @@ async fn orphaned_vms_are_collected_and_a_deleted_running_agent_takes_its_vm_alo
         env.vms().len()
     );
 }
+
+#[tokio::test]
+async fn with_two_replicas_only_the_leader_acts_and_the_other_takes_over() {
+    let mut env = env().await;
+    let replica =
+        |env: &Env, identity: &str, metrics: Arc<far_agent_controller::metrics::Metrics>| {
+            let config = Config {
+                defaults: Defaults {
+                    namespace: "far".into(),
+                    kernel: ImageFile {
+                        image: "k".into(),
+                        filename: "vmlinuz".into(),
+                    },
+                    kernel_cmdline: BTreeMap::new(),
+                    initrd: ImageFile {
+                        image: "i".into(),
+                        filename: "initrd".into(),
+                    },
+                },
+                channel_url: env.channel_url.clone(),
+                grace_period_seconds: 5,
+                call_timeout: Duration::from_secs(2),
+            };
+            let election = far_agent_controller::leader::Election {
+                namespace: "far-system".into(),
+                name: "far-agent-controller".into(),
+                identity: identity.into(),
+                duration: Duration::from_secs(2),
+            };
+            let (tx, rx) = oneshot::channel::<()>();
+            let reporter = Reporter {
+                controller: "far-agent-controller".into(),
+                instance: Some(identity.into()),
+            };
+            let task = tokio::spawn(far_agent_controller::run::run_leading(
+                env.api.client(),
+                config,
+                env.channel.clone(),
+                reporter,
+                metrics,
+                election,
+                async {
+                    let _ = rx.await;
+                },
+            ));
+            (tx, task)
+        };
+    let (a_metrics, b_metrics) = (
+        Arc::<far_agent_controller::metrics::Metrics>::default(),
+        Arc::<far_agent_controller::metrics::Metrics>::default(),
+    );
+    let (stop_a, task_a) = replica(&env, "replica-a", Arc::clone(&a_metrics));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (_stop_b, _task_b) = replica(&env, "replica-b", Arc::clone(&b_metrics));
+
+    env.create("first", json!({"args": ["--seconds", "0.2"]}))
+        .await;
+    env.wait_for("first", "Completed", |a| phase(a) == Some(Phase::Completed))
+        .await;
+    assert!(a_metrics.reconciles.get() > 0);
+    assert_eq!(b_metrics.reconciles.get(), 0, "the follower does nothing");
+
+    stop_a.send(()).unwrap();
+    task_a.await.unwrap();
+    env.create("second", json!({"args": ["--seconds", "0.2"]}))
+        .await;
+    env.wait_for("second", "Completed after the takeover", |a| {
+        phase(a) == Some(Phase::Completed)
+    })
+    .await;
+    assert!(
+        b_metrics.reconciles.get() > 0,
+        "the other replica took over"
+    );
+    env.stop = None;
+}
