@@ -24,6 +24,9 @@ pub const DELETE_GRACE: Duration = Duration::from_secs(120);
 pub const RECHECK: Duration = Duration::from_secs(30);
 /// How often a running agent is looked at (its heartbeats also trigger reconciles).
 pub const RUNNING_RECHECK: Duration = Duration::from_secs(10);
+/// How stale `status.lastHeartbeatTime` may get before it is written again: heartbeats live in
+/// the controller's memory, and 10,000 agents refreshing every 5 minutes is 33 writes a second.
+pub const HEARTBEAT_REFRESH: Duration = Duration::from_secs(300);
 
 /// Flintlock's view of the agent's current VM.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -563,6 +566,12 @@ pub fn decide(o: &Observation<'_>) -> Decision {
                                 format!("no heartbeat for {} s", silent.as_secs()),
                                 None,
                             );
+                        }
+                        let stale = b.status.last_heartbeat_time.as_ref().is_none_or(|t| {
+                            last.duration_since(t.0).unsigned_abs() >= HEARTBEAT_REFRESH
+                        });
+                        if stale {
+                            b.status.last_heartbeat_time = Some(at(last));
                         }
                         if b.status.phase != Some(Phase::Running) {
                             b.status.start_time.get_or_insert(at(last));

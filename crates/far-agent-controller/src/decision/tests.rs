@@ -114,6 +114,22 @@ fn an_agent_goes_from_accepted_to_completed_with_one_vm() {
     let d = decide(&o);
     assert_eq!(d.status.phase, Some(Phase::Running));
     assert_eq!(d.status.start_time, Some(Time(t(4))));
+    assert_eq!(d.status.last_heartbeat_time, Some(Time(t(4))));
+
+    // Heartbeats live in memory: status is not rewritten for each one, only when stale.
+    let running = d.status.clone();
+    let mut o = observe(&spec, &running, 7);
+    o.vm = present(VmState::Created);
+    o.guest.last_heartbeat = Some(t(6));
+    assert_eq!(
+        decide(&o).status,
+        running,
+        "a fresh heartbeat changes nothing to write"
+    );
+    let mut o = observe(&spec, &running, 305);
+    o.vm = present(VmState::Created);
+    o.guest.last_heartbeat = Some(t(304));
+    assert_eq!(decide(&o).status.last_heartbeat_time, Some(Time(t(304))));
 
     let status = d.status;
     let mut o = observe(&spec, &status, 9);
