@@ -44,6 +44,24 @@ pub async fn run(
     });
 
     let controller = Controller::new(agents, watcher::Config::default());
+    // A host that changes (turns Ready, gains room, is uncordoned) may fit agents that waited.
+    let waiting = controller.store();
+    let controller = controller.watches(
+        Api::<FlintlockHost>::all(client.clone()),
+        watcher::Config::default(),
+        move |_host| {
+            waiting
+                .state()
+                .into_iter()
+                .filter(|a| {
+                    a.status.as_ref().is_none_or(|s| {
+                        s.host.is_none() && !s.phase.is_some_and(far_api::Phase::is_terminal)
+                    })
+                })
+                .map(|a| reflector::ObjectRef::from_obj(a.as_ref()))
+                .collect::<Vec<_>>()
+        },
+    );
     let ctx = Arc::new(Context {
         client: client.clone(),
         flintlock: Pool::new(config.call_timeout, Arc::clone(&metrics)),

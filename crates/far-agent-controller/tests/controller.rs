@@ -287,8 +287,11 @@ async fn an_agent_no_host_can_hold_stays_pending_unschedulable() {
     env.start_controller();
     env.create("huge", json!({"memory": "64Gi"})).await;
     let agent = env
-        .wait_for("huge", "Unschedulable", |a| {
-            a.status.as_ref().and_then(|s| s.reason) == Some(far_api::AgentReason::Unschedulable)
+        .wait_for("huge", "Unschedulable for its size", |a| {
+            a.status
+                .as_ref()
+                .and_then(|s| s.message.as_deref())
+                .is_some_and(|m| m.contains("runs no VM over"))
         })
         .await;
     let status = agent.status.unwrap();
