@@ -37,16 +37,24 @@ fn far_run(manifest: &Path) -> Command {
     command
 }
 
-/// QEMU processes whose command line mentions `needle`.
-fn qemus_mentioning(needle: &str) -> usize {
+/// The QEMU processes started by process `parent`: (pid, command line).
+fn qemus_of(parent: u32) -> Vec<(u32, String)> {
     std::fs::read_dir("/proc")
         .unwrap()
-        .filter_map(|e| std::fs::read(e.ok()?.path().join("cmdline")).ok())
-        .filter(|c| {
-            let c = String::from_utf8_lossy(c);
-            c.contains("qemu-system") && c.contains(needle)
+        .filter_map(|e| {
+            let pid: u32 = e.ok()?.file_name().to_str()?.parse().ok()?;
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+            let ppid: u32 = stat[stat.rfind(')')? + 1..]
+                .split_whitespace()
+                .nth(1)?
+                .parse()
+                .ok()?;
+            let cmdline =
+                String::from_utf8_lossy(&std::fs::read(format!("/proc/{pid}/cmdline")).ok()?)
+                    .replace('\0', " ");
+            (ppid == parent && cmdline.contains("qemu-system")).then_some((pid, cmdline))
         })
-        .count()
+        .collect()
 }
 
 #[test]
@@ -113,16 +121,22 @@ fn ctrl_c_stops_the_vm_and_leaves_nothing_behind() {
         .recv_timeout(Duration::from_secs(120))
         .expect("the agent never printed");
     assert!(first.starts_with("working: 0/600"), "{first}");
-    let working_dir = std::fs::read_dir(std::env::temp_dir())
-        .unwrap()
-        .filter_map(Result::ok)
-        .map(|e| e.path())
-        .find(|p| {
-            p.file_name()
-                .is_some_and(|n| n.to_string_lossy().starts_with("far-run-"))
-                && qemus_mentioning(&p.to_string_lossy()) > 0
-        })
-        .expect("a running VM under a far-run working directory");
+    let vms = qemus_of(pid);
+    assert_eq!(vms.len(), 1, "one VM for this far run: {vms:?}");
+    let (qemu, cmdline) = vms[0].clone();
+    // The working directory: the far-run-* directory named in QEMU's command line.
+    let start = cmdline
+        .find("/far-run-")
+        .expect("a far-run working directory");
+    let dir_end = cmdline[start + 1..]
+        .find('/')
+        .map_or(cmdline.len(), |i| start + 1 + i);
+    let working_dir = PathBuf::from(
+        &cmdline[cmdline[..start]
+            .rfind(|c: char| c == '=' || c == ' ')
+            .map_or(0, |i| i + 1)..dir_end],
+    );
+    assert!(working_dir.is_dir(), "{}", working_dir.display());
 
     rustix::process::kill_process(
         rustix::process::Pid::from_raw(pid as i32).unwrap(),
@@ -133,9 +147,8 @@ fn ctrl_c_stops_the_vm_and_leaves_nothing_behind() {
     let status = child.wait().unwrap();
     assert_eq!(status.code(), Some(130));
     assert!(started.elapsed() < Duration::from_secs(30));
-    assert_eq!(
-        qemus_mentioning(&working_dir.to_string_lossy()),
-        0,
+    assert!(
+        !Path::new(&format!("/proc/{qemu}")).exists(),
         "the VM process is gone"
     );
     assert!(!working_dir.exists(), "the working directory is removed");
