@@ -131,11 +131,8 @@ fn ctrl_c_stops_the_vm_and_leaves_nothing_behind() {
     let dir_end = cmdline[start + 1..]
         .find('/')
         .map_or(cmdline.len(), |i| start + 1 + i);
-    let working_dir = PathBuf::from(
-        &cmdline[cmdline[..start]
-            .rfind(|c: char| c == '=' || c == ' ')
-            .map_or(0, |i| i + 1)..dir_end],
-    );
+    let working_dir =
+        PathBuf::from(&cmdline[cmdline[..start].rfind(['=', ' ']).map_or(0, |i| i + 1)..dir_end]);
     assert!(working_dir.is_dir(), "{}", working_dir.display());
 
     rustix::process::kill_process(
