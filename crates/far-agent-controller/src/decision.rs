@@ -575,7 +575,6 @@ pub fn decide(o: &Observation<'_>) -> Decision {
                         }
                         if b.status.phase != Some(Phase::Running) {
                             b.status.start_time.get_or_insert(at(last));
-                            b.phase(Phase::Running, AgentReason::Running, "the agent runs");
                             b.condition(
                                 agent_condition::AGENT_READY,
                                 true,
@@ -583,6 +582,10 @@ pub fn decide(o: &Observation<'_>) -> Decision {
                                 "the agent's init reported in",
                             );
                             b.event(false, "Started", format!("the agent runs in VM {uid}"));
+                        }
+                        // Also after a spell of HostUnreachable: the agent is heard again.
+                        if b.status.reason != Some(AgentReason::Running) {
+                            b.phase(Phase::Running, AgentReason::Running, "the agent runs");
                         }
                         b.done(Some(RUNNING_RECHECK.min(timeout)))
                     }

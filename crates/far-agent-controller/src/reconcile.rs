@@ -98,6 +98,17 @@ pub enum Error {
     /// The agent's host is not (or no longer) a FlintlockHost.
     #[error("host {0} is not a FlintlockHost")]
     NoHost(String),
+    /// The decision was made on a stale copy of the agent; it is made again on a fresh one.
+    #[error("the agent changed since it was read")]
+    Stale,
+}
+
+/// A 409 on a fenced write means our copy was stale.
+fn stale(error: kube::Error) -> Error {
+    match error {
+        kube::Error::Api(status) if status.code == 409 => Error::Stale,
+        other => Error::Kube(other),
+    }
 }
 
 impl Error {
@@ -108,6 +119,7 @@ impl Error {
             Error::Flintlock(_) => "flintlock",
             Error::Plan(_) => "plan",
             Error::NoHost(_) => "no_host",
+            Error::Stale => "stale",
         }
     }
 }
@@ -357,8 +369,14 @@ async fn resolve(
     Ok(Ok((env, secret_values)))
 }
 
-/// A merge patch turning `old` status into `new`: fields `new` no longer has are nulled.
-fn status_patch(old: &FarAgentStatus, new: &FarAgentStatus) -> Value {
+/// A merge patch turning `old` status into `new`: fields `new` no longer has are nulled. It
+/// carries the resourceVersion the decision was made from, so a decision made on a stale copy
+/// is refused (409) instead of written.
+fn status_patch(
+    old: &FarAgentStatus,
+    new: &FarAgentStatus,
+    resource_version: Option<&str>,
+) -> Value {
     let old = serde_json::to_value(old).unwrap_or_default();
     let mut new = serde_json::to_value(new).unwrap_or_default();
     if let (Some(old), Some(new)) = (old.as_object(), new.as_object_mut()) {
@@ -366,7 +384,7 @@ fn status_patch(old: &FarAgentStatus, new: &FarAgentStatus) -> Value {
             new.entry(key.clone()).or_insert(Value::Null);
         }
     }
-    json!({ "status": new })
+    json!({ "metadata": {"resourceVersion": resource_version}, "status": new })
 }
 
 async fn publish(ctx: &Context, agent: &FarAgent, warning: bool, reason: &str, note: String) {
@@ -464,6 +482,33 @@ async fn reconcile_inner(agent: &Arc<FarAgent>, ctx: &Arc<Context>) -> Result<Re
         now: now(),
     });
     let mut new_status = decision.status;
+    // Status first, fenced by resourceVersion: a decision made on a stale copy of the agent is
+    // refused here, before it can act.
+    let mut resource_version = agent.resource_version();
+    let wrote = new_status != status;
+    if wrote {
+        let written = api
+            .patch_status(
+                &name,
+                &PatchParams::default(),
+                &Patch::Merge(status_patch(
+                    &status,
+                    &new_status,
+                    resource_version.as_deref(),
+                )),
+            )
+            .await
+            .map_err(stale)?;
+        resource_version = written.resource_version();
+    }
+    if new_status.phase == Some(far_api::Phase::Running)
+        && status.phase != Some(far_api::Phase::Running)
+        && let Some(created) = &agent.metadata.creation_timestamp
+    {
+        ctx.metrics
+            .time_to_running
+            .observe(now().duration_since(created.0).as_secs_f64().max(0.0));
+    }
 
     for action in decision.actions {
         match action {
@@ -549,6 +594,12 @@ async fn reconcile_inner(agent: &Arc<FarAgent>, ctx: &Arc<Context>) -> Result<Re
                     guest_metadata: &metadata,
                 })?;
                 let token = host_token(&ctx, &host).await?;
+                // The one call that cannot be repeated safely: act only if the agent we decided
+                // on is still the agent the API server has.
+                let fresh = api.get(&name).await?;
+                if fresh.resource_version() != resource_version {
+                    return Err(Error::Stale);
+                }
                 let vm = ctx
                     .flintlock
                     .create(&host, token.as_deref(), planned.request)
@@ -557,11 +608,13 @@ async fn reconcile_inner(agent: &Arc<FarAgent>, ctx: &Arc<Context>) -> Result<Re
                 info!(agent = %name, vm = %vm_uid, host = %host_name, attempt, "VM created");
                 // Recorded at once: Flintlock's create is not idempotent.
                 new_status.vm_uid = Some(vm_uid.clone());
+                let before = new_status.clone();
                 new_status.vm_state = Some(vm_state(&vm).as_str().to_owned());
+                // Unfenced on purpose: the uid must land even if the agent changed meanwhile.
                 api.patch_status(
                     &name,
                     &PatchParams::default(),
-                    &Patch::Merge(status_patch(&status, &new_status)),
+                    &Patch::Merge(status_patch(&before, &new_status, None)),
                 )
                 .await?;
                 publish(
@@ -592,30 +645,22 @@ async fn reconcile_inner(agent: &Arc<FarAgent>, ctx: &Arc<Context>) -> Result<Re
             } => publish(&ctx, &agent, warning, reason, message).await,
         }
     }
-    if new_status.phase == Some(far_api::Phase::Running)
-        && status.phase != Some(far_api::Phase::Running)
-        && let Some(created) = &agent.metadata.creation_timestamp
-    {
-        ctx.metrics
-            .time_to_running
-            .observe(now().duration_since(created.0).as_secs_f64().max(0.0));
-    }
-    if new_status != status {
-        api.patch_status(
-            &name,
-            &PatchParams::default(),
-            &Patch::Merge(status_patch(&status, &new_status)),
-        )
-        .await?;
-    }
+    // A write comes back as a watch event, which reconciles the agent again with fresh data:
+    // an immediate requeue would only race it with a stale copy.
     Ok(match decision.requeue {
-        Some(after) => Requeue::requeue(after.max(Duration::from_millis(1))),
-        None => Requeue::await_change(),
+        Some(after) if !(wrote && after.is_zero()) => {
+            Requeue::requeue(after.max(Duration::from_millis(1)))
+        }
+        _ => Requeue::await_change(),
     })
 }
 
 /// What to do after a failed reconcile: try again soon.
 pub fn error_policy(agent: Arc<FarAgent>, error: &Error, ctx: Arc<Context>) -> Requeue {
+    if matches!(error, Error::Stale) {
+        // Not a failure: the fresh copy is on its way through the watch.
+        return Requeue::requeue(Duration::from_millis(200));
+    }
     ctx.metrics
         .reconcile_errors
         .get_or_create(&crate::metrics::ErrorLabels {

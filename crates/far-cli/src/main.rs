@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+mod bench;
 mod run;
 
 use anyhow::{Context, Result};
@@ -31,6 +32,9 @@ enum Command {
     /// Run one FarAgent in a real microVM on this machine, with no cluster: an embedded
     /// far-host and status channel, the agent's output streamed, its exit code returned.
     Run(run::RunArgs),
+    /// Measure the control plane: N FarAgents through the real controller, a fake API server
+    /// and simulated Flintlock hosts, in one process; prints a table and JSON.
+    Bench(bench::BenchArgs),
 }
 
 fn main() -> Result<ExitCode> {
@@ -44,6 +48,17 @@ fn main() -> Result<ExitCode> {
                 .with_writer(std::io::stderr)
                 .init();
             tokio::runtime::Runtime::new()?.block_on(run::run(args))
+        }
+        Command::Bench(args) => {
+            tracing_subscriber::fmt()
+                .with_env_filter(
+                    tracing_subscriber::EnvFilter::try_from_env("FAR_LOG")
+                        .unwrap_or_else(|_| "error".into()),
+                )
+                .with_writer(std::io::stderr)
+                .init();
+            tokio::runtime::Runtime::new()?.block_on(bench::run(args))?;
+            Ok(ExitCode::SUCCESS)
         }
         Command::Crd => {
             print!("{}", far_api::crds_yaml()?);

@@ -65,3 +65,36 @@ fn validate_reports_a_missing_file_by_name() {
             .contains("reading examples/nope.yaml")
     );
 }
+
+/// The benchmark harness itself works: every agent finishes with its exit code. (Its figures
+/// are for docs/benchmarks.md, not asserted.)
+#[test]
+fn bench_runs_every_agent_to_its_exit_code() {
+    let out = far(&[
+        "bench",
+        "--agents",
+        "20",
+        "--hosts",
+        "2",
+        "--run-seconds",
+        "0.2",
+        "--baseline-patches",
+        "50",
+    ]);
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let json: serde_json::Value =
+        serde_json::from_str(&stdout[stdout.find('{').unwrap()..]).unwrap();
+    assert_eq!(
+        (
+            json["finished"].as_u64(),
+            json["lost"].as_u64(),
+            json["wrong_exit_or_phase"].as_u64()
+        ),
+        (Some(20), Some(0), Some(0))
+    );
+}

@@ -246,6 +246,17 @@ fn silence_fails_the_agent_with_the_right_reason() {
         (Some(Phase::Running), Some(AgentReason::HostUnreachable))
     );
 
+    // The host answers again and the agent is heard: Running again, reason and all.
+    let unreachable = d.status;
+    let mut o = observe(&spec, &unreachable, 101);
+    o.vm = present(VmState::Created);
+    o.guest.last_heartbeat = Some(t(100));
+    let d = decide(&o);
+    assert_eq!(
+        (d.status.phase, d.status.reason),
+        (Some(Phase::Running), Some(AgentReason::Running))
+    );
+
     let mut o = observe(&spec, &running, 100);
     o.vm = present(VmState::Failed);
     assert_eq!(decide(&o).status.reason, Some(AgentReason::VMFailed));

@@ -1,0 +1,416 @@
+//! `far bench`: the control plane under load, measured.
+//!
+//! In one process: the in-repo fake API server (real HTTP), several far-hosts with the `sim`
+//! provider (real gRPC; each simulated guest heartbeats and reports its exit over real HTTP),
+//! the status channel, and the real controller. It creates N FarAgents in one burst, follows
+//! them with a watch, and prints what happened as a table and as JSON: times from create to
+//! Running and to finished, the rate agents reached Running, API requests per agent by verb,
+//! and the process's peak memory and CPU time. A baseline first measures how fast the same API
+//! server takes plain status patches, so the controller's rate reads as a share of it.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context as _, Result, bail};
+use far_agent_controller::metrics::Metrics;
+use far_agent_controller::reconcile::Config as ControllerConfig;
+use far_api::{FarAgent, FlintlockHost, Phase};
+use far_channel::{Channel, TokenKey};
+use far_host::provider::sim::{Sim, SimConfig};
+use far_host::validate::Limits;
+use far_host::{Host, HostConfig, Service};
+use far_testkit::apiserver::FakeApiServer;
+use far_vmspec::{Defaults, ImageFile};
+use futures::StreamExt;
+use kube::Api;
+use kube::api::{Patch, PatchParams, PostParams};
+use kube::runtime::events::Reporter;
+use kube::runtime::{WatchStreamExt, watcher};
+use serde_json::json;
+use tokio::time::Instant;
+
+/// What `far bench` was asked.
+#[derive(Debug, clap::Args)]
+pub struct BenchArgs {
+    /// FarAgents created in one burst.
+    #[arg(long, default_value_t = 500)]
+    pub agents: usize,
+    /// Simulated Flintlock hosts.
+    #[arg(long, default_value_t = 4)]
+    pub hosts: usize,
+    /// Seconds each simulated agent runs.
+    #[arg(long, default_value_t = 2.0)]
+    pub run_seconds: f64,
+    /// Give up after this many seconds.
+    #[arg(long, default_value_t = 600)]
+    pub timeout_seconds: u64,
+    /// Status patches in the API-server baseline.
+    #[arg(long, default_value_t = 2000)]
+    pub baseline_patches: usize,
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let index = ((p / 100.0) * (sorted.len() - 1) as f64).round() as usize;
+    sorted[index.min(sorted.len() - 1)]
+}
+
+fn summary(mut values: Vec<f64>) -> serde_json::Value {
+    values.sort_by(f64::total_cmp);
+    json!({
+        "count": values.len(),
+        "p50": percentile(&values, 50.0),
+        "p95": percentile(&values, 95.0),
+        "p99": percentile(&values, 99.0),
+        "max": values.last().copied().unwrap_or(f64::NAN),
+    })
+}
+
+/// Peak resident memory (MiB) and CPU seconds of this process, from /proc.
+fn process_usage() -> (f64, f64) {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let hwm_kib: f64 = status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0);
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let after = stat.rfind(')').map_or("", |i| &stat[i + 1..]);
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    let ticks: f64 = [11, 12]
+        .iter()
+        .filter_map(|i| fields.get(*i)?.parse::<f64>().ok())
+        .sum();
+    (hwm_kib / 1024.0, ticks / 100.0)
+}
+
+async fn baseline(api: &FakeApiServer, patches: usize) -> Result<f64> {
+    let agents: Api<FarAgent> = Api::namespaced(api.client(), "baseline");
+    let agent: FarAgent = serde_json::from_value(json!({
+        "apiVersion": "tiffany.dev/v1", "kind": "FarAgent", "metadata": {"name": "baseline"},
+        "spec": {"image": "busybox:1", "memory": "256Mi", "cpu": 1, "entrypoint": "/bin/true"}
+    }))?;
+    agents.create(&PostParams::default(), &agent).await?;
+    let started = Instant::now();
+    let results: Vec<_> = futures::stream::iter(0..patches)
+        .map(|i| {
+            let agents = agents.clone();
+            async move {
+                let patch = json!({"status": {"message": format!("baseline {i}")}});
+                agents
+                    .patch_status("baseline", &PatchParams::default(), &Patch::Merge(&patch))
+                    .await
+            }
+        })
+        .buffer_unordered(32)
+        .collect()
+        .await;
+    let failed = results.iter().filter(|r| r.is_err()).count();
+    if failed > 0 {
+        bail!("{failed} baseline patches failed");
+    }
+    agents.delete("baseline", &Default::default()).await?;
+    Ok(patches as f64 / started.elapsed().as_secs_f64())
+}
+
+/// Runs the benchmark and prints its figures.
+pub async fn run(args: BenchArgs) -> Result<()> {
+    let api = FakeApiServer::start().await;
+    eprintln!(
+        "far bench: baseline: {} plain status patches",
+        args.baseline_patches
+    );
+    let patch_rate = baseline(&api, args.baseline_patches).await?;
+    let before = api.requests();
+
+    let channel = Channel::new(far_channel::Config::new(TokenKey::new(vec![7; 32])?));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let channel_url = format!("http://{}", listener.local_addr()?);
+    let router = channel.router();
+    tokio::spawn(async move { axum::serve(listener, router).await });
+
+    let state = tempfile::Builder::new().prefix("far-bench-").tempdir()?;
+    let hosts_api: Api<FlintlockHost> = Api::all(api.client());
+    let per_host = args.agents.div_ceil(args.hosts.max(1)) as u64;
+    for i in 0..args.hosts {
+        let limits = Limits {
+            max_vcpu: 1,
+            min_memory_mib: 64,
+            max_memory_mib: 256,
+        };
+        let sim = Sim::new(SimConfig {
+            boot_delay: Duration::from_millis(100),
+            fail_starts_containing: None,
+        });
+        let host = Host::open(
+            HostConfig {
+                limits,
+                ..HostConfig::default()
+            },
+            &state.path().join(format!("host-{i}")),
+            sim,
+        )
+        .await?;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let endpoint = format!("http://{}", listener.local_addr()?);
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(Service::new(host, None))
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+        );
+        let object: FlintlockHost = serde_json::from_value(json!({
+            "apiVersion": "tiffany.dev/v1", "kind": "FlintlockHost", "metadata": {"name": format!("sim-{i}")},
+            "spec": {"endpoint": endpoint, "provider": "sim", "capacity": {"cpu": per_host + 1, "memory": format!("{}Mi", (per_host + 1) * 256)},
+                     "vmLimits": {"minMemory": "64Mi", "maxMemory": "256Mi", "maxCpu": 1}}
+        }))?;
+        hosts_api.create(&PostParams::default(), &object).await?;
+    }
+
+    let metrics = Arc::new(Metrics::default());
+    let config = ControllerConfig {
+        defaults: Defaults {
+            namespace: "far".into(),
+            kernel: ImageFile {
+                image: "far.local/kernel:dev".into(),
+                filename: "vmlinuz".into(),
+            },
+            kernel_cmdline: BTreeMap::new(),
+            initrd: ImageFile {
+                image: "far.local/far-init:dev".into(),
+                filename: "initrd.cpio.gz".into(),
+            },
+        },
+        channel_url,
+        grace_period_seconds: 5,
+        call_timeout: Duration::from_secs(10),
+    };
+    let reporter = Reporter {
+        controller: "far-agent-controller".into(),
+        instance: Some("bench".into()),
+    };
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(far_agent_controller::run::run(
+        api.client(),
+        config,
+        channel,
+        reporter,
+        Arc::clone(&metrics),
+        async {
+            let _ = stopped.await;
+        },
+    ));
+    // Let the hosts be probed Ready before the burst.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    let agents: Api<FarAgent> = Api::namespaced(api.client(), "bench");
+    let mut seen_running: HashMap<String, Instant> = HashMap::new();
+    let mut finished: HashMap<String, (Instant, Phase, Option<i32>)> = HashMap::new();
+    let mut events = watcher(agents.clone(), watcher::Config::default())
+        .applied_objects()
+        .boxed();
+
+    eprintln!(
+        "far bench: creating {} FarAgents on {} sim hosts",
+        args.agents, args.hosts
+    );
+    let started = Instant::now();
+    let run_seconds = args.run_seconds.to_string();
+    let created: Vec<(String, Instant, i32)> = futures::stream::iter(0..args.agents)
+        .map(|i| {
+            let agents = agents.clone();
+            let run_seconds = run_seconds.clone();
+            async move {
+                let name = format!("agent-{i:05}");
+                let code = if i % 10 == 9 { 3 } else { 0 };
+                let agent: FarAgent = serde_json::from_value(json!({
+                    "apiVersion": "tiffany.dev/v1", "kind": "FarAgent", "metadata": {"name": name},
+                    "spec": {"image": "busybox:1", "memory": "128Mi", "cpu": 1, "entrypoint": "/usr/local/bin/tiffany",
+                             "args": ["--seconds", run_seconds, "--exit-code", code.to_string()],
+                             "heartbeat": {"intervalSeconds": 10, "timeoutSeconds": 60}}
+                }))
+                .context("agent manifest")?;
+                agents.create(&PostParams::default(), &agent).await.with_context(|| format!("creating {name}"))?;
+                anyhow::Ok((name, Instant::now(), code))
+            }
+        })
+        .buffer_unordered(32)
+        .collect::<Vec<_>>()
+        .await
+        .into_iter()
+        .collect::<Result<_>>()?;
+    let created_at: HashMap<String, (Instant, i32)> =
+        created.into_iter().map(|(n, t, c)| (n, (t, c))).collect();
+    eprintln!(
+        "far bench: {} created in {:.1} s; waiting for them to finish",
+        created_at.len(),
+        started.elapsed().as_secs_f64()
+    );
+
+    let deadline = started + Duration::from_secs(args.timeout_seconds);
+    while finished.len() < args.agents {
+        let next = tokio::time::timeout_at(deadline, events.next()).await;
+        let Ok(Some(event)) = next else { break };
+        let Ok(agent) = event else { continue };
+        let name = kube::ResourceExt::name_any(&agent);
+        let status = agent.status.clone().unwrap_or_default();
+        if matches!(
+            status.phase,
+            Some(Phase::Running | Phase::Completed | Phase::Failed)
+        ) {
+            seen_running
+                .entry(name.clone())
+                .or_insert_with(Instant::now);
+        }
+        if status.phase.is_some_and(Phase::is_terminal) {
+            finished.entry(name).or_insert_with(|| {
+                (
+                    Instant::now(),
+                    status.phase.unwrap_or(Phase::Failed),
+                    status.exit_code,
+                )
+            });
+        }
+    }
+    let _ = stop.send(());
+    let (rss_mib, cpu_seconds) = process_usage();
+    if std::env::var_os("FAR_BENCH_EVENTS").is_some() {
+        let mut reasons: BTreeMap<String, usize> = BTreeMap::new();
+        for e in api.objects("events") {
+            *reasons
+                .entry(e["reason"].as_str().unwrap_or_default().to_owned())
+                .or_default() += 1;
+        }
+        eprintln!("far bench: events by reason: {reasons:?}");
+    }
+
+    let to_running: Vec<f64> = seen_running
+        .iter()
+        .filter_map(|(n, t)| Some(t.duration_since(created_at.get(n)?.0).as_secs_f64()))
+        .collect();
+    let to_finished: Vec<f64> = finished
+        .iter()
+        .filter_map(|(n, (t, _, _))| Some(t.duration_since(created_at.get(n)?.0).as_secs_f64()))
+        .collect();
+    let wrong = finished
+        .iter()
+        .filter(|(n, (_, phase, code))| {
+            let want = created_at.get(*n).map_or(-1, |(_, c)| *c);
+            *code != Some(want) || (*phase == Phase::Completed) != (want == 0)
+        })
+        .count();
+    let last_running = seen_running.values().max().copied().unwrap_or(started);
+    let running_rate =
+        seen_running.len() as f64 / last_running.duration_since(started).as_secs_f64().max(1e-9);
+
+    let after = api.requests();
+    let mut per_agent = BTreeMap::new();
+    for ((verb, resource), count) in &after {
+        let own = before
+            .get(&(verb.clone(), resource.clone()))
+            .copied()
+            .unwrap_or(0);
+        let mut n = count.saturating_sub(own);
+        // The benchmark's own creates and watch are not the controller's.
+        if resource == "faragents" && verb == "create" {
+            n = n.saturating_sub(args.agents as u64);
+        }
+        if n > 0 && (verb != "watch" && verb != "list") {
+            *per_agent.entry(format!("{verb} {resource}")).or_insert(0.0) +=
+                n as f64 / args.agents as f64;
+        }
+    }
+    let writes: f64 = per_agent
+        .iter()
+        .filter(|(k, _)| !k.starts_with("get "))
+        .map(|(_, v)| v)
+        .sum();
+
+    let report = json!({
+        "agents": args.agents,
+        "hosts": args.hosts,
+        "run_seconds": args.run_seconds,
+        "finished": finished.len(),
+        "wrong_exit_or_phase": wrong,
+        "lost": args.agents - finished.len(),
+        "create_to_running_seconds": summary(to_running),
+        "create_to_finished_seconds": summary(to_finished),
+        "agents_per_second_reaching_running": running_rate,
+        "api_requests_per_agent": per_agent,
+        "api_writes_per_agent": writes,
+        "baseline_status_patches_per_second": patch_rate,
+        "process_peak_rss_mib": rss_mib,
+        "process_cpu_seconds": cpu_seconds,
+        "machine": format!("{} cores", std::thread::available_parallelism().map_or(0, usize::from)),
+    });
+    print_table(&report);
+    println!("{}", serde_json::to_string_pretty(&report)?);
+    if finished.len() < args.agents || wrong > 0 {
+        bail!(
+            "{} of {} agents finished, {wrong} with the wrong phase or exit code",
+            finished.len(),
+            args.agents
+        );
+    }
+    Ok(())
+}
+
+fn print_table(r: &serde_json::Value) {
+    let row = |label: &str, v: &serde_json::Value| {
+        println!(
+            "{label:<44} p50 {:>7.3}  p95 {:>7.3}  p99 {:>7.3}  max {:>7.3}",
+            v["p50"].as_f64().unwrap_or(f64::NAN),
+            v["p95"].as_f64().unwrap_or(f64::NAN),
+            v["p99"].as_f64().unwrap_or(f64::NAN),
+            v["max"].as_f64().unwrap_or(f64::NAN)
+        );
+    };
+    println!(
+        "far bench: {} agents on {} sim hosts ({})",
+        r["agents"],
+        r["hosts"],
+        r["machine"].as_str().unwrap_or_default()
+    );
+    println!(
+        "{:<44} {} of {} ({} lost, {} wrong)",
+        "finished", r["finished"], r["agents"], r["lost"], r["wrong_exit_or_phase"]
+    );
+    row("create -> Running (s)", &r["create_to_running_seconds"]);
+    row(
+        "create -> Completed/Failed (s)",
+        &r["create_to_finished_seconds"],
+    );
+    println!(
+        "{:<44} {:.1}",
+        "agents reaching Running per second",
+        r["agents_per_second_reaching_running"]
+            .as_f64()
+            .unwrap_or(0.0)
+    );
+    println!(
+        "{:<44} {:.2}",
+        "API writes per agent (controller)",
+        r["api_writes_per_agent"].as_f64().unwrap_or(0.0)
+    );
+    if let Some(map) = r["api_requests_per_agent"].as_object() {
+        for (k, v) in map {
+            println!("  {k:<42} {:.2}", v.as_f64().unwrap_or(0.0));
+        }
+    }
+    println!(
+        "{:<44} {:.0}",
+        "baseline: plain status patches per second",
+        r["baseline_status_patches_per_second"]
+            .as_f64()
+            .unwrap_or(0.0)
+    );
+    println!(
+        "{:<44} {:.1} MiB, {:.1} CPU s",
+        "process peak RSS, CPU (all components)",
+        r["process_peak_rss_mib"].as_f64().unwrap_or(0.0),
+        r["process_cpu_seconds"].as_f64().unwrap_or(0.0)
+    );
+}
