@@ -1,0 +1,115 @@
+//! The admission examples against a real API server, when one is given with
+//! `FAR_TEST_KUBECONFIG=/path/to/kubeconfig` (skipped, saying so, otherwise): the CRDs are
+//! applied, every valid example is created, and every invalid one is refused with its field
+//! named, exactly as the client-side admission in `far_api::admission` refuses it.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use far_api::manifest;
+use k8s_openapi::api::core::v1::Namespace;
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::api::{Api, DeleteParams, DynamicObject, Patch, PatchParams, PostParams};
+use kube::core::{ApiResource, GroupVersionKind};
+use kube::{Client, Config};
+
+fn examples() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples")
+}
+
+async fn client() -> Option<Client> {
+    let Some(path) = std::env::var_os("FAR_TEST_KUBECONFIG") else {
+        eprintln!("skipped: FAR_TEST_KUBECONFIG is not set (no real API server to test against)");
+        return None;
+    };
+    let kubeconfig =
+        kube::config::Kubeconfig::read_from(&path).expect("FAR_TEST_KUBECONFIG readable");
+    let config = Config::from_custom_kubeconfig(kubeconfig, &Default::default())
+        .await
+        .expect("kubeconfig usable");
+    Some(Client::try_from(config).expect("client"))
+}
+
+fn api_for(client: &Client, doc: &serde_json::Value, namespace: &str) -> Api<DynamicObject> {
+    let kind = doc["kind"].as_str().unwrap_or_default();
+    let resource = ApiResource::from_gvk(&GroupVersionKind::gvk("tiffany.dev", "v1", kind));
+    if kind == "FarAgent" {
+        Api::namespaced_with(client.clone(), namespace, &resource)
+    } else {
+        Api::all_with(client.clone(), &resource)
+    }
+}
+
+#[tokio::test]
+async fn examples_are_admitted_and_refused_by_a_real_api_server_as_by_far() {
+    let Some(client) = client().await else { return };
+    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+    for crd in far_api::crds() {
+        let name = crd.metadata.name.clone().unwrap();
+        crds.patch(
+            &name,
+            &PatchParams::apply("far-test").force(),
+            &Patch::Apply(&crd),
+        )
+        .await
+        .expect("CRD applied");
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let namespace = format!("far-test-{}", ulid::Ulid::new().to_string().to_lowercase());
+    let namespaces: Api<Namespace> = Api::all(client.clone());
+    let ns: Namespace =
+        serde_json::from_value(serde_json::json!({"metadata": {"name": namespace}})).unwrap();
+    namespaces
+        .create(&PostParams::default(), &ns)
+        .await
+        .expect("namespace");
+
+    let mut failures = Vec::new();
+    for dir in [examples(), examples().join("invalid")] {
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_none_or(|e| e != "yaml") {
+                continue;
+            }
+            let text = std::fs::read_to_string(&path).unwrap();
+            let expect = text
+                .lines()
+                .next()
+                .and_then(|l| l.strip_prefix("# refused: "))
+                .map(|e| e.split_once(": ").unwrap());
+            for doc in manifest::documents(&text).unwrap() {
+                let mut doc = doc.clone();
+                if doc["kind"] == "FlintlockHost" {
+                    // Cluster-scoped: keep test runs apart.
+                    doc["metadata"]["name"] =
+                        format!("{}-{namespace}", doc["metadata"]["name"].as_str().unwrap()).into();
+                }
+                let object: DynamicObject = serde_json::from_value(doc.clone()).unwrap();
+                let result = api_for(&client, &doc, &namespace)
+                    .create(&PostParams::default(), &object)
+                    .await;
+                match (expect, result) {
+                    (None, Ok(_)) => {}
+                    (Some((field, _)), Err(kube::Error::Api(s)))
+                        if s.code == 422 && s.message.contains(field) => {}
+                    (expect, result) => failures.push(format!(
+                        "{}: want {expect:?}, got {result:?}",
+                        path.display()
+                    )),
+                }
+                if doc["kind"] == "FlintlockHost" {
+                    let _ = api_for(&client, &doc, &namespace)
+                        .delete(
+                            doc["metadata"]["name"].as_str().unwrap(),
+                            &DeleteParams::default(),
+                        )
+                        .await;
+                }
+            }
+        }
+    }
+    let _ = namespaces
+        .delete(&namespace, &DeleteParams::default())
+        .await;
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
