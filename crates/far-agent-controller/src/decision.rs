@@ -324,14 +324,10 @@ pub fn decide(o: &Observation<'_>) -> Decision {
     }
 
     if !o.has_finalizer {
+        // The finalizer alone: the metadata write brings the agent back at once (its watch
+        // event), and status is written from then on.
         b.actions.push(Action::AddFinalizer);
-        if b.status.reason.is_none() {
-            b.phase(
-                b.status.phase.unwrap_or(Phase::Pending),
-                AgentReason::Provisioning,
-                "accepted",
-            );
-        }
+        b.status = o.status.clone();
         return b.done(Some(Duration::ZERO));
     }
 
@@ -375,9 +371,10 @@ pub fn decide(o: &Observation<'_>) -> Decision {
         );
     }
 
-    // Placement, recorded before any VM exists.
+    // Placement, recorded (in the same status write as the VM's creation, once it succeeds)
+    // before any VM exists.
     if b.status.host.is_none() {
-        return match &o.placement {
+        match &o.placement {
             Some(Placement::Fits { host, vm, message }) => {
                 b.status.host = Some(host.clone());
                 b.status.vm = Some(*vm);
@@ -393,7 +390,6 @@ pub fn decide(o: &Observation<'_>) -> Decision {
                     "Scheduled",
                     format!("placed on host {host}: {message}"),
                 );
-                b.done(Some(Duration::ZERO))
             }
             Some(Placement::Unschedulable(why)) => {
                 b.condition(
@@ -403,7 +399,7 @@ pub fn decide(o: &Observation<'_>) -> Decision {
                     why,
                 );
                 b.phase(Phase::Pending, AgentReason::Unschedulable, why.clone());
-                b.done(Some(RECHECK))
+                return b.done(Some(RECHECK));
             }
             None => {
                 b.phase(
@@ -411,9 +407,9 @@ pub fn decide(o: &Observation<'_>) -> Decision {
                     AgentReason::Provisioning,
                     "waiting for placement",
                 );
-                b.done(Some(RECHECK))
+                return b.done(Some(RECHECK));
             }
-        };
+        }
     }
 
     // Before the VM exists: its configuration must resolve.
@@ -529,7 +525,11 @@ pub fn decide(o: &Observation<'_>) -> Decision {
         Some(Vm::Present { uid, state }) => {
             let first_sight = b.status.vm_uid.as_deref() != Some(uid.as_str());
             b.status.vm_uid = Some(uid.clone());
-            b.status.vm_state = Some(state.as_str().to_owned());
+            // Flintlock's state is written with other changes (first sight, FAILED, DELETING,
+            // Running), not on its own: PENDING -> CREATED says nothing about the agent.
+            if first_sight || matches!(state, VmState::Failed | VmState::Deleting) {
+                b.status.vm_state = Some(state.as_str().to_owned());
+            }
             if first_sight {
                 b.condition(
                     agent_condition::VM_CREATED,
@@ -574,6 +574,7 @@ pub fn decide(o: &Observation<'_>) -> Decision {
                             b.status.last_heartbeat_time = Some(at(last));
                         }
                         if b.status.phase != Some(Phase::Running) {
+                            b.status.vm_state = Some(state.as_str().to_owned());
                             b.status.start_time.get_or_insert(at(last));
                             b.condition(
                                 agent_condition::AGENT_READY,
@@ -601,20 +602,45 @@ pub fn decide(o: &Observation<'_>) -> Decision {
                         if waited >= timeout {
                             return b.fail(AgentReason::BootTimeout, format!("the agent's init did not report in within {} s of the VM's creation", timeout.as_secs()), None);
                         }
-                        b.phase(
-                            Phase::Pending,
-                            AgentReason::Booting,
-                            format!(
-                                "VM {uid} is {}; waiting for the agent to report in",
-                                state.as_str()
-                            ),
-                        );
+                        b.phase(Phase::Pending, AgentReason::Booting, booting(uid));
                         b.done(Some((timeout - waited).min(Duration::from_secs(5))))
                     }
                 },
             }
         }
     }
+}
+
+/// The message of an agent whose VM exists and whose init has not reported in yet.
+fn booting(uid: &str) -> String {
+    format!("VM {uid} started; waiting for the agent to report in")
+}
+
+/// The status right after the shell created (or adopted) the agent's VM, written at once with
+/// the VM's uid: Flintlock's create is not idempotent, so the uid must land before anything else.
+pub fn vm_created(
+    status: &FarAgentStatus,
+    uid: &str,
+    state: VmState,
+    generation: Option<i64>,
+    now: Timestamp,
+) -> FarAgentStatus {
+    let mut s = status.clone();
+    s.vm_uid = Some(uid.to_owned());
+    s.vm_state = Some(state.as_str().to_owned());
+    conditions::set(
+        &mut s.conditions,
+        agent_condition::VM_CREATED,
+        true,
+        AgentReason::Booting.as_str(),
+        &format!("VM {uid}"),
+        generation,
+        now,
+    );
+    s.phase = Some(Phase::Pending);
+    s.reason = Some(AgentReason::Booting);
+    s.message = Some(booting(uid));
+    s
 }
 
 #[cfg(test)]

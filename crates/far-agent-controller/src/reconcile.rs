@@ -457,8 +457,7 @@ async fn reconcile_inner(agent: &Arc<FarAgent>, ctx: &Arc<Context>) -> Result<Re
             &held(agents.iter().map(AsRef::as_ref)),
         )
     });
-    let needs_config =
-        status.host.is_some() && status.vm_uid.is_none() && !terminal && deleting_since.is_none();
+    let needs_config = status.vm_uid.is_none() && !terminal && deleting_since.is_none();
     let resolved = if needs_config {
         Some(resolve(&ctx, &agent).await?)
     } else {
@@ -606,11 +605,16 @@ async fn reconcile_inner(agent: &Arc<FarAgent>, ctx: &Arc<Context>) -> Result<Re
                     .await?;
                 let vm_uid = vm_uid(&vm).unwrap_or_default();
                 info!(agent = %name, vm = %vm_uid, host = %host_name, attempt, "VM created");
-                // Recorded at once: Flintlock's create is not idempotent.
-                new_status.vm_uid = Some(vm_uid.clone());
+                // Recorded at once: Flintlock's create is not idempotent. Unfenced on purpose:
+                // the uid must land even if the agent changed meanwhile.
                 let before = new_status.clone();
-                new_status.vm_state = Some(vm_state(&vm).as_str().to_owned());
-                // Unfenced on purpose: the uid must land even if the agent changed meanwhile.
+                new_status = decision::vm_created(
+                    &before,
+                    &vm_uid,
+                    vm_state(&vm),
+                    agent.metadata.generation,
+                    now(),
+                );
                 api.patch_status(
                     &name,
                     &PatchParams::default(),

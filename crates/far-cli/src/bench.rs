@@ -318,7 +318,7 @@ pub async fn run(args: BenchArgs) -> Result<()> {
         if resource == "faragents" && verb == "create" {
             n = n.saturating_sub(args.agents as u64);
         }
-        if n > 0 && (verb != "watch" && verb != "list") {
+        if n > 0 && verb != "watch" && verb != "list" && verb != "conflict" {
             *per_agent.entry(format!("{verb} {resource}")).or_insert(0.0) +=
                 n as f64 / args.agents as f64;
         }
@@ -328,6 +328,11 @@ pub async fn run(args: BenchArgs) -> Result<()> {
         .filter(|(k, _)| !k.starts_with("get "))
         .map(|(_, v)| v)
         .sum();
+    let conflicts = after
+        .get(&("conflict".to_owned(), "faragents".to_owned()))
+        .copied()
+        .unwrap_or(0) as f64
+        / args.agents as f64;
 
     let report = json!({
         "agents": args.agents,
@@ -341,6 +346,7 @@ pub async fn run(args: BenchArgs) -> Result<()> {
         "agents_per_second_reaching_running": running_rate,
         "api_requests_per_agent": per_agent,
         "api_writes_per_agent": writes,
+        "api_conflicts_per_agent": conflicts,
         "baseline_status_patches_per_second": patch_rate,
         "process_peak_rss_mib": rss_mib,
         "process_cpu_seconds": cpu_seconds,
@@ -394,6 +400,11 @@ fn print_table(r: &serde_json::Value) {
         "{:<44} {:.2}",
         "API writes per agent (controller)",
         r["api_writes_per_agent"].as_f64().unwrap_or(0.0)
+    );
+    println!(
+        "{:<44} {:.2}",
+        "  of which refused 409 (stale copy)",
+        r["api_conflicts_per_agent"].as_f64().unwrap_or(0.0)
     );
     if let Some(map) = r["api_requests_per_agent"].as_object() {
         for (k, v) in map {

@@ -290,6 +290,10 @@ pub async fn run(args: RunArgs) -> Result<ExitCode> {
         &channel_id,
     )
     .await;
+    if matches!(outcome, Outcome::Failed(_)) {
+        // Before the VM's working files go with it.
+        show_console(&state.path().join("run").join(&vm_uid));
+    }
     say(format!("{name}: deleting VM {vm_uid}"));
     delete(&mut client, &vm_uid).await;
     let code = match outcome {
@@ -299,7 +303,6 @@ pub async fn run(args: RunArgs) -> Result<ExitCode> {
         }
         Outcome::Failed(reason) => {
             say(format!("{name}: failed: {reason}"));
-            show_console(&state.path().join("run").join(&vm_uid));
             1
         }
         Outcome::Interrupted => {

@@ -205,7 +205,7 @@ impl FakeApiServer {
     }
 
     /// Requests served so far, by `(verb, resource)`: verbs are get, list, watch, create,
-    /// update, patch and delete.
+    /// update, patch and delete; `conflict` counts the requests of any verb answered 409.
     pub fn requests(&self) -> BTreeMap<(String, String), u64> {
         lock(&self.shared).counts.clone()
     }
@@ -467,7 +467,7 @@ async fn handle(
             );
         }
     }
-    match verb {
+    let response = match verb {
         "list" => list(&shared, &target, &q),
         "watch" => watch(&shared, &target, &q),
         "get" => get(&shared, &target),
@@ -481,7 +481,14 @@ async fn handle(
             format!("{method} is not supported"),
             Value::Null,
         ),
+    };
+    if response.status() == StatusCode::CONFLICT {
+        *lock(&shared)
+            .counts
+            .entry(("conflict".to_owned(), target.kind.plural.to_owned()))
+            .or_default() += 1;
     }
+    response
 }
 
 fn list(shared: &Shared, target: &Target, q: &HashMap<String, String>) -> Response {

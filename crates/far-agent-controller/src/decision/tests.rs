@@ -78,33 +78,40 @@ fn an_agent_goes_from_accepted_to_completed_with_one_vm() {
     let mut o = observe(&spec, &status, 1);
     o.placement = Some(fits());
     let d = decide(&o);
+    // Placement and the VM's creation in one decision: the host is written (fenced) before the
+    // shell creates the VM.
     assert_eq!(
         d.status.host.as_deref(),
         Some("h1"),
         "host recorded before any VM"
     );
-    assert!(
-        !d.actions
+    assert_eq!(
+        d.actions
             .iter()
-            .any(|a| matches!(a, Action::CreateVm { .. }))
+            .filter(|a| matches!(a, Action::CreateVm { attempt: 0 }))
+            .count(),
+        1
     );
-
-    let status = d.status;
-    let mut o = observe(&spec, &status, 2);
-    o.vm = Some(Vm::Absent);
-    let d = decide(&o);
-    assert_eq!(d.actions, [Action::CreateVm { attempt: 0 }]);
     assert_eq!(d.status.reason, Some(AgentReason::Provisioning));
 
-    let mut status = d.status;
-    status.vm_uid = Some("vm1".into());
+    // The shell records the VM at once; the next decision, while Flintlock still says PENDING
+    // and then CREATED, has nothing new to write.
+    let status = vm_created(&d.status, "vm1", VmState::Pending, Some(1), t(2));
     let mut o = observe(&spec, &status, 3);
-    o.vm = present(VmState::Created);
+    o.vm = present(VmState::Pending);
     let d = decide(&o);
     assert_eq!(
         (d.status.phase, d.status.reason),
         (Some(Phase::Pending), Some(AgentReason::Booting)),
         "CREATED is not Running"
+    );
+    assert_eq!(d.status, status, "no write while booting");
+    let mut o = observe(&spec, &status, 4);
+    o.vm = present(VmState::Created);
+    assert_eq!(
+        decide(&o).status,
+        status,
+        "PENDING -> CREATED alone is not worth a write"
     );
 
     let status = d.status;
@@ -434,8 +441,9 @@ proptest! {
         // Restarts only grow, within the limit.
         prop_assert!(d.status.restart_count >= status.restart_count);
         prop_assert!(d.status.restart_count <= spec.backoff_limit);
-        // Every path ends terminal, lets the agent go, or waits with a reason.
-        let released = d.actions.iter().any(|a| matches!(a, Action::RemoveFinalizer | Action::DeleteAgent))
+        // Every path ends terminal, lets the agent go, takes it in (the finalizer), or waits
+        // with a reason.
+        let released = d.actions.iter().any(|a| matches!(a, Action::RemoveFinalizer | Action::DeleteAgent | Action::AddFinalizer))
             || (deleting.is_some() && !has_finalizer);
         let terminal = d.status.phase.is_some_and(Phase::is_terminal);
         if !terminal && !released {
