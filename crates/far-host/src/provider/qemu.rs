@@ -105,6 +105,33 @@ fn alive(identity: &ProcessIdentity) -> bool {
     start_ticks(identity.pid) == Some(identity.start_ticks)
 }
 
+/// The host's TSC frequency in kHz, from `/proc/cpuinfo`.
+fn host_tsc_khz() -> Option<u64> {
+    let info = fs::read_to_string("/proc/cpuinfo").ok()?;
+    let mhz: f64 = info
+        .lines()
+        .find(|l| l.starts_with("cpu MHz"))?
+        .split(':')
+        .nth(1)?
+        .trim()
+        .parse()
+        .ok()?;
+    Some((mhz * 1000.0) as u64)
+}
+
+/// Kernel arguments that software emulation needs: the guest's TSC calibration against the PIT
+/// fails whenever the host is busy (QEMU's thread is preempted mid-measurement), and the kernel
+/// then stalls at boot. Telling it the frequency skips the calibration.
+fn tcg_args(tsc_khz: Option<u64>) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        (
+            "tsc_early_khz".to_owned(),
+            tsc_khz.unwrap_or(2_000_000).to_string(),
+        ),
+        ("tsc".to_owned(), "reliable".to_owned()),
+    ])
+}
+
 fn cmdline(
     base: &BTreeMap<String, String>,
     spec: &BTreeMap<String, String>,
@@ -324,11 +351,17 @@ impl Provider for Qemu {
         let accel = self.accel(&resolved.kernel).await;
         let console = fs::File::create(dir.join("console.log"))
             .map_err(|e| ProviderError(format!("creating console.log: {e}")))?;
-        let kernel_args = spec
-            .kernel
-            .as_ref()
-            .map(|k| k.cmdline.clone())
-            .unwrap_or_default();
+        let mut kernel_args = if accel == "tcg" {
+            tcg_args(host_tsc_khz())
+        } else {
+            BTreeMap::new()
+        };
+        kernel_args.extend(
+            spec.kernel
+                .as_ref()
+                .map(|k| k.cmdline.clone())
+                .unwrap_or_default(),
+        );
 
         let mut qemu = Command::new(&self.config.binary);
         qemu.args([
@@ -486,6 +519,17 @@ mod tests {
         assert_eq!(
             cmdline(&base, &spec, 4242),
             "console=ttyS0 far.metadata=http://169.254.0.2:4242 panic=0 quiet"
+        );
+    }
+
+    #[test]
+    fn software_emulation_is_told_the_tsc_frequency() {
+        let args = tcg_args(Some(2_596_122));
+        assert_eq!(args["tsc_early_khz"], "2596122");
+        assert_eq!(args["tsc"], "reliable");
+        assert!(
+            host_tsc_khz().is_some_and(|k| k > 100_000),
+            "this machine's /proc/cpuinfo has cpu MHz"
         );
     }
 
