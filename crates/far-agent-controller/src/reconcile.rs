@@ -482,10 +482,15 @@ async fn reconcile_inner(agent: &Arc<FarAgent>, ctx: &Arc<Context>) -> Result<Re
     });
     let mut new_status = decision.status;
     // Status first, fenced by resourceVersion: a decision made on a stale copy of the agent is
-    // refused here, before it can act.
+    // refused here, before it can act. A decision that creates the VM is fenced by a fresh read
+    // instead, and its status goes out in one write with the VM's uid.
     let mut resource_version = agent.resource_version();
+    let creating = decision
+        .actions
+        .iter()
+        .any(|a| matches!(a, Action::CreateVm { .. }));
     let wrote = new_status != status;
-    if wrote {
+    if wrote && !creating {
         let written = api
             .patch_status(
                 &name,
@@ -509,7 +514,10 @@ async fn reconcile_inner(agent: &Arc<FarAgent>, ctx: &Arc<Context>) -> Result<Re
             .observe(now().duration_since(created.0).as_secs_f64().max(0.0));
     }
 
-    for action in decision.actions {
+    // The VM first: nothing (not even an Event) is said of a decision that turns out stale.
+    let mut actions = decision.actions;
+    actions.sort_by_key(|a| !matches!(a, Action::CreateVm { .. }));
+    for action in actions {
         match action {
             Action::AddFinalizer => {
                 // The test makes the write conditional on the list we saw (as kube-rs does).
@@ -607,18 +615,19 @@ async fn reconcile_inner(agent: &Arc<FarAgent>, ctx: &Arc<Context>) -> Result<Re
                 info!(agent = %name, vm = %vm_uid, host = %host_name, attempt, "VM created");
                 // Recorded at once: Flintlock's create is not idempotent. Unfenced on purpose:
                 // the uid must land even if the agent changed meanwhile.
-                let before = new_status.clone();
                 new_status = decision::vm_created(
-                    &before,
+                    &new_status,
                     &vm_uid,
                     vm_state(&vm),
                     agent.metadata.generation,
                     now(),
                 );
+                // Unfenced on purpose: the uid must land even if the agent changed meanwhile.
+                // It carries the whole decision (placement included) against the status read.
                 api.patch_status(
                     &name,
                     &PatchParams::default(),
-                    &Patch::Merge(status_patch(&before, &new_status, None)),
+                    &Patch::Merge(status_patch(&status, &new_status, None)),
                 )
                 .await?;
                 publish(
@@ -662,8 +671,9 @@ async fn reconcile_inner(agent: &Arc<FarAgent>, ctx: &Arc<Context>) -> Result<Re
 /// What to do after a failed reconcile: try again soon.
 pub fn error_policy(agent: Arc<FarAgent>, error: &Error, ctx: Arc<Context>) -> Requeue {
     if matches!(error, Error::Stale) {
-        // Not a failure: the fresh copy is on its way through the watch.
-        return Requeue::requeue(Duration::from_millis(200));
+        // Not a failure: the newer copy is on its way through the watch, and its arrival
+        // reconciles the agent again; a timer would only retry on the same stale copy.
+        return Requeue::await_change();
     }
     ctx.metrics
         .reconcile_errors
