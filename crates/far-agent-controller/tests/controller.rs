@@ -27,6 +27,9 @@ struct Env {
     _state: tempfile::TempDir,
     stop: Option<oneshot::Sender<()>>,
     metrics: Arc<far_agent_controller::metrics::Metrics>,
+    /// The far-host's gRPC server, and what stops it (the host becomes unreachable).
+    server: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
+    host_down: Option<oneshot::Sender<()>>,
 }
 
 impl Drop for Env {
@@ -61,10 +64,16 @@ async fn env() -> Env {
     .unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let endpoint = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(
+    let (host_down, down) = oneshot::channel::<()>();
+    let server = tokio::spawn(
         tonic::transport::Server::builder()
             .add_service(Service::new(Arc::clone(&host), None))
-            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+            .serve_with_incoming_shutdown(
+                tokio_stream::wrappers::TcpListenerStream::new(listener),
+                async {
+                    let _ = down.await;
+                },
+            ),
     );
 
     let channel = Channel::new(far_channel::Config::new(
@@ -93,6 +102,8 @@ async fn env() -> Env {
         _state: state,
         stop: None,
         metrics: Arc::default(),
+        server,
+        host_down: Some(host_down),
     }
 }
 
@@ -131,6 +142,26 @@ impl Env {
                 let _ = rx.await;
             },
         ));
+    }
+
+    /// Stops the far-host's gRPC server: no new connection, existing ones closed.
+    async fn kill_host(&mut self) {
+        if let Some(down) = self.host_down.take() {
+            let _ = down.send(());
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(10), &mut self.server).await;
+        self.server.abort();
+    }
+
+    /// Waits for an Event with this reason (Events are written after the status they follow).
+    async fn wait_for_event(&self, reason: &str) {
+        for _ in 0..200 {
+            if self.event_reasons().iter().any(|r| r == reason) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("no {reason} event in {:?}", self.event_reasons());
     }
 
     fn agents(&self) -> Api<FarAgent> {
@@ -278,7 +309,7 @@ async fn a_non_zero_exit_fails_and_on_failure_restarts_in_a_new_vm() {
         .await;
     let status = agent.status.unwrap();
     assert_eq!((status.restart_count, status.exit_code), (1, Some(4)));
-    assert!(env.event_reasons().iter().any(|r| r == "BackOff"));
+    env.wait_for_event("BackOff").await;
 }
 
 #[tokio::test]
@@ -540,4 +571,113 @@ async fn with_two_replicas_only_the_leader_acts_and_the_other_takes_over() {
         "the other replica took over"
     );
     env.stop = None;
+}
+
+#[tokio::test]
+async fn a_host_lost_while_running_shows_unreachable_and_silent_agents_fail() {
+    let mut env = env().await;
+    env.start_controller();
+    let fast = json!({"intervalSeconds": 1, "timeoutSeconds": 6});
+    // One guest goes on heartbeating (its host's API is down, not the guest); one falls silent.
+    env.create(
+        "alive",
+        json!({"args": ["--seconds", "600"], "heartbeat": fast}),
+    )
+    .await;
+    env.create("silent", json!({"args": ["--sim-hang"], "heartbeat": fast}))
+        .await;
+    env.wait_for("alive", "Running", |a| phase(a) == Some(Phase::Running))
+        .await;
+    env.wait_for("silent", "Running", |a| phase(a) == Some(Phase::Running))
+        .await;
+    env.kill_host().await;
+
+    let alive = env
+        .wait_for("alive", "HostUnreachable", |a| {
+            a.status.as_ref().and_then(|s| s.reason) == Some(far_api::AgentReason::HostUnreachable)
+        })
+        .await;
+    assert_eq!(
+        alive.status.unwrap().phase,
+        Some(Phase::Running),
+        "heartbeats still arrive"
+    );
+    env.wait_for_event("HostUnreachable").await;
+    let silent = env
+        .wait_for("silent", "Failed", |a| phase(a) == Some(Phase::Failed))
+        .await;
+    assert_eq!(
+        silent.status.unwrap().reason,
+        Some(far_api::AgentReason::HeartbeatLost)
+    );
+    for _ in 0..200 {
+        let host = env.api.object("flintlockhosts", "", "sim-1").unwrap();
+        if host["status"]["conditions"][0]["status"] == "False" {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("the lost host never turned not Ready");
+}
+
+#[tokio::test]
+async fn a_host_down_at_create_leaves_the_agent_pending_without_a_vm() {
+    let mut env = env().await;
+    env.start_controller();
+    // Ready first, then gone before the agent arrives.
+    for _ in 0..100 {
+        if env
+            .api
+            .object("flintlockhosts", "", "sim-1")
+            .is_some_and(|h| h["status"]["conditions"][0]["status"] == "True")
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    env.server.abort();
+    env.create("early", json!({"args": ["--seconds", "1"]}))
+        .await;
+    let agent = env
+        .wait_for("early", "Unschedulable on a host that is not Ready", |a| {
+            a.status
+                .as_ref()
+                .and_then(|s| s.message.as_deref())
+                .is_some_and(|m| m.contains("sim-1: not Ready"))
+        })
+        .await;
+    let status = agent.status.unwrap();
+    assert_eq!(
+        (status.phase, status.host, status.vm_uid),
+        (Some(Phase::Pending), None, None)
+    );
+    assert!(env.vms().is_empty(), "no VM was made");
+}
+
+#[tokio::test]
+async fn an_agent_deleted_while_its_vm_is_being_created_leaves_nothing_behind() {
+    let mut env = env().await;
+    env.start_controller();
+    env.create("brief", json!({"args": ["--seconds", "600"]}))
+        .await;
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    env.agents()
+        .delete("brief", &DeleteParams::default())
+        .await
+        .unwrap();
+    for _ in 0..300 {
+        if env.agents().get_opt("brief").await.unwrap().is_none() && env.vms().is_empty() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!(
+        "left behind: agent {:?}, {} VMs",
+        env.agents()
+            .get_opt("brief")
+            .await
+            .unwrap()
+            .map(|a| a.status),
+        env.vms().len()
+    );
 }
