@@ -17,7 +17,7 @@ use flintlock_proto::v1alpha1::{
     CreateMicroVmRequest, DeleteMicroVmRequest, GetMicroVmRequest, ListMicroVMsRequest,
 };
 use tonic::codegen::InterceptedService;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 use tonic::{Request, Status};
 
 /// Adds the host's token, when it has one.
@@ -35,10 +35,33 @@ impl tonic::service::Interceptor for Auth {
 
 type Client = MicroVmClient<InterceptedService<Channel, Auth>>;
 
-/// A host's client, with the endpoint and token it was built for.
+/// How the controller proves itself to a host and checks the host: the shared token and, for
+/// `https://` endpoints, the CA (and for mutual TLS the client certificate and key), all read
+/// from the host's Secrets. `Debug` shows none of it.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct Credentials {
+    /// The shared token.
+    pub token: Option<String>,
+    /// PEM `ca.crt`.
+    pub ca: Option<Vec<u8>>,
+    /// PEM `tls.crt` and `tls.key`.
+    pub identity: Option<(Vec<u8>, Vec<u8>)>,
+}
+
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Credentials")
+            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .field("ca", &self.ca.is_some())
+            .field("identity", &self.identity.is_some())
+            .finish()
+    }
+}
+
+/// A host's client, with the endpoint and credentials it was built for.
 struct Cached {
     endpoint: String,
-    token: Option<String>,
+    credentials: Credentials,
     client: Client,
 }
 
@@ -118,13 +141,17 @@ impl Pool {
         }
     }
 
-    fn client(&self, host: &FlintlockHost, token: Option<&str>) -> Result<Client, FlintlockError> {
+    fn client(
+        &self,
+        host: &FlintlockHost,
+        credentials: &Credentials,
+    ) -> Result<Client, FlintlockError> {
         let name = kube::ResourceExt::name_any(host);
         let endpoint = host.spec.endpoint.clone();
         let mut clients = self.clients.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(cached) = clients.get(&name)
             && cached.endpoint == endpoint
-            && cached.token.as_deref() == token
+            && cached.credentials == *credentials
         {
             return Ok(cached.client.clone());
         }
@@ -133,23 +160,36 @@ impl Pool {
             endpoint: endpoint.clone(),
             reason,
         };
-        let channel = Endpoint::from_shared(endpoint.clone())
+        let mut channel = Endpoint::from_shared(endpoint.clone())
             .map_err(|e| bad(e.to_string()))?
             .connect_timeout(self.timeout)
-            .timeout(self.timeout)
-            .connect_lazy();
+            .timeout(self.timeout);
+        if endpoint.starts_with("https://") {
+            let mut tls = ClientTlsConfig::new().with_enabled_roots();
+            if let Some(ca) = &credentials.ca {
+                tls = tls.ca_certificate(Certificate::from_pem(ca));
+            }
+            if let Some((cert, key)) = &credentials.identity {
+                tls = tls.identity(Identity::from_pem(cert, key));
+            }
+            channel = channel
+                .tls_config(tls)
+                .map_err(|e| bad(format!("TLS: {e}")))?;
+        }
         let auth = Auth(
-            token
+            credentials
+                .token
+                .as_deref()
                 .map(BasicToken::new)
                 .transpose()
                 .map_err(|e| bad(e.message().to_owned()))?,
         );
-        let client = MicroVmClient::with_interceptor(channel, auth);
+        let client = MicroVmClient::with_interceptor(channel.connect_lazy(), auth);
         clients.insert(
             name,
             Cached {
                 endpoint,
-                token: token.map(str::to_owned),
+                credentials: credentials.clone(),
                 client: client.clone(),
             },
         );
@@ -159,7 +199,7 @@ impl Pool {
     async fn call<T, F, Fut>(
         &self,
         host: &FlintlockHost,
-        token: Option<&str>,
+        credentials: &Credentials,
         method: &'static str,
         retry: bool,
         f: F,
@@ -168,7 +208,7 @@ impl Pool {
         F: Fn(Client) -> Fut,
         Fut: std::future::Future<Output = Result<tonic::Response<T>, Status>>,
     {
-        let client = self.client(host, token)?;
+        let client = self.client(host, credentials)?;
         let mut attempt = 0;
         loop {
             attempt += 1;
@@ -209,11 +249,11 @@ impl Pool {
     pub async fn get(
         &self,
         host: &FlintlockHost,
-        token: Option<&str>,
+        credentials: &Credentials,
         uid: &str,
     ) -> Result<Option<MicroVm>, FlintlockError> {
         let result = self
-            .call(host, token, "GetMicroVM", true, |mut c| {
+            .call(host, credentials, "GetMicroVM", true, |mut c| {
                 let uid = uid.to_owned();
                 async move { c.get_micro_vm(GetMicroVmRequest { uid }).await }
             })
@@ -232,11 +272,11 @@ impl Pool {
     pub async fn list(
         &self,
         host: &FlintlockHost,
-        token: Option<&str>,
+        credentials: &Credentials,
         namespace: &str,
         name: Option<&str>,
     ) -> Result<Vec<MicroVm>, FlintlockError> {
-        self.call(host, token, "ListMicroVMs", true, |mut c| {
+        self.call(host, credentials, "ListMicroVMs", true, |mut c| {
             let request = ListMicroVMsRequest {
                 namespace: namespace.to_owned(),
                 name: name.map(str::to_owned),
@@ -254,11 +294,11 @@ impl Pool {
     pub async fn create(
         &self,
         host: &FlintlockHost,
-        token: Option<&str>,
+        credentials: &Credentials,
         request: CreateMicroVmRequest,
     ) -> Result<MicroVm, FlintlockError> {
         let vm = self
-            .call(host, token, "CreateMicroVM", false, |mut c| {
+            .call(host, credentials, "CreateMicroVM", false, |mut c| {
                 let request = request.clone();
                 async move { c.create_micro_vm(request).await }
             })
@@ -278,11 +318,11 @@ impl Pool {
     pub async fn delete(
         &self,
         host: &FlintlockHost,
-        token: Option<&str>,
+        credentials: &Credentials,
         uid: &str,
     ) -> Result<(), FlintlockError> {
         let result = self
-            .call(host, token, "DeleteMicroVM", true, |mut c| {
+            .call(host, credentials, "DeleteMicroVM", true, |mut c| {
                 let uid = uid.to_owned();
                 async move { c.delete_micro_vm(DeleteMicroVmRequest { uid }).await }
             })

@@ -66,18 +66,12 @@ pub async fn probe_all(ctx: &Context) {
         .collect();
     for host in ctx.hosts.state() {
         let name = host.name_any();
-        let token = crate::reconcile::host_token(ctx, &host)
+        let credentials = crate::reconcile::host_credentials(ctx, &host)
             .await
-            .ok()
-            .flatten();
+            .unwrap_or_default();
         let probe = ctx
             .flintlock
-            .list(
-                &host,
-                token.as_deref(),
-                &ctx.config.defaults.namespace,
-                None,
-            )
+            .list(&host, &credentials, &ctx.config.defaults.namespace, None)
             .await;
         let ready = probe.is_ok();
         match &probe {
@@ -108,9 +102,7 @@ pub async fn probe_all(ctx: &Context) {
                         };
                         if orphan && !deleting {
                             info!(host = %name, vm = %uid, id = %spec.id, "deleting orphaned VM");
-                            if let Err(e) =
-                                ctx.flintlock.delete(&host, token.as_deref(), &uid).await
-                            {
+                            if let Err(e) = ctx.flintlock.delete(&host, &credentials, &uid).await {
                                 warn!(host = %name, vm = %uid, error = %e, "orphaned VM not deleted");
                             }
                         }

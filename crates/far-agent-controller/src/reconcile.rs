@@ -24,7 +24,7 @@ use serde_json::{Value, json};
 use tracing::{info, warn};
 
 use crate::decision::{self, Action, Guest, Observation, Vm, VmState};
-use crate::flintlock::{FlintlockError, Pool};
+use crate::flintlock::{Credentials, FlintlockError, Pool};
 use crate::placement::{HostView, held, place};
 
 /// What the controller decides for every agent.
@@ -58,8 +58,8 @@ pub struct Context {
     pub unreachable: Mutex<HashMap<String, Timestamp>>,
     /// Agents by UID, for turning channel reports into reconciles.
     pub by_uid: Mutex<HashMap<String, ObjectRef<FarAgent>>>,
-    /// Tokens of hosts, read from their Secrets.
-    pub tokens: Mutex<HashMap<String, Option<String>>>,
+    /// Credentials of hosts, read from their Secrets.
+    pub credentials: Mutex<HashMap<String, Credentials>>,
     /// Who writes Events.
     pub reporter: Reporter,
     /// Set once the FarAgent cache has been filled.
@@ -128,41 +128,57 @@ fn now() -> Timestamp {
     Timestamp::now()
 }
 
-/// The host's token, read from its Secret (cached; the Secret is read again when the host's
-/// object changes).
-pub async fn host_token(ctx: &Context, host: &FlintlockHost) -> Result<Option<String>, Error> {
-    let Some(reference) = &host.spec.token_secret_ref else {
-        return Ok(None);
-    };
+/// A Secret's key, if both exist.
+async fn secret_value(
+    ctx: &Context,
+    namespace: Option<&str>,
+    name: &str,
+    key: &str,
+) -> Result<Option<Vec<u8>>, Error> {
+    let namespace =
+        namespace.map_or_else(|| ctx.client.default_namespace().to_owned(), str::to_owned);
+    let secret = Api::<Secret>::namespaced(ctx.client.clone(), &namespace)
+        .get_opt(name)
+        .await?;
+    Ok(secret
+        .and_then(|s| s.data)
+        .and_then(|mut d| d.remove(key))
+        .map(|b| b.0))
+}
+
+/// The host's credentials, read from its Secrets (cached; read again when the host's object
+/// changes).
+pub async fn host_credentials(ctx: &Context, host: &FlintlockHost) -> Result<Credentials, Error> {
     let cache_key = format!(
         "{}@{}",
         host.name_any(),
         host.resource_version().unwrap_or_default()
     );
-    if let Some(token) = ctx
-        .tokens
+    if let Some(credentials) = ctx
+        .credentials
         .lock()
         .unwrap_or_else(|e| e.into_inner())
         .get(&cache_key)
     {
-        return Ok(token.clone());
+        return Ok(credentials.clone());
     }
-    let namespace = reference
-        .namespace
-        .clone()
-        .unwrap_or_else(|| ctx.client.default_namespace().to_owned());
-    let secret = Api::<Secret>::namespaced(ctx.client.clone(), &namespace)
-        .get_opt(&reference.name)
-        .await?;
-    let token = secret.and_then(|s| s.data).and_then(|d| {
-        d.get(&reference.key)
-            .map(|b| String::from_utf8_lossy(&b.0).trim().to_owned())
-    });
-    ctx.tokens
+    let mut credentials = Credentials::default();
+    if let Some(r) = &host.spec.token_secret_ref {
+        credentials.token = secret_value(ctx, r.namespace.as_deref(), &r.name, &r.key)
+            .await?
+            .map(|b| String::from_utf8_lossy(&b).trim().to_owned());
+    }
+    if let Some(r) = &host.spec.tls_secret_ref {
+        credentials.ca = secret_value(ctx, r.namespace.as_deref(), &r.name, "ca.crt").await?;
+        let cert = secret_value(ctx, r.namespace.as_deref(), &r.name, "tls.crt").await?;
+        let key = secret_value(ctx, r.namespace.as_deref(), &r.name, "tls.key").await?;
+        credentials.identity = cert.zip(key);
+    }
+    ctx.credentials
         .lock()
         .unwrap_or_else(|e| e.into_inner())
-        .insert(cache_key, token.clone());
-    Ok(token)
+        .insert(cache_key, credentials.clone());
+    Ok(credentials)
 }
 
 fn host_object(ctx: &Context, name: &str) -> Option<Arc<FlintlockHost>> {
@@ -210,11 +226,11 @@ async fn observe_vm(
             since: mark(ctx, host_name, false).unwrap_or_else(now),
         });
     };
-    let token = host_token(ctx, &host).await?;
+    let credentials = host_credentials(ctx, &host).await?;
     let result = match &status.vm_uid {
         Some(uid) => ctx
             .flintlock
-            .get(&host, token.as_deref(), uid)
+            .get(&host, &credentials, uid)
             .await
             .map(|vm| vm.map(|v| (uid.clone(), v))),
         None => {
@@ -223,7 +239,7 @@ async fn observe_vm(
             ctx.flintlock
                 .list(
                     &host,
-                    token.as_deref(),
+                    &credentials,
                     &ctx.config.defaults.namespace,
                     Some(name.id()),
                 )
@@ -600,7 +616,7 @@ async fn reconcile_inner(agent: &Arc<FarAgent>, ctx: &Arc<Context>) -> Result<Re
                     attempt,
                     guest_metadata: &metadata,
                 })?;
-                let token = host_token(&ctx, &host).await?;
+                let credentials = host_credentials(&ctx, &host).await?;
                 // The one call that cannot be repeated safely: act only if the agent we decided
                 // on is still the agent the API server has.
                 let fresh = api.get(&name).await?;
@@ -609,7 +625,7 @@ async fn reconcile_inner(agent: &Arc<FarAgent>, ctx: &Arc<Context>) -> Result<Re
                 }
                 let vm = ctx
                     .flintlock
-                    .create(&host, token.as_deref(), planned.request)
+                    .create(&host, &credentials, planned.request)
                     .await?;
                 let vm_uid = vm_uid(&vm).unwrap_or_default();
                 info!(agent = %name, vm = %vm_uid, host = %host_name, attempt, "VM created");
@@ -643,8 +659,8 @@ async fn reconcile_inner(agent: &Arc<FarAgent>, ctx: &Arc<Context>) -> Result<Re
                 if let Some(host_name) = status.host.as_ref()
                     && let Some(host) = host_object(&ctx, host_name)
                 {
-                    let token = host_token(&ctx, &host).await?;
-                    ctx.flintlock.delete(&host, token.as_deref(), &vm).await?;
+                    let credentials = host_credentials(&ctx, &host).await?;
+                    ctx.flintlock.delete(&host, &credentials, &vm).await?;
                     info!(agent = %name, %vm, "VM deleted");
                 }
             }

@@ -72,7 +72,7 @@ pub async fn run(
         agents: controller.store(),
         unreachable: Default::default(),
         by_uid: Default::default(),
-        tokens: Default::default(),
+        credentials: Default::default(),
         reporter,
         agents_ready: AtomicBool::new(false),
     });

@@ -677,3 +677,90 @@ async fn an_agent_deleted_while_its_vm_is_being_created_leaves_nothing_behind() 
         env.vms().len()
     );
 }
+
+#[tokio::test]
+async fn hosts_are_reached_over_mutual_tls_with_the_token_from_their_secrets() {
+    let mut env = env().await;
+    let server = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
+    let client =
+        rcgen::generate_simple_self_signed(vec!["far-agent-controller".to_owned()]).unwrap();
+    let (server_cert, server_key) = (server.cert.pem(), server.signing_key.serialize_pem());
+    let (client_cert, client_key) = (client.cert.pem(), client.signing_key.serialize_pem());
+
+    // A second far-host, TLS with client certificates and a token.
+    let state = tempfile::tempdir().unwrap();
+    let host = Host::open(
+        HostConfig::default(),
+        state.path(),
+        Sim::new(SimConfig::default()),
+    )
+    .await
+    .unwrap();
+    let tls = tonic::transport::ServerTlsConfig::new()
+        .identity(tonic::transport::Identity::from_pem(
+            &server_cert,
+            &server_key,
+        ))
+        .client_ca_root(tonic::transport::Certificate::from_pem(&client_cert));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .tls_config(tls)
+            .unwrap()
+            .add_service(Service::new(Arc::clone(&host), Some("s3cret".into())))
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    let b64 = |text: &str| base64::Engine::encode(&base64::engine::general_purpose::STANDARD, text);
+    let secrets: Api<k8s_openapi::api::core::v1::Secret> =
+        Api::namespaced(env.api.client(), "default");
+    for (name, data) in [
+        (
+            "tls-host",
+            json!({"ca.crt": b64(&server_cert), "tls.crt": b64(&client_cert), "tls.key": b64(&client_key)}),
+        ),
+        ("token-host", json!({"token": b64("s3cret")})),
+    ] {
+        let secret = serde_json::from_value(
+            json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": name}, "data": data}),
+        )
+        .unwrap();
+        secrets
+            .create(&PostParams::default(), &secret)
+            .await
+            .unwrap();
+    }
+    // The plaintext host is cordoned, so the agent must go to the TLS one.
+    let hosts: Api<FlintlockHost> = Api::all(env.api.client());
+    hosts
+        .patch(
+            "sim-1",
+            &Default::default(),
+            &kube::api::Patch::Merge(json!({"spec": {"unschedulable": true}})),
+        )
+        .await
+        .unwrap();
+    let tls_host: FlintlockHost = serde_json::from_value(json!({
+        "apiVersion": "tiffany.dev/v1", "kind": "FlintlockHost", "metadata": {"name": "tls-1"},
+        "spec": {"endpoint": format!("https://localhost:{port}"), "provider": "sim",
+                 "tlsSecretRef": {"name": "tls-host", "namespace": "default"},
+                 "tokenSecretRef": {"name": "token-host", "namespace": "default"},
+                 "capacity": {"cpu": 4, "memory": "8Gi"}, "vmLimits": {"minMemory": "64Mi", "maxMemory": "8Gi", "maxCpu": 4}}
+    })).unwrap();
+    hosts
+        .create(&PostParams::default(), &tls_host)
+        .await
+        .unwrap();
+
+    env.start_controller();
+    env.create("secure", json!({"args": ["--seconds", "0.2"]}))
+        .await;
+    let agent = env
+        .wait_for("secure", "Completed", |a| {
+            phase(a) == Some(Phase::Completed)
+        })
+        .await;
+    assert_eq!(agent.status.unwrap().host.as_deref(), Some("tls-1"));
+    let exits: Vec<_> = host.list("far", None);
+    assert!(exits.len() <= 1, "one VM at most on the TLS host");
+}

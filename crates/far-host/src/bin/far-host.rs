@@ -14,7 +14,7 @@ use far_host::provider::qemu::{Accel, Qemu, QemuConfig};
 use far_host::provider::sim::{Sim, SimConfig};
 use far_host::validate::Limits;
 use far_host::{Host, HostConfig, Service};
-use tonic::transport::Server;
+use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
 enum ProviderName {
@@ -44,6 +44,15 @@ struct Args {
     /// Directory for VM records and VM working files.
     #[arg(long, env = "FAR_HOST_STATE_DIR", default_value = "/var/lib/far-host")]
     state_dir: PathBuf,
+    /// PEM certificate to serve TLS with (with --tls-key). Required off loopback.
+    #[arg(long, env = "FAR_HOST_TLS_CERT", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(long, env = "FAR_HOST_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// PEM CA whose client certificates are required (mutual TLS).
+    #[arg(long, env = "FAR_HOST_TLS_CLIENT_CA", requires = "tls_cert")]
+    tls_client_ca: Option<PathBuf>,
     /// File holding the shared token clients must send (`authorization: basic ...`).
     #[arg(long, env = "FAR_HOST_TOKEN_FILE")]
     token_file: Option<PathBuf>,
@@ -148,8 +157,22 @@ async fn run<P: Provider>(
     let host: Arc<Host<P>> = Host::open(config, &args.state_dir, provider)
         .await
         .with_context(|| format!("opening state dir {}", args.state_dir.display()))?;
-    tracing::info!(listen = %args.listen, provider = ?args.provider, "far-host serving");
-    Server::builder()
+    tracing::info!(listen = %args.listen, provider = ?args.provider, tls = args.tls_cert.is_some(), "far-host serving");
+    let mut server = Server::builder();
+    if let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) {
+        let read = |path: &PathBuf, what: &str| {
+            std::fs::read(path).with_context(|| format!("reading {what} {}", path.display()))
+        };
+        let mut tls = ServerTlsConfig::new().identity(Identity::from_pem(
+            read(cert, "--tls-cert")?,
+            read(key, "--tls-key")?,
+        ));
+        if let Some(ca) = &args.tls_client_ca {
+            tls = tls.client_ca_root(Certificate::from_pem(read(ca, "--tls-client-ca")?));
+        }
+        server = server.tls_config(tls).context("TLS configuration")?;
+    }
+    server
         .add_service(Service::new(host, token))
         .serve_with_shutdown(args.listen, shutdown())
         .await
