@@ -58,6 +58,12 @@ pub struct Metrics {
     pub agents: Family<PhaseLabels, Gauge>,
     /// Seconds from an agent's creation to Running.
     pub time_to_running: Histogram,
+    /// Guests' boot time: kernel start to entrypoint, seconds (first heartbeat of each run).
+    pub guest_boot: Histogram,
+    /// Guests' memory in use, bytes, from every heartbeat (one histogram, not one series per agent).
+    pub guest_memory: Histogram,
+    /// Heartbeats received.
+    pub heartbeats: Counter,
     ready: AtomicBool,
 }
 
@@ -100,6 +106,24 @@ impl Default for Metrics {
             "Seconds from a FarAgent's creation to Running",
             time_to_running.clone(),
         );
+        let guest_boot = Histogram::new(exponential_buckets(0.05, 2.0, 12));
+        registry.register(
+            "guest_boot_to_entrypoint_seconds",
+            "Guests' time from kernel start to the agent's entrypoint",
+            guest_boot.clone(),
+        );
+        let guest_memory = Histogram::new(exponential_buckets(16.0 * 1024.0 * 1024.0, 2.0, 12));
+        registry.register(
+            "guest_memory_used_bytes",
+            "Guests' memory in use, from heartbeats",
+            guest_memory.clone(),
+        );
+        let heartbeats = Counter::default();
+        registry.register(
+            "heartbeats",
+            "Heartbeats received from guests",
+            heartbeats.clone(),
+        );
         Self {
             registry,
             reconciles,
@@ -108,12 +132,26 @@ impl Default for Metrics {
             rpc_duration,
             agents,
             time_to_running,
+            guest_boot,
+            guest_memory,
+            heartbeats,
             ready: AtomicBool::new(false),
         }
     }
 }
 
 impl Metrics {
+    /// Records what a heartbeat says about its guest.
+    pub fn heartbeat(&self, first: bool, beat: &far_agent_protocol::Heartbeat) {
+        self.heartbeats.inc();
+        if beat.memory_total_bytes > 0 {
+            self.guest_memory.observe(beat.memory_used_bytes as f64);
+        }
+        if first && let Some(ms) = beat.boot_to_entrypoint_ms {
+            self.guest_boot.observe(ms as f64 / 1000.0);
+        }
+    }
+
     /// Records one Flintlock call.
     pub fn rpc(&self, method: &'static str, code: &'static str, took: Duration) {
         self.rpc_duration
@@ -180,6 +218,15 @@ mod tests {
             .get_or_create(&PhaseLabels { phase: "Running" })
             .set(2);
         m.time_to_running.observe(1.5);
+        m.heartbeat(
+            true,
+            &far_agent_protocol::Heartbeat {
+                boot_to_entrypoint_ms: Some(900),
+                memory_used_bytes: 64 << 20,
+                memory_total_bytes: 256 << 20,
+                cpu_used_ms: 5,
+            },
+        );
         let text = m.encode();
         for name in [
             "far_controller_reconciles_total 1",
@@ -188,6 +235,9 @@ mod tests {
             "far_controller_flintlock_rpc_duration_seconds_count{method=\"GetMicroVM\",code=\"OK\"} 1",
             "far_controller_agents{phase=\"Running\"} 2",
             "far_controller_time_to_running_seconds_count 1",
+            "far_controller_guest_boot_to_entrypoint_seconds_count 1",
+            "far_controller_guest_memory_used_bytes_count 1",
+            "far_controller_heartbeats_total 1",
         ] {
             assert!(text.contains(name), "{name} missing in\n{text}");
         }

@@ -83,7 +83,14 @@ pub async fn run(
     let triggers = BroadcastStream::new(channel.subscribe()).filter_map(move |event| {
         let ctx = Arc::clone(&by_uid);
         async move {
-            let id = match event.ok()? {
+            let event = event.ok()?;
+            if let far_channel::Event::Heartbeat {
+                first, heartbeat, ..
+            } = &event
+            {
+                ctx.metrics.heartbeat(*first, heartbeat);
+            }
+            let id = match event {
                 far_channel::Event::Heartbeat {
                     uid, first: true, ..
                 }
