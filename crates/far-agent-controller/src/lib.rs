@@ -7,6 +7,7 @@
 //! - [`flintlock`]: per-host Flintlock clients with deadlines and retries;
 //! - [`hosts`]: host probing, allocation and orphan collection;
 //! - [`leader`]: leader election on a Lease;
+//! - [`logs`]: reading an agent's output through the API server's service proxy;
 //! - [`metrics`]: OpenMetrics and health endpoints;
 //! - [`run`]: the wiring.
 
@@ -15,6 +16,7 @@ pub mod decision;
 pub mod flintlock;
 pub mod hosts;
 pub mod leader;
+pub mod logs;
 pub mod metrics;
 pub mod placement;
 pub mod reconcile;

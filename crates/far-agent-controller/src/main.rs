@@ -58,7 +58,7 @@ struct Args {
     /// Seconds a leader that stops renewing keeps the Lease.
     #[arg(long, env = "FAR_LEASE_SECONDS", default_value_t = 15)]
     lease_seconds: u64,
-    /// Where /metrics, /healthz and /readyz are served.
+    /// Where /metrics, /healthz, /readyz and agents' logs (for `far logs`) are served.
     #[arg(long, env = "FAR_METRICS_LISTEN", default_value = "0.0.0.0:8080")]
     metrics_listen: SocketAddr,
     /// Deadline of each Flintlock call, in seconds.
@@ -114,7 +114,9 @@ async fn main() -> Result<()> {
     let listener = tokio::net::TcpListener::bind(args.metrics_listen)
         .await
         .with_context(|| format!("binding --metrics-listen {}", args.metrics_listen))?;
-    let router = far_agent_controller::metrics::router(std::sync::Arc::clone(&metrics));
+    // Metrics, health and agents' output (read through the API server's service proxy).
+    let router = far_agent_controller::metrics::router(std::sync::Arc::clone(&metrics))
+        .merge(channel.logs_router());
     tokio::spawn(async move { axum::serve(listener, router).await });
     let reporter = Reporter {
         controller: "far-agent-controller".into(),

@@ -457,6 +457,7 @@ async fn reconcile_inner(agent: &Arc<FarAgent>, ctx: &Arc<Context>) -> Result<Re
         _ => None,
     };
     let id = channel_id(&uid, status.restart_count);
+    ctx.channel.name(&namespace, &name, &id);
     let view = ctx.channel.view(&id);
     let guest = Guest {
         last_heartbeat: view

@@ -764,3 +764,59 @@ async fn hosts_are_reached_over_mutual_tls_with_the_token_from_their_secrets() {
     let exits: Vec<_> = host.list("far", None);
     assert!(exits.len() <= 1, "one VM at most on the TLS host");
 }
+
+#[tokio::test]
+async fn an_agents_output_is_read_through_the_api_servers_service_proxy() {
+    use futures::StreamExt;
+    let mut env = env().await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let backend = format!("http://{}", listener.local_addr().unwrap());
+    let router = env.channel.logs_router();
+    tokio::spawn(async move { axum::serve(listener, router).await });
+    env.api
+        .proxy_service("far-system", "far-agent-controller-metrics:8080", &backend);
+    let via = far_agent_controller::logs::LogService {
+        namespace: "far-system".into(),
+        service: "far-agent-controller-metrics:8080".into(),
+    };
+    env.start_controller();
+
+    env.create("talker", json!({"args": ["--seconds", "2"]}))
+        .await;
+    env.wait_for("talker", "Running", |a| phase(a) == Some(Phase::Running))
+        .await;
+    let client = env.api.client();
+    let followed = far_agent_controller::logs::fetch(&client, &via, "default", "talker", true)
+        .await
+        .unwrap();
+    let lines: Vec<String> = tokio::time::timeout(
+        Duration::from_secs(20),
+        followed.map(Result::unwrap).collect(),
+    )
+    .await
+    .expect("the stream ends when the agent exits");
+    assert_eq!(lines, ["sim: /bin/agent --seconds 2"]);
+    env.wait_for("talker", "Completed", |a| {
+        phase(a) == Some(Phase::Completed)
+    })
+    .await;
+
+    let later: Vec<String> =
+        far_agent_controller::logs::fetch(&client, &via, "default", "talker", false)
+            .await
+            .unwrap()
+            .map(Result::unwrap)
+            .collect()
+            .await;
+    assert_eq!(
+        later, lines,
+        "the buffer keeps the output after the agent finished"
+    );
+    let unknown =
+        far_agent_controller::logs::fetch(&client, &via, "default", "nobody", false).await;
+    assert!(
+        matches!(unknown, Err(kube::Error::Api(ref s)) if s.code == 404),
+        "{:?}",
+        unknown.err()
+    );
+}

@@ -103,6 +103,8 @@ struct Shared {
     config: Config,
     agents: Mutex<HashMap<String, Agent>>,
     events: broadcast::Sender<Event>,
+    /// `namespace/name` of a FarAgent -> the channel id of its current run.
+    names: Mutex<HashMap<String, String>>,
 }
 
 /// The status channel. Cheap to clone.
@@ -165,6 +167,7 @@ impl Channel {
                 config,
                 agents: Mutex::default(),
                 events,
+                names: Mutex::default(),
             }),
         }
     }
@@ -212,6 +215,34 @@ impl Channel {
     /// Drops everything about an agent (it is gone).
     pub fn forget(&self, uid: &str) {
         self.agents().remove(uid);
+        self.shared
+            .names
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|_, id| id != uid);
+    }
+
+    /// Records that the FarAgent `namespace/name` currently runs as channel id `id`, for
+    /// [`Channel::logs_router`].
+    pub fn name(&self, namespace: &str, name: &str, id: &str) {
+        self.shared
+            .names
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(format!("{namespace}/{name}"), id.to_owned());
+    }
+
+    /// The log routes for users: `GET /v1/namespaces/{namespace}/faragents/{name}/logs`
+    /// (`?follow=true` streams new lines until the agent exits). They carry no authentication
+    /// of their own: serve them only inside the cluster, behind the API server's service proxy,
+    /// so Kubernetes RBAC decides who reads which agent's output.
+    pub fn logs_router(&self) -> Router {
+        Router::new()
+            .route(
+                "/v1/namespaces/{namespace}/faragents/{name}/logs",
+                get(read_logs),
+            )
+            .with_state(self.clone())
     }
 
     /// Authenticates and rate-limits one request, then applies `change` to the agent's state.
@@ -351,4 +382,63 @@ async fn secrets(
         .with_agent(&uid, &headers, |a| a.secrets.take())?
         .map(Json)
         .ok_or(Refusal::NotFound)
+}
+
+#[derive(serde::Deserialize)]
+struct LogQuery {
+    #[serde(default)]
+    follow: bool,
+}
+
+fn render(line: &LogLine) -> bytes::Bytes {
+    bytes::Bytes::from(format!("{}\n", line.text))
+}
+
+async fn read_logs(
+    State(channel): State<Channel>,
+    Path((namespace, name)): Path<(String, String)>,
+    axum::extract::Query(query): axum::extract::Query<LogQuery>,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let id = channel
+        .shared
+        .names
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .get(&format!("{namespace}/{name}"))
+        .cloned();
+    let Some(id) = id else {
+        return (
+            StatusCode::NOT_FOUND,
+            format!("no output known for FarAgent {namespace}/{name}\n"),
+        )
+            .into_response();
+    };
+    // Subscribe before reading the buffer, so no line falls between the two.
+    let live = channel.subscribe();
+    let view = channel.view(&id);
+    let backlog: Vec<bytes::Bytes> = view
+        .as_ref()
+        .map(|v| v.logs.iter().map(render).collect())
+        .unwrap_or_default();
+    let exited = view.is_some_and(|v| v.exit.is_some());
+    let head =
+        futures_util::stream::iter(backlog.into_iter().map(Ok::<_, std::convert::Infallible>));
+    if !query.follow || exited {
+        return axum::body::Body::from_stream(head).into_response();
+    }
+    let tail = futures_util::stream::unfold((live, id), |(mut live, id)| async move {
+        loop {
+            match live.recv().await {
+                Ok(Event::Logs { uid, lines }) if uid == id => {
+                    let text: String = lines.iter().map(|l| format!("{}\n", l.text)).collect();
+                    return Some((Ok(bytes::Bytes::from(text)), (live, id)));
+                }
+                Ok(Event::Exited { uid, .. }) if uid == id => return None,
+                Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
+                Err(broadcast::error::RecvError::Closed) => return None,
+            }
+        }
+    });
+    axum::body::Body::from_stream(futures_util::StreamExt::chain(head, tail)).into_response()
 }

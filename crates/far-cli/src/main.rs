@@ -32,6 +32,23 @@ enum Command {
     /// Run one FarAgent in a real microVM on this machine, with no cluster: an embedded
     /// far-host and status channel, the agent's output streamed, its exit code returned.
     Run(run::RunArgs),
+    /// Print a FarAgent's output, read through the API server's service proxy (so RBAC applies).
+    Logs {
+        /// The FarAgent's name.
+        name: String,
+        /// Its namespace.
+        #[arg(short = 'n', long, default_value = "default")]
+        namespace: String,
+        /// Keep printing new lines until the agent exits.
+        #[arg(short = 'f', long)]
+        follow: bool,
+        /// The controller's namespace.
+        #[arg(long, env = "FAR_CONTROLLER_NAMESPACE", default_value = "far-system")]
+        controller_namespace: String,
+        /// The controller's metrics Service and port.
+        #[arg(long, default_value = "far-agent-controller-metrics:8080")]
+        service: String,
+    },
     /// Measure the control plane: N FarAgents through the real controller, a fake API server
     /// and simulated Flintlock hosts, in one process; prints a table and JSON.
     Bench(bench::BenchArgs),
@@ -58,6 +75,35 @@ fn main() -> Result<ExitCode> {
                 .with_writer(std::io::stderr)
                 .init();
             tokio::runtime::Runtime::new()?.block_on(bench::run(args))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Logs {
+            name,
+            namespace,
+            follow,
+            controller_namespace,
+            service,
+        } => {
+            tokio::runtime::Runtime::new()?.block_on(async {
+                use futures::StreamExt;
+                let client = kube::Client::try_default()
+                    .await
+                    .context("connecting to Kubernetes (KUBECONFIG or in-cluster)")?;
+                let via = far_agent_controller::logs::LogService {
+                    namespace: controller_namespace,
+                    service,
+                };
+                let mut lines =
+                    far_agent_controller::logs::fetch(&client, &via, &namespace, &name, follow)
+                        .await
+                        .with_context(|| {
+                            format!("reading the output of FarAgent {namespace}/{name}")
+                        })?;
+                while let Some(line) = lines.next().await {
+                    println!("{}", line.context("reading the output stream")?);
+                }
+                anyhow::Ok(())
+            })?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Crd => {

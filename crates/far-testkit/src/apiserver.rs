@@ -139,6 +139,8 @@ struct Inner {
 struct Shared {
     inner: Mutex<Inner>,
     changes: broadcast::Sender<Change>,
+    /// `namespace/service:port` -> backend base URL, for the service proxy.
+    proxies: Mutex<HashMap<String, String>>,
 }
 
 /// A running fake API server; stops when dropped.
@@ -172,6 +174,7 @@ impl FakeApiServer {
         let shared = Arc::new(Shared {
             inner: Mutex::default(),
             changes,
+            proxies: Mutex::default(),
         });
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
@@ -215,6 +218,19 @@ impl FakeApiServer {
         lock(&self.shared)
             .failures
             .insert(verb.to_owned(), (status, times));
+    }
+
+    /// Serves `/api/v1/namespaces/{namespace}/services/{service}/proxy/...` by forwarding to
+    /// `backend` (what a real API server does through the Service's Endpoints).
+    pub fn proxy_service(&self, namespace: &str, service: &str, backend: &str) {
+        self.shared
+            .proxies
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(
+                format!("{namespace}/{service}"),
+                backend.trim_end_matches('/').to_owned(),
+            );
     }
 
     /// Every stored object of a resource (for assertions).
@@ -422,6 +438,52 @@ fn verb(method: &Method, target: &Target, q: &HashMap<String, String>) -> &'stat
     }
 }
 
+/// The service proxy: `/api/v1/namespaces/NS/services/NAME[:PORT]/proxy/PATH`, answered with the
+/// backend's own status and (streamed) body, as the real one does.
+async fn proxy(shared: &Shared, uri: &Uri) -> Option<Response> {
+    let rest = uri.path().strip_prefix("/api/v1/namespaces/")?;
+    let (namespace, rest) = rest.split_once("/services/")?;
+    let (service, path) = rest.split_once("/proxy")?;
+    let key = format!("{namespace}/{service}");
+    let backend = shared
+        .proxies
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .get(&key)
+        .cloned();
+    let Some(backend) = backend else {
+        let name = service.split(':').next().unwrap_or(service);
+        return Some(status(
+            404,
+            "NotFound",
+            format!("services \"{name}\" not found"),
+            json!({"name": name, "kind": "services"}),
+        ));
+    };
+    let url = format!(
+        "{backend}{path}{}",
+        uri.query().map(|q| format!("?{q}")).unwrap_or_default()
+    );
+    let answer = match reqwest::get(&url).await {
+        Ok(answer) => answer,
+        Err(e) => {
+            return Some(status(
+                503,
+                "ServiceUnavailable",
+                format!("error trying to reach service: {e}"),
+                Value::Null,
+            ));
+        }
+    };
+    let code = answer.status().as_u16();
+    Some(
+        Response::builder()
+            .status(code)
+            .body(Body::from_stream(answer.bytes_stream()))
+            .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response()),
+    )
+}
+
 async fn handle(
     State(shared): State<Arc<Shared>>,
     method: Method,
@@ -429,6 +491,12 @@ async fn handle(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
+    if uri.path().starts_with("/api/v1/namespaces/")
+        && uri.path().contains("/proxy")
+        && let Some(response) = proxy(&shared, &uri).await
+    {
+        return response;
+    }
     let Some(target) = parse_path(uri.path()) else {
         return (
             StatusCode::NOT_FOUND,
