@@ -6,10 +6,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use base64::Engine as _;
-use far_agent_protocol::{
-    AgentRef, ChannelConfig, EnvVar, Mount, RUN_CONFIG_KEY, RUN_CONFIG_VERSION, RunConfig,
-    SecretFile, Secrets, channel_id,
-};
+use far_agent_protocol::{ChannelConfig, EnvVar, RUN_CONFIG_KEY, SecretFile, Secrets, channel_id};
 use far_api::{FINALIZER, FarAgent, FarAgentStatus, FlintlockHost, host_condition};
 use far_vmspec::{Defaults, VmName, VmPlan, plan};
 use flintlock_proto::types::micro_vm_status::MicroVmState;
@@ -581,34 +578,20 @@ async fn reconcile_inner(agent: &Arc<FarAgent>, ctx: &Arc<Context>) -> Result<Re
                 if has_secrets {
                     ctx.channel.provide_secrets(&id, secrets);
                 }
-                let run = RunConfig {
-                    version: RUN_CONFIG_VERSION,
-                    agent: AgentRef {
-                        namespace: namespace.clone(),
-                        name: name.clone(),
-                        uid: uid.clone(),
-                        attempt,
-                    },
-                    hostname: name.clone(),
-                    entrypoint: agent.spec.entrypoint.clone(),
-                    args: agent.spec.args.clone(),
+                let channel = ChannelConfig {
+                    url: ctx.config.channel_url.clone(),
+                    id: id.clone(),
+                    token: ctx.channel.token_for(&id),
+                };
+                let run = far_vmspec::run_config(
+                    &agent,
+                    attempt,
                     env,
                     has_secrets,
-                    mounts: (0u32..)
-                        .zip(&agent.spec.volumes)
-                        .map(|(index, v)| Mount {
-                            index,
-                            mount_path: v.mount_path.clone(),
-                        })
-                        .collect(),
-                    channel: ChannelConfig {
-                        url: ctx.config.channel_url.clone(),
-                        id: id.clone(),
-                        token: ctx.channel.token_for(&id),
-                    },
-                    heartbeat_interval_seconds: agent.spec.heartbeat.interval_seconds,
-                    grace_period_seconds: ctx.config.grace_period_seconds,
-                };
+                    channel,
+                    ctx.config.grace_period_seconds,
+                )
+                .map_err(far_vmspec::PlanError::from)?;
                 let metadata = BTreeMap::from([(RUN_CONFIG_KEY.to_owned(), run.to_bytes())]);
                 let planned = plan(&VmPlan {
                     agent: &agent,

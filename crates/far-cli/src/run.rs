@@ -14,9 +14,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use far_agent_protocol::{
-    AgentRef, ChannelConfig, EnvVar, Mount, RUN_CONFIG_KEY, RUN_CONFIG_VERSION, RunConfig, Stream,
-};
+use far_agent_protocol::{ChannelConfig, EnvVar, RUN_CONFIG_KEY, Stream};
 use far_api::manifest::{self, Object};
 use far_api::{FarAgent, FlintlockHost, FlintlockHostSpec, HostCapacity, VmLimits};
 use far_channel::{Channel, Config, Event, TokenKey};
@@ -216,34 +214,12 @@ pub async fn run(args: RunArgs) -> Result<ExitCode> {
         .await
         .context("connecting to the embedded far-host")?;
 
-    let run_config = RunConfig {
-        version: RUN_CONFIG_VERSION,
-        agent: AgentRef {
-            namespace: agent.namespace().unwrap_or_default(),
-            name: name.clone(),
-            uid: uid.clone(),
-            attempt: 0,
-        },
-        hostname: name.clone(),
-        entrypoint: agent.spec.entrypoint.clone(),
-        args: agent.spec.args.clone(),
-        env,
-        has_secrets: false,
-        mounts: (0u32..)
-            .zip(&agent.spec.volumes)
-            .map(|(index, v)| Mount {
-                index,
-                mount_path: v.mount_path.clone(),
-            })
-            .collect(),
-        channel: ChannelConfig {
-            url: format!("http://{HOST_ADDRESS}:{channel_port}"),
-            id: channel_id.clone(),
-            token: channel.token_for(&channel_id),
-        },
-        heartbeat_interval_seconds: agent.spec.heartbeat.interval_seconds,
-        grace_period_seconds: 30,
+    let channel_config = ChannelConfig {
+        url: format!("http://{HOST_ADDRESS}:{channel_port}"),
+        id: channel_id.clone(),
+        token: channel.token_for(&channel_id),
     };
+    let run_config = far_vmspec::run_config(&agent, 0, env, false, channel_config, 30)?;
     let defaults = Defaults {
         namespace: "far".into(),
         kernel: ImageFile {

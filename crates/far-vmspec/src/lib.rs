@@ -67,6 +67,47 @@ pub struct Defaults {
     pub initrd: ImageFile,
 }
 
+/// The run configuration far-init reads for one run of an agent: everything from the spec,
+/// plus what only the caller knows (resolved env, whether secrets wait on the channel, how to
+/// reach the channel).
+///
+/// # Errors
+/// [`VmNameError`] when the FarAgent has no namespace or uid.
+pub fn run_config(
+    agent: &FarAgent,
+    attempt: u32,
+    env: Vec<far_agent_protocol::EnvVar>,
+    has_secrets: bool,
+    channel: far_agent_protocol::ChannelConfig,
+    grace_period_seconds: u32,
+) -> Result<far_agent_protocol::RunConfig, VmNameError> {
+    let name = VmName::for_agent(agent, attempt)?;
+    Ok(far_agent_protocol::RunConfig {
+        version: far_agent_protocol::RUN_CONFIG_VERSION,
+        agent: far_agent_protocol::AgentRef {
+            namespace: name.namespace().to_owned(),
+            name: name.name().to_owned(),
+            uid: name.uid().to_owned(),
+            attempt,
+        },
+        hostname: name.name().to_owned(),
+        entrypoint: agent.spec.entrypoint.clone(),
+        args: agent.spec.args.clone(),
+        env,
+        has_secrets,
+        mounts: (0u32..)
+            .zip(&agent.spec.volumes)
+            .map(|(index, v)| far_agent_protocol::Mount {
+                index,
+                mount_path: v.mount_path.clone(),
+            })
+            .collect(),
+        channel,
+        heartbeat_interval_seconds: agent.spec.heartbeat.interval_seconds,
+        grace_period_seconds,
+    })
+}
+
 /// Why no request could be built.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum PlanError {

@@ -277,3 +277,43 @@ proptest! {
         prop_assert_eq!(mac.len(), 17);
     }
 }
+
+#[test]
+fn the_run_configuration_carries_the_spec_and_parses_back() {
+    let agent = agent("agent-with-everything.yaml");
+    let channel = far_agent_protocol::ChannelConfig {
+        url: "http://10.0.2.2:8443".into(),
+        id: format!("{UID}.2"),
+        token: "t".into(),
+    };
+    let env = vec![far_agent_protocol::EnvVar {
+        name: "RUST_LOG".into(),
+        value: "info".into(),
+    }];
+    let config = run_config(&agent, 2, env, true, channel, 30).unwrap();
+    assert_eq!(
+        (
+            config.agent.namespace.as_str(),
+            config.agent.name.as_str(),
+            config.agent.attempt
+        ),
+        ("agents", "researcher-02", 2)
+    );
+    assert_eq!(
+        config.args,
+        ["--task", "research", "--topic", "microvm schedulers"]
+    );
+    assert_eq!(
+        config.mounts,
+        [far_agent_protocol::Mount {
+            index: 0,
+            mount_path: "/models".into()
+        }]
+    );
+    assert_eq!(config.heartbeat_interval_seconds, 5);
+    assert!(config.has_secrets);
+    assert_eq!(
+        far_agent_protocol::RunConfig::parse(&config.to_bytes()).unwrap(),
+        config
+    );
+}
