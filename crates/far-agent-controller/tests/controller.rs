@@ -820,3 +820,105 @@ async fn an_agents_output_is_read_through_the_api_servers_service_proxy() {
         unknown.err()
     );
 }
+
+#[tokio::test]
+async fn the_controller_converges_through_api_server_errors() {
+    let mut env = env().await;
+    env.start_controller();
+    // Status and finalizer writes fail with 500, then 429, Events with 500: retried until through.
+    env.api.fail_next("patch", 500, 3);
+    env.create("stubborn", json!({"args": ["--seconds", "0.3"]}))
+        .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    env.api.fail_next("patch", 429, 2);
+    env.api.fail_next("create", 500, 2);
+    let agent = env
+        .wait_for("stubborn", "Completed", |a| {
+            phase(a) == Some(Phase::Completed)
+        })
+        .await;
+    assert_eq!(agent.status.unwrap().exit_code, Some(0));
+    assert!(env.vms().len() <= 1, "no VM was made twice");
+}
+
+#[tokio::test]
+async fn secret_values_appear_in_no_status_event_or_host_record() {
+    let mut env = env().await;
+    let secrets: Api<k8s_openapi::api::core::v1::Secret> =
+        Api::namespaced(env.api.client(), "default");
+    let secret = serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "Secret", "metadata": {"name": "llm"},
+        "data": {"key": base64::Engine::encode(&base64::engine::general_purpose::STANDARD, "sk-live-4f2a9c")}
+    }))
+    .unwrap();
+    secrets
+        .create(&PostParams::default(), &secret)
+        .await
+        .unwrap();
+    env.start_controller();
+    env.create("holder", json!({"args": ["--seconds", "600"], "env": [{"name": "API_KEY", "valueFrom": {"secretKeyRef": {"name": "llm", "key": "key"}}}]})).await;
+    env.wait_for("holder", "Running", |a| phase(a) == Some(Phase::Running))
+        .await;
+    let mut records = 0;
+
+    let everything = format!(
+        "{:?}{:?}",
+        env.api.objects("faragents"),
+        env.api.objects("events")
+    );
+    assert!(
+        !everything.contains("sk-live-4f2a9c"),
+        "a secret value reached the API server: {everything}"
+    );
+    for entry in std::fs::read_dir(env._state.path().join("vms"))
+        .into_iter()
+        .flatten()
+    {
+        let record = std::fs::read(entry.unwrap().path()).unwrap();
+        let text = String::from_utf8_lossy(&record);
+        assert!(
+            !text.contains("sk-live-4f2a9c"),
+            "a secret value reached far-host's records"
+        );
+        // The run configuration sits base64-encoded in the spec's metadata: decode it and look.
+        let record: far_host::record::VmRecord = serde_json::from_slice(&record).unwrap();
+        let spec = record.spec();
+        assert!(
+            !spec.metadata.is_empty(),
+            "the VM has its run configuration"
+        );
+        records += 1;
+        for value in spec.metadata.values() {
+            let decoded =
+                base64::Engine::decode(&base64::engine::general_purpose::STANDARD, value).unwrap();
+            let text = String::from_utf8_lossy(&decoded);
+            assert!(text.contains("\"hasSecrets\":true"), "{text}");
+            assert!(
+                !text.contains("sk-live-4f2a9c"),
+                "a secret value is in the VM's metadata"
+            );
+        }
+    }
+    assert_eq!(records, 1, "the running agent's VM record was checked");
+}
+
+#[tokio::test]
+async fn a_missing_secret_holds_the_agent_pending_naming_it_and_no_vm_is_made() {
+    let mut env = env().await;
+    env.start_controller();
+    env.create("needy", json!({"env": [{"name": "API_KEY", "valueFrom": {"secretKeyRef": {"name": "absent", "key": "key"}}}]})).await;
+    let agent = env
+        .wait_for("needy", "ConfigMissing", |a| {
+            a.status.as_ref().and_then(|s| s.reason) == Some(far_api::AgentReason::ConfigMissing)
+        })
+        .await;
+    let status = agent.status.unwrap();
+    assert_eq!(status.phase, Some(Phase::Pending));
+    assert!(
+        status
+            .message
+            .unwrap()
+            .contains("Secret \"absent\" not found")
+    );
+    assert!(env.vms().is_empty());
+}
