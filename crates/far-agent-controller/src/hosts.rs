@@ -56,14 +56,6 @@ pub async fn probe_all(ctx: &Context) {
             .set(i64::try_from(count).unwrap_or(i64::MAX));
     }
     let held = held(agents.iter().map(AsRef::as_ref));
-    // Which VM each agent owns now, by agent UID.
-    let owners: std::collections::HashMap<String, (u32, Option<String>)> = agents
-        .iter()
-        .filter_map(|a| {
-            let status = a.status.clone().unwrap_or_default();
-            Some((a.uid()?, (status.restart_count, status.vm_uid)))
-        })
-        .collect();
     for host in ctx.hosts.state() {
         let name = host.name_any();
         let credentials = crate::reconcile::host_credentials(ctx, &host)
@@ -81,6 +73,9 @@ pub async fn probe_all(ctx: &Context) {
                     .unwrap_or_else(|e| e.into_inner())
                     .remove(&name);
                 // Orphans only once the agents are known: an empty cache is not "no agents".
+                // The owners are read after the host's list: a VM listed was created by a
+                // reconcile of an agent already in the cache, so no VM is younger than its owner here.
+                let owners = owners(ctx);
                 if ctx.agents_ready() {
                     for vm in vms {
                         let Some(spec) = &vm.spec else { continue };
@@ -182,6 +177,18 @@ async fn write_status(
     {
         warn!(host = %host.name_any(), error = %e, "host status not written");
     }
+}
+
+/// Which run each agent is on and which VM it owns, by agent UID.
+fn owners(ctx: &Context) -> std::collections::HashMap<String, (u32, Option<String>)> {
+    ctx.agents
+        .state()
+        .iter()
+        .filter_map(|a| {
+            let status = a.status.clone().unwrap_or_default();
+            Some((a.uid()?, (status.restart_count, status.vm_uid)))
+        })
+        .collect()
 }
 
 /// Probes hosts forever.

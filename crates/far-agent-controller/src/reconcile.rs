@@ -461,7 +461,18 @@ async fn reconcile_inner(agent: &Arc<FarAgent>, ctx: &Arc<Context>) -> Result<Re
             .as_ref()
             .and_then(|v| v.since_heartbeat)
             .map(|ago| now() - ago),
-        exit: view.and_then(|v| v.exit).map(|e| (e.code, e.start_error)),
+        // The channel's memory, or what it made durable before acknowledging the guest (a
+        // controller restarted since then only has the latter).
+        exit: view
+            .and_then(|v| v.exit)
+            .map(|e| (e.code, e.start_error))
+            .or_else(|| {
+                let recorded = !terminal && status.reason != Some(far_api::AgentReason::BackOff);
+                status
+                    .exit_code
+                    .filter(|_| recorded)
+                    .map(|code| (code, None))
+            }),
     };
     let placement = (status.host.is_none() && !terminal && deleting_since.is_none()).then(|| {
         let agents = ctx.agents.state();
@@ -683,4 +694,39 @@ pub fn error_policy(agent: Arc<FarAgent>, error: &Error, ctx: Arc<Context>) -> R
         .inc();
     warn!(agent = %agent.name_any(), error = %error, kind = error.metric_label(), "reconcile failed");
     Requeue::requeue(Duration::from_secs(2))
+}
+
+/// Writes a guest's exit code to its FarAgent's status before the channel acknowledges it, so
+/// a controller that dies right after loses nothing (see `far_channel::Channel::persist_exits`).
+/// Exits of an earlier run, of a finished agent, or already recorded are accepted unchanged.
+///
+/// # Errors
+/// The API server's refusal, as text: the guest is answered 503 and reports again.
+pub async fn persist_exit(
+    client: kube::Client,
+    report: far_channel::ExitReport,
+) -> Result<(), String> {
+    let api: Api<FarAgent> = Api::namespaced(client, &report.namespace);
+    let Some(agent) = api.get_opt(&report.name).await.map_err(|e| e.to_string())? else {
+        return Ok(());
+    };
+    let status = agent.status.clone().unwrap_or_default();
+    let attempt = report
+        .id
+        .rsplit_once('.')
+        .and_then(|(_, a)| a.parse::<u32>().ok());
+    let current = agent
+        .uid()
+        .is_some_and(|uid| report.id.starts_with(&format!("{uid}.")))
+        && attempt == Some(status.restart_count)
+        && !status.phase.is_some_and(far_api::Phase::is_terminal)
+        && status.exit_code.is_none();
+    if !current {
+        return Ok(());
+    }
+    let patch = json!({"metadata": {"resourceVersion": agent.resource_version()}, "status": {"exitCode": report.exit.code}});
+    api.patch_status(&report.name, &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(())
 }

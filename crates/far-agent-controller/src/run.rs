@@ -33,7 +33,7 @@ pub async fn run(
         .default_backoff()
         .reflect(hosts_writer)
         .applied_objects();
-    let host_watcher = tokio::spawn(async move {
+    let host_watcher = async move {
         host_watch
             .for_each(|r| async move {
                 if let Err(e) = r {
@@ -41,8 +41,13 @@ pub async fn run(
                 }
             })
             .await;
-    });
+    };
 
+    let exits = client.clone();
+    channel.persist_exits(Arc::new(move |report| {
+        let client = exits.clone();
+        Box::pin(async move { crate::reconcile::persist_exit(client, report).await })
+    }));
     let controller = Controller::new(agents, watcher::Config::default());
     // A host that changes (turns Ready, gains room, is uncordoned) may fit agents that waited.
     let waiting = controller.store();
@@ -112,16 +117,16 @@ pub async fn run(
     let ready = Arc::clone(&ctx);
     let agents_store = ctx.agents.clone();
     let hosts_ready = hosts.clone();
-    let prober = tokio::spawn(async move {
+    let prober = async move {
         until_ready(&agents_store).await;
         until_ready(&hosts_ready).await;
         ready.agents_ready.store(true, Ordering::Relaxed);
         ready.metrics.set_ready();
         info!("caches filled");
         crate::hosts::run(ready).await;
-    });
+    };
 
-    controller
+    let reconciling = controller
         .reconcile_on(triggers)
         .graceful_shutdown_on(shutdown)
         .run(reconcile, error_policy, ctx)
@@ -129,11 +134,14 @@ pub async fn run(
             if let Err(e) = result {
                 tracing::debug!(error = %e, "reconcile");
             }
-        })
-        .await;
-    // Nothing acts for this replica once the controller has stopped.
-    prober.abort();
-    host_watcher.abort();
+        });
+    // One future, not spawned tasks: when the controller stops (or this future is dropped, as
+    // with the process), host probing and orphan collection stop with it and act no more.
+    tokio::select! {
+        () = reconciling => {}
+        () = host_watcher => {}
+        () = prober => {}
+    }
     info!("controller stopped");
 }
 

@@ -27,7 +27,7 @@ use tokio::time::Instant;
 pub use token::TokenKey;
 
 /// Settings of the channel.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Config {
     /// The key agents' tokens are derived from.
     pub key: TokenKey,
@@ -35,6 +35,38 @@ pub struct Config {
     pub log_lines_per_agent: usize,
     /// Requests one agent may make per second before being answered 429.
     pub requests_per_second: u32,
+}
+
+/// An exit to make durable: which FarAgent, which run, how it ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExitReport {
+    /// The FarAgent's namespace.
+    pub namespace: String,
+    /// The FarAgent's name.
+    pub name: String,
+    /// The run's channel id (`<uid>.<attempt>`).
+    pub id: String,
+    /// How it ended.
+    pub exit: Exit,
+}
+
+/// See [`Channel::persist_exits`].
+pub type PersistExit = Arc<
+    dyn Fn(
+            ExitReport,
+        )
+            -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), String>> + Send>>
+        + Send
+        + Sync,
+>;
+
+impl std::fmt::Debug for Config {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Config")
+            .field("log_lines_per_agent", &self.log_lines_per_agent)
+            .field("requests_per_second", &self.requests_per_second)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Config {
@@ -105,6 +137,7 @@ struct Shared {
     events: broadcast::Sender<Event>,
     /// `namespace/name` of a FarAgent -> the channel id of its current run.
     names: Mutex<HashMap<String, String>>,
+    persist: std::sync::OnceLock<PersistExit>,
 }
 
 /// The status channel. Cheap to clone.
@@ -127,6 +160,7 @@ enum Refusal {
     Malformed(String),
     Body(StatusCode, String),
     NotFound,
+    Unavailable,
 }
 
 impl axum::response::IntoResponse for Refusal {
@@ -145,6 +179,10 @@ impl axum::response::IntoResponse for Refusal {
             Refusal::NotFound => (
                 StatusCode::NOT_FOUND,
                 "nothing here for this agent".to_owned(),
+            ),
+            Refusal::Unavailable => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "not recorded yet; report again".to_owned(),
             ),
         }
         .into_response()
@@ -168,6 +206,7 @@ impl Channel {
                 agents: Mutex::default(),
                 events,
                 names: Mutex::default(),
+                persist: std::sync::OnceLock::new(),
             }),
         }
     }
@@ -220,6 +259,14 @@ impl Channel {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .retain(|_, id| id != uid);
+    }
+
+    /// Makes every exit durable before it is acknowledged: `persist` (the controller writes the
+    /// exit code to the FarAgent's status) must succeed first, else the guest is answered 503
+    /// and reports again. An exit is then never acknowledged and lost with the process. The
+    /// first hook set stays.
+    pub fn persist_exits(&self, persist: PersistExit) {
+        let _ = self.shared.persist.set(persist);
     }
 
     /// Records that the FarAgent `namespace/name` currently runs as channel id `id`, for
@@ -360,13 +407,35 @@ async fn exit(
         }
         reason.truncate(cut);
     }
-    let new = channel.with_agent(&uid, &headers, |a| {
-        if a.exit.is_some() {
-            return false;
+    let known = channel.with_agent(&uid, &headers, |a| a.exit.is_some())?;
+    if known {
+        return Ok(StatusCode::NO_CONTENT);
+    }
+    if let Some(persist) = channel.shared.persist.get() {
+        let named = channel
+            .shared
+            .names
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .find(|(_, id)| **id == uid)
+            .map(|(k, _)| k.clone());
+        let Some((namespace, name)) = named.as_deref().and_then(|k| k.split_once('/')) else {
+            tracing::debug!(agent = %uid, "exit from a run not known yet; the guest will report again");
+            return Err(Refusal::Unavailable);
+        };
+        let report = ExitReport {
+            namespace: namespace.to_owned(),
+            name: name.to_owned(),
+            id: uid.clone(),
+            exit: exit.clone(),
+        };
+        if let Err(why) = persist(report).await {
+            tracing::debug!(agent = %uid, %why, "exit not persisted yet; the guest will report again");
+            return Err(Refusal::Unavailable);
         }
-        a.exit = Some(exit.clone());
-        true
-    })?;
+    }
+    let new = channel.with_agent(&uid, &headers, |a| a.exit.replace(exit.clone()).is_none())?;
     if new {
         channel.emit(Event::Exited { uid, exit });
     }
