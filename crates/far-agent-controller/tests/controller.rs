@@ -221,6 +221,33 @@ impl Env {
     }
 }
 
+/// A VM spec far-host accepts, named as the controller names an agent's VM.
+fn bare_vm_spec(id: &str) -> flintlock_proto::types::MicroVmSpec {
+    flintlock_proto::types::MicroVmSpec {
+        id: id.to_owned(),
+        namespace: "far".into(),
+        kernel: Some(flintlock_proto::types::Kernel {
+            image: "k".into(),
+            filename: Some("vmlinuz".into()),
+            ..Default::default()
+        }),
+        root_volume: Some(flintlock_proto::types::Volume {
+            id: "root".into(),
+            source: Some(flintlock_proto::types::VolumeSource {
+                container_source: Some("busybox:1".into()),
+                virtiofs_source: None,
+            }),
+            ..Default::default()
+        }),
+        interfaces: vec![flintlock_proto::types::NetworkInterface {
+            device_id: "agent0".into(),
+            r#type: 1,
+            ..Default::default()
+        }],
+        ..Default::default()
+    }
+}
+
 fn phase(agent: &FarAgent) -> Option<Phase> {
     agent.status.as_ref().and_then(|s| s.phase)
 }
@@ -344,29 +371,7 @@ async fn a_vm_created_before_a_crash_is_adopted_not_duplicated() {
     let client = flintlock_proto::MicroVmClient::connect(env.endpoint.clone())
         .await
         .unwrap();
-    let spec = flintlock_proto::types::MicroVmSpec {
-        id: name.id().to_owned(),
-        namespace: "far".into(),
-        kernel: Some(flintlock_proto::types::Kernel {
-            image: "k".into(),
-            filename: Some("vmlinuz".into()),
-            ..Default::default()
-        }),
-        root_volume: Some(flintlock_proto::types::Volume {
-            id: "root".into(),
-            source: Some(flintlock_proto::types::VolumeSource {
-                container_source: Some("busybox:1".into()),
-                virtiofs_source: None,
-            }),
-            ..Default::default()
-        }),
-        interfaces: vec![flintlock_proto::types::NetworkInterface {
-            device_id: "agent0".into(),
-            r#type: 1,
-            ..Default::default()
-        }],
-        ..Default::default()
-    };
+    let spec = bare_vm_spec(name.id());
     let mut c = client.clone();
     let existing = c
         .create_micro_vm(flintlock_proto::v1alpha1::CreateMicroVmRequest {
@@ -430,29 +435,7 @@ async fn orphaned_vms_are_collected_and_a_deleted_running_agent_takes_its_vm_alo
     let mut client = flintlock_proto::MicroVmClient::connect(env.endpoint.clone())
         .await
         .unwrap();
-    let spec = flintlock_proto::types::MicroVmSpec {
-        id: orphan.id().to_owned(),
-        namespace: "far".into(),
-        kernel: Some(flintlock_proto::types::Kernel {
-            image: "k".into(),
-            filename: Some("vmlinuz".into()),
-            ..Default::default()
-        }),
-        root_volume: Some(flintlock_proto::types::Volume {
-            id: "root".into(),
-            source: Some(flintlock_proto::types::VolumeSource {
-                container_source: Some("busybox:1".into()),
-                virtiofs_source: None,
-            }),
-            ..Default::default()
-        }),
-        interfaces: vec![flintlock_proto::types::NetworkInterface {
-            device_id: "agent0".into(),
-            r#type: 1,
-            ..Default::default()
-        }],
-        ..Default::default()
-    };
+    let spec = bare_vm_spec(orphan.id());
     client
         .create_micro_vm(flintlock_proto::v1alpha1::CreateMicroVmRequest {
             microvm: Some(spec),

@@ -268,7 +268,7 @@ pub async fn run(args: RunArgs) -> Result<ExitCode> {
     .await;
     if matches!(outcome, Outcome::Failed(_)) {
         // Before the VM's working files go with it.
-        show_console(&state.path().join("run").join(&vm_uid));
+        show_console(&host.provider().console_log(&vm_uid));
     }
     say(format!("{name}: deleting VM {vm_uid}"));
     delete(&mut client, &vm_uid).await;
@@ -425,8 +425,8 @@ async fn delete(client: &mut MicroVmClient<GrpcChannel>, vm_uid: &str) {
 }
 
 /// The end of the VM's console, for a failure nobody reported over the channel.
-fn show_console(dir: &Path) {
-    if let Ok(console) = std::fs::read_to_string(dir.join("console.log")) {
+fn show_console(log: &Path) {
+    if let Ok(console) = std::fs::read_to_string(log) {
         let lines: Vec<&str> = console.lines().collect();
         say("last lines of the VM console:");
         for line in &lines[lines.len().saturating_sub(20)..] {

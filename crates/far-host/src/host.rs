@@ -117,6 +117,11 @@ impl<P: Provider> Host<P> {
         Ok(host)
     }
 
+    /// The provider running this host's VMs.
+    pub fn provider(&self) -> &P {
+        &self.provider
+    }
+
     fn lock(&self) -> MutexGuard<'_, BTreeMap<String, VmRecord>> {
         self.vms.lock().unwrap_or_else(|e| e.into_inner())
     }
