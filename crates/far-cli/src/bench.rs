@@ -33,7 +33,7 @@ use tokio::time::Instant;
 /// What `far bench` was asked.
 #[derive(Debug, clap::Args)]
 pub struct BenchArgs {
-    /// FarAgents created in one burst.
+    /// FarAgents to create (in one burst, or at --rate).
     #[arg(long, default_value_t = 500)]
     pub agents: usize,
     /// Simulated Flintlock hosts.
@@ -48,6 +48,9 @@ pub struct BenchArgs {
     /// Status patches in the API-server baseline.
     #[arg(long, default_value_t = 2000)]
     pub baseline_patches: usize,
+    /// Create agents at this steady rate per second; 0 creates them in one burst.
+    #[arg(long, default_value_t = 0.0)]
+    pub rate: f64,
 }
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
@@ -219,36 +222,46 @@ pub async fn run(args: BenchArgs) -> Result<()> {
     );
     let started = Instant::now();
     let run_seconds = args.run_seconds.to_string();
-    let created: Vec<(String, Instant, i32)> = futures::stream::iter(0..args.agents)
-        .map(|i| {
-            let agents = agents.clone();
-            let run_seconds = run_seconds.clone();
-            async move {
-                let name = format!("agent-{i:05}");
-                let code = if i % 10 == 9 { 3 } else { 0 };
-                let agent: FarAgent = serde_json::from_value(json!({
-                    "apiVersion": "tiffany.dev/v1", "kind": "FarAgent", "metadata": {"name": name},
-                    "spec": {"image": "busybox:1", "memory": "128Mi", "cpu": 1, "entrypoint": "/usr/local/bin/tiffany",
-                             "args": ["--seconds", run_seconds, "--exit-code", code.to_string()],
-                             "heartbeat": {"intervalSeconds": 10, "timeoutSeconds": 60}}
-                }))
-                .context("agent manifest")?;
-                agents.create(&PostParams::default(), &agent).await.with_context(|| format!("creating {name}"))?;
-                anyhow::Ok((name, Instant::now(), code))
-            }
+    // Created in a task of its own, so the watch below is read while agents are still being
+    // created (a steady rate takes a while) and every time is taken when it happens.
+    let created_at: Arc<std::sync::Mutex<HashMap<String, (Instant, i32)>>> = Arc::default();
+    let creator = {
+        let (agents, created_at, run_seconds, rate, count) = (
+            agents.clone(),
+            Arc::clone(&created_at),
+            run_seconds.clone(),
+            args.rate,
+            args.agents,
+        );
+        tokio::spawn(async move {
+            let results: Vec<Result<()>> = futures::stream::iter(0..count)
+                .map(|i| {
+                    let (agents, created_at, run_seconds) = (agents.clone(), Arc::clone(&created_at), run_seconds.clone());
+                    async move {
+                        if rate > 0.0 {
+                            tokio::time::sleep_until(started + Duration::from_secs_f64(i as f64 / rate)).await;
+                        }
+                        let name = format!("agent-{i:05}");
+                        let code = if i % 10 == 9 { 3 } else { 0 };
+                        let agent: FarAgent = serde_json::from_value(json!({
+                            "apiVersion": "tiffany.dev/v1", "kind": "FarAgent", "metadata": {"name": name},
+                            "spec": {"image": "busybox:1", "memory": "128Mi", "cpu": 1, "entrypoint": "/usr/local/bin/tiffany",
+                                     "args": ["--seconds", run_seconds, "--exit-code", code.to_string()],
+                                     "heartbeat": {"intervalSeconds": 10, "timeoutSeconds": 60}}
+                        }))
+                        .context("agent manifest")?;
+                        let sent = Instant::now();
+                        agents.create(&PostParams::default(), &agent).await.with_context(|| format!("creating {name}"))?;
+                        created_at.lock().unwrap_or_else(|e| e.into_inner()).insert(name, (sent, code));
+                        anyhow::Ok(())
+                    }
+                })
+                .buffer_unordered(if rate > 0.0 { 1024 } else { 32 })
+                .collect()
+                .await;
+            results.into_iter().collect::<Result<()>>()
         })
-        .buffer_unordered(32)
-        .collect::<Vec<_>>()
-        .await
-        .into_iter()
-        .collect::<Result<_>>()?;
-    let created_at: HashMap<String, (Instant, i32)> =
-        created.into_iter().map(|(n, t, c)| (n, (t, c))).collect();
-    eprintln!(
-        "far bench: {} created in {:.1} s; waiting for them to finish",
-        created_at.len(),
-        started.elapsed().as_secs_f64()
-    );
+    };
 
     let deadline = started + Duration::from_secs(args.timeout_seconds);
     while finished.len() < args.agents {
@@ -276,6 +289,8 @@ pub async fn run(args: BenchArgs) -> Result<()> {
         }
     }
     let _ = stop.send(());
+    creator.await.context("the creating task")??;
+    let created_at = created_at.lock().unwrap_or_else(|e| e.into_inner()).clone();
     let (rss_mib, cpu_seconds) = process_usage();
     if std::env::var_os("FAR_BENCH_EVENTS").is_some() {
         let mut reasons: BTreeMap<String, usize> = BTreeMap::new();
@@ -338,6 +353,7 @@ pub async fn run(args: BenchArgs) -> Result<()> {
         "agents": args.agents,
         "hosts": args.hosts,
         "run_seconds": args.run_seconds,
+        "rate_per_second": if args.rate > 0.0 { json!(args.rate) } else { json!("burst") },
         "finished": finished.len(),
         "wrong_exit_or_phase": wrong,
         "lost": args.agents - finished.len(),
