@@ -1,7 +1,6 @@
 //! The real controller loop against the in-repo fake API server (real HTTP), a far-host with
 //! the sim provider (real gRPC), and the status channel (real HTTP).
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -11,7 +10,7 @@ use far_channel::{Channel, TokenKey};
 use far_host::provider::sim::{Sim, SimConfig};
 use far_host::{Host, HostConfig, Service};
 use far_testkit::apiserver::FakeApiServer;
-use far_vmspec::{Defaults, ImageFile, VmName};
+use far_vmspec::{Defaults, VmName};
 use kube::Api;
 use kube::api::{DeleteParams, PostParams};
 use kube::runtime::events::Reporter;
@@ -110,18 +109,7 @@ async fn env() -> Env {
 impl Env {
     fn start_controller(&mut self) {
         let config = Config {
-            defaults: Defaults {
-                namespace: "far".into(),
-                kernel: ImageFile {
-                    image: "far.local/kernel:dev".into(),
-                    filename: "vmlinuz".into(),
-                },
-                kernel_cmdline: BTreeMap::new(),
-                initrd: ImageFile {
-                    image: "far.local/far-init:dev".into(),
-                    filename: "initrd.cpio.gz".into(),
-                },
-            },
+            defaults: Defaults::local(),
             channel_url: self.channel_url.clone(),
             grace_period_seconds: 5,
             call_timeout: Duration::from_secs(2),
@@ -151,6 +139,21 @@ impl Env {
         }
         let _ = tokio::time::timeout(Duration::from_secs(10), &mut self.server).await;
         self.server.abort();
+    }
+
+    /// Waits until the agent is gone and no VM is left on the host.
+    async fn wait_gone(&self, name: &str) {
+        for _ in 0..300 {
+            if self.agents().get_opt(name).await.unwrap().is_none() && self.vms().is_empty() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!(
+            "left behind: agent {:?}, {} VMs",
+            self.agents().get_opt(name).await.unwrap().map(|a| a.status),
+            self.vms().len()
+        );
     }
 
     /// Waits for an Event with this reason (Events are written after the status they follow).
@@ -459,21 +462,7 @@ async fn orphaned_vms_are_collected_and_a_deleted_running_agent_takes_its_vm_alo
         .delete("long", &DeleteParams::default())
         .await
         .unwrap();
-    for _ in 0..300 {
-        if env.agents().get_opt("long").await.unwrap().is_none() && env.vms().is_empty() {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!(
-        "agent or VM left: {:?} / {}",
-        env.agents()
-            .get_opt("long")
-            .await
-            .unwrap()
-            .map(|a| a.status),
-        env.vms().len()
-    );
+    env.wait_gone("long").await;
 }
 
 #[tokio::test]
@@ -482,18 +471,7 @@ async fn with_two_replicas_only_the_leader_acts_and_the_other_takes_over() {
     let replica =
         |env: &Env, identity: &str, metrics: Arc<far_agent_controller::metrics::Metrics>| {
             let config = Config {
-                defaults: Defaults {
-                    namespace: "far".into(),
-                    kernel: ImageFile {
-                        image: "k".into(),
-                        filename: "vmlinuz".into(),
-                    },
-                    kernel_cmdline: BTreeMap::new(),
-                    initrd: ImageFile {
-                        image: "i".into(),
-                        filename: "initrd".into(),
-                    },
-                },
+                defaults: Defaults::local(),
                 channel_url: env.channel_url.clone(),
                 grace_period_seconds: 5,
                 call_timeout: Duration::from_secs(2),
@@ -644,21 +622,7 @@ async fn an_agent_deleted_while_its_vm_is_being_created_leaves_nothing_behind() 
         .delete("brief", &DeleteParams::default())
         .await
         .unwrap();
-    for _ in 0..300 {
-        if env.agents().get_opt("brief").await.unwrap().is_none() && env.vms().is_empty() {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!(
-        "left behind: agent {:?}, {} VMs",
-        env.agents()
-            .get_opt("brief")
-            .await
-            .unwrap()
-            .map(|a| a.status),
-        env.vms().len()
-    );
+    env.wait_gone("brief").await;
 }
 
 #[tokio::test]

@@ -3,7 +3,7 @@
 //! in its right terminal phase with its right exit code, no VM was started twice for the same
 //! name, and none is left behind.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -15,7 +15,7 @@ use far_host::provider::{Provider, ProviderError, Started};
 use far_host::record::VmRecord;
 use far_host::{Host, HostConfig, Service};
 use far_testkit::apiserver::FakeApiServer;
-use far_vmspec::{Defaults, ImageFile};
+use far_vmspec::Defaults;
 use flintlock_proto::types::MicroVmSpec;
 use kube::Api;
 use kube::api::PostParams;
@@ -71,18 +71,7 @@ async fn controller(
         let _ = axum::serve(listener, router).await;
     });
     let config = Config {
-        defaults: Defaults {
-            namespace: "far".into(),
-            kernel: ImageFile {
-                image: "k".into(),
-                filename: "vmlinuz".into(),
-            },
-            kernel_cmdline: BTreeMap::new(),
-            initrd: ImageFile {
-                image: "i".into(),
-                filename: "initrd".into(),
-            },
-        },
+        defaults: Defaults::local(),
         channel_url: format!("http://127.0.0.1:{channel_port}"),
         grace_period_seconds: 5,
         call_timeout: Duration::from_secs(2),

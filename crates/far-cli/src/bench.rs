@@ -21,7 +21,7 @@ use far_host::provider::sim::{Sim, SimConfig};
 use far_host::validate::Limits;
 use far_host::{Host, HostConfig, Service};
 use far_testkit::apiserver::FakeApiServer;
-use far_vmspec::{Defaults, ImageFile};
+use far_vmspec::Defaults;
 use futures::StreamExt;
 use kube::Api;
 use kube::api::{Patch, PatchParams, PostParams};
@@ -175,18 +175,7 @@ pub async fn run(args: BenchArgs) -> Result<()> {
 
     let metrics = Arc::new(Metrics::default());
     let config = ControllerConfig {
-        defaults: Defaults {
-            namespace: "far".into(),
-            kernel: ImageFile {
-                image: "far.local/kernel:dev".into(),
-                filename: "vmlinuz".into(),
-            },
-            kernel_cmdline: BTreeMap::new(),
-            initrd: ImageFile {
-                image: "far.local/far-init:dev".into(),
-                filename: "initrd.cpio.gz".into(),
-            },
-        },
+        defaults: Defaults::local(),
         channel_url,
         grace_period_seconds: 5,
         call_timeout: Duration::from_secs(10),

@@ -22,7 +22,7 @@ use far_host::images::Images;
 use far_host::provider::qemu::{Accel, HOST_ADDRESS, Qemu, QemuConfig};
 use far_host::validate::Limits;
 use far_host::{Host, HostConfig, Service};
-use far_vmspec::{Defaults, ImageFile, VmPlan, plan};
+use far_vmspec::{Defaults, VmPlan, plan};
 use flintlock_proto::MicroVmClient;
 use flintlock_proto::errors::Failure;
 use flintlock_proto::types::micro_vm_status::MicroVmState;
@@ -30,10 +30,6 @@ use flintlock_proto::v1alpha1::{DeleteMicroVmRequest, GetMicroVmRequest};
 use kube::ResourceExt;
 use tokio::time::Instant;
 use tonic::transport::Channel as GrpcChannel;
-
-/// Image references `far run` gives the guest pieces built by `scripts/build-guest`.
-const KERNEL_IMAGE: &str = "far.local/kernel:dev";
-const INIT_IMAGE: &str = "far.local/far-init:dev";
 
 /// What `far run` was asked.
 #[derive(Debug, clap::Args)]
@@ -116,11 +112,11 @@ fn parse_images(args: &RunArgs) -> Result<BTreeMap<String, PathBuf>> {
     }
     let mut images = BTreeMap::from([
         (
-            KERNEL_IMAGE.to_owned(),
+            Defaults::LOCAL_KERNEL_IMAGE.to_owned(),
             std::fs::canonicalize(guest.join("kernel"))?,
         ),
         (
-            INIT_IMAGE.to_owned(),
+            Defaults::LOCAL_INIT_IMAGE.to_owned(),
             std::fs::canonicalize(guest.join("far-init"))?,
         ),
     ]);
@@ -220,18 +216,7 @@ pub async fn run(args: RunArgs) -> Result<ExitCode> {
         token: channel.token_for(&channel_id),
     };
     let run_config = far_vmspec::run_config(&agent, 0, env, false, channel_config, 30)?;
-    let defaults = Defaults {
-        namespace: "far".into(),
-        kernel: ImageFile {
-            image: KERNEL_IMAGE.into(),
-            filename: "vmlinuz".into(),
-        },
-        kernel_cmdline: BTreeMap::new(),
-        initrd: ImageFile {
-            image: INIT_IMAGE.into(),
-            filename: "initrd.cpio.gz".into(),
-        },
-    };
+    let defaults = Defaults::local();
     let metadata = BTreeMap::from([(RUN_CONFIG_KEY.to_owned(), run_config.to_bytes())]);
     let local = local_host(&endpoint, &limits);
     let planned = plan(&VmPlan {

@@ -108,6 +108,30 @@ pub fn run_config(
     })
 }
 
+impl Defaults {
+    /// Kernel image reference of a single machine's guest images (`scripts/build-guest`).
+    pub const LOCAL_KERNEL_IMAGE: &'static str = "far.local/kernel:dev";
+    /// far-init initrd image reference of a single machine's guest images.
+    pub const LOCAL_INIT_IMAGE: &'static str = "far.local/far-init:dev";
+
+    /// Defaults for one machine (`far run`, `far bench`, tests): Flintlock namespace `far`, and
+    /// the kernel and far-init initrd that `scripts/build-guest` builds, by the references above.
+    pub fn local() -> Self {
+        Self {
+            namespace: "far".into(),
+            kernel: ImageFile {
+                image: Self::LOCAL_KERNEL_IMAGE.into(),
+                filename: "vmlinuz".into(),
+            },
+            kernel_cmdline: BTreeMap::new(),
+            initrd: ImageFile {
+                image: Self::LOCAL_INIT_IMAGE.into(),
+                filename: "initrd.cpio.gz".into(),
+            },
+        }
+    }
+}
+
 /// Why no request could be built.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum PlanError {
