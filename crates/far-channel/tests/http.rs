@@ -29,6 +29,12 @@ fn beat() -> Heartbeat {
     }
 }
 
+/// reqwest has rustls without a provider of its own (see far_oci::install_crypto_provider).
+fn client() -> reqwest::Client {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    reqwest::Client::new()
+}
+
 async fn post<T: serde::Serialize>(
     base: &str,
     uid: &str,
@@ -36,7 +42,7 @@ async fn post<T: serde::Serialize>(
     token: &str,
     body: &T,
 ) -> StatusCode {
-    reqwest::Client::new()
+    client()
         .post(format!("{base}/v1/agents/{uid}/{route}"))
         .bearer_auth(token)
         .json(body)
@@ -145,7 +151,7 @@ async fn a_foreign_token_is_refused_and_changes_nothing() {
         };
         assert_eq!(status, StatusCode::UNAUTHORIZED);
     }
-    let status = reqwest::Client::new()
+    let status = client()
         .post(format!("{base}/v1/agents/a/heartbeat"))
         .json(&beat())
         .send()
@@ -165,14 +171,14 @@ async fn a_foreign_token_is_refused_and_changes_nothing() {
             files: vec![],
         },
     );
-    let stolen = reqwest::Client::new()
+    let stolen = client()
         .get(format!("{base}/v1/agents/a/secrets"))
         .bearer_auth(&theirs)
         .send()
         .await
         .unwrap();
     assert_eq!(stolen.status(), StatusCode::UNAUTHORIZED);
-    let own = reqwest::Client::new()
+    let own = client()
         .get(format!("{base}/v1/agents/a/secrets"))
         .bearer_auth(channel.token_for("a"))
         .send()
@@ -180,7 +186,7 @@ async fn a_foreign_token_is_refused_and_changes_nothing() {
         .unwrap();
     assert_eq!(own.status(), StatusCode::OK);
     assert_eq!(own.json::<Secrets>().await.unwrap().env[0].value, "v");
-    let again = reqwest::Client::new()
+    let again = client()
         .get(format!("{base}/v1/agents/a/secrets"))
         .bearer_auth(channel.token_for("a"))
         .send()
@@ -197,7 +203,7 @@ async fn a_foreign_token_is_refused_and_changes_nothing() {
 async fn malformed_and_oversized_bodies_get_4xx() {
     let (channel, base) = serve(config()).await;
     let token = channel.token_for("a");
-    let client = reqwest::Client::new();
+    let client = client();
     let send = |body: Vec<u8>| {
         client
             .post(format!("{base}/v1/agents/a/heartbeat"))

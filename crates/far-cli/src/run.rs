@@ -18,7 +18,7 @@ use far_agent_protocol::{ChannelConfig, EnvVar, RUN_CONFIG_KEY, Stream};
 use far_api::manifest::{self, Object};
 use far_api::{FarAgent, FlintlockHost, FlintlockHostSpec, HostCapacity, VmLimits};
 use far_channel::{Channel, Config, Event, TokenKey};
-use far_host::images::Images;
+use far_host::images::{ImageArgs, Images};
 use far_host::provider::qemu::{Accel, HOST_ADDRESS, Qemu, QemuConfig};
 use far_host::validate::Limits;
 use far_host::{Host, HostConfig, Service};
@@ -39,10 +39,8 @@ pub struct RunArgs {
     /// Where `scripts/build-guest` put the guest images (kernel, far-init initrd).
     #[arg(long, env = "FAR_GUEST_DIR", default_value = "target/guest")]
     pub guest_dir: PathBuf,
-    /// An image reference and the local directory holding it (files by name, volumes as
-    /// rootfs.ext4). Repeatable.
-    #[arg(long = "image", value_name = "REF=DIR")]
-    pub images: Vec<String>,
+    #[command(flatten)]
+    pub images: ImageArgs,
     /// Use KVM, or software emulation (tcg), or KVM only if a probe guest boots (auto).
     #[arg(long, default_value = "auto", value_parser = ["auto", "kvm", "tcg"])]
     pub accel: String,
@@ -102,7 +100,9 @@ fn random_key() -> Result<TokenKey> {
     Ok(TokenKey::new(bytes)?)
 }
 
-fn parse_images(args: &RunArgs) -> Result<BTreeMap<String, PathBuf>> {
+/// The images a local run uses: the flags' (aliases, registries, cache under the user's cache
+/// directory), and the guest pieces `scripts/build-guest` made, under their local references.
+fn images(args: &RunArgs) -> Result<Images> {
     let guest = args.guest_dir.join("images");
     if !guest.join("far-init").is_dir() || !guest.join("kernel").is_dir() {
         bail!(
@@ -110,25 +110,24 @@ fn parse_images(args: &RunArgs) -> Result<BTreeMap<String, PathBuf>> {
             guest.display()
         );
     }
-    let mut images = BTreeMap::from([
-        (
-            Defaults::LOCAL_KERNEL_IMAGE.to_owned(),
+    let cache = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|home| Path::new(&home).join(".cache")))
+        .unwrap_or_else(std::env::temp_dir)
+        .join("far/images");
+    let images = args
+        .images
+        .images(&cache)
+        .context("opening the image cache")?;
+    Ok(images
+        .with_alias(
+            Defaults::LOCAL_KERNEL_IMAGE,
             std::fs::canonicalize(guest.join("kernel"))?,
-        ),
-        (
-            Defaults::LOCAL_INIT_IMAGE.to_owned(),
+        )
+        .with_alias(
+            Defaults::LOCAL_INIT_IMAGE,
             std::fs::canonicalize(guest.join("far-init"))?,
-        ),
-    ]);
-    for alias in &args.images {
-        let (reference, dir) = alias
-            .split_once('=')
-            .with_context(|| format!("--image {alias:?}: use REF=DIR"))?;
-        let dir =
-            std::fs::canonicalize(dir).with_context(|| format!("--image {alias:?}: {dir}"))?;
-        images.insert(reference.to_owned(), dir);
-    }
-    Ok(images)
+        ))
 }
 
 /// The FlintlockHost `far run` plays: this machine, with far-host's VM limits.
@@ -161,7 +160,7 @@ pub async fn run(args: RunArgs) -> Result<ExitCode> {
     let mut stop = Stop::listen()?;
     let mut agent = load_agent(&args.manifest)?;
     let env = literal_env(&agent)?;
-    let images = parse_images(&args)?;
+    let images = images(&args)?;
     agent
         .metadata
         .namespace
@@ -181,7 +180,7 @@ pub async fn run(args: RunArgs) -> Result<ExitCode> {
         .tempdir()
         .context("creating a working directory")?;
     let limits = Limits::default();
-    let mut qemu = QemuConfig::new(Images::new(images), state.path().join("run"));
+    let mut qemu = QemuConfig::new(images, state.path().join("run"));
     qemu.accel = match args.accel.as_str() {
         "kvm" => Accel::Kvm,
         "tcg" => Accel::Tcg,

@@ -45,6 +45,13 @@ pub enum HostError {
     /// The spec breaks a rule.
     #[error("invalid microvm spec: {0}")]
     Invalid(String),
+    /// An image cannot be used as asked (unknown, refused, missing a file).
+    #[error("{0}")]
+    Image(String),
+    /// Something the VM needs is unreachable for now (a registry): the same call may succeed
+    /// later.
+    #[error("{0}")]
+    Unavailable(String),
     /// No VM with this uid.
     #[error("microvm {0} not found")]
     NotFound(String),
@@ -159,10 +166,10 @@ impl<P: Provider> Host<P> {
     ///
     /// # Errors
     /// [`HostError::Invalid`] naming the field; [`HostError::Store`] when it cannot be saved.
-    pub fn create(self: &Arc<Self>, mut spec: MicroVmSpec) -> Result<MicroVm, HostError> {
+    pub async fn create(self: &Arc<Self>, mut spec: MicroVmSpec) -> Result<MicroVm, HostError> {
         validate(&mut spec, &self.config.limits, self.provider.name())
             .map_err(HostError::Invalid)?;
-        self.provider.check(&spec).map_err(HostError::Invalid)?;
+        self.provider.check(&spec).await?;
         let uid = ulid::Ulid::new().to_string();
         spec.uid = Some(uid.clone());
         let record = VmRecord::new(&spec);

@@ -38,6 +38,9 @@ impl<P: Provider> Service<P> {
 fn status(error: HostError) -> Status {
     match error {
         HostError::Invalid(_) => Status::invalid_argument(error.to_string()),
+        // Not UNKNOWN: clients read UNKNOWN + "not found" as a missing VM.
+        HostError::Image(_) => Status::failed_precondition(error.to_string()),
+        HostError::Unavailable(_) => Status::unavailable(error.to_string()),
         HostError::NotFound(_) | HostError::Store(_) => Status::unknown(error.to_string()),
     }
 }
@@ -61,7 +64,7 @@ impl<P: Provider> MicroVm for Service<P> {
             .into_inner()
             .microvm
             .ok_or_else(|| Status::invalid_argument("microvm is required"))?;
-        let vm = self.host.create(spec).map_err(status)?;
+        let vm = self.host.create(spec).await.map_err(status)?;
         Ok(Response::new(CreateMicroVmResponse { microvm: Some(vm) }))
     }
 

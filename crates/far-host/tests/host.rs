@@ -42,6 +42,7 @@ async fn a_vm_that_never_starts_ends_failed_with_its_reason() {
     let host = Host::open(config, dir.path(), sim).await.unwrap();
     let uid = host
         .create(spec("broken-image", None))
+        .await
         .unwrap()
         .spec
         .unwrap()
@@ -74,6 +75,7 @@ async fn records_survive_a_restart_and_vms_are_adopted_not_duplicated() {
         .unwrap();
     let a = first
         .create(spec("a", None))
+        .await
         .unwrap()
         .spec
         .unwrap()
@@ -81,6 +83,7 @@ async fn records_survive_a_restart_and_vms_are_adopted_not_duplicated() {
         .unwrap();
     let b = first
         .create(spec("b", None))
+        .await
         .unwrap()
         .spec
         .unwrap()
@@ -125,6 +128,7 @@ async fn the_sim_guest_heartbeats_logs_and_reports_its_exit_code_over_http() {
     );
     let uid = host
         .create(spec("sleeper", Some(&config)))
+        .await
         .unwrap()
         .spec
         .unwrap()

@@ -6,13 +6,15 @@
 
 mod common;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use common::{channel, run_config, spec};
-use far_host::images::Images;
+use far_host::images::{ImageArgs, Images};
 use far_host::provider::qemu::{Accel, Qemu, QemuConfig};
 use far_host::{Host, HostConfig, HostError};
+use far_oci::push::push_dir;
+use far_testkit::registry::Registry;
 use flintlock_proto::types::micro_vm_status::MicroVmState;
 
 fn guest_images() -> PathBuf {
@@ -29,14 +31,19 @@ fn guest_images() -> PathBuf {
     images
 }
 
-async fn qemu_host(state: &std::path::Path) -> std::sync::Arc<Host<Qemu>> {
+/// The guest pieces of `scripts/build-guest` under local references.
+fn local_aliases() -> Vec<(String, PathBuf)> {
     let images = guest_images();
-    let aliases = [
+    vec![
         ("far.local/kernel:dev".to_owned(), images.join("kernel")),
         ("far.local/far-init:dev".to_owned(), images.join("far-init")),
         ("far.local/tiffany:dev".to_owned(), images.join("tiffany")),
-    ];
-    let mut config = QemuConfig::new(Images::new(aliases.into()), state.join("run"));
+    ]
+}
+
+async fn qemu_host(state: &std::path::Path) -> std::sync::Arc<Host<Qemu>> {
+    let images = Images::new(local_aliases().into_iter().collect());
+    let mut config = QemuConfig::new(images, state.join("run"));
     config.accel = Accel::Tcg;
     Host::open(HostConfig::default(), state, Qemu::new(config))
         .await
@@ -65,14 +72,94 @@ fn vm_spec(
 
 #[tokio::test]
 async fn a_real_microvm_runs_the_agent_and_its_exit_code_reaches_the_channel() {
-    let (address, received) = channel().await;
     let state = tempfile::tempdir().unwrap();
     let host = qemu_host(state.path()).await;
+    runs_to_exit_code_3(&host, state.path(), |config| vm_spec("fail3", config)).await;
+}
+
+/// The kernel, the far-init initrd and the agent image all come from a real registry: the
+/// agent under the reference the mission's example names, served by a loopback mirror.
+#[tokio::test]
+async fn a_real_microvm_boots_from_images_pulled_from_a_registry() {
+    let registry = Registry::start();
+    let images = guest_images();
+    let push = |dir: PathBuf, reference: String| async move {
+        push_dir(&dir, &reference, plain_http()).await.unwrap()
+    };
+    let kernel = format!("{}/far/kernel:dev", registry.addr());
+    let init = format!("{}/far/far-init:dev", registry.addr());
+    push(images.join("kernel"), kernel.clone()).await;
+    push(images.join("far-init"), init.clone()).await;
+    push(
+        images.join("../agent-root"),
+        format!("{}/microscaler/tiffany-vm:v0.3.1", registry.addr()),
+    )
+    .await;
+
+    let state = tempfile::tempdir().unwrap();
+    let host = registry_host(state.path(), registry.addr()).await;
+    runs_to_exit_code_3(&host, state.path(), |config| {
+        let mut spec = vm_spec("pulled", config);
+        spec.kernel.as_mut().unwrap().image = kernel.clone();
+        spec.initrd.as_mut().unwrap().image = init.clone();
+        set_root_image(&mut spec, "ghcr.io/microscaler/tiffany-vm:v0.3.1");
+        spec
+    })
+    .await;
+}
+
+fn plain_http() -> far_oci::RegistryConfig {
+    far_oci::RegistryConfig {
+        plain_http_loopback: true,
+        ..far_oci::RegistryConfig::default()
+    }
+}
+
+/// A qemu host pulling from `registry`, which also mirrors ghcr.io (and has the local guest
+/// pieces).
+async fn registry_host(state: &Path, registry: &str) -> std::sync::Arc<Host<Qemu>> {
+    let args = ImageArgs {
+        aliases: local_aliases(),
+        mirrors: vec![("ghcr.io".into(), registry.into())],
+        plain_http_loopback: true,
+        image_cache: None,
+    };
+    let images = args.images(&state.join("images")).unwrap();
+    let mut qemu_config = QemuConfig::new(images, state.join("run"));
+    qemu_config.accel = Accel::Tcg;
+    let config = HostConfig {
+        retry_delay: Duration::from_millis(10),
+        ..HostConfig::default()
+    };
+    Host::open(config, state, Qemu::new(qemu_config))
+        .await
+        .unwrap()
+}
+
+fn set_root_image(spec: &mut flintlock_proto::types::MicroVmSpec, image: &str) {
+    spec.root_volume
+        .as_mut()
+        .unwrap()
+        .source
+        .as_mut()
+        .unwrap()
+        .container_source = Some(image.into());
+}
+
+/// Creates the VM `spec` makes for a run of `tiffany --task fail --exit-code 3` and follows it:
+/// its output, heartbeat and exit code on the channel, the VM's exit, then its deletion.
+async fn runs_to_exit_code_3(
+    host: &std::sync::Arc<Host<Qemu>>,
+    state: &Path,
+    spec: impl FnOnce(&far_agent_protocol::RunConfig) -> flintlock_proto::types::MicroVmSpec,
+) {
+    let (address, received) = channel().await;
     let mut config = run_config(address, &["--task", "fail", "--exit-code", "3"]);
     // The guest reaches host loopback services through the user-mode network's host address.
     config.channel.url = format!("http://169.254.0.2:{}", address.port());
     let uid = host
-        .create(vm_spec("fail3", &config))
+        .create(spec(&config))
+        .await
         .unwrap()
         .spec
         .unwrap()
@@ -93,7 +180,7 @@ async fn a_real_microvm_runs_the_agent_and_its_exit_code_reaches_the_channel() {
             .unwrap()
             .iter()
             .any(|e| e.ends_with("exit:3"))
-            && host_guest_exited(state.path(), &uid)
+            && host_guest_exited(state, &uid)
         {
             exited = true;
             break;
@@ -101,8 +188,8 @@ async fn a_real_microvm_runs_the_agent_and_its_exit_code_reaches_the_channel() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let log = received.0.lock().unwrap().clone();
-    let console = std::fs::read_to_string(state.path().join(format!("run/{uid}/console.log")))
-        .unwrap_or_default();
+    let console =
+        std::fs::read_to_string(state.join(format!("run/{uid}/console.log"))).unwrap_or_default();
     assert!(
         exited,
         "no exit 3 and VM exit within 120 s; channel saw {log:?}; console:\n{console}"
@@ -126,7 +213,7 @@ async fn a_real_microvm_runs_the_agent_and_its_exit_code_reaches_the_channel() {
     }
     assert!(matches!(host.get(&uid), Err(HostError::NotFound(_))));
     assert!(
-        !state.path().join(format!("run/{uid}")).exists(),
+        !state.join(format!("run/{uid}")).exists(),
         "the VM's working files are removed"
     );
 }
@@ -146,7 +233,7 @@ async fn a_missing_image_file_is_refused_at_create_naming_it() {
     let (address, _) = channel().await;
     let mut spec = vm_spec("nokernel", &run_config(address, &[]));
     spec.kernel.as_mut().unwrap().filename = Some("boot/vmlinux".into());
-    let err = host.create(spec).unwrap_err().to_string();
+    let err = host.create(spec).await.unwrap_err().to_string();
     assert!(
         err.contains("kernel: image \"far.local/kernel:dev\" has no file \"boot/vmlinux\""),
         "{err}"
@@ -160,9 +247,87 @@ async fn a_missing_image_file_is_refused_at_create_naming_it() {
         .as_mut()
         .unwrap()
         .container_source = Some("ghcr.io/nope/agent:1".into());
-    let err = host.create(spec).unwrap_err().to_string();
+    let err = host.create(spec).await.unwrap_err().to_string();
     assert!(
         err.contains("root_volume: image \"ghcr.io/nope/agent:1\" is not available on this host"),
         "{err}"
     );
+}
+
+#[tokio::test]
+async fn image_failures_name_their_cause_at_create_or_in_the_failed_vm() {
+    let registry = Registry::start();
+    let state = tempfile::tempdir().unwrap();
+    let host = registry_host(state.path(), registry.addr()).await;
+    let (address, _) = channel().await;
+    let with_root = |id: &str, image: &str| {
+        let mut spec = vm_spec(id, &run_config(address, &[]));
+        set_root_image(&mut spec, image);
+        spec
+    };
+
+    let err = host
+        .create(with_root("a", "127.0.0.1:1/far/agent:1"))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, HostError::Unavailable(_)), "{err:?}");
+    assert!(
+        err.to_string()
+            .starts_with("root_volume: registry 127.0.0.1:1 is unreachable: "),
+        "{err}"
+    );
+
+    let unknown = format!("{}/far/nothing:1", registry.addr());
+    let err = host.create(with_root("b", &unknown)).await.unwrap_err();
+    assert!(matches!(err, HostError::Image(_)), "{err:?}");
+    assert_eq!(
+        err.to_string(),
+        format!("root_volume: image {unknown} not found in its registry")
+    );
+
+    let err = host
+        .create(with_root("c", "ghcr.io/Bad Name:1"))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, HostError::Invalid(_)), "{err:?}");
+    assert!(
+        err.to_string().contains("is not a valid OCI reference"),
+        "{err}"
+    );
+
+    // A kernel image without the file: nothing is downloaded at create, so the start finds it
+    // and the VM fails naming the file; once the image is here, create refuses at once.
+    let not_kernel = format!("{}/far/not-a-kernel:1", registry.addr());
+    push_dir(&guest_images().join("far-init"), &not_kernel, plain_http())
+        .await
+        .unwrap();
+    let kernel_from = |id: &str| {
+        let mut spec = vm_spec(id, &run_config(address, &[]));
+        spec.kernel.as_mut().unwrap().image = not_kernel.clone();
+        spec
+    };
+    let uid = host
+        .create(kernel_from("d"))
+        .await
+        .unwrap()
+        .spec
+        .unwrap()
+        .uid
+        .unwrap();
+    let record = state.path().join(format!("vms/{uid}.json"));
+    let mut failure = serde_json::Value::Null;
+    for _ in 0..200 {
+        let vm = host.get(&uid).unwrap();
+        if vm.status.unwrap().state == MicroVmState::Failed as i32 {
+            let json: serde_json::Value =
+                serde_json::from_slice(&std::fs::read(&record).unwrap()).unwrap();
+            failure = json["failure"].clone();
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let expected = format!("kernel: image {not_kernel} has no file \"vmlinuz\"");
+    assert_eq!(failure, serde_json::json!(expected));
+    let err = host.create(kernel_from("e")).await.unwrap_err();
+    assert_eq!(err.to_string(), expected);
 }

@@ -33,8 +33,7 @@ pub(crate) struct Registries {
 
 impl Registries {
     pub(crate) fn new(config: RegistryConfig) -> Self {
-        // reqwest is built without a default TLS provider; the workspace uses ring throughout.
-        let _ = rustls::crypto::ring::default_provider().install_default();
+        crate::install_crypto_provider();
         Self {
             config,
             clients: Mutex::default(),

@@ -321,17 +321,18 @@ impl ImageStore {
     pub async fn file(&self, image: &Resolved, filename: &str) -> Result<PathBuf, OciError> {
         let tree = self.tree(image).await?;
         let path = tree.join(filename.trim_start_matches('/'));
-        // The tree holds the image's own symlinks; a file reached through one is refused.
-        let inside = match (path.parent().map(Path::canonicalize), tree.canonicalize()) {
-            (Some(Ok(parent)), Ok(tree)) => parent.starts_with(tree),
+        // The image's own symlinks are followed only while they stay inside it.
+        let inside = match (path.canonicalize(), tree.canonicalize()) {
+            (Ok(real), Ok(tree)) => real.starts_with(tree) && real.is_file(),
             _ => false,
         };
-        match fs::symlink_metadata(&path) {
-            Ok(meta) if meta.is_file() && inside => Ok(path),
-            _ => Err(OciError::MissingFile {
+        if inside {
+            Ok(path)
+        } else {
+            Err(OciError::MissingFile {
                 image: image.reference.clone(),
                 filename: filename.to_owned(),
-            }),
+            })
         }
     }
 

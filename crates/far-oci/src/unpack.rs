@@ -119,7 +119,7 @@ pub fn apply_layer(
             path: shown.clone(),
             reason: reason.to_owned(),
         };
-        let relative = relative_path(&raw).map_err(|r| unsafe_entry(r))?;
+        let relative = relative_path(&raw).map_err(&unsafe_entry)?;
         let Some(name) = relative
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
@@ -193,7 +193,7 @@ pub fn apply_layer(
                 let link = entry
                     .link_name_bytes()
                     .ok_or_else(|| unsafe_entry("hard link without a target"))?;
-                let source = relative_path(&link).map_err(|r| unsafe_entry(r))?;
+                let source = relative_path(&link).map_err(&unsafe_entry)?;
                 if let Some(dir) = source.parent() {
                     ensure_dirs_exist(root, dir).map_err(|r| unsafe_entry(&r))?;
                 }

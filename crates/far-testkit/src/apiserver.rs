@@ -464,6 +464,8 @@ async fn proxy(shared: &Shared, uri: &Uri) -> Option<Response> {
         "{backend}{path}{}",
         uri.query().map(|q| format!("?{q}")).unwrap_or_default()
     );
+    // reqwest has rustls without a provider of its own (see far_oci::install_crypto_provider).
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let answer = match reqwest::get(&url).await {
         Ok(answer) => answer,
         Err(e) => {

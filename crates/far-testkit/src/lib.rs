@@ -2,8 +2,10 @@
 //!
 //! - [`apiserver::FakeApiServer`]: a Kubernetes API server over real HTTP, for the resources
 //!   the controller uses, answering as a real kube-apiserver does.
+//! - [`registry::Registry`]: a real OCI registry on loopback.
 
 pub mod apiserver;
+pub mod registry;
 
 #[cfg(test)]
 mod tests;

@@ -1,6 +1,5 @@
 //! `far-host`: serve Flintlock's MicroVM API for this machine.
 
-use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -8,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, ValueEnum};
-use far_host::images::Images;
+use far_host::images::ImageArgs;
 use far_host::provider::Provider;
 use far_host::provider::qemu::{Accel, Qemu, QemuConfig};
 use far_host::provider::sim::{Sim, SimConfig};
@@ -59,11 +58,8 @@ struct Args {
     /// Provider that runs VMs.
     #[arg(long, env = "FAR_HOST_PROVIDER", value_enum, default_value_t = ProviderName::Qemu)]
     provider: ProviderName,
-    /// An image reference and the local directory holding it (files by name, volumes as
-    /// rootfs.ext4), e.g. ghcr.io/microscaler/tiffany-vm:v0.3.1=target/guest/images/tiffany.
-    /// Repeatable.
-    #[arg(long = "image", value_name = "REF=DIR", value_parser = parse_alias)]
-    images: Vec<(String, PathBuf)>,
+    #[command(flatten)]
+    images: ImageArgs,
     /// qemu: accelerator.
     #[arg(long, value_enum, default_value_t = AccelName::Auto)]
     accel: AccelName,
@@ -87,14 +83,6 @@ struct Args {
     sim_fail_starts_containing: Option<String>,
 }
 
-fn parse_alias(text: &str) -> Result<(String, PathBuf), String> {
-    let (reference, dir) = text
-        .split_once('=')
-        .ok_or_else(|| format!("--image {text:?}: use REF=DIR"))?;
-    let dir = std::fs::canonicalize(dir).map_err(|e| format!("--image {text:?}: {dir}: {e}"))?;
-    Ok((reference.to_owned(), dir))
-}
-
 #[tokio::main]
 async fn main() -> Result<()> {
     tracing_subscriber::fmt()
@@ -103,9 +91,9 @@ async fn main() -> Result<()> {
         )
         .init();
     let args = Args::parse();
-    if !args.listen.ip().is_loopback() {
+    if args.tls_cert.is_none() && !args.listen.ip().is_loopback() {
         bail!(
-            "--listen {}: plaintext gRPC is only served on loopback; use 127.0.0.1 or [::1]",
+            "--listen {}: plaintext gRPC is only served on loopback; use 127.0.0.1 or [::1], or serve TLS with --tls-cert and --tls-key",
             args.listen
         );
     }
@@ -135,7 +123,10 @@ async fn main() -> Result<()> {
             run(&args, config, token, sim).await
         }
         ProviderName::Qemu => {
-            let images = Images::new(args.images.iter().cloned().collect::<BTreeMap<_, _>>());
+            let images = args
+                .images
+                .images(&args.state_dir.join("images"))
+                .context("opening the image cache")?;
             let mut qemu = QemuConfig::new(images, args.state_dir.join("run"));
             qemu.binary = args.qemu_binary.clone();
             qemu.accel = match args.accel {

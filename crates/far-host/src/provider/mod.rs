@@ -8,6 +8,7 @@ use std::future::Future;
 
 use flintlock_proto::types::MicroVmSpec;
 
+use crate::host::HostError;
 use crate::record::{ProcessIdentity, VmRecord};
 
 /// Why a provider could not start or stop a VM.
@@ -27,13 +28,14 @@ pub trait Provider: Send + Sync + 'static {
     /// The provider's name as clients ask for it in `MicroVMSpec.provider`.
     fn name(&self) -> &'static str;
 
-    /// Checks, when the VM is created, what can be checked at once (images, files), so a
-    /// client hears of a bad reference from CreateMicroVM rather than from a FAILED VM later.
+    /// Checks, when the VM is created, what can be checked without downloading (image
+    /// references, files of images already here), so a client hears of a bad reference from
+    /// CreateMicroVM rather than from a FAILED VM later.
     ///
     /// # Errors
-    /// A sentence naming the cause.
-    fn check(&self, _spec: &MicroVmSpec) -> Result<(), String> {
-        Ok(())
+    /// [`HostError`] naming the field and the cause.
+    fn check(&self, _spec: &MicroVmSpec) -> impl Future<Output = Result<(), HostError>> + Send {
+        async { Ok(()) }
     }
 
     /// Starts a VM.

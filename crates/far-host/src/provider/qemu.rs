@@ -24,7 +24,10 @@ use tracing::{info, warn};
 
 use super::mmds::{self, MetadataServer};
 use super::{Provider, ProviderError, Started};
-use crate::images::Images;
+use far_oci::OciError;
+
+use crate::host::HostError;
+use crate::images::{Fetch, ImageError, Images};
 use crate::record::{ProcessIdentity, VmRecord};
 
 /// The host as guests see it on the user-mode network.
@@ -187,40 +190,56 @@ impl Qemu {
             .await
     }
 
-    fn resolve(&self, spec: &MicroVmSpec) -> Result<Resolved, String> {
+    /// The files a VM boots from. With [`Fetch::Check`], paths of images not yet pulled are
+    /// absent; with [`Fetch::Pull`] all are present.
+    async fn resolve(&self, spec: &MicroVmSpec, fetch: Fetch) -> Result<Resolved, HostError> {
         let images = &self.config.images;
-        let kernel = spec.kernel.as_ref().ok_or("kernel is required")?;
+        let kernel = spec
+            .kernel
+            .as_ref()
+            .ok_or_else(|| HostError::Invalid("kernel is required".into()))?;
         let kernel_path = images
             .file(
                 &kernel.image,
                 kernel.filename.as_deref().unwrap_or_default(),
+                fetch,
             )
-            .map_err(|e| format!("kernel: {e}"))?;
-        let initrd = spec
-            .initrd
-            .as_ref()
-            .map(|i| images.file(&i.image, i.filename.as_deref().unwrap_or("initrd.cpio.gz")))
-            .transpose()
-            .map_err(|e| format!("initrd: {e}"))?;
+            .await
+            .map_err(|e| image_error("kernel", e))?;
+        let initrd = match &spec.initrd {
+            Some(i) => images
+                .file(
+                    &i.image,
+                    i.filename.as_deref().unwrap_or("initrd.cpio.gz"),
+                    fetch,
+                )
+                .await
+                .map_err(|e| image_error("initrd", e))?,
+            None => None,
+        };
         let source = |v: &flintlock_proto::types::Volume| {
             v.source
                 .as_ref()
                 .and_then(|s| s.container_source.clone())
                 .unwrap_or_default()
         };
-        let root = spec.root_volume.as_ref().ok_or("root_volume is required")?;
+        let root = spec
+            .root_volume
+            .as_ref()
+            .ok_or_else(|| HostError::Invalid("root_volume is required".into()))?;
         let root = images
-            .volume(&source(root))
-            .map_err(|e| format!("root_volume: {e}"))?;
-        let extra = spec
-            .additional_volumes
-            .iter()
-            .map(|v| {
+            .volume(&source(root), fetch)
+            .await
+            .map_err(|e| image_error("root_volume", e))?;
+        let mut extra = Vec::new();
+        for v in &spec.additional_volumes {
+            extra.push(
                 images
-                    .volume(&source(v))
-                    .map_err(|e| format!("additional volume {}: {e}", v.id))
-            })
-            .collect::<Result<Vec<_>, _>>()?;
+                    .volume(&source(v), fetch)
+                    .await
+                    .map_err(|e| image_error(&format!("additional volume {}", v.id), e))?,
+            );
+        }
         Ok(Resolved {
             kernel: kernel_path,
             initrd,
@@ -265,10 +284,22 @@ impl Qemu {
 }
 
 struct Resolved {
-    kernel: PathBuf,
+    kernel: Option<PathBuf>,
     initrd: Option<PathBuf>,
-    root: PathBuf,
-    extra: Vec<PathBuf>,
+    root: Option<PathBuf>,
+    extra: Vec<Option<PathBuf>>,
+}
+
+/// An image failure as far-host reports it, naming the field it came from.
+fn image_error(field: &str, error: ImageError) -> HostError {
+    let text = format!("{field}: {error}");
+    match error {
+        _ if error.is_transient() => HostError::Unavailable(text),
+        ImageError::BadFilename(_) | ImageError::Oci(OciError::BadReference { .. }) => {
+            HostError::Invalid(text)
+        }
+        _ => HostError::Image(text),
+    }
 }
 
 /// Boots the kernel alone under KVM: a working KVM reaches the "no root" panic in seconds;
@@ -327,28 +358,37 @@ impl Provider for Qemu {
         "qemu"
     }
 
-    fn check(&self, spec: &MicroVmSpec) -> Result<(), String> {
-        self.resolve(spec).map(|_| ())
+    async fn check(&self, spec: &MicroVmSpec) -> Result<(), HostError> {
+        self.resolve(spec, Fetch::Check).await.map(|_| ())
     }
 
     async fn start(&self, record: &VmRecord, spec: &MicroVmSpec) -> Result<Started, ProviderError> {
-        let resolved = self.resolve(spec).map_err(ProviderError)?;
+        let resolved = self
+            .resolve(spec, Fetch::Pull)
+            .await
+            .map_err(|e| ProviderError(e.to_string()))?;
+        let pulled = |path: Option<PathBuf>| {
+            path.ok_or_else(|| ProviderError("an image was not pulled".into()))
+        };
+        let (kernel, root_image) = (pulled(resolved.kernel)?, pulled(resolved.root)?);
+        let extra = resolved
+            .extra
+            .into_iter()
+            .map(pulled)
+            .collect::<Result<Vec<_>, _>>()?;
         let dir = self.vm_dir(&record.uid);
         fs::create_dir_all(&dir)
             .map_err(|e| ProviderError(format!("creating {}: {e}", dir.display())))?;
         let root = dir.join("root.ext4");
-        fs::copy(&resolved.root, &root).map_err(|e| {
-            ProviderError(format!(
-                "copying root volume {}: {e}",
-                resolved.root.display()
-            ))
+        fs::copy(&root_image, &root).map_err(|e| {
+            ProviderError(format!("copying root volume {}: {e}", root_image.display()))
         })?;
         let metadata = mmds::serve(0, mmds::decode(&spec.metadata))
             .await
             .map_err(|e| ProviderError(format!("metadata endpoint: {e}")))?;
         fs::write(dir.join("metadata.port"), metadata.port().to_string())
             .map_err(|e| ProviderError(format!("writing metadata.port: {e}")))?;
-        let accel = self.accel(&resolved.kernel).await;
+        let accel = self.accel(&kernel).await;
         let console = fs::File::create(dir.join("console.log"))
             .map_err(|e| ProviderError(format!("creating console.log: {e}")))?;
         let mut kernel_args = if accel == "tcg" {
@@ -387,7 +427,7 @@ impl Provider for Qemu {
             "-no-reboot",
         ])
         .arg("-kernel")
-        .arg(&resolved.kernel)
+        .arg(&kernel)
         .args([
             "-append",
             &cmdline(&self.config.kernel_args, &kernel_args, metadata.port()),
@@ -405,7 +445,7 @@ impl Provider for Qemu {
                 .args(["-device", &format!("virtio-blk-device,drive={id}")]);
         };
         drive("root".into(), &root, false);
-        for (i, volume) in resolved.extra.iter().enumerate() {
+        for (i, volume) in extra.iter().enumerate() {
             drive(format!("vol{i}"), volume, true);
         }
         let mac = spec.interfaces.first().and_then(|i| i.guest_mac.clone());
