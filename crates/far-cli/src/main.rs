@@ -6,7 +6,7 @@ use std::process::ExitCode;
 mod bench;
 mod run;
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 use far_api::manifest::{self, Object};
 use kube::ResourceExt;
@@ -52,6 +52,24 @@ enum Command {
     /// Measure the control plane: N FarAgents through the real controller, a fake API server
     /// and simulated Flintlock hosts, in one process; prints a table and JSON.
     Bench(bench::BenchArgs),
+    /// Work with OCI images.
+    #[command(subcommand)]
+    Image(ImageCommand),
+}
+
+#[derive(Subcommand, Debug)]
+enum ImageCommand {
+    /// Publish a directory as a single-layer linux/amd64 image (the dev kernel, the far-init
+    /// initrd, an agent's root filesystem); prints the manifest digest.
+    Push {
+        /// The directory: its contents become the image's root.
+        dir: PathBuf,
+        /// Where to push, e.g. 127.0.0.1:5000/far/kernel:6.1.0-40.
+        reference: String,
+        /// Talk plain HTTP to a registry on a loopback address.
+        #[arg(long)]
+        plain_http_loopback: bool,
+    },
 }
 
 fn main() -> Result<ExitCode> {
@@ -111,6 +129,24 @@ fn main() -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Validate { files } => validate(&files),
+        Command::Image(ImageCommand::Push {
+            dir,
+            reference,
+            plain_http_loopback,
+        }) => {
+            if !dir.is_dir() {
+                bail!("{}: not a directory", dir.display());
+            }
+            let registry = far_oci::RegistryConfig {
+                plain_http_loopback,
+                ..far_oci::RegistryConfig::default()
+            };
+            let digest = tokio::runtime::Runtime::new()?
+                .block_on(far_oci::push::push_dir(&dir, &reference, registry))
+                .with_context(|| format!("pushing {} to {reference}", dir.display()))?;
+            println!("{reference}@{digest}");
+            Ok(ExitCode::SUCCESS)
+        }
     }
 }
 

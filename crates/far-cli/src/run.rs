@@ -18,7 +18,7 @@ use far_agent_protocol::{ChannelConfig, EnvVar, RUN_CONFIG_KEY, Stream};
 use far_api::manifest::{self, Object};
 use far_api::{FarAgent, FlintlockHost, FlintlockHostSpec, HostCapacity, VmLimits};
 use far_channel::{Channel, Config, Event, TokenKey};
-use far_host::images::{ImageArgs, Images};
+use far_host::images::{Fetch, ImageArgs, Images};
 use far_host::provider::qemu::{Accel, HOST_ADDRESS, Qemu, QemuConfig};
 use far_host::validate::Limits;
 use far_host::{Host, HostConfig, Service};
@@ -180,7 +180,7 @@ pub async fn run(args: RunArgs) -> Result<ExitCode> {
         .tempdir()
         .context("creating a working directory")?;
     let limits = Limits::default();
-    let mut qemu = QemuConfig::new(images, state.path().join("run"));
+    let mut qemu = QemuConfig::new(images.clone(), state.path().join("run"));
     qemu.accel = match args.accel.as_str() {
         "kvm" => Accel::Kvm,
         "tcg" => Accel::Tcg,
@@ -226,6 +226,28 @@ pub async fn run(args: RunArgs) -> Result<ExitCode> {
         guest_metadata: &metadata,
     })?;
     say(format!("{name}: {}", planned.sizing.describe("local")));
+
+    // Pulled here rather than inside the VM's start, so the user sees it happen.
+    let volumes = agent.spec.volumes.iter().enumerate();
+    let wanted = std::iter::once(("spec.image".to_owned(), agent.spec.image.clone()))
+        .chain(volumes.map(|(i, v)| (format!("spec.volumes[{i}].image"), v.image.clone())));
+    for (field, image) in wanted {
+        let started = Instant::now();
+        say(format!("{name}: preparing {image}"));
+        tokio::select! {
+            prepared = images.volume(&image, Fetch::Pull) => {
+                prepared.with_context(|| format!("{field}: {image}"))?;
+            }
+            () = stop.requested() => {
+                say(format!("{name}: interrupted"));
+                return Ok(ExitCode::from(130));
+            }
+        }
+        say(format!(
+            "{name}: {image} ready after {:.1} s",
+            started.elapsed().as_secs_f64()
+        ));
+    }
 
     let mut events = channel.subscribe();
     let created = client

@@ -1,40 +1,70 @@
 //! `far run` as a user runs it: a real microVM (QEMU, software emulation here) booted from the
-//! guest images of `scripts/build-guest`, the agent's output on stdout/stderr, its exit code
+//! guest images of `scripts/build-guest`, the agent's image pulled from a real registry on
+//! loopback (Debian's docker-registry), the agent's output on stdout/stderr, its exit code
 //! as far's, and nothing left behind, also after Ctrl-C.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use far_testkit::registry::Registry;
+
 fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
 }
 
-fn manifest(dir: &Path, args: &str) -> PathBuf {
-    let path = dir.join("agent.yaml");
-    std::fs::write(
-        &path,
-        format!(
-            "apiVersion: tiffany.dev/v1\nkind: FarAgent\nmetadata:\n  name: test-agent\nspec:\n  image: far.test/tiffany:dev\n  memory: 256Mi\n  cpu: 1\n  entrypoint: /usr/local/bin/tiffany\n  args: [{args}]\n  env:\n    - {{name: MODE, value: test}}\n"
-        ),
-    )
-    .unwrap();
-    path
+/// A test's own registry holding the stand-in agent image (the tree `scripts/build-guest` made),
+/// and a working directory with its image cache.
+struct Fixture {
+    registry: Registry,
+    dir: tempfile::TempDir,
 }
 
-fn far_run(manifest: &Path) -> Command {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_far"));
-    command
-        .current_dir(repo())
-        .args([
-            "run",
-            "--accel",
-            "tcg",
-            "--image",
-            "far.test/tiffany:dev=target/guest/images/tiffany",
-        ])
-        .arg(manifest);
-    command
+impl Fixture {
+    fn new() -> Self {
+        let registry = Registry::start();
+        let tree = repo().join("target/guest/agent-root");
+        let reference = format!("{}/tiffany:dev", registry.addr());
+        let config = far_oci::RegistryConfig {
+            plain_http_loopback: true,
+            ..far_oci::RegistryConfig::default()
+        };
+        tokio::runtime::Runtime::new()
+            .unwrap()
+            .block_on(far_oci::push::push_dir(&tree, &reference, config))
+            .unwrap();
+        Self {
+            registry,
+            dir: tempfile::tempdir().unwrap(),
+        }
+    }
+
+    /// `far run` of a FarAgent naming `far.test/tiffany:dev`, pulled through the registry as a
+    /// mirror of far.test.
+    fn far_run(&self, args: &str) -> Command {
+        self.far_run_image("far.test/tiffany:dev", args)
+    }
+
+    fn far_run_image(&self, image: &str, args: &str) -> Command {
+        let path = self.dir.path().join("agent.yaml");
+        std::fs::write(
+            &path,
+            format!(
+                "apiVersion: tiffany.dev/v1\nkind: FarAgent\nmetadata:\n  name: test-agent\nspec:\n  image: {image}\n  memory: 256Mi\n  cpu: 1\n  entrypoint: /usr/local/bin/tiffany\n  args: [{args}]\n  env:\n    - {{name: MODE, value: test}}\n"
+            ),
+        )
+        .unwrap();
+        let mut command = Command::new(env!("CARGO_BIN_EXE_far"));
+        command
+            .current_dir(repo())
+            .args(["run", "--accel", "tcg", "--plain-http-loopback"])
+            .arg("--registry-mirror")
+            .arg(format!("far.test={}", self.registry.addr()))
+            .arg("--image-cache")
+            .arg(self.dir.path().join("images"))
+            .arg(path);
+        command
+    }
 }
 
 /// The QEMU processes started by process `parent`: (pid, command line).
@@ -59,8 +89,9 @@ fn qemus_of(parent: u32) -> Vec<(u32, String)> {
 
 #[test]
 fn the_agents_output_and_exit_code_become_fars() {
-    let dir = tempfile::tempdir().unwrap();
-    let out = far_run(&manifest(dir.path(), "--task, fail, --exit-code, '3'"))
+    let fixture = Fixture::new();
+    let out = fixture
+        .far_run("--task, fail, --exit-code, '3'")
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -73,15 +104,17 @@ fn the_agents_output_and_exit_code_become_fars() {
         stderr.contains("far: test-agent: VM of 256 MiB and 1 vCPU on host local"),
         "{stderr}"
     );
+    assert!(
+        stderr.contains("far: test-agent: far.test/tiffany:dev ready after"),
+        "{stderr}"
+    );
     assert!(stderr.contains("far: agent running after"), "{stderr}");
     assert!(
         stderr.contains("far: test-agent: agent exited with code 3"),
         "{stderr}"
     );
 
-    let out = far_run(&manifest(dir.path(), "--task, embedder"))
-        .output()
-        .unwrap();
+    let out = fixture.far_run("--task, embedder").output().unwrap();
     assert_eq!(
         out.status.code(),
         Some(0),
@@ -97,9 +130,27 @@ fn the_agents_output_and_exit_code_become_fars() {
 }
 
 #[test]
+fn an_image_that_cannot_be_pulled_is_a_clear_error_before_any_vm() {
+    let fixture = Fixture::new();
+    let out = fixture
+        .far_run_image("far.test/nothing:1", "--task, sleep")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    let expected = format!(
+        "Error: spec.image: far.test/nothing:1\n\nCaused by:\n    image {}/nothing:1 not found in its registry",
+        fixture.registry.addr()
+    );
+    assert!(stderr.contains(&expected), "{stderr}");
+    assert!(!stderr.contains("created; booting"), "{stderr}");
+}
+
+#[test]
 fn ctrl_c_stops_the_vm_and_leaves_nothing_behind() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut child = far_run(&manifest(dir.path(), "--task, sleep, --seconds, '600'"))
+    let fixture = Fixture::new();
+    let mut child = fixture
+        .far_run("--task, sleep, --seconds, '600'")
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
