@@ -4,6 +4,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let files = [
         "proto/types/microvm.proto",
         "proto/services/microvm/v1alpha1/microvms.proto",
+        "proto/far/host/v1/guests.proto",
     ];
     for file in files {
         println!("cargo:rerun-if-changed={file}");

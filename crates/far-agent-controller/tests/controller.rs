@@ -8,7 +8,7 @@ use far_agent_controller::reconcile::Config;
 use far_api::{FarAgent, FlintlockHost, Phase};
 use far_channel::{Channel, TokenKey};
 use far_host::provider::sim::{Sim, SimConfig};
-use far_host::{Host, HostConfig, Service};
+use far_host::{Host, HostConfig};
 use far_testkit::apiserver::FakeApiServer;
 use far_vmspec::{Defaults, VmName};
 use kube::Api;
@@ -66,7 +66,7 @@ async fn env() -> Env {
     let (host_down, down) = oneshot::channel::<()>();
     let server = tokio::spawn(
         tonic::transport::Server::builder()
-            .add_service(Service::new(Arc::clone(&host), None))
+            .add_routes(far_host::routes(Arc::clone(&host), None))
             .serve_with_incoming_shutdown(
                 tokio_stream::wrappers::TcpListenerStream::new(listener),
                 async {
@@ -655,7 +655,7 @@ async fn hosts_are_reached_over_mutual_tls_with_the_token_from_their_secrets() {
         tonic::transport::Server::builder()
             .tls_config(tls)
             .unwrap()
-            .add_service(Service::new(Arc::clone(&host), Some("s3cret".into())))
+            .add_routes(far_host::routes(Arc::clone(&host), Some("s3cret".into())))
             .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
     );
     let b64 = |text: &str| base64::Engine::encode(&base64::engine::general_purpose::STANDARD, text);

@@ -13,7 +13,7 @@ use far_channel::{Channel, TokenKey};
 use far_host::provider::sim::{Sim, SimConfig};
 use far_host::provider::{Provider, ProviderError, Started};
 use far_host::record::VmRecord;
-use far_host::{Host, HostConfig, Service};
+use far_host::{Host, HostConfig};
 use far_testkit::apiserver::FakeApiServer;
 use far_vmspec::Defaults;
 use flintlock_proto::types::MicroVmSpec;
@@ -112,7 +112,7 @@ async fn killing_the_controller_at_random_moments_loses_and_duplicates_nothing()
     let endpoint = format!("http://{}", listener.local_addr().unwrap());
     tokio::spawn(
         tonic::transport::Server::builder()
-            .add_service(Service::new(Arc::clone(&host), None))
+            .add_routes(far_host::routes(Arc::clone(&host), None))
             .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
     );
     let hosts: Api<FlintlockHost> = Api::all(api.client());

@@ -19,7 +19,7 @@ use far_api::{FarAgent, FlintlockHost, Phase};
 use far_channel::{Channel, TokenKey};
 use far_host::provider::sim::{Sim, SimConfig};
 use far_host::validate::Limits;
-use far_host::{Host, HostConfig, Service};
+use far_host::{Host, HostConfig};
 use far_testkit::apiserver::FakeApiServer;
 use far_vmspec::Defaults;
 use futures::StreamExt;
@@ -162,7 +162,7 @@ pub async fn run(args: BenchArgs) -> Result<()> {
         let endpoint = format!("http://{}", listener.local_addr()?);
         tokio::spawn(
             tonic::transport::Server::builder()
-                .add_service(Service::new(host, None))
+                .add_routes(far_host::routes(host, None))
                 .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
         );
         let object: FlintlockHost = serde_json::from_value(json!({

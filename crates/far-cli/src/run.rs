@@ -21,7 +21,7 @@ use far_channel::{Channel, Config, Event, TokenKey};
 use far_host::images::{Fetch, ImageArgs, Images};
 use far_host::provider::qemu::{Accel, HOST_ADDRESS, Qemu, QemuConfig};
 use far_host::validate::Limits;
-use far_host::{Host, HostConfig, Service};
+use far_host::{Host, HostConfig};
 use far_vmspec::{Defaults, VmPlan, plan};
 use flintlock_proto::MicroVmClient;
 use flintlock_proto::errors::Failure;
@@ -197,10 +197,9 @@ pub async fn run(args: RunArgs) -> Result<ExitCode> {
     .await?;
     let grpc_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let endpoint = format!("http://{}", grpc_listener.local_addr()?);
-    let service = Service::new(Arc::clone(&host), None);
     tokio::spawn(
         tonic::transport::Server::builder()
-            .add_service(service)
+            .add_routes(far_host::routes(Arc::clone(&host), None))
             .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(
                 grpc_listener,
             )),

@@ -10,6 +10,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+use flintlock_proto::far_host::EndedGuest;
 use flintlock_proto::types::{MicroVm, MicroVmSpec};
 use tracing::{info, warn};
 
@@ -207,6 +208,44 @@ impl<P: Provider> Host<P> {
     pub fn guest_exited(&self, uid: &str) -> Result<bool, HostError> {
         self.get(uid)?;
         Ok(self.lock().get(uid).is_some_and(|r| r.guest_exited))
+    }
+
+    /// far-host extension: the VMs of `namespace` whose guest has ended (the process exited)
+    /// or that failed to start, with the reason.
+    ///
+    /// # Errors
+    /// [`HostError::Store`] when a newly seen exit cannot be recorded.
+    pub fn ended(&self, namespace: &str) -> Result<Vec<EndedGuest>, HostError> {
+        let candidates: Vec<VmRecord> = self
+            .lock()
+            .values()
+            .filter(|r| {
+                r.state == State::Failed
+                    || (r.state == State::Created
+                        && (r.guest_exited || self.provider.has_exited(r)))
+            })
+            .cloned()
+            .collect();
+        let mut ended = Vec::new();
+        for mut record in candidates {
+            if record.state == State::Created && !record.guest_exited {
+                match self.update(&record.uid, |r| r.guest_exited = true)? {
+                    Some(updated) => record = updated,
+                    None => continue,
+                }
+            }
+            let vm = record.to_proto();
+            let Some(spec) = vm.spec.filter(|s| s.namespace == namespace) else {
+                continue;
+            };
+            ended.push(EndedGuest {
+                uid: record.uid,
+                id: spec.id,
+                stopped: record.guest_exited,
+                failure: record.failure.filter(|_| record.state == State::Failed),
+            });
+        }
+        Ok(ended)
     }
 
     /// The VMs in a namespace, optionally only those with this name, oldest first.

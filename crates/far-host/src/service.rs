@@ -1,15 +1,18 @@
 //! The Flintlock MicroVM gRPC service: parses requests, calls the [`Host`], and reports errors
 //! the way upstream flintlockd does (so clients are tested against its quirks): "not found" is
-//! code UNKNOWN with the words in the message.
+//! code UNKNOWN with the words in the message. Beside it, far-host's own `far.host.v1.Guests`
+//! service ([`Guests`]); [`routes`] serves both.
 
 use std::sync::Arc;
 
 use flintlock_proto::auth::check_basic_token;
+use flintlock_proto::far_host::{self, ListEndedRequest, ListEndedResponse, guests_server::GuestsServer};
 use flintlock_proto::v1alpha1::{
     CreateMicroVmRequest, CreateMicroVmResponse, DeleteMicroVmRequest, GetMicroVmRequest,
     GetMicroVmResponse, ListMessage, ListMicroVMsRequest, ListMicroVMsResponse,
 };
 use flintlock_proto::{MicroVm, MicroVmServer};
+use tonic::service::Routes;
 use tonic::{Request, Response, Status};
 
 use crate::host::{Host, HostError};
@@ -28,10 +31,47 @@ impl<P: Provider> Service<P> {
     }
 
     fn authorize<T>(&self, request: &Request<T>) -> Result<(), Status> {
-        match &self.token {
-            Some(token) => check_basic_token(request.metadata(), token),
-            None => Ok(()),
-        }
+        authorize(self.token.as_deref(), request)
+    }
+}
+
+/// With a token, every call must carry it (`authorization: basic ...`), as flintlockd's.
+fn authorize<T>(token: Option<&str>, request: &Request<T>) -> Result<(), Status> {
+    match token {
+        Some(token) => check_basic_token(request.metadata(), token),
+        None => Ok(()),
+    }
+}
+
+/// far-host's extension service (`far.host.v1.Guests`): what Flintlock's status cannot say.
+pub struct Guests<P: Provider> {
+    host: Arc<Host<P>>,
+    token: Option<String>,
+}
+
+impl<P: Provider> Guests<P> {
+    /// Serves `host`'s guests, with the same token rule as [`Service`].
+    pub fn new(host: Arc<Host<P>>, token: Option<String>) -> GuestsServer<Self> {
+        GuestsServer::new(Self { host, token })
+    }
+}
+
+/// Both services of a far-host: Flintlock's MicroVM service and far-host's Guests service.
+pub fn routes<P: Provider>(host: Arc<Host<P>>, token: Option<String>) -> Routes {
+    Routes::new(Service::new(Arc::clone(&host), token.clone())).add_service(Guests::new(host, token))
+}
+
+#[tonic::async_trait]
+impl<P: Provider> far_host::guests_server::Guests for Guests<P> {
+    async fn list_ended(
+        &self,
+        request: Request<ListEndedRequest>,
+    ) -> Result<Response<ListEndedResponse>, Status> {
+        authorize(self.token.as_deref(), &request)?;
+        let namespace = request.into_inner().namespace;
+        Ok(Response::new(ListEndedResponse {
+            guests: self.host.ended(&namespace).map_err(status)?,
+        }))
     }
 }
 

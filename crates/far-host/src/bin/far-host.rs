@@ -12,7 +12,7 @@ use far_host::provider::Provider;
 use far_host::provider::qemu::{Accel, Qemu, QemuConfig};
 use far_host::provider::sim::{Sim, SimConfig};
 use far_host::validate::Limits;
-use far_host::{Host, HostConfig, Service};
+use far_host::{Host, HostConfig};
 use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -164,7 +164,7 @@ async fn run<P: Provider>(
         server = server.tls_config(tls).context("TLS configuration")?;
     }
     server
-        .add_service(Service::new(host, token))
+        .add_routes(far_host::routes(host, token))
         .serve_with_shutdown(args.listen, shutdown())
         .await
         .context("serving gRPC")
