@@ -44,6 +44,12 @@ pub enum Vm {
         uid: String,
         /// Flintlock's state.
         state: VmState,
+        /// The VM's process has exited (its guest powered off or crashed). Only far-host can
+        /// say so (its Guests extension); from upstream flintlockd it stays `false` and a dead
+        /// guest is found by its missing heartbeats instead.
+        stopped: bool,
+        /// Why starting the VM failed, when the host says (far-host's extension).
+        failure: Option<String>,
     },
 }
 
@@ -221,7 +227,7 @@ impl Builder<'_> {
     fn fail(mut self, reason: AgentReason, message: String, exit_code: Option<i32>) -> Decision {
         let o = self.o;
         let restarts = self.status.restart_count;
-        if let Some(Vm::Present { uid, state }) = &o.vm
+        if let Some(Vm::Present { uid, state, .. }) = &o.vm
             && *state != VmState::Deleting
         {
             self.actions.push(Action::DeleteVm { uid: uid.clone() });
@@ -302,7 +308,7 @@ pub fn decide(o: &Observation<'_>) -> Decision {
                 b.event(false, "Deleted", "the agent's VM is gone".into());
                 b.done(None)
             }
-            Some(Vm::Present { uid, state }) => {
+            Some(Vm::Present { uid, state, .. }) => {
                 if *state != VmState::Deleting {
                     b.actions.push(Action::DeleteVm { uid: uid.clone() });
                 }
@@ -333,7 +339,7 @@ pub fn decide(o: &Observation<'_>) -> Decision {
 
     // Finished: nothing brings it back; free the VM, honour the TTL.
     if b.status.phase.is_some_and(Phase::is_terminal) {
-        if let Some(Vm::Present { uid, state }) = &o.vm
+        if let Some(Vm::Present { uid, state, .. }) = &o.vm
             && *state != VmState::Deleting
         {
             b.actions.push(Action::DeleteVm { uid: uid.clone() });
@@ -430,7 +436,7 @@ pub fn decide(o: &Observation<'_>) -> Decision {
             );
         }
         if *code == 0 {
-            if let Some(Vm::Present { uid, state }) = &o.vm
+            if let Some(Vm::Present { uid, state, .. }) = &o.vm
                 && *state != VmState::Deleting
             {
                 b.actions.push(Action::DeleteVm { uid: uid.clone() });
@@ -522,7 +528,12 @@ pub fn decide(o: &Observation<'_>) -> Decision {
             );
             b.done(Some(Duration::from_secs(5)))
         }
-        Some(Vm::Present { uid, state }) => {
+        Some(Vm::Present {
+            uid,
+            state,
+            stopped,
+            failure,
+        }) => {
             let first_sight = b.status.vm_uid.as_deref() != Some(uid.as_str());
             b.status.vm_uid = Some(uid.clone());
             // Flintlock's state is written with other changes (first sight, FAILED, DELETING,
@@ -549,7 +560,17 @@ pub fn decide(o: &Observation<'_>) -> Decision {
             match state {
                 VmState::Failed => b.fail(
                     AgentReason::VMFailed,
-                    format!("Flintlock reports VM {uid} FAILED"),
+                    match failure {
+                        Some(why) => format!("Flintlock reports VM {uid} FAILED: {why}"),
+                        None => format!("Flintlock reports VM {uid} FAILED"),
+                    },
+                    None,
+                ),
+                // The guest reports its exit before it powers off (the channel acknowledges only
+                // once the exit is in status), so a stopped VM with no exit known died.
+                VmState::Pending | VmState::Created if *stopped => b.fail(
+                    AgentReason::VMFailed,
+                    format!("VM {uid} stopped without the agent reporting an exit"),
                     None,
                 ),
                 VmState::Deleting => b.fail(

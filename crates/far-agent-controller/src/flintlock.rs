@@ -12,13 +12,15 @@ use far_api::FlintlockHost;
 use flintlock_proto::MicroVmClient;
 use flintlock_proto::auth::BasicToken;
 use flintlock_proto::errors::{Failure, code_label};
+use flintlock_proto::far_host::guests_client::GuestsClient;
+use flintlock_proto::far_host::{EndedGuest, ListEndedRequest};
 use flintlock_proto::types::MicroVm;
 use flintlock_proto::v1alpha1::{
     CreateMicroVmRequest, DeleteMicroVmRequest, GetMicroVmRequest, ListMicroVMsRequest,
 };
 use tonic::codegen::InterceptedService;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
-use tonic::{Request, Status};
+use tonic::{Code, Request, Status};
 
 /// Adds the host's token, when it has one.
 #[derive(Clone, Debug, Default)]
@@ -33,7 +35,8 @@ impl tonic::service::Interceptor for Auth {
     }
 }
 
-type Client = MicroVmClient<InterceptedService<Channel, Auth>>;
+/// A host's connection with its token: the typed clients of both services are built on it.
+type Conn = InterceptedService<Channel, Auth>;
 
 /// How the controller proves itself to a host and checks the host: the shared token and, for
 /// `https://` endpoints, the CA (and for mutual TLS the client certificate and key), all read
@@ -62,7 +65,7 @@ impl std::fmt::Debug for Credentials {
 struct Cached {
     endpoint: String,
     credentials: Credentials,
-    client: Client,
+    conn: Conn,
 }
 
 /// Why a Flintlock call failed.
@@ -145,7 +148,7 @@ impl Pool {
         &self,
         host: &FlintlockHost,
         credentials: &Credentials,
-    ) -> Result<Client, FlintlockError> {
+    ) -> Result<Conn, FlintlockError> {
         let name = kube::ResourceExt::name_any(host);
         let endpoint = host.spec.endpoint.clone();
         let mut clients = self.clients.lock().unwrap_or_else(|e| e.into_inner());
@@ -153,7 +156,7 @@ impl Pool {
             && cached.endpoint == endpoint
             && cached.credentials == *credentials
         {
-            return Ok(cached.client.clone());
+            return Ok(cached.conn.clone());
         }
         let bad = |reason: String| FlintlockError::Endpoint {
             host: name.clone(),
@@ -184,16 +187,16 @@ impl Pool {
                 .transpose()
                 .map_err(|e| bad(e.message().to_owned()))?,
         );
-        let client = MicroVmClient::with_interceptor(channel.connect_lazy(), auth);
+        let conn = InterceptedService::new(channel.connect_lazy(), auth);
         clients.insert(
             name,
             Cached {
                 endpoint,
                 credentials: credentials.clone(),
-                client: client.clone(),
+                conn: conn.clone(),
             },
         );
-        Ok(client)
+        Ok(conn)
     }
 
     async fn call<T, F, Fut>(
@@ -205,7 +208,7 @@ impl Pool {
         f: F,
     ) -> Result<T, FlintlockError>
     where
-        F: Fn(Client) -> Fut,
+        F: Fn(Conn) -> Fut,
         Fut: std::future::Future<Output = Result<tonic::Response<T>, Status>>,
     {
         let client = self.client(host, credentials)?;
@@ -253,9 +256,13 @@ impl Pool {
         uid: &str,
     ) -> Result<Option<MicroVm>, FlintlockError> {
         let result = self
-            .call(host, credentials, "GetMicroVM", true, |mut c| {
+            .call(host, credentials, "GetMicroVM", true, |conn| {
                 let uid = uid.to_owned();
-                async move { c.get_micro_vm(GetMicroVmRequest { uid }).await }
+                async move {
+                    MicroVmClient::new(conn)
+                        .get_micro_vm(GetMicroVmRequest { uid })
+                        .await
+                }
             })
             .await;
         match result {
@@ -276,12 +283,12 @@ impl Pool {
         namespace: &str,
         name: Option<&str>,
     ) -> Result<Vec<MicroVm>, FlintlockError> {
-        self.call(host, credentials, "ListMicroVMs", true, |mut c| {
+        self.call(host, credentials, "ListMicroVMs", true, |conn| {
             let request = ListMicroVMsRequest {
                 namespace: namespace.to_owned(),
                 name: name.map(str::to_owned),
             };
-            async move { c.list_micro_v_ms(request).await }
+            async move { MicroVmClient::new(conn).list_micro_v_ms(request).await }
         })
         .await
         .map(|r| r.microvm)
@@ -298,9 +305,9 @@ impl Pool {
         request: CreateMicroVmRequest,
     ) -> Result<MicroVm, FlintlockError> {
         let vm = self
-            .call(host, credentials, "CreateMicroVM", false, |mut c| {
+            .call(host, credentials, "CreateMicroVM", false, |conn| {
                 let request = request.clone();
-                async move { c.create_micro_vm(request).await }
+                async move { MicroVmClient::new(conn).create_micro_vm(request).await }
             })
             .await?
             .microvm;
@@ -322,14 +329,46 @@ impl Pool {
         uid: &str,
     ) -> Result<(), FlintlockError> {
         let result = self
-            .call(host, credentials, "DeleteMicroVM", true, |mut c| {
+            .call(host, credentials, "DeleteMicroVM", true, |conn| {
                 let uid = uid.to_owned();
-                async move { c.delete_micro_vm(DeleteMicroVmRequest { uid }).await }
+                async move {
+                    MicroVmClient::new(conn)
+                        .delete_micro_vm(DeleteMicroVmRequest { uid })
+                        .await
+                }
             })
             .await;
         match result {
             Err(e) if e.failure() != Failure::NotFound => Err(e),
             _ => Ok(()),
+        }
+    }
+
+    /// far-host's ListEnded: VMs whose guest stopped or that failed to start, with the reason.
+    /// `Ok(None)` from a host without the extension (upstream flintlockd: UNIMPLEMENTED).
+    ///
+    /// # Errors
+    /// [`FlintlockError`].
+    pub async fn ended(
+        &self,
+        host: &FlintlockHost,
+        credentials: &Credentials,
+        namespace: &str,
+    ) -> Result<Option<Vec<EndedGuest>>, FlintlockError> {
+        let result = self
+            .call(host, credentials, "ListEnded", true, |conn| {
+                let request = ListEndedRequest {
+                    namespace: namespace.to_owned(),
+                };
+                async move { GuestsClient::new(conn).list_ended(request).await }
+            })
+            .await;
+        match result {
+            Ok(response) => Ok(Some(response.guests)),
+            Err(FlintlockError::Call { status, .. }) if status.code() == Code::Unimplemented => {
+                Ok(None)
+            }
+            Err(e) => Err(e),
         }
     }
 }

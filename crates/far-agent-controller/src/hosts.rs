@@ -76,6 +76,7 @@ pub async fn probe_all(ctx: &Context) {
                 // The owners are read after the host's list: a VM listed was created by a
                 // reconcile of an agent already in the cache, so no VM is younger than its owner here.
                 let owners = owners(ctx);
+                note_ended(ctx, &host, &credentials).await;
                 if ctx.agents_ready() {
                     for vm in vms {
                         let Some(spec) = &vm.spec else { continue };
@@ -126,6 +127,65 @@ pub async fn probe_all(ctx: &Context) {
             h.agents,
         )
         .await;
+    }
+}
+
+/// Asks a host which of its VMs ended (far-host's extension; upstream has none), keeps the
+/// answer for reconciles to read, and reconciles at once the agents whose VM newly ended.
+pub async fn note_ended(
+    ctx: &Context,
+    host: &FlintlockHost,
+    credentials: &crate::flintlock::Credentials,
+) {
+    let name = host.name_any();
+    let answer = ctx
+        .flintlock
+        .ended(host, credentials, &ctx.config.defaults.namespace)
+        .await;
+    let guests = match answer {
+        Ok(Some(guests)) => guests,
+        Ok(None) => {
+            ctx.ended
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&name);
+            return;
+        }
+        Err(e) => {
+            warn!(host = %name, error = %e, "ListEnded failed");
+            return;
+        }
+    };
+    let now: std::collections::HashMap<String, _> =
+        guests.into_iter().map(|g| (g.uid.clone(), g)).collect();
+    let before = ctx
+        .ended
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .insert(name, now.clone())
+        .unwrap_or_default();
+    for guest in now.values().filter(|g| !before.contains_key(&g.uid)) {
+        let Some(owner) = VmName::parse(&guest.id) else {
+            continue;
+        };
+        let agent = ctx
+            .by_uid
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&owner.uid)
+            .cloned();
+        let running = agent
+            .as_ref()
+            .and_then(|r| ctx.agents.get(r))
+            .is_some_and(|a| {
+                !a.status
+                    .as_ref()
+                    .and_then(|s| s.phase)
+                    .is_some_and(far_api::Phase::is_terminal)
+            });
+        if let (Some(agent), true) = (agent, running) {
+            let _ = ctx.kick.send(agent);
+        }
     }
 }
 

@@ -9,6 +9,7 @@ use base64::Engine as _;
 use far_agent_protocol::{ChannelConfig, EnvVar, RUN_CONFIG_KEY, SecretFile, Secrets, channel_id};
 use far_api::{FINALIZER, FarAgent, FarAgentStatus, FlintlockHost, host_condition};
 use far_vmspec::{Defaults, VmName, VmPlan, plan};
+use flintlock_proto::far_host::EndedGuest;
 use flintlock_proto::types::micro_vm_status::MicroVmState;
 use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use k8s_openapi::jiff::Timestamp;
@@ -63,9 +64,23 @@ pub struct Context {
     pub agents_ready: std::sync::atomic::AtomicBool,
     /// Metrics.
     pub metrics: Arc<crate::metrics::Metrics>,
+    /// What far-host hosts said at their last probe of VMs that ended, by host and VM uid.
+    pub ended: Mutex<HashMap<String, HashMap<String, EndedGuest>>>,
+    /// Reconciles asked for from outside the watches (a guest seen to have ended).
+    pub kick: tokio::sync::mpsc::UnboundedSender<ObjectRef<FarAgent>>,
 }
 
 impl Context {
+    /// What the host's last probe said of this VM, if it ended.
+    pub fn ended_guest(&self, host: &str, vm_uid: &str) -> Option<EndedGuest> {
+        self.ended
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(host)
+            .and_then(|vms| vms.get(vm_uid))
+            .cloned()
+    }
+
     /// Whether the FarAgent cache holds every agent (so absence means none).
     pub fn agents_ready(&self) -> bool {
         self.agents_ready.load(std::sync::atomic::Ordering::Relaxed)
@@ -248,10 +263,20 @@ async fn observe_vm(
         Ok(found) => {
             mark(ctx, host_name, true);
             Ok(match found {
-                Some((uid, vm)) => Vm::Present {
-                    uid,
-                    state: vm_state(&vm),
-                },
+                Some((uid, vm)) => {
+                    let mut ended = ctx.ended_guest(host_name, &uid);
+                    // A FAILED VM's reason is asked for at once rather than at the next probe.
+                    if ended.is_none() && vm_state(&vm) == VmState::Failed {
+                        crate::hosts::note_ended(ctx, &host, &credentials).await;
+                        ended = ctx.ended_guest(host_name, &uid);
+                    }
+                    Vm::Present {
+                        state: vm_state(&vm),
+                        stopped: ended.as_ref().is_some_and(|g| g.stopped),
+                        failure: ended.and_then(|g| g.failure),
+                        uid,
+                    }
+                }
                 None => Vm::Absent,
             })
         }

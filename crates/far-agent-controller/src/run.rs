@@ -67,6 +67,7 @@ pub async fn run(
                 .collect::<Vec<_>>()
         },
     );
+    let (kick, kicked) = tokio::sync::mpsc::unbounded_channel();
     let ctx = Arc::new(Context {
         client: client.clone(),
         flintlock: Pool::new(config.call_timeout, Arc::clone(&metrics)),
@@ -80,6 +81,8 @@ pub async fn run(
         credentials: Default::default(),
         reporter,
         agents_ready: AtomicBool::new(false),
+        ended: Default::default(),
+        kick,
     });
 
     // The first heartbeat and the exit of an agent reconcile it at once; other heartbeats only
@@ -127,7 +130,10 @@ pub async fn run(
     };
 
     let reconciling = controller
-        .reconcile_on(triggers)
+        .reconcile_on(futures::stream::select(
+            triggers,
+            tokio_stream::wrappers::UnboundedReceiverStream::new(kicked),
+        ))
         .graceful_shutdown_on(shutdown)
         .run(reconcile, error_policy, ctx)
         .for_each(|result| async move {

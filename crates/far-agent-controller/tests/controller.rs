@@ -56,7 +56,7 @@ async fn env() -> Env {
         state.path(),
         Sim::new(SimConfig {
             boot_delay: Duration::from_millis(20),
-            ..SimConfig::default()
+            fail_starts_containing: Some("doomed".into()),
         }),
     )
     .await
@@ -336,6 +336,48 @@ async fn a_non_zero_exit_fails_and_on_failure_restarts_in_a_new_vm() {
     let status = agent.status.unwrap();
     assert_eq!((status.restart_count, status.exit_code), (1, Some(4)));
     env.wait_for_event("BackOff").await;
+}
+
+/// far-host's Guests extension: a guest that dies without reporting fails its agent at the next
+/// host probe, long before its heartbeat timeout; a VM that cannot start fails it with the
+/// host's reason.
+#[tokio::test]
+async fn a_crashed_guest_or_a_vm_that_cannot_start_fails_the_agent_with_the_cause() {
+    let mut env = env().await;
+    env.start_controller();
+    env.create(
+        "crasher",
+        json!({"args": ["--sim-crash", "--seconds", "0.2"], "heartbeat": {"intervalSeconds": 5, "timeoutSeconds": 600}}),
+    )
+    .await;
+    let started = std::time::Instant::now();
+    let agent = env
+        .wait_for("crasher", "Failed", |a| phase(a) == Some(Phase::Failed))
+        .await;
+    assert!(
+        started.elapsed() < Duration::from_secs(60),
+        "found by the probe, not the timeout"
+    );
+    let status = agent.status.unwrap();
+    assert_eq!(status.reason, Some(far_api::AgentReason::VMFailed));
+    let message = status.message.unwrap_or_default();
+    assert!(
+        message.ends_with("stopped without the agent reporting an exit"),
+        "{message}"
+    );
+    assert_eq!(status.exit_code, None);
+
+    env.create("doomed", json!({})).await;
+    let agent = env
+        .wait_for("doomed", "Failed", |a| phase(a) == Some(Phase::Failed))
+        .await;
+    let status = agent.status.unwrap();
+    assert_eq!(status.reason, Some(far_api::AgentReason::VMFailed));
+    let message = status.message.unwrap_or_default();
+    assert!(
+        message.contains("FAILED: sim: injected start failure for VM \"default.doomed.0."),
+        "{message}"
+    );
 }
 
 #[tokio::test]

@@ -6,7 +6,9 @@
 use std::sync::Arc;
 
 use flintlock_proto::auth::check_basic_token;
-use flintlock_proto::far_host::{self, ListEndedRequest, ListEndedResponse, guests_server::GuestsServer};
+use flintlock_proto::far_host::{
+    self, ListEndedRequest, ListEndedResponse, guests_server::GuestsServer,
+};
 use flintlock_proto::v1alpha1::{
     CreateMicroVmRequest, CreateMicroVmResponse, DeleteMicroVmRequest, GetMicroVmRequest,
     GetMicroVmResponse, ListMessage, ListMicroVMsRequest, ListMicroVMsResponse,
@@ -58,7 +60,8 @@ impl<P: Provider> Guests<P> {
 
 /// Both services of a far-host: Flintlock's MicroVM service and far-host's Guests service.
 pub fn routes<P: Provider>(host: Arc<Host<P>>, token: Option<String>) -> Routes {
-    Routes::new(Service::new(Arc::clone(&host), token.clone())).add_service(Guests::new(host, token))
+    Routes::new(Service::new(Arc::clone(&host), token.clone()))
+        .add_service(Guests::new(host, token))
 }
 
 #[tonic::async_trait]

@@ -277,3 +277,100 @@ async fn far_host_killed_with_sigkill_comes_back_with_every_vm() {
         .unwrap_err();
     assert_eq!(Failure::of(&err), Failure::NotFound);
 }
+
+/// far-host's Guests extension over real gRPC: a VM that could not start is listed with its
+/// reason, one whose guest ended without a word as stopped; running VMs and other namespaces
+/// are not listed; the token rule is the MicroVM service's.
+#[tokio::test]
+async fn list_ended_names_failed_and_stopped_vms_over_grpc() {
+    use flintlock_proto::far_host::ListEndedRequest;
+    use flintlock_proto::far_host::guests_client::GuestsClient;
+
+    let dir = tempfile::tempdir().unwrap();
+    let host = Host::open(
+        HostConfig {
+            retry_delay: Duration::from_millis(10),
+            ..HostConfig::default()
+        },
+        dir.path(),
+        Sim::new(SimConfig {
+            boot_delay: Duration::from_millis(10),
+            fail_starts_containing: Some("broken".into()),
+        }),
+    )
+    .await
+    .unwrap();
+    let (address, _received) = channel().await;
+    let create = |id: &str, args: &[&str]| {
+        let spec = spec(id, Some(&run_config(address, args)));
+        let host = std::sync::Arc::clone(&host);
+        async move { host.create(spec).await.unwrap().spec.unwrap().uid.unwrap() }
+    };
+    let broken = create("broken", &[]).await;
+    let crashed = create("crashed", &["--sim-crash", "--seconds", "0"]).await;
+    let running = create("running", &["--sim-hang"]).await;
+
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let endpoint = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_routes(far_host::routes(
+                std::sync::Arc::clone(&host),
+                Some("t0ken".into()),
+            ))
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    let channel = tonic::transport::Endpoint::from_shared(endpoint)
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let token = flintlock_proto::auth::BasicToken::new("t0ken").unwrap();
+    let mut client = GuestsClient::with_interceptor(channel.clone(), token);
+    let ask = |namespace: &str| ListEndedRequest {
+        namespace: namespace.into(),
+    };
+    let mut ended = Vec::new();
+    for _ in 0..200 {
+        ended = client
+            .list_ended(ask("far"))
+            .await
+            .unwrap()
+            .into_inner()
+            .guests;
+        if ended.len() == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    ended.sort_by(|a, b| a.id.cmp(&b.id));
+    assert_eq!(ended.len(), 2, "{ended:?}");
+    assert_eq!(
+        (ended[0].uid.as_str(), ended[0].id.as_str()),
+        (broken.as_str(), "broken")
+    );
+    assert_eq!(
+        ended[0].failure.as_deref(),
+        Some("sim: injected start failure for VM \"broken\"")
+    );
+    assert_eq!(
+        (ended[1].uid.as_str(), ended[1].stopped),
+        (crashed.as_str(), true)
+    );
+    assert_eq!(ended[1].failure, None);
+    assert!(ended.iter().all(|g| g.uid != running));
+    assert!(
+        client
+            .list_ended(ask("elsewhere"))
+            .await
+            .unwrap()
+            .into_inner()
+            .guests
+            .is_empty()
+    );
+    let refused = GuestsClient::new(channel)
+        .list_ended(ask("far"))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::Unauthenticated);
+}

@@ -61,6 +61,8 @@ fn present(state: VmState) -> Option<Vm> {
     Some(Vm::Present {
         uid: "vm1".into(),
         state,
+        stopped: false,
+        failure: None,
     })
 }
 
@@ -213,6 +215,49 @@ fn a_non_zero_exit_is_failed_or_restarted_with_backoff() {
 }
 
 #[test]
+fn a_stopped_vm_fails_the_agent_unless_its_exit_is_known() {
+    let spec = spec();
+    let running = FarAgentStatus {
+        phase: Some(Phase::Running),
+        host: Some("h1".into()),
+        vm_uid: Some("vm1".into()),
+        ..Default::default()
+    };
+    let stopped = Some(Vm::Present {
+        uid: "vm1".into(),
+        state: VmState::Created,
+        stopped: true,
+        failure: None,
+    });
+    let mut o = observe(&spec, &running, 10);
+    o.vm = stopped.clone();
+    o.guest.last_heartbeat = Some(t(9));
+    let d = decide(&o);
+    assert_eq!(
+        (d.status.phase, d.status.reason, d.status.exit_code),
+        (Some(Phase::Failed), Some(AgentReason::VMFailed), None)
+    );
+    assert!(d.actions.contains(&Action::DeleteVm { uid: "vm1".into() }));
+
+    // The exit came first (it always does when the guest reports it): it decides.
+    o.guest.exit = Some((0, None));
+    assert_eq!(decide(&o).status.phase, Some(Phase::Completed));
+
+    // A FAILED VM's reason, when the host gives one, reaches the message.
+    let mut o = observe(&spec, &running, 10);
+    o.vm = Some(Vm::Present {
+        uid: "vm1".into(),
+        state: VmState::Failed,
+        stopped: false,
+        failure: Some("kernel: image k has no file \"vmlinuz\"".into()),
+    });
+    assert_eq!(
+        decide(&o).status.message.as_deref(),
+        Some("Flintlock reports VM vm1 FAILED: kernel: image k has no file \"vmlinuz\"")
+    );
+}
+
+#[test]
 fn silence_fails_the_agent_with_the_right_reason() {
     let spec = spec();
     let mut booting = FarAgentStatus {
@@ -353,10 +398,14 @@ fn vms() -> impl Strategy<Value = Option<Vm>> {
             Just(VmState::Failed),
             Just(VmState::Deleting)
         ]
-        .prop_map(|state| Some(Vm::Present {
-            uid: "vm1".into(),
-            state
-        })),
+        .prop_flat_map(
+            |state| any::<bool>().prop_map(move |stopped| Some(Vm::Present {
+                uid: "vm1".into(),
+                state,
+                stopped,
+                failure: stopped.then(|| "kernel: image k has no file \"vmlinuz\"".to_owned()),
+            }))
+        ),
     ]
 }
 

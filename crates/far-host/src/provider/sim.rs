@@ -7,7 +7,9 @@
 //! - `--seconds N` (decimal allowed): run for N seconds (default 1), then exit;
 //! - `--exit-code N`: exit with N (default 0);
 //! - `--sim-silent`: never report in (a guest that does not boot);
-//! - `--sim-hang`: report in, then stop heartbeating without exiting (a guest that dies).
+//! - `--sim-hang`: report in, then stop heartbeating without exiting (a guest that hangs);
+//! - `--sim-crash`: report in, heartbeat for `--seconds`, then end without reporting an exit
+//!   (a guest that crashes: the VM's process is gone).
 //!
 //! Host-side failure injection: [`SimConfig::fail_starts_containing`] makes starting every VM
 //! whose id contains the text fail, as a broken image or hypervisor would.
@@ -139,6 +141,7 @@ struct Behaviour {
     exit_code: i32,
     silent: bool,
     hang: bool,
+    crash: bool,
 }
 
 impl Behaviour {
@@ -148,6 +151,7 @@ impl Behaviour {
             exit_code: 0,
             silent: false,
             hang: false,
+            crash: false,
         };
         let mut it = args.iter();
         while let Some(arg) = it.next() {
@@ -163,6 +167,7 @@ impl Behaviour {
                 }
                 "--sim-silent" => b.silent = true,
                 "--sim-hang" => b.hang = true,
+                "--sim-crash" => b.crash = true,
                 _ => {}
             }
         }
@@ -238,6 +243,10 @@ impl Guest {
                 () = &mut run => break,
                 _ = ticks.tick() => channel.heartbeat().await,
             }
+        }
+        if behaviour.crash {
+            // The guest dies without a word: the VM's process ends, no exit is reported.
+            return;
         }
         channel.exit(behaviour.exit_code).await;
     }
@@ -317,11 +326,13 @@ mod tests {
                 seconds: 2.5,
                 exit_code: 3,
                 silent: false,
-                hang: false
+                hang: false,
+                crash: false,
             }
         );
         let b = Behaviour::from_args(&args("--sim-hang --seconds -4 --exit-code x"));
         assert_eq!((b.seconds, b.exit_code, b.hang), (0.0, 0, true));
         assert!(Behaviour::from_args(&args("--sim-silent")).silent);
+        assert!(Behaviour::from_args(&args("--sim-crash")).crash);
     }
 }
