@@ -26,8 +26,9 @@ use far_agent_protocol::{Exit, RUN_CONFIG_KEY, RunConfig, Secrets};
 use crate::channel::Channel;
 use crate::metadata::Metadata;
 
-/// Where the metadata service answers (MMDS, as Flintlock provides it), unless the kernel
-/// command line says `far.metadata=URL` (far-host's QEMU provider serves it on the host).
+/// Where the metadata service answers (MMDS, as Flintlock provides it, and far-host's QEMU VMs
+/// through a relay), unless the kernel command line says `far.metadata=URL` (a metadata service
+/// elsewhere, for debugging).
 const METADATA_URL: &str = "http://169.254.169.254";
 
 /// Present only in FAR's initrd: far-init is then the initrd's `/init`.

@@ -3,8 +3,8 @@
 //! KVM is used when a probe guest really boots under it, software emulation (TCG) otherwise.
 //! Each VM gets: its vCPUs and memory; the kernel and initrd from their images; a private copy
 //! of its root volume and its additional volumes read-only (virtio-blk); a user-mode network on
-//! 169.254.0.0/16 where the host is 169.254.0.2; a metadata endpoint on host loopback, told to
-//! far-init by `far.metadata=` on the kernel command line; its serial console in
+//! 169.254.0.0/16 where the host is 169.254.0.2; a metadata endpoint on host loopback, reached
+//! by the guest at 169.254.169.254 (as under Firecracker) through a relay; its serial console in
 //! `console.log`. QEMU runs in its own process group, so VMs outlive a far-host restart and are
 //! adopted again by pid and process start time.
 
@@ -32,6 +32,9 @@ use crate::record::{ProcessIdentity, VmRecord};
 
 /// The host as guests see it on the user-mode network.
 pub const HOST_ADDRESS: &str = "169.254.0.2";
+
+/// Where guests find the metadata service, as under Firecracker's MMDS.
+pub const METADATA_ADDRESS: &str = "169.254.169.254";
 
 /// Which accelerator QEMU uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -135,17 +138,20 @@ fn tcg_args(tsc_khz: Option<u64>) -> BTreeMap<String, String> {
     ])
 }
 
-fn cmdline(
-    base: &BTreeMap<String, String>,
-    spec: &BTreeMap<String, String>,
-    metadata_port: u16,
-) -> String {
+/// Whether `program` is an executable file in a `PATH` directory.
+fn on_path(program: &str) -> bool {
+    use std::os::unix::fs::PermissionsExt as _;
+    std::env::var_os("PATH").is_some_and(|path| {
+        std::env::split_paths(&path).any(|dir| {
+            fs::metadata(dir.join(program))
+                .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        })
+    })
+}
+
+fn cmdline(base: &BTreeMap<String, String>, spec: &BTreeMap<String, String>) -> String {
     let mut args = base.clone();
     args.extend(spec.iter().map(|(k, v)| (k.clone(), v.clone())));
-    args.insert(
-        "far.metadata".into(),
-        format!("http://{HOST_ADDRESS}:{metadata_port}"),
-    );
     args.iter()
         .map(|(k, v)| {
             if v.is_empty() {
@@ -388,6 +394,11 @@ impl Provider for Qemu {
             .map_err(|e| ProviderError(format!("metadata endpoint: {e}")))?;
         fs::write(dir.join("metadata.port"), metadata.port().to_string())
             .map_err(|e| ProviderError(format!("writing metadata.port: {e}")))?;
+        if !on_path("socat") {
+            return Err(ProviderError(
+                "the qemu provider relays guests' metadata requests with socat, which is not installed (apt-get install socat)".into(),
+            ));
+        }
         let accel = self.accel(&kernel).await;
         let console = fs::File::create(dir.join("console.log"))
             .map_err(|e| ProviderError(format!("creating console.log: {e}")))?;
@@ -428,10 +439,7 @@ impl Provider for Qemu {
         ])
         .arg("-kernel")
         .arg(&kernel)
-        .args([
-            "-append",
-            &cmdline(&self.config.kernel_args, &kernel_args, metadata.port()),
-        ]);
+        .args(["-append", &cmdline(&self.config.kernel_args, &kernel_args)]);
         if let Some(initrd) = &resolved.initrd {
             qemu.arg("-initrd").arg(initrd);
         }
@@ -449,9 +457,14 @@ impl Provider for Qemu {
             drive(format!("vol{i}"), volume, true);
         }
         let mac = spec.interfaces.first().and_then(|i| i.guest_mac.clone());
+        // Each guest connection to 169.254.169.254:80 spawns a relay to this VM's metadata
+        // endpoint: QEMU's guestfwd to a socket would carry one stream for all requests.
         qemu.args([
             "-netdev",
-            &format!("user,id=n0,net=169.254.0.0/16,host={HOST_ADDRESS}"),
+            &format!(
+                "user,id=n0,net=169.254.0.0/16,host={HOST_ADDRESS},guestfwd=tcp:{METADATA_ADDRESS}:80-cmd:socat - TCP:127.0.0.1:{}",
+                metadata.port()
+            ),
         ]);
         qemu.args([
             "-device",
@@ -549,17 +562,14 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_kernel_command_line_merges_spec_over_defaults_and_names_the_metadata_endpoint() {
+    fn the_kernel_command_line_merges_spec_over_defaults() {
         let base = QemuConfig::new(Images::default(), PathBuf::new()).kernel_args;
         let spec = [
             ("quiet".to_owned(), String::new()),
             ("panic".to_owned(), "0".to_owned()),
         ]
         .into();
-        assert_eq!(
-            cmdline(&base, &spec, 4242),
-            "console=ttyS0 far.metadata=http://169.254.0.2:4242 panic=0 quiet"
-        );
+        assert_eq!(cmdline(&base, &spec), "console=ttyS0 panic=0 quiet");
     }
 
     #[test]
