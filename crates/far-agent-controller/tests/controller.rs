@@ -814,13 +814,19 @@ async fn an_agents_output_is_read_through_the_api_servers_service_proxy() {
 async fn the_controller_converges_through_api_server_errors() {
     let mut env = env().await;
     env.start_controller();
-    // Status and finalizer writes fail with 500, then 429, Events with 500: retried until through.
+    // Status and finalizer writes fail with 500, then 429, Events with 500: retried until through;
+    // watches are dropped.
     env.api.fail_next("patch", 500, 3);
     env.create("stubborn", json!({"args": ["--seconds", "0.3"]}))
         .await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     env.api.fail_next("patch", 429, 2);
     env.api.fail_next("create", 500, 2);
+    // Every watch is cut mid-stream while the agent runs: the controller watches again from
+    // where it was and misses nothing.
+    env.api.drop_watches();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    env.api.drop_watches();
     let agent = env
         .wait_for("stubborn", "Completed", |a| {
             phase(a) == Some(Phase::Completed)

@@ -91,113 +91,237 @@ async fn controller(
     (run, server)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn killing_the_controller_at_random_moments_loses_and_duplicates_nothing() {
-    const AGENTS: usize = 60;
-    const KILLS: usize = 10;
-    let api = FakeApiServer::start().await;
-    let state = tempfile::tempdir().unwrap();
-    let starts = Arc::new(Mutex::new(HashMap::new()));
-    let provider = Counting {
-        sim: Sim::new(SimConfig {
-            boot_delay: Duration::from_millis(50),
-            ..SimConfig::default()
-        }),
-        starts: Arc::clone(&starts),
-    };
-    let host = Host::open(HostConfig::default(), state.path(), provider)
-        .await
-        .unwrap();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let endpoint = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_routes(far_host::routes(Arc::clone(&host), None))
-            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
-    );
-    let hosts: Api<FlintlockHost> = Api::all(api.client());
-    let object: FlintlockHost = serde_json::from_value(json!({
-        "apiVersion": "tiffany.dev/v1", "kind": "FlintlockHost", "metadata": {"name": "sim-1"},
-        "spec": {"endpoint": endpoint, "provider": "sim", "capacity": {"cpu": 1000, "memory": "1000Gi"}, "vmLimits": {"minMemory": "64Mi", "maxMemory": "8Gi", "maxCpu": 4}}
-    }))
-    .unwrap();
-    hosts.create(&PostParams::default(), &object).await.unwrap();
-    let channel_port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+/// A sim far-host counting starts, with one FlintlockHost for it, on a fake API server.
+struct Harness {
+    api: FakeApiServer,
+    host: Arc<Host<Counting>>,
+    starts: Arc<Mutex<HashMap<String, u32>>>,
+    _state: tempfile::TempDir,
+}
 
-    let agents: Api<FarAgent> = Api::namespaced(api.client(), "default");
-    let mut running = controller(&api, channel_port).await;
-    // Agents arrive while the controller is killed and restarted, every 300-900 ms.
+impl Harness {
+    async fn start() -> Self {
+        let api = FakeApiServer::start().await;
+        let state = tempfile::tempdir().unwrap();
+        let starts = Arc::new(Mutex::new(HashMap::new()));
+        let provider = Counting {
+            sim: Sim::new(SimConfig {
+                boot_delay: Duration::from_millis(50),
+                ..SimConfig::default()
+            }),
+            starts: Arc::clone(&starts),
+        };
+        let host = Host::open(HostConfig::default(), state.path(), provider)
+            .await
+            .unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let endpoint = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_routes(far_host::routes(Arc::clone(&host), None))
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+        );
+        let hosts: Api<FlintlockHost> = Api::all(api.client());
+        let object: FlintlockHost = serde_json::from_value(json!({
+            "apiVersion": "tiffany.dev/v1", "kind": "FlintlockHost", "metadata": {"name": "sim-1"},
+            "spec": {"endpoint": endpoint, "provider": "sim", "capacity": {"cpu": 1000, "memory": "1000Gi"}, "vmLimits": {"minMemory": "64Mi", "maxMemory": "8Gi", "maxCpu": 4}}
+        }))
+        .unwrap();
+        hosts.create(&PostParams::default(), &object).await.unwrap();
+        Self {
+            api,
+            host,
+            starts,
+            _state: state,
+        }
+    }
+
+    /// Agent `i`: runs `seconds`, exits 3 when `i % 4 == 3`, else 0.
+    async fn create_agent(&self, i: usize, seconds: &str) {
+        let code = if i % 4 == 3 { 3 } else { 0 };
+        let agent: FarAgent = serde_json::from_value(json!({
+            "apiVersion": "tiffany.dev/v1", "kind": "FarAgent", "metadata": {"name": format!("a{i:03}")},
+            "spec": {"image": "busybox:1", "memory": "64Mi", "cpu": 1, "entrypoint": "/bin/agent",
+                     "args": ["--seconds", seconds, "--exit-code", code.to_string()],
+                     "heartbeat": {"intervalSeconds": 1, "timeoutSeconds": 30}}
+        }))
+        .unwrap();
+        let agents: Api<FarAgent> = Api::namespaced(self.api.client(), "default");
+        agents.create(&PostParams::default(), &agent).await.unwrap();
+    }
+
+    /// Waits up to `within` for every agent to finish and every VM to go, then checks: the
+    /// right phase and exit code for each of `count` agents, one VM started per agent, none left.
+    async fn assert_converged(&self, count: usize, within: Duration) {
+        let agents: Api<FarAgent> = Api::namespaced(self.api.client(), "default");
+        let deadline = tokio::time::Instant::now() + within;
+        let mut done = Vec::new();
+        while tokio::time::Instant::now() < deadline {
+            done = agents.list(&Default::default()).await.unwrap().items;
+            if done.iter().all(|a| {
+                a.status
+                    .as_ref()
+                    .and_then(|s| s.phase)
+                    .is_some_and(Phase::is_terminal)
+            }) && self.host.list("far", None).is_empty()
+            {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert_eq!(done.len(), count);
+        for agent in &done {
+            let status = agent.status.clone().unwrap_or_default();
+            let i: usize = agent.metadata.name.as_ref().unwrap()[1..].parse().unwrap();
+            let (want_phase, want_code) = if i % 4 == 3 {
+                (Phase::Failed, 3)
+            } else {
+                (Phase::Completed, 0)
+            };
+            assert_eq!(
+                (status.phase, status.exit_code),
+                (Some(want_phase), Some(want_code)),
+                "{}: {status:?}",
+                agent.metadata.name.as_ref().unwrap()
+            );
+        }
+        let starts = self.starts.lock().unwrap();
+        let twice: Vec<_> = starts
+            .iter()
+            .filter(|(_, n)| **n > 1)
+            .map(|(id, n)| format!("{id} x{n}"))
+            .collect();
+        assert!(twice.is_empty(), "VMs started twice: {twice:?}");
+        assert_eq!(starts.len(), count, "one VM per agent");
+        assert!(self.host.list("far", None).is_empty(), "no VM left behind");
+    }
+}
+
+/// A small xorshift: random moments, the same on every run.
+fn moments() -> impl FnMut() -> u64 {
     let mut seed = 0x2545_f491_4f6c_dd1du64;
-    let mut next = || {
+    move || {
         seed ^= seed << 13;
         seed ^= seed >> 7;
         seed ^= seed << 17;
         seed
-    };
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_the_controller_at_random_moments_loses_and_duplicates_nothing() {
+    const AGENTS: usize = 60;
+    const KILLS: usize = 10;
+    let harness = Harness::start().await;
+    let channel_port = free_port();
+    let mut running = controller(&harness.api, channel_port).await;
+    // Agents arrive while the controller is killed and restarted, every 300-900 ms.
+    let mut next = moments();
     for kill in 0..KILLS {
         for i in (kill * AGENTS / KILLS)..((kill + 1) * AGENTS / KILLS) {
-            let code = if i % 4 == 3 { 3 } else { 0 };
-            let agent: FarAgent = serde_json::from_value(json!({
-                "apiVersion": "tiffany.dev/v1", "kind": "FarAgent", "metadata": {"name": format!("a{i:03}")},
-                "spec": {"image": "busybox:1", "memory": "64Mi", "cpu": 1, "entrypoint": "/bin/agent",
-                         "args": ["--seconds", "0.5", "--exit-code", code.to_string()],
-                         "heartbeat": {"intervalSeconds": 1, "timeoutSeconds": 30}}
-            }))
-            .unwrap();
-            agents.create(&PostParams::default(), &agent).await.unwrap();
+            harness.create_agent(i, "0.5").await;
         }
         tokio::time::sleep(Duration::from_millis(300 + next() % 600)).await;
         running.0.abort();
         running.1.abort();
         let _ = running.0.await;
         let _ = running.1.await;
-        running = controller(&api, channel_port).await;
+        running = controller(&harness.api, channel_port).await;
     }
-
-    let mut done = Vec::new();
-    for _ in 0..600 {
-        done = agents.list(&Default::default()).await.unwrap().items;
-        if done.iter().all(|a| {
-            a.status
-                .as_ref()
-                .and_then(|s| s.phase)
-                .is_some_and(Phase::is_terminal)
-        }) && host.list("far", None).is_empty()
-        {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    harness
+        .assert_converged(AGENTS, Duration::from_secs(60))
+        .await;
     running.0.abort();
     running.1.abort();
-    assert_eq!(done.len(), AGENTS);
-    for agent in &done {
-        let status = agent.status.clone().unwrap_or_default();
-        let i: usize = agent.metadata.name.as_ref().unwrap()[1..].parse().unwrap();
-        let (want_phase, want_code) = if i % 4 == 3 {
-            (Phase::Failed, 3)
-        } else {
-            (Phase::Completed, 0)
-        };
-        assert_eq!(
-            (status.phase, status.exit_code),
-            (Some(want_phase), Some(want_code)),
-            "{}: {status:?}",
-            agent.metadata.name.as_ref().unwrap()
-        );
-    }
-    let twice: Vec<_> = starts
-        .lock()
+}
+
+/// The real binary, SIGKILLed: nothing of the process survives a kill (its channel, its
+/// caches, its in-flight calls), and the replacement starts from the API server alone. It comes
+/// back as the same Pod would (same POD_NAME, so it takes its Lease back at once).
+fn spawn_controller(
+    dir: &std::path::Path,
+    kubeconfig: &std::path::Path,
+    channel_port: u16,
+) -> std::process::Child {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("controller.log"))
+        .unwrap();
+    std::process::Command::new(env!("CARGO_BIN_EXE_far-agent-controller"))
+        .env("KUBECONFIG", kubeconfig)
+        .env("POD_NAME", "far-agent-controller-0")
+        .env("RUST_LOG", "warn")
+        .args(["--lease-namespace", "default", "--lease-seconds", "5"])
+        .args([
+            "--metrics-listen",
+            "127.0.0.1:0",
+            "--flintlock-timeout-seconds",
+            "2",
+        ])
+        .args(["--grace-period-seconds", "5"])
+        .arg("--channel-key-file")
+        .arg(dir.join("channel.key"))
+        .arg("--channel-listen")
+        .arg(format!("127.0.0.1:{channel_port}"))
+        .arg("--channel-url")
+        .arg(format!("http://127.0.0.1:{channel_port}"))
+        .stdin(std::process::Stdio::null())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
         .unwrap()
-        .iter()
-        .filter(|(_, n)| **n > 1)
-        .map(|(id, n)| format!("{id} x{n}"))
-        .collect();
-    assert!(twice.is_empty(), "VMs started twice: {twice:?}");
-    assert_eq!(starts.lock().unwrap().len(), AGENTS, "one VM per agent");
-    assert!(host.list("far", None).is_empty(), "no VM left behind");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkilling_the_controller_process_20_times_under_500_agents_loses_and_duplicates_nothing()
+{
+    const AGENTS: usize = 500;
+    const KILLS: usize = 20;
+    let harness = Harness::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("channel.key"), [5u8; 32]).unwrap();
+    let kubeconfig = dir.path().join("kubeconfig");
+    std::fs::write(
+        &kubeconfig,
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster:\n    server: {}\ncontexts:\n- name: fake\n  context:\n    cluster: fake\n    user: nobody\n    namespace: default\nusers:\n- name: nobody\n  user: {{}}\ncurrent-context: fake\n",
+            harness.api.url()
+        ),
+    )
+    .unwrap();
+    let channel_port = free_port();
+    let mut child = spawn_controller(dir.path(), &kubeconfig, channel_port);
+    let mut next = moments();
+    for kill in 0..KILLS {
+        for i in (kill * AGENTS / KILLS)..((kill + 1) * AGENTS / KILLS) {
+            let seconds = ["0.5", "1", "2"][i % 3];
+            harness.create_agent(i, seconds).await;
+        }
+        tokio::time::sleep(Duration::from_millis(200 + next() % 1300)).await;
+        child.kill().unwrap(); // SIGKILL
+        child.wait().unwrap();
+        child = spawn_controller(dir.path(), &kubeconfig, channel_port);
+    }
+    let converged = tokio::spawn(async move {
+        harness
+            .assert_converged(AGENTS, Duration::from_secs(180))
+            .await;
+    })
+    .await;
+    child.kill().unwrap();
+    child.wait().unwrap();
+    if let Err(e) = converged {
+        let log = std::fs::read_to_string(dir.path().join("controller.log")).unwrap_or_default();
+        let tail: Vec<_> = log.lines().rev().take(40).collect();
+        panic!("{e}; the controller's last log lines:\n{}", tail.join("\n"));
+    }
 }

@@ -139,6 +139,8 @@ struct Inner {
 struct Shared {
     inner: Mutex<Inner>,
     changes: broadcast::Sender<Change>,
+    /// Ends every open watch, as an API server restart or a load balancer does.
+    cuts: broadcast::Sender<()>,
     /// `namespace/service:port` -> backend base URL, for the service proxy.
     proxies: Mutex<HashMap<String, String>>,
 }
@@ -174,6 +176,7 @@ impl FakeApiServer {
         let shared = Arc::new(Shared {
             inner: Mutex::default(),
             changes,
+            cuts: broadcast::channel(16).0,
             proxies: Mutex::default(),
         });
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
@@ -205,6 +208,11 @@ impl FakeApiServer {
     pub fn client(&self) -> kube::Client {
         let config = kube::Config::new(self.url().parse().expect("url"));
         kube::Client::try_from(config).expect("client")
+    }
+
+    /// Ends every watch open now, mid-stream (clients must watch again from where they were).
+    pub fn drop_watches(&self) {
+        let _ = self.shared.cuts.send(());
     }
 
     /// Requests served so far, by `(verb, resource)`: verbs are get, list, watch, create,
@@ -464,8 +472,7 @@ async fn proxy(shared: &Shared, uri: &Uri) -> Option<Response> {
         "{backend}{path}{}",
         uri.query().map(|q| format!("?{q}")).unwrap_or_default()
     );
-    // reqwest has rustls without a provider of its own (see far_oci::install_crypto_provider).
-    let _ = rustls::crypto::ring::default_provider().install_default();
+    far_tls::install();
     let answer = match reqwest::get(&url).await {
         Ok(answer) => answer,
         Err(e) => {
@@ -600,6 +607,7 @@ fn watch(shared: &Shared, target: &Target, q: &HashMap<String, String>) -> Respo
     };
     // Subscribe first, then read the backlog: nothing falls between the two.
     let mut live = shared.changes.subscribe();
+    let mut cut = shared.cuts.subscribe();
     let (backlog, mut last): (Vec<Value>, u64) = {
         let inner = lock(shared);
         match from {
@@ -652,6 +660,7 @@ fn watch(shared: &Shared, target: &Target, q: &HashMap<String, String>) -> Respo
         loop {
             tokio::select! {
                 () = &mut end => return,
+                _ = cut.recv() => return,
                 change = live.recv() => match change {
                     Ok(c) if c.rv > last && matches(&c) => {
                         last = c.rv;

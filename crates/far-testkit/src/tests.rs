@@ -159,3 +159,49 @@ async fn finalizers_hold_deletion_and_watchers_see_every_step() {
     let counts = server.requests();
     assert_eq!(counts[&("patch".to_owned(), "faragents".to_owned())], 2);
 }
+
+#[tokio::test]
+async fn dropped_watches_end_mid_stream_and_resume_from_their_resource_version() {
+    let server = FakeApiServer::start().await;
+    let api: Api<FarAgent> = Api::namespaced(server.client(), "ns1");
+    let rv = api
+        .list(&Default::default())
+        .await
+        .unwrap()
+        .metadata
+        .resource_version
+        .unwrap();
+    let mut stream = api
+        .watch(&WatchParams::default().timeout(60), &rv)
+        .await
+        .unwrap()
+        .boxed();
+    let created = api
+        .create(&PostParams::default(), &agent("a"))
+        .await
+        .unwrap();
+    assert!(matches!(
+        stream.next().await.unwrap().unwrap(),
+        WatchEvent::Added(_)
+    ));
+    server.drop_watches();
+    let ended = tokio::time::timeout(std::time::Duration::from_secs(5), stream.next())
+        .await
+        .expect("the watch ends at once");
+    assert!(ended.is_none(), "{ended:?}");
+
+    // What happened meanwhile is replayed to a watch from the last version seen.
+    api.delete("a", &DeleteParams::default()).await.unwrap();
+    let mut again = api
+        .watch(
+            &WatchParams::default().timeout(60),
+            &created.metadata.resource_version.unwrap(),
+        )
+        .await
+        .unwrap()
+        .boxed();
+    assert!(matches!(
+        again.next().await.unwrap().unwrap(),
+        WatchEvent::Deleted(_)
+    ));
+}
