@@ -74,6 +74,7 @@ async fn main() -> Result<()> {
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .init();
+    far_tls::install();
     let args = Args::parse();
     let key = std::fs::read(&args.channel_key_file).with_context(|| {
         format!(

@@ -29,9 +29,9 @@ fn beat() -> Heartbeat {
     }
 }
 
-/// reqwest has rustls without a provider of its own (see far_oci::install_crypto_provider).
+/// reqwest has rustls without a provider of its own (see far_tls).
 fn client() -> reqwest::Client {
-    let _ = rustls::crypto::ring::default_provider().install_default();
+    far_tls::install();
     reqwest::Client::new()
 }
 

@@ -73,6 +73,7 @@ enum ImageCommand {
 }
 
 fn main() -> Result<ExitCode> {
+    far_tls::install();
     match Cli::parse().command {
         Command::Run(args) => {
             tracing_subscriber::fmt()

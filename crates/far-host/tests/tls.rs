@@ -1,5 +1,6 @@
 //! far-host with TLS and mutual TLS, as flintlockd serves by default: a client that trusts the
-//! host's certificate and presents its own is served; one that does not is refused.
+//! host's certificate and presents its own is served; one that does not is refused. Only TLS
+//! 1.3 is spoken (FAR's policy, `far-tls`, installed as far-host's binary installs it).
 
 use std::time::Duration;
 
@@ -23,6 +24,7 @@ fn self_signed(name: &str) -> Pem {
 }
 
 async fn serve(server: &Pem, client_ca: Option<&Pem>) -> (String, tempfile::TempDir) {
+    far_tls::install();
     let state = tempfile::tempdir().unwrap();
     let host = Host::open(
         HostConfig::default(),
@@ -102,4 +104,46 @@ async fn mutual_tls_refuses_a_client_without_the_right_certificate() {
         list(&endpoint, &server, Some(&other)).await.is_err(),
         "a client certificate from elsewhere"
     );
+}
+
+/// What the far-host binary serves: a client that can speak TLS 1.2 only gets no handshake, one
+/// that offers 1.3 and 1.2 is served 1.3.
+#[tokio::test]
+async fn only_tls_1_3_is_served() {
+    use std::sync::Arc;
+    let server = self_signed("localhost");
+    let (endpoint, _state) = serve(&server, None).await;
+    let address = endpoint.trim_start_matches("https://").to_owned();
+    let handshake = |versions: &'static [&'static rustls::SupportedProtocolVersion]| {
+        let (address, cert) = (address.clone(), server.cert.clone());
+        async move {
+            let mut roots = rustls::RootCertStore::empty();
+            let der = rustls::pki_types::pem::PemObject::from_pem_slice(cert.as_bytes()).unwrap();
+            roots.add(der).unwrap();
+            let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+                rustls::crypto::ring::default_provider(),
+            ))
+            .with_protocol_versions(versions)
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+            let tcp = tokio::net::TcpStream::connect(&address).await.unwrap();
+            tokio_rustls::TlsConnector::from(Arc::new(config))
+                .connect(
+                    rustls::pki_types::ServerName::try_from("localhost").unwrap(),
+                    tcp,
+                )
+                .await
+                .map(|tls| tls.get_ref().1.protocol_version())
+                .map_err(|e| e.to_string())
+        }
+    };
+    static BOTH: [&rustls::SupportedProtocolVersion; 2] =
+        [&rustls::version::TLS13, &rustls::version::TLS12];
+    static OLD: [&rustls::SupportedProtocolVersion; 1] = [&rustls::version::TLS12];
+    assert_eq!(
+        handshake(&BOTH).await,
+        Ok(Some(rustls::ProtocolVersion::TLSv1_3))
+    );
+    assert!(handshake(&OLD).await.is_err());
 }

@@ -105,13 +105,6 @@ pub enum OciError {
     },
 }
 
-/// Makes ring the process's TLS provider, once. reqwest is built with rustls but without a
-/// provider of its own (the workspace uses ring throughout); every process that builds a
-/// reqwest client calls this first, or reqwest panics.
-pub fn install_crypto_provider() {
-    let _ = rustls::crypto::ring::default_provider().install_default();
-}
-
 pub(crate) fn io_error(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> OciError {
     let context = context.into();
     move |source| OciError::Io { context, source }

@@ -33,7 +33,7 @@ pub(crate) struct Registries {
 
 impl Registries {
     pub(crate) fn new(config: RegistryConfig) -> Self {
-        crate::install_crypto_provider();
+        far_tls::install();
         Self {
             config,
             clients: Mutex::default(),

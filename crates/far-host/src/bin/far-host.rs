@@ -90,6 +90,7 @@ async fn main() -> Result<()> {
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .init();
+    far_tls::install();
     let args = Args::parse();
     if args.tls_cert.is_none() && !args.listen.ip().is_loopback() {
         bail!(

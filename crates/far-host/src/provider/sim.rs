@@ -59,7 +59,7 @@ pub struct Sim {
 impl Sim {
     /// A sim provider with these settings.
     pub fn new(config: SimConfig) -> Self {
-        far_oci::install_crypto_provider();
+        far_tls::install();
         let client = reqwest::Client::builder()
             .timeout(Duration::from_secs(5))
             .pool_max_idle_per_host(64)
