@@ -917,3 +917,141 @@ async fn a_missing_secret_holds_the_agent_pending_naming_it_and_no_vm_is_made() 
     );
     assert!(env.vms().is_empty());
 }
+
+/// The RBAC the Helm chart grants the controller's ServiceAccount (its ClusterRole, and the
+/// leader-election Role in the release namespace), read from the chart itself.
+fn chart_grants(namespace: &str) -> Vec<far_testkit::apiserver::Grant> {
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../deploy/helm/far-agent-controller/templates/rbac.yaml"
+    );
+    let text = std::fs::read_to_string(path)
+        .unwrap()
+        .replace("{{ .Release.Namespace }}", namespace);
+    let strings = |v: &serde_json::Value| -> Vec<String> {
+        v.as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|s| s.as_str().map(str::to_owned))
+            .collect()
+    };
+    far_api::manifest::documents(&text)
+        .unwrap()
+        .iter()
+        .filter(|doc| matches!(doc["kind"].as_str(), Some("ClusterRole" | "Role")))
+        .flat_map(|role| {
+            let scope = role["metadata"]["namespace"].as_str().map(str::to_owned);
+            role["rules"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+                .into_iter()
+                .map(move |rule| far_testkit::apiserver::Grant {
+                    namespace: scope.clone(),
+                    groups: strings(&rule["apiGroups"]),
+                    resources: strings(&rule["resources"]),
+                    verbs: strings(&rule["verbs"]),
+                })
+        })
+        .collect()
+}
+
+/// The controller runs a whole agent life as the chart's ServiceAccount, with RBAC enforced
+/// as kube-apiserver does: leader election, the finalizer, a Secret and a ConfigMap read for
+/// env, status and Events, host probing, and deletion past ttlSecondsAfterFinished. Nothing is
+/// refused, and every permission the chart grants is used (but one, named below).
+#[tokio::test]
+async fn the_controller_needs_exactly_the_rbac_its_chart_grants() {
+    let mut env = env().await;
+    const TOKEN: &str = "far-agent-controller-token";
+    env.api.enforce_rbac(
+        TOKEN,
+        "system:serviceaccount:far-system:far-agent-controller",
+        chart_grants("far-system"),
+    );
+    let secrets: Api<k8s_openapi::api::core::v1::Secret> =
+        Api::namespaced(env.api.client(), "default");
+    secrets
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(
+                json!({"metadata": {"name": "creds"}, "data": {"token": "dDBr"}}),
+            )
+            .unwrap(),
+        )
+        .await
+        .unwrap();
+    let config_maps: Api<k8s_openapi::api::core::v1::ConfigMap> =
+        Api::namespaced(env.api.client(), "default");
+    config_maps
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(
+                json!({"metadata": {"name": "settings"}, "data": {"mode": "fast"}}),
+            )
+            .unwrap(),
+        )
+        .await
+        .unwrap();
+
+    let (tx, rx) = oneshot::channel::<()>();
+    env.stop = Some(tx);
+    tokio::spawn(far_agent_controller::run::run_leading(
+        env.api.client_as(TOKEN),
+        Config {
+            defaults: Defaults::local(),
+            channel_url: env.channel_url.clone(),
+            grace_period_seconds: 5,
+            call_timeout: Duration::from_secs(2),
+        },
+        env.channel.clone(),
+        Reporter {
+            controller: "far-agent-controller".into(),
+            instance: Some("far-agent-controller-0".into()),
+        },
+        Arc::clone(&env.metrics),
+        far_agent_controller::leader::Election {
+            namespace: "far-system".into(),
+            name: "far-agent-controller".into(),
+            identity: "far-agent-controller-0".into(),
+            duration: Duration::from_secs(5),
+        },
+        async {
+            let _ = rx.await;
+        },
+    ));
+    env.create(
+        "ruled",
+        json!({"args": ["--seconds", "0.3"], "ttlSecondsAfterFinished": 0, "env": [
+            {"name": "TOKEN", "valueFrom": {"secretKeyRef": {"name": "creds", "key": "token"}}},
+            {"name": "MODE", "valueFrom": {"configMapKeyRef": {"name": "settings", "key": "mode"}}}
+        ]}),
+    )
+    .await;
+    env.wait_gone("ruled").await;
+    // The host's status is written at its first probe; the Lease is renewed every 5/3 s.
+    for _ in 0..200 {
+        let renewed = env
+            .api
+            .requests()
+            .get(&("update".to_owned(), "leases".to_owned()))
+            .is_some();
+        if renewed && env.api.objects("flintlockhosts")[0]["status"]["conditions"].is_array() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let refused: Vec<_> = env
+        .api
+        .requests()
+        .into_iter()
+        .filter(|((verb, _), _)| verb == "forbidden")
+        .collect();
+    assert!(refused.is_empty(), "refused by RBAC: {refused:?}");
+    assert_eq!(
+        env.api.unused_grants(),
+        // kube's Event recorder patches an Event when the same one repeats (its series count).
+        ["patch events.k8s.io/events"],
+        "the chart grants more than the controller uses"
+    );
+}

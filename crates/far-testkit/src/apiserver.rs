@@ -134,6 +134,53 @@ struct Inner {
     log: Vec<Change>,
     counts: BTreeMap<(String, String), u64>,
     failures: HashMap<String, (u16, u32)>,
+    rbac: Option<Rbac>,
+}
+
+/// One RBAC rule of a Role (namespaced) or ClusterRole (`namespace: None`), as bound to a
+/// subject.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Grant {
+    /// The Role's namespace; `None` for a ClusterRole (every namespace and cluster scope).
+    pub namespace: Option<String>,
+    /// `apiGroups`.
+    pub groups: Vec<String>,
+    /// `resources`, subresources as `plural/sub`.
+    pub resources: Vec<String>,
+    /// `verbs`.
+    pub verbs: Vec<String>,
+}
+
+/// RBAC for the requests that carry one bearer token: everything else is an administrator.
+struct Rbac {
+    token: String,
+    user: String,
+    grants: Vec<Grant>,
+    /// What the subject did that a grant allowed: `verb group/resource`.
+    used: std::collections::BTreeSet<String>,
+}
+
+impl Rbac {
+    /// Whether the subject may `verb` this target; records the use.
+    fn allows(&mut self, verb: &str, target: &Target) -> bool {
+        let resource = match &target.subresource {
+            Some(sub) => format!("{}/{sub}", target.kind.plural),
+            None => target.kind.plural.to_owned(),
+        };
+        let allowed = self.grants.iter().any(|g| {
+            g.groups.iter().any(|x| x == target.kind.group)
+                && g.resources.contains(&resource)
+                && g.verbs.iter().any(|v| v == verb)
+                && g.namespace
+                    .as_ref()
+                    .is_none_or(|ns| target.namespace.as_ref() == Some(ns))
+        });
+        if allowed {
+            self.used
+                .insert(format!("{verb} {}/{resource}", target.kind.group));
+        }
+        allowed
+    }
 }
 
 struct Shared {
@@ -210,13 +257,59 @@ impl FakeApiServer {
         kube::Client::try_from(config).expect("client")
     }
 
+    /// From now on, requests bearing `token` are authorized against `grants` as kube-apiserver's
+    /// RBAC would (403 Forbidden otherwise) for the subject `user`; requests without it are an
+    /// administrator's.
+    pub fn enforce_rbac(&self, token: &str, user: &str, grants: Vec<Grant>) {
+        lock(&self.shared).rbac = Some(Rbac {
+            token: token.to_owned(),
+            user: user.to_owned(),
+            grants,
+            used: std::collections::BTreeSet::new(),
+        });
+    }
+
+    /// A kube client that authenticates with a bearer token (see [`Self::enforce_rbac`]).
+    ///
+    /// # Panics
+    /// Never for a running server.
+    pub fn client_as(&self, token: &str) -> kube::Client {
+        let mut config = kube::Config::new(self.url().parse().expect("url"));
+        config.auth_info.token = Some(token.to_owned().into());
+        kube::Client::try_from(config).expect("client")
+    }
+
+    /// Every `verb group/resource` a grant allows that the subject never used.
+    pub fn unused_grants(&self) -> Vec<String> {
+        let inner = lock(&self.shared);
+        let Some(rbac) = &inner.rbac else {
+            return Vec::new();
+        };
+        let mut unused: Vec<String> = rbac
+            .grants
+            .iter()
+            .flat_map(|g| {
+                g.verbs.iter().flat_map(move |v| {
+                    g.groups.iter().flat_map(move |group| {
+                        g.resources.iter().map(move |r| format!("{v} {group}/{r}"))
+                    })
+                })
+            })
+            .filter(|grant| !rbac.used.contains(grant))
+            .collect();
+        unused.sort();
+        unused.dedup();
+        unused
+    }
+
     /// Ends every watch open now, mid-stream (clients must watch again from where they were).
     pub fn drop_watches(&self) {
         let _ = self.shared.cuts.send(());
     }
 
     /// Requests served so far, by `(verb, resource)`: verbs are get, list, watch, create,
-    /// update, patch and delete; `conflict` counts the requests of any verb answered 409.
+    /// update, patch and delete; `conflict` counts the requests of any verb answered 409,
+    /// `forbidden` those refused by RBAC.
     pub fn requests(&self) -> BTreeMap<(String, String), u64> {
         lock(&self.shared).counts.clone()
     }
@@ -522,6 +615,44 @@ async fn handle(
             .counts
             .entry((verb.to_owned(), target.kind.plural.to_owned()))
             .or_default() += 1;
+        let bearer = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "));
+        if let Some(rbac) = inner.rbac.as_mut()
+            && bearer == Some(rbac.token.as_str())
+            && !rbac.allows(verb, &target)
+        {
+            let resource = match &target.subresource {
+                Some(sub) => format!("{}/{sub}", target.kind.plural),
+                None => target.kind.plural.to_owned(),
+            };
+            let scope = match &target.namespace {
+                Some(ns) => format!(" in the namespace \"{ns}\""),
+                None => " at the cluster scope".to_owned(),
+            };
+            let message = format!(
+                "{}{} is forbidden: User \"{}\" cannot {verb} resource \"{resource}\" in API group \"{}\"{scope}",
+                target.kind.qualified(),
+                target
+                    .name
+                    .as_ref()
+                    .map(|n| format!(" \"{n}\""))
+                    .unwrap_or_default(),
+                rbac.user,
+                target.kind.group,
+            );
+            *inner
+                .counts
+                .entry(("forbidden".to_owned(), target.kind.plural.to_owned()))
+                .or_default() += 1;
+            return status(
+                403,
+                "Forbidden",
+                message,
+                json!({"kind": target.kind.plural}),
+            );
+        }
         if let Some((code, left)) = inner.failures.get_mut(verb) {
             let code = *code;
             *left -= 1;
