@@ -68,6 +68,47 @@ pub struct Context {
     pub ended: Mutex<HashMap<String, HashMap<String, EndedGuest>>>,
     /// Reconciles asked for from outside the watches (a guest seen to have ended).
     pub kick: tokio::sync::mpsc::UnboundedSender<ObjectRef<FarAgent>>,
+    /// Versions of agents that the controller's own writes replaced.
+    pub superseded: Arc<Superseded>,
+}
+
+/// The resourceVersions of each agent that the controller's own writes have replaced. A
+/// reconcile of a cached copy still at one of them would decide on the past and be refused
+/// (409, a wasted write): it waits instead for the watch to bring the copy the write made.
+/// Versions are only compared for equality, as the API conventions require.
+#[derive(Debug, Default)]
+pub struct Superseded(Mutex<HashMap<String, std::collections::HashSet<String>>>);
+
+impl Superseded {
+    /// The agent `uid` at version `before` was just written over.
+    pub fn wrote(&self, uid: &str, before: Option<String>) {
+        if let Some(before) = before {
+            self.lock().entry(uid.to_owned()).or_default().insert(before);
+        }
+    }
+
+    /// Whether `version` of agent `uid` is one the controller's writes replaced. A version
+    /// not among them means the cache has caught up, and the record is dropped.
+    pub fn is_stale(&self, uid: &str, version: Option<&str>) -> bool {
+        let mut superseded = self.lock();
+        match (superseded.get(uid), version) {
+            (Some(old), Some(version)) if old.contains(version) => true,
+            (Some(_), _) => {
+                superseded.remove(uid);
+                false
+            }
+            (None, _) => false,
+        }
+    }
+
+    /// The agent is gone.
+    pub fn forget(&self, uid: &str) {
+        self.lock().remove(uid);
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, std::collections::HashSet<String>>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
 }
 
 impl Context {
@@ -467,6 +508,13 @@ async fn reconcile_inner(agent: &Arc<FarAgent>, ctx: &Arc<Context>) -> Result<Re
         .lock()
         .unwrap_or_else(|e| e.into_inner())
         .insert(uid.clone(), ObjectRef::from_obj(agent.as_ref()));
+    if ctx
+        .superseded
+        .is_stale(&uid, agent.metadata.resource_version.as_deref())
+    {
+        // Our own write replaced this copy; its watch event reconciles the agent again.
+        return Ok(Requeue::await_change());
+    }
     let api: Api<FarAgent> = Api::namespaced(ctx.client.clone(), &namespace);
     let status = agent.status.clone().unwrap_or_default();
     let terminal = status.phase.is_some_and(far_api::Phase::is_terminal);
@@ -553,6 +601,7 @@ async fn reconcile_inner(agent: &Arc<FarAgent>, ctx: &Arc<Context>) -> Result<Re
             )
             .await
             .map_err(stale)?;
+        ctx.superseded.wrote(&uid, resource_version);
         resource_version = written.resource_version();
     }
     if new_status.phase == Some(far_api::Phase::Running)
@@ -581,8 +630,11 @@ async fn reconcile_inner(agent: &Arc<FarAgent>, ctx: &Arc<Context>) -> Result<Re
                 };
                 let patch: json_patch::Patch =
                     serde_json::from_value(patch).map_err(kube::Error::SerdeError)?;
-                api.patch(&name, &PatchParams::default(), &Patch::<()>::Json(patch))
+                let written = api
+                    .patch(&name, &PatchParams::default(), &Patch::<()>::Json(patch))
                     .await?;
+                ctx.superseded.wrote(&uid, resource_version);
+                resource_version = written.resource_version();
             }
             Action::RemoveFinalizer => {
                 let finalizers: Vec<String> = agent
@@ -595,6 +647,7 @@ async fn reconcile_inner(agent: &Arc<FarAgent>, ctx: &Arc<Context>) -> Result<Re
                 api.patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
                     .await?;
                 ctx.channel.forget(&id);
+                ctx.superseded.forget(&uid);
                 ctx.by_uid
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
@@ -660,12 +713,15 @@ async fn reconcile_inner(agent: &Arc<FarAgent>, ctx: &Arc<Context>) -> Result<Re
                 );
                 // Unfenced on purpose: the uid must land even if the agent changed meanwhile.
                 // It carries the whole decision (placement included) against the status read.
-                api.patch_status(
-                    &name,
-                    &PatchParams::default(),
-                    &Patch::Merge(status_patch(&status, &new_status, None)),
-                )
-                .await?;
+                let written = api
+                    .patch_status(
+                        &name,
+                        &PatchParams::default(),
+                        &Patch::Merge(status_patch(&status, &new_status, None)),
+                    )
+                    .await?;
+                ctx.superseded.wrote(&uid, resource_version);
+                resource_version = written.resource_version();
                 publish(
                     &ctx,
                     &agent,
@@ -729,6 +785,7 @@ pub fn error_policy(agent: Arc<FarAgent>, error: &Error, ctx: Arc<Context>) -> R
 /// The API server's refusal, as text: the guest is answered 503 and reports again.
 pub async fn persist_exit(
     client: kube::Client,
+    superseded: &Superseded,
     report: far_channel::ExitReport,
 ) -> Result<(), String> {
     let api: Api<FarAgent> = Api::namespaced(client, &report.namespace);
@@ -753,5 +810,8 @@ pub async fn persist_exit(
     api.patch_status(&report.name, &PatchParams::default(), &Patch::Merge(&patch))
         .await
         .map_err(|e| e.to_string())?;
+    if let Some(uid) = agent.uid() {
+        superseded.wrote(&uid, agent.resource_version());
+    }
     Ok(())
 }

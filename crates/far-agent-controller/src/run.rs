@@ -43,10 +43,11 @@ pub async fn run(
             .await;
     };
 
-    let exits = client.clone();
+    let superseded = Arc::new(crate::reconcile::Superseded::default());
+    let (exits, written) = (client.clone(), Arc::clone(&superseded));
     channel.persist_exits(Arc::new(move |report| {
-        let client = exits.clone();
-        Box::pin(async move { crate::reconcile::persist_exit(client, report).await })
+        let (client, written) = (exits.clone(), Arc::clone(&written));
+        Box::pin(async move { crate::reconcile::persist_exit(client, &written, report).await })
     }));
     let controller = Controller::new(agents, watcher::Config::default());
     // A host that changes (turns Ready, gains room, is uncordoned) may fit agents that waited.
@@ -83,6 +84,7 @@ pub async fn run(
         agents_ready: AtomicBool::new(false),
         ended: Default::default(),
         kick,
+        superseded,
     });
 
     // The first heartbeat and the exit of an agent reconcile it at once; other heartbeats only
