@@ -83,7 +83,10 @@ impl Superseded {
     /// The agent `uid` at version `before` was just written over.
     pub fn wrote(&self, uid: &str, before: Option<String>) {
         if let Some(before) = before {
-            self.lock().entry(uid.to_owned()).or_default().insert(before);
+            self.lock()
+                .entry(uid.to_owned())
+                .or_default()
+                .insert(before);
         }
     }
 
@@ -106,7 +109,9 @@ impl Superseded {
         self.lock().remove(uid);
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, std::collections::HashSet<String>>> {
+    fn lock(
+        &self,
+    ) -> std::sync::MutexGuard<'_, HashMap<String, std::collections::HashSet<String>>> {
         self.0.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
@@ -777,18 +782,17 @@ pub fn error_policy(agent: Arc<FarAgent>, error: &Error, ctx: Arc<Context>) -> R
     Requeue::requeue(Duration::from_secs(2))
 }
 
-/// Writes a guest's exit code to its FarAgent's status before the channel acknowledges it, so
-/// a controller that dies right after loses nothing (see `far_channel::Channel::persist_exits`).
-/// Exits of an earlier run, of a finished agent, or already recorded are accepted unchanged.
+/// Writes a guest's exit to its FarAgent's status before the channel acknowledges it, so a
+/// controller that dies right after loses nothing (see `far_channel::Channel::persist_exits`).
+/// When the exit finishes the agent, the write is the decision's whole terminal status (one
+/// write, not the code and then the phase), and its Events follow; when the agent restarts,
+/// only the code is written and the reconcile that follows does the rest. Exits of an earlier
+/// run, of a finished agent, or already recorded are accepted unchanged.
 ///
 /// # Errors
 /// The API server's refusal, as text: the guest is answered 503 and reports again.
-pub async fn persist_exit(
-    client: kube::Client,
-    superseded: &Superseded,
-    report: far_channel::ExitReport,
-) -> Result<(), String> {
-    let api: Api<FarAgent> = Api::namespaced(client, &report.namespace);
+pub async fn persist_exit(ctx: &Context, report: far_channel::ExitReport) -> Result<(), String> {
+    let api: Api<FarAgent> = Api::namespaced(ctx.client.clone(), &report.namespace);
     let Some(agent) = api.get_opt(&report.name).await.map_err(|e| e.to_string())? else {
         return Ok(());
     };
@@ -806,12 +810,51 @@ pub async fn persist_exit(
     if !current {
         return Ok(());
     }
-    let patch = json!({"metadata": {"resourceVersion": agent.resource_version()}, "status": {"exitCode": report.exit.code}});
+    let decision = decision::decide(&Observation {
+        spec: &agent.spec,
+        status: &status,
+        generation: agent.metadata.generation,
+        has_finalizer: agent.finalizers().iter().any(|f| f == FINALIZER),
+        deleting_since: agent.metadata.deletion_timestamp.as_ref().map(|t| t.0),
+        vm: None,
+        guest: Guest {
+            last_heartbeat: None,
+            exit: Some((report.exit.code, report.exit.start_error.clone())),
+        },
+        placement: None,
+        config: Ok(()),
+        now: now(),
+    });
+    let finished = decision
+        .status
+        .phase
+        .is_some_and(far_api::Phase::is_terminal);
+    let patch = if finished {
+        status_patch(
+            &status,
+            &decision.status,
+            agent.resource_version().as_deref(),
+        )
+    } else {
+        json!({"metadata": {"resourceVersion": agent.resource_version()}, "status": {"exitCode": report.exit.code}})
+    };
     api.patch_status(&report.name, &PatchParams::default(), &Patch::Merge(&patch))
         .await
         .map_err(|e| e.to_string())?;
     if let Some(uid) = agent.uid() {
-        superseded.wrote(&uid, agent.resource_version());
+        ctx.superseded.wrote(&uid, agent.resource_version());
+    }
+    if finished {
+        for action in decision.actions {
+            if let Action::Event {
+                warning,
+                reason,
+                message,
+            } = action
+            {
+                publish(ctx, &agent, warning, reason, message).await;
+            }
+        }
     }
     Ok(())
 }

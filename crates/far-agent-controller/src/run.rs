@@ -43,12 +43,6 @@ pub async fn run(
             .await;
     };
 
-    let superseded = Arc::new(crate::reconcile::Superseded::default());
-    let (exits, written) = (client.clone(), Arc::clone(&superseded));
-    channel.persist_exits(Arc::new(move |report| {
-        let (client, written) = (exits.clone(), Arc::clone(&written));
-        Box::pin(async move { crate::reconcile::persist_exit(client, &written, report).await })
-    }));
     let controller = Controller::new(agents, watcher::Config::default());
     // A host that changes (turns Ready, gains room, is uncordoned) may fit agents that waited.
     let waiting = controller.store();
@@ -84,8 +78,14 @@ pub async fn run(
         agents_ready: AtomicBool::new(false),
         ended: Default::default(),
         kick,
-        superseded,
+        superseded: Arc::default(),
     });
+
+    let exits = Arc::clone(&ctx);
+    channel.persist_exits(Arc::new(move |report| {
+        let ctx = Arc::clone(&exits);
+        Box::pin(async move { crate::reconcile::persist_exit(&ctx, report).await })
+    }));
 
     // The first heartbeat and the exit of an agent reconcile it at once; other heartbeats only
     // refresh the channel's memory.
