@@ -252,6 +252,19 @@ pub async fn run(args: BenchArgs) -> Result<()> {
         })
     };
 
+    // Steady state: from the moment every agent runs until the first one finishes, only
+    // heartbeats happen; the API writes made meanwhile are what a running fleet costs.
+    let writes_so_far = |api: &FakeApiServer| -> u64 {
+        api.requests()
+            .iter()
+            .filter(|((verb, _), _)| {
+                matches!(verb.as_str(), "create" | "patch" | "update" | "delete")
+            })
+            .map(|(_, n)| n)
+            .sum()
+    };
+    let mut all_running: Option<(Instant, u64)> = None;
+    let mut steady: Option<(f64, u64)> = None;
     let deadline = started + Duration::from_secs(args.timeout_seconds);
     while finished.len() < args.agents {
         let next = tokio::time::timeout_at(deadline, events.next()).await;
@@ -267,7 +280,13 @@ pub async fn run(args: BenchArgs) -> Result<()> {
                 .entry(name.clone())
                 .or_insert_with(Instant::now);
         }
+        if all_running.is_none() && seen_running.len() == args.agents {
+            all_running = Some((Instant::now(), writes_so_far(&api)));
+        }
         if status.phase.is_some_and(Phase::is_terminal) {
+            if let (Some((since, writes)), None) = (all_running, steady) {
+                steady = Some((since.elapsed().as_secs_f64(), writes_so_far(&api) - writes));
+            }
             finished.entry(name).or_insert_with(|| {
                 (
                     Instant::now(),
@@ -352,6 +371,12 @@ pub async fn run(args: BenchArgs) -> Result<()> {
         "api_requests_per_agent": per_agent,
         "api_writes_per_agent": writes,
         "api_conflicts_per_agent": conflicts,
+        // null when no agent finished after all were running (or the window was empty).
+        "steady_state": steady.filter(|(seconds, _)| *seconds > 0.0).map(|(seconds, writes)| json!({
+            "seconds": seconds,
+            "api_writes": writes,
+            "api_writes_per_second": writes as f64 / seconds,
+        })),
         "baseline_status_patches_per_second": patch_rate,
         "process_peak_rss_mib": rss_mib,
         "process_cpu_seconds": cpu_seconds,
@@ -411,6 +436,19 @@ fn print_table(r: &serde_json::Value) {
         "  of which refused 409 (stale copy)",
         r["api_conflicts_per_agent"].as_f64().unwrap_or(0.0)
     );
+    match r["steady_state"].as_object() {
+        Some(s) => println!(
+            "{:<44} {:.1} ({} writes in {:.1} s with every agent running)",
+            "steady state: API writes per second",
+            s["api_writes_per_second"].as_f64().unwrap_or(0.0),
+            s["api_writes"],
+            s["seconds"].as_f64().unwrap_or(0.0)
+        ),
+        None => println!(
+            "{:<44} not measured (no agent finished after all were running)",
+            "steady state: API writes per second"
+        ),
+    }
     if let Some(map) = r["api_requests_per_agent"].as_object() {
         for (k, v) in map {
             println!("  {k:<42} {:.2}", v.as_f64().unwrap_or(0.0));
