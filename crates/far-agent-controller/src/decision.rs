@@ -11,7 +11,8 @@
 use std::time::Duration;
 
 use far_api::{
-    AgentReason, FarAgentSpec, FarAgentStatus, Phase, RestartPolicy, VmSize, agent_condition,
+    AgentReason, FarAgentSpec, FarAgentStatus, GuestUsage, Phase, RestartPolicy, VmSize,
+    agent_condition,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
@@ -85,6 +86,8 @@ pub struct Guest {
     pub last_heartbeat: Option<Timestamp>,
     /// The exit code and, when the agent never started, why.
     pub exit: Option<(i32, Option<String>)>,
+    /// What its last heartbeat said of its use of the VM.
+    pub usage: Option<GuestUsage>,
 }
 
 /// Where the agent can go, computed by the shell only while it has no host.
@@ -593,6 +596,7 @@ pub fn decide(o: &Observation<'_>) -> Decision {
                         });
                         if stale {
                             b.status.last_heartbeat_time = Some(at(last));
+                            b.status.guest = o.guest.usage.or(b.status.guest);
                         }
                         if b.status.phase != Some(Phase::Running) {
                             b.status.vm_state = Some(state.as_str().to_owned());

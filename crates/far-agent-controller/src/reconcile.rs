@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use base64::Engine as _;
 use far_agent_protocol::{ChannelConfig, EnvVar, RUN_CONFIG_KEY, SecretFile, Secrets, channel_id};
-use far_api::{FINALIZER, FarAgent, FarAgentStatus, FlintlockHost, host_condition};
+use far_api::{FINALIZER, FarAgent, FarAgentStatus, FlintlockHost, GuestUsage, host_condition};
 use far_vmspec::{Defaults, VmName, VmPlan, plan};
 use flintlock_proto::far_host::EndedGuest;
 use flintlock_proto::types::micro_vm_status::MicroVmState;
@@ -539,6 +539,12 @@ async fn reconcile_inner(agent: &Arc<FarAgent>, ctx: &Arc<Context>) -> Result<Re
             .as_ref()
             .and_then(|v| v.since_heartbeat)
             .map(|ago| now() - ago),
+        usage: view.as_ref().and_then(|v| v.heartbeat).map(|h| GuestUsage {
+            boot_to_entrypoint_ms: h.boot_to_entrypoint_ms,
+            memory_used_mib: h.memory_used_bytes >> 20,
+            memory_total_mib: h.memory_total_bytes >> 20,
+            cpu_used_ms: h.cpu_used_ms,
+        }),
         // The channel's memory, or what it made durable before acknowledging the guest (a
         // controller restarted since then only has the latter).
         exit: view
@@ -819,6 +825,7 @@ pub async fn persist_exit(ctx: &Context, report: far_channel::ExitReport) -> Res
         vm: None,
         guest: Guest {
             last_heartbeat: None,
+            usage: None,
             exit: Some((report.exit.code, report.exit.start_error.clone())),
         },
         placement: None,

@@ -272,6 +272,16 @@ async fn an_agent_runs_to_completed_and_its_vm_is_freed() {
     assert_eq!(status.host.as_deref(), Some("sim-1"));
     assert!(status.vm_uid.is_some() && status.start_time.is_some() && status.finish_time.is_some());
     assert_eq!(status.vm.unwrap().memory_mib, 256);
+    // The sim guest's heartbeat, summarised at Running and kept.
+    assert_eq!(
+        status.guest,
+        Some(far_api::GuestUsage {
+            boot_to_entrypoint_ms: Some(50),
+            memory_used_mib: 64,
+            memory_total_mib: 512,
+            cpu_used_ms: 10,
+        })
+    );
     assert!(
         agent
             .metadata

@@ -374,6 +374,12 @@ pub struct FarAgentStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vm: Option<VmSize>,
 
+    /// What the agent's guest last said of itself in a heartbeat. Written with
+    /// lastHeartbeatTime (at Running, then at most every 5 minutes), not at every heartbeat;
+    /// live figures are the controller's metrics.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guest: Option<GuestUsage>,
+
     /// When the agent's current run started (its first heartbeat).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub start_time: Option<Time>,
@@ -402,6 +408,23 @@ pub struct FarAgentStatus {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[x_kube(merge_strategy = kube::core::ListMerge::Map(vec!["type".into()]))]
     pub conditions: Vec<Condition>,
+}
+
+/// A guest's use of its VM, as its init reported it.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct GuestUsage {
+    /// Milliseconds from the kernel's start to the agent's entrypoint, as far-init measured it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub boot_to_entrypoint_ms: Option<u64>,
+    /// Memory in use in the guest, MiB.
+    #[serde(rename = "memoryUsedMiB")]
+    pub memory_used_mib: u64,
+    /// Memory the guest's kernel manages, MiB.
+    #[serde(rename = "memoryTotalMiB")]
+    pub memory_total_mib: u64,
+    /// CPU time used in the guest since boot, milliseconds.
+    pub cpu_used_ms: u64,
 }
 
 /// The size of a VM as created.

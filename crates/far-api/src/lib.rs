@@ -20,7 +20,7 @@ use kube::CustomResourceExt;
 pub use agent::{
     AgentReason, EnvVar, EnvVarSource, FarAgent, FarAgentSpec, FarAgentStatus, Heartbeat,
     ImageVolume, KernelOverride, KeyRef, KeyToPath, Network, Phase, RestartPolicy, SecretFile,
-    StaticAddress, VmSize, condition as agent_condition,
+    StaticAddress, VmSize, GuestUsage, condition as agent_condition,
 };
 pub use host::{
     Allocated, FlintlockHost, FlintlockHostSpec, FlintlockHostStatus, HostCapacity, SecretKeyRef,

@@ -120,25 +120,37 @@ fn an_agent_goes_from_accepted_to_completed_with_one_vm() {
     let mut o = observe(&spec, &status, 5);
     o.vm = present(VmState::Created);
     o.guest.last_heartbeat = Some(t(4));
+    let usage = |mib| GuestUsage {
+        boot_to_entrypoint_ms: Some(900),
+        memory_used_mib: mib,
+        memory_total_mib: 480,
+        cpu_used_ms: 10,
+    };
+    o.guest.usage = Some(usage(40));
     let d = decide(&o);
     assert_eq!(d.status.phase, Some(Phase::Running));
     assert_eq!(d.status.start_time, Some(Time(t(4))));
     assert_eq!(d.status.last_heartbeat_time, Some(Time(t(4))));
+    assert_eq!(d.status.guest, Some(usage(40)), "usage summarised at Running");
 
     // Heartbeats live in memory: status is not rewritten for each one, only when stale.
     let running = d.status.clone();
     let mut o = observe(&spec, &running, 7);
     o.vm = present(VmState::Created);
     o.guest.last_heartbeat = Some(t(6));
+    o.guest.usage = Some(usage(41));
     assert_eq!(
         decide(&o).status,
         running,
-        "a fresh heartbeat changes nothing to write"
+        "a fresh heartbeat (new usage included) changes nothing to write"
     );
     let mut o = observe(&spec, &running, 305);
     o.vm = present(VmState::Created);
     o.guest.last_heartbeat = Some(t(304));
-    assert_eq!(decide(&o).status.last_heartbeat_time, Some(Time(t(304))));
+    o.guest.usage = Some(usage(99));
+    let refreshed = decide(&o).status;
+    assert_eq!(refreshed.last_heartbeat_time, Some(Time(t(304))));
+    assert_eq!(refreshed.guest, Some(usage(99)), "and usage with it");
 
     let status = d.status;
     let mut o = observe(&spec, &status, 9);
@@ -146,6 +158,7 @@ fn an_agent_goes_from_accepted_to_completed_with_one_vm() {
     o.guest = Guest {
         last_heartbeat: Some(t(8)),
         exit: Some((0, None)),
+        usage: None,
     };
     let d = decide(&o);
     assert_eq!(
@@ -443,7 +456,7 @@ prop_compose! {
             finish_time: phase.filter(|p| p.is_terminal()).map(|_| Time(t(0))),
             ..Default::default()
         };
-        let guest = Guest { last_heartbeat: heartbeat.map(t), exit };
+        let guest = Guest { last_heartbeat: heartbeat.map(t), exit, usage: None };
         let placement = placement.map(|ok| if ok { fits() } else { Placement::Unschedulable("no host".into()) });
         (s, status, has_finalizer, deleting, vm, guest, placement, config_ok, now)
     }
