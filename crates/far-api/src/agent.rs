@@ -126,7 +126,9 @@ pub struct FarAgentSpec {
     #[serde(default)]
     pub heartbeat: Heartbeat,
 
-    /// The VM's network interface. Unset: one interface configured by DHCP.
+    /// The VM's network interface. Unset: one interface whose network-config asks for DHCP,
+    /// which far-init does not run yet: under far-host the guest gives it a link-local address
+    /// that reaches the host; under flintlockd it stays without an address.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub network: Option<Network>,
 }
@@ -311,7 +313,8 @@ impl Default for Heartbeat {
 #[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 #[serde(rename_all = "camelCase")]
 pub struct Network {
-    /// A static address for the interface. Unset: DHCP.
+    /// A static address for the interface, handed to the guest as cloud-init network-config v2
+    /// and applied by far-init. Unset: see network.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub address: Option<StaticAddress>,
 }

@@ -18,9 +18,9 @@ use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomRe
 use kube::CustomResourceExt;
 
 pub use agent::{
-    AgentReason, EnvVar, EnvVarSource, FarAgent, FarAgentSpec, FarAgentStatus, Heartbeat,
-    ImageVolume, KernelOverride, KeyRef, KeyToPath, Network, Phase, RestartPolicy, SecretFile,
-    StaticAddress, VmSize, GuestUsage, condition as agent_condition,
+    AgentReason, EnvVar, EnvVarSource, FarAgent, FarAgentSpec, FarAgentStatus, GuestUsage,
+    Heartbeat, ImageVolume, KernelOverride, KeyRef, KeyToPath, Network, Phase, RestartPolicy,
+    SecretFile, StaticAddress, VmSize, condition as agent_condition,
 };
 pub use host::{
     Allocated, FlintlockHost, FlintlockHostSpec, FlintlockHostStatus, HostCapacity, SecretKeyRef,

@@ -74,7 +74,40 @@ fn vm_spec(
 async fn a_real_microvm_runs_the_agent_and_its_exit_code_reaches_the_channel() {
     let state = tempfile::tempdir().unwrap();
     let host = qemu_host(state.path()).await;
-    runs_to_exit_code_3(&host, state.path(), |config| vm_spec("fail3", config)).await;
+    let console = runs_to_exit_code_3(&host, state.path(), |config| vm_spec("fail3", config)).await;
+    assert!(
+        console.contains("far-init: network: eth0 169.254.0.15/16 (link-local default)"),
+        "{console}"
+    );
+}
+
+/// A static address reaches the guest as flintlockd passes it: cloud-init network-config v2 on
+/// the kernel command line, matched to the interface by MAC.
+#[tokio::test]
+async fn a_static_address_reaches_the_guest_as_network_config() {
+    let state = tempfile::tempdir().unwrap();
+    let host = qemu_host(state.path()).await;
+    let console = runs_to_exit_code_3(&host, state.path(), |config| {
+        let mut spec = vm_spec("static", config);
+        spec.kernel.as_mut().unwrap().add_network_config = true;
+        let interface = &mut spec.interfaces[0];
+        interface.guest_mac = Some("02:fa:00:00:00:32".into());
+        interface.address = Some(flintlock_proto::types::StaticAddress {
+            address: "169.254.0.50/16".into(),
+            gateway: None,
+            nameservers: vec!["169.254.0.3".into()],
+        });
+        spec
+    })
+    .await;
+    assert!(
+        console.contains("far-init: network: eth0 169.254.0.50/16 (network-config)"),
+        "{console}"
+    );
+    assert!(
+        console.contains("far-init: network: 1 nameserver(s) in /etc/resolv.conf"),
+        "{console}"
+    );
 }
 
 /// The kernel, the far-init initrd and the agent image all come from a real registry: the
@@ -152,7 +185,7 @@ async fn runs_to_exit_code_3(
     host: &std::sync::Arc<Host<Qemu>>,
     state: &Path,
     spec: impl FnOnce(&far_agent_protocol::RunConfig) -> flintlock_proto::types::MicroVmSpec,
-) {
+) -> String {
     let (address, received) = channel().await;
     let mut config = run_config(address, &["--task", "fail", "--exit-code", "3"]);
     // The guest reaches host loopback services through the user-mode network's host address.
@@ -216,6 +249,7 @@ async fn runs_to_exit_code_3(
         !state.join(format!("run/{uid}")).exists(),
         "the VM's working files are removed"
     );
+    console
 }
 
 /// far-host's record says the VM's process has exited (read after a get refreshed it).

@@ -110,7 +110,9 @@ fn init(channel_out: &mut Option<Arc<Channel>>) -> Result<i32, Fatal> {
     }
     boot::mount_runtime_filesystems().map_err(Fatal::Boot)?;
     let cmdline = boot::kernel_cmdline();
-    net::configure(&cmdline).map_err(Fatal::Network)?;
+    for line in net::configure(&cmdline).map_err(Fatal::Network)? {
+        say!("network: {line}");
+    }
 
     let metadata = Metadata::new(metadata_url(&cmdline));
     let bytes = metadata

@@ -1,9 +1,16 @@
 //! The guest's network, configured over rtnetlink (no `ip` binary, no unsafe ioctls).
 //!
-//! Sources, in order: `far.ip=ADDRESS/PREFIX[,GATEWAY]` on the kernel command line for the
-//! first interface; otherwise the link-local address [`DEFAULT_ADDRESS`] without a default
-//! route, which reaches the metadata service at 169.254.169.254 and, under QEMU's user-mode
-//! network (`net=169.254.0.0/16`), the host at 169.254.0.2.
+//! Sources, in order, per interface:
+//! 1. `network-config=<base64>` on the kernel command line: cloud-init network-config v2, as
+//!    flintlockd passes it to Firecracker guests (`add_network_config`). Interfaces are matched by
+//!    `match.macaddress`, else by name; static `addresses`, `gateway4` and
+//!    `nameservers.addresses` (written to `/etc/resolv.conf`) are applied. `dhcp4` is not done
+//!    (far-init has no DHCP client yet): such an interface is only brought up, and said so.
+//! 2. For `eth0`, when network-config does not give it a static address:
+//!    `far.ip=ADDRESS/PREFIX[,GATEWAY]`, else the link-local address [`DEFAULT_ADDRESS`] without
+//!    a default route, which reaches the metadata service at 169.254.169.254 (flintlockd's own
+//!    interface under Firecracker) and, under QEMU's user-mode network (`net=169.254.0.0/16`),
+//!    the host at 169.254.0.2.
 
 use std::net::Ipv4Addr;
 
@@ -41,8 +48,14 @@ pub fn from_cmdline(cmdline: &str) -> Result<Option<Address>, String> {
     else {
         return Ok(None);
     };
-    let bad =
-        || format!("far.ip={value:?}: use ADDRESS/PREFIX[,GATEWAY], e.g. 10.0.0.5/24,10.0.0.1");
+    parse_address(value).map(Some).map_err(|()| {
+        format!("far.ip={value:?}: use ADDRESS/PREFIX[,GATEWAY], e.g. 10.0.0.5/24,10.0.0.1")
+    })
+}
+
+/// `ADDRESS/PREFIX[,GATEWAY]`.
+fn parse_address(value: &str) -> Result<Address, ()> {
+    let bad = || ();
     let (cidr, gateway) = value
         .split_once(',')
         .map_or((value, None), |(c, g)| (c, Some(g)));
@@ -50,33 +63,226 @@ pub fn from_cmdline(cmdline: &str) -> Result<Option<Address>, String> {
     let ip = ip.parse().map_err(|_| bad())?;
     let prefix: u8 = prefix.parse().ok().filter(|p| *p <= 32).ok_or_else(bad)?;
     let gateway = gateway.map(|g| g.parse().map_err(|_| bad())).transpose()?;
-    Ok(Some(Address {
+    Ok(Address {
         ip,
         prefix,
         gateway,
-    }))
+    })
 }
 
-/// Brings up `lo` and the first Ethernet interface with its address and route.
+/// One interface of a network-config.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Interface {
+    /// The name it has in the config (its interface name unless matched by MAC).
+    pub name: String,
+    /// `match.macaddress`, lower case.
+    pub mac: Option<String>,
+    /// The static address, when `addresses` gives one.
+    pub address: Option<Address>,
+    /// `dhcp4: true`.
+    pub dhcp: bool,
+    /// `nameservers.addresses`.
+    pub nameservers: Vec<Ipv4Addr>,
+}
+
+#[derive(serde::Deserialize)]
+struct NetworkConfig {
+    version: u32,
+    #[serde(default)]
+    ethernets: std::collections::BTreeMap<String, Ethernet>,
+}
+
+#[derive(serde::Deserialize)]
+struct Ethernet {
+    #[serde(rename = "match", default)]
+    matcher: Option<Match>,
+    #[serde(default)]
+    dhcp4: Option<bool>,
+    #[serde(default)]
+    addresses: Vec<String>,
+    #[serde(default)]
+    gateway4: Option<String>,
+    #[serde(default)]
+    nameservers: Option<Nameservers>,
+}
+
+#[derive(serde::Deserialize)]
+struct Match {
+    macaddress: Option<String>,
+}
+
+#[derive(serde::Deserialize)]
+struct Nameservers {
+    #[serde(default)]
+    addresses: Vec<String>,
+}
+
+/// Upper bound on the decoded network-config, against a hostile command line.
+const MAX_NETWORK_CONFIG: usize = 64 * 1024;
+
+/// Reads `network-config=` (base64 cloud-init network-config v2) from a kernel command line.
+///
+/// # Errors
+/// A sentence naming what is malformed.
+pub fn network_config(cmdline: &str) -> Result<Vec<Interface>, String> {
+    use base64::Engine as _;
+    let Some(value) = cmdline
+        .split_whitespace()
+        .find_map(|arg| arg.strip_prefix("network-config="))
+    else {
+        return Ok(Vec::new());
+    };
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(value)
+        .map_err(|e| format!("network-config: not base64 ({e})"))?;
+    if bytes.len() > MAX_NETWORK_CONFIG {
+        return Err(format!(
+            "network-config: {} bytes, at most {MAX_NETWORK_CONFIG}",
+            bytes.len()
+        ));
+    }
+    let text = String::from_utf8(bytes).map_err(|_| "network-config: not UTF-8".to_owned())?;
+    let config: NetworkConfig =
+        serde_saphyr::from_str(&text).map_err(|e| format!("network-config: {e}"))?;
+    if config.version != 2 {
+        return Err(format!(
+            "network-config: version {} (far-init reads version 2)",
+            config.version
+        ));
+    }
+    config
+        .ethernets
+        .into_iter()
+        .map(|(name, e)| {
+            let address = match (e.addresses.first(), &e.gateway4) {
+                (Some(cidr), gateway) => {
+                    let value = match gateway {
+                        Some(g) => format!("{cidr},{}", g.trim_end_matches("/32")),
+                        None => cidr.clone(),
+                    };
+                    parse_address(&value)
+                        .map_err(|_| format!("network-config: ethernets.{name}: address {cidr:?} or gateway4 {gateway:?} is not IPv4"))?
+                        .into()
+                }
+                (None, _) => None,
+            };
+            let nameservers = e
+                .nameservers
+                .map(|n| n.addresses)
+                .unwrap_or_default()
+                .iter()
+                .map(|a| a.parse().map_err(|_| format!("network-config: ethernets.{name}: nameserver {a:?} is not IPv4")))
+                .collect::<Result<_, _>>()?;
+            Ok(Interface {
+                mac: e.matcher.and_then(|m| m.macaddress).map(|m| m.to_ascii_lowercase()),
+                name,
+                address,
+                dhcp: e.dhcp4.unwrap_or(false),
+                nameservers,
+            })
+        })
+        .collect()
+}
+
+/// Brings up `lo` and the guest's interfaces with their addresses and routes, and says what it
+/// did on the console.
 ///
 /// # Errors
 /// A sentence naming the step that failed.
-pub fn configure(cmdline: &str) -> Result<(), String> {
-    let address = from_cmdline(cmdline)?.unwrap_or(DEFAULT_ADDRESS);
+pub fn configure(cmdline: &str) -> Result<Vec<String>, String> {
+    let configured = network_config(cmdline)?;
     let rtnl = Rtnl::open()?;
     let lo = if_index("lo")?;
     rtnl.link_up(lo)
         .map_err(|e| format!("bringing up lo: {e}"))?;
-    let eth = if_index("eth0")?;
-    rtnl.link_up(eth)
-        .map_err(|e| format!("bringing up eth0: {e}"))?;
-    rtnl.add_address(eth, &address)
-        .map_err(|e| format!("adding {}/{} to eth0: {e}", address.ip, address.prefix))?;
+    let mut said = Vec::new();
+    let mut eth0_done = false;
+    let mut nameservers = Vec::new();
+    for interface in &configured {
+        let Some(name) = find_interface(interface) else {
+            said.push(format!(
+                "network-config: no interface {} here; skipped",
+                interface.name
+            ));
+            continue;
+        };
+        let index = if_index(&name)?;
+        rtnl.link_up(index)
+            .map_err(|e| format!("bringing up {name}: {e}"))?;
+        match interface.address {
+            Some(address) => {
+                apply(&rtnl, index, &name, &address)?;
+                said.push(format!("{name} {}/{} (network-config)", address.ip, address.prefix));
+                eth0_done |= name == "eth0";
+            }
+            None if interface.dhcp && name != "eth0" => said.push(format!(
+                "{name}: network-config asks for DHCP, which far-init does not do; the interface is up without an address"
+            )),
+            None => {}
+        }
+        nameservers.extend(interface.nameservers.iter().copied());
+    }
+    if !eth0_done {
+        let (address, source) = match from_cmdline(cmdline)? {
+            Some(address) => (address, "far.ip"),
+            None => (DEFAULT_ADDRESS, "link-local default"),
+        };
+        let eth = if_index("eth0")?;
+        rtnl.link_up(eth)
+            .map_err(|e| format!("bringing up eth0: {e}"))?;
+        apply(&rtnl, eth, "eth0", &address)?;
+        said.push(format!("eth0 {}/{} ({source})", address.ip, address.prefix));
+    }
+    if !nameservers.is_empty() {
+        let text: String = nameservers
+            .iter()
+            .map(|n| format!("nameserver {n}\n"))
+            .collect();
+        match std::fs::write("/etc/resolv.conf", text) {
+            Ok(()) => said.push(format!(
+                "{} nameserver(s) in /etc/resolv.conf",
+                nameservers.len()
+            )),
+            Err(e) => said.push(format!("/etc/resolv.conf not written: {e}")),
+        }
+    }
+    Ok(said)
+}
+
+fn apply(rtnl: &Rtnl, index: u32, name: &str, address: &Address) -> Result<(), String> {
+    rtnl.add_address(index, address)
+        .map_err(|e| format!("adding {}/{} to {name}: {e}", address.ip, address.prefix))?;
     if let Some(gateway) = address.gateway {
-        rtnl.add_default_route(eth, gateway)
+        rtnl.add_default_route(index, gateway)
             .map_err(|e| format!("adding default route via {gateway}: {e}"))?;
     }
     Ok(())
+}
+
+/// The interface a network-config entry means: by MAC when it says one, else by name.
+fn find_interface(interface: &Interface) -> Option<String> {
+    let Some(mac) = &interface.mac else {
+        return std::path::Path::new("/sys/class/net")
+            .join(&interface.name)
+            .exists()
+            .then(|| interface.name.clone());
+    };
+    // Interfaces appear as their drivers load: give them the time `if_index` gives eth0.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let found = std::fs::read_dir("/sys/class/net")
+            .ok()?
+            .flatten()
+            .find_map(|e| {
+                let address = std::fs::read_to_string(e.path().join("address")).ok()?;
+                (address.trim().eq_ignore_ascii_case(mac))
+                    .then(|| e.file_name().to_string_lossy().into_owned())
+            });
+        if found.is_some() || std::time::Instant::now() >= deadline {
+            return found;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
 }
 
 fn if_index(name: &str) -> Result<u32, String> {
@@ -222,6 +428,73 @@ impl Rtnl {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn cmdline_with(config: &str) -> String {
+        use base64::Engine as _;
+        format!(
+            "console=ttyS0 network-config={} quiet",
+            base64::engine::general_purpose::STANDARD.encode(config)
+        )
+    }
+
+    #[test]
+    fn network_config_v2_as_flintlockd_writes_it_is_read() {
+        let yaml = "version: 2\nethernets:\n  eth1:\n    match:\n      macaddress: AA:FF:00:00:00:02\n    addresses:\n    - 10.0.0.5/24\n    gateway4: 10.0.0.1/32\n    nameservers:\n      addresses:\n      - 10.0.0.53\n  eth2:\n    dhcp4: true\n";
+        let interfaces = network_config(&cmdline_with(yaml)).unwrap();
+        assert_eq!(
+            interfaces,
+            [
+                Interface {
+                    name: "eth1".into(),
+                    mac: Some("aa:ff:00:00:00:02".into()),
+                    address: Some(Address {
+                        ip: Ipv4Addr::new(10, 0, 0, 5),
+                        prefix: 24,
+                        gateway: Some(Ipv4Addr::new(10, 0, 0, 1)),
+                    }),
+                    dhcp: false,
+                    nameservers: vec![Ipv4Addr::new(10, 0, 0, 53)],
+                },
+                Interface {
+                    name: "eth2".into(),
+                    mac: None,
+                    address: None,
+                    dhcp: true,
+                    nameservers: vec![],
+                },
+            ]
+        );
+        // JSON is YAML: what far-host writes reads the same.
+        let json = r#"{"version":2,"ethernets":{"eth0":{"addresses":["169.254.0.50/16"]}}}"#;
+        assert_eq!(
+            network_config(&cmdline_with(json)).unwrap()[0].address,
+            Some(Address {
+                ip: Ipv4Addr::new(169, 254, 0, 50),
+                prefix: 16,
+                gateway: None
+            })
+        );
+        assert!(network_config("console=ttyS0").unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_bad_network_config_is_refused_naming_what_is_wrong() {
+        assert_eq!(
+            network_config("network-config=%%%").unwrap_err(),
+            "network-config: not base64 (Invalid symbol 37, offset 0.)"
+        );
+        assert_eq!(
+            network_config(&cmdline_with("version: 1\n")).unwrap_err(),
+            "network-config: version 1 (far-init reads version 2)"
+        );
+        assert_eq!(
+            network_config(&cmdline_with(
+                "version: 2\nethernets:\n  eth0:\n    addresses: [fe80::1/64]\n"
+            ))
+            .unwrap_err(),
+            "network-config: ethernets.eth0: address \"fe80::1/64\" or gateway4 None is not IPv4"
+        );
+    }
 
     #[test]
     fn far_ip_on_the_kernel_command_line_is_read() {

@@ -131,7 +131,11 @@ fn an_agent_goes_from_accepted_to_completed_with_one_vm() {
     assert_eq!(d.status.phase, Some(Phase::Running));
     assert_eq!(d.status.start_time, Some(Time(t(4))));
     assert_eq!(d.status.last_heartbeat_time, Some(Time(t(4))));
-    assert_eq!(d.status.guest, Some(usage(40)), "usage summarised at Running");
+    assert_eq!(
+        d.status.guest,
+        Some(usage(40)),
+        "usage summarised at Running"
+    );
 
     // Heartbeats live in memory: status is not rewritten for each one, only when stale.
     let running = d.status.clone();

@@ -138,6 +138,31 @@ fn tcg_args(tsc_khz: Option<u64>) -> BTreeMap<String, String> {
     ])
 }
 
+/// As flintlockd does with `add_network_config`: the interface's static address as cloud-init
+/// network-config v2 (JSON, which is YAML), base64 for the kernel command line. Without a static
+/// address nothing is passed (upstream would ask for DHCP; the guest's link-local default
+/// serves QEMU's user-mode network).
+fn network_config(spec: &MicroVmSpec) -> Option<String> {
+    use base64::Engine as _;
+    if !spec.kernel.as_ref().is_some_and(|k| k.add_network_config) {
+        return None;
+    }
+    let interface = spec.interfaces.first()?;
+    let address = interface.address.as_ref()?;
+    let mut ethernet = serde_json::json!({"addresses": [address.address]});
+    if let Some(mac) = &interface.guest_mac {
+        ethernet["match"] = serde_json::json!({"macaddress": mac});
+    }
+    if let Some(gateway) = &address.gateway {
+        ethernet["gateway4"] = serde_json::json!(gateway);
+    }
+    if !address.nameservers.is_empty() {
+        ethernet["nameservers"] = serde_json::json!({"addresses": address.nameservers});
+    }
+    let config = serde_json::json!({"version": 2, "ethernets": {"eth0": ethernet}});
+    Some(base64::engine::general_purpose::STANDARD.encode(config.to_string()))
+}
+
 /// Whether `program` is an executable file in a `PATH` directory.
 fn on_path(program: &str) -> bool {
     use std::os::unix::fs::PermissionsExt as _;
@@ -413,6 +438,9 @@ impl Provider for Qemu {
                 .map(|k| k.cmdline.clone())
                 .unwrap_or_default(),
         );
+        if let Some(config) = network_config(spec) {
+            kernel_args.insert("network-config".into(), config);
+        }
 
         let mut qemu = Command::new(&self.config.binary);
         qemu.args([
