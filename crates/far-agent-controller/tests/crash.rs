@@ -290,14 +290,7 @@ async fn sigkilling_the_controller_process_20_times_under_500_agents_loses_and_d
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("channel.key"), [5u8; 32]).unwrap();
     let kubeconfig = dir.path().join("kubeconfig");
-    std::fs::write(
-        &kubeconfig,
-        format!(
-            "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster:\n    server: {}\ncontexts:\n- name: fake\n  context:\n    cluster: fake\n    user: nobody\n    namespace: default\nusers:\n- name: nobody\n  user: {{}}\ncurrent-context: fake\n",
-            harness.api.url()
-        ),
-    )
-    .unwrap();
+    std::fs::write(&kubeconfig, harness.api.kubeconfig()).unwrap();
     let channel_port = free_port();
     let mut child = spawn_controller(dir.path(), &kubeconfig, channel_port);
     let mut next = moments();

@@ -51,6 +51,10 @@ pub struct BenchArgs {
     /// Create agents at this steady rate per second; 0 creates them in one burst.
     #[arg(long, default_value_t = 0.0)]
     pub rate: f64,
+    /// Run the controller as its own process from this binary (e.g.
+    /// target/release/far-agent-controller), so its memory and CPU are measured alone.
+    #[arg(long, value_name = "PATH")]
+    pub controller_binary: Option<std::path::PathBuf>,
 }
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
@@ -73,15 +77,16 @@ fn summary(mut values: Vec<f64>) -> serde_json::Value {
 }
 
 /// Peak resident memory (MiB) and CPU seconds of this process, from /proc.
-fn process_usage() -> (f64, f64) {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+/// Peak RSS (MiB) and CPU seconds of a process (`self` or a pid), from /proc.
+fn process_usage(pid: &str) -> (f64, f64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     let hwm_kib: f64 = status
         .lines()
         .find(|l| l.starts_with("VmHWM:"))
         .and_then(|l| l.split_whitespace().nth(1))
         .and_then(|v| v.parse().ok())
         .unwrap_or(0.0);
-    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     let after = stat.rfind(')').map_or("", |i| &stat[i + 1..]);
     let fields: Vec<&str> = after.split_whitespace().collect();
     let ticks: f64 = [11, 12]
@@ -130,11 +135,8 @@ pub async fn run(args: BenchArgs) -> Result<()> {
     let patch_rate = baseline(&api, args.baseline_patches).await?;
     let before = api.requests();
 
-    let channel = Channel::new(far_channel::Config::new(TokenKey::new(vec![7; 32])?));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let channel_url = format!("http://{}", listener.local_addr()?);
-    let router = channel.router();
-    tokio::spawn(async move { axum::serve(listener, router).await });
 
     let state = tempfile::Builder::new().prefix("far-bench-").tempdir()?;
     let hosts_api: Api<FlintlockHost> = Api::all(api.client());
@@ -173,28 +175,61 @@ pub async fn run(args: BenchArgs) -> Result<()> {
         hosts_api.create(&PostParams::default(), &object).await?;
     }
 
-    let metrics = Arc::new(Metrics::default());
-    let config = ControllerConfig {
-        defaults: Defaults::local(),
-        channel_url,
-        grace_period_seconds: 5,
-        call_timeout: Duration::from_secs(10),
-    };
-    let reporter = Reporter {
-        controller: "far-agent-controller".into(),
-        instance: Some("bench".into()),
-    };
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(far_agent_controller::run::run(
-        api.client(),
-        config,
-        channel,
-        reporter,
-        Arc::clone(&metrics),
-        async {
-            let _ = stopped.await;
-        },
-    ));
+    let controller = match &args.controller_binary {
+        Some(binary) => {
+            drop(listener);
+            std::fs::write(state.path().join("kubeconfig"), api.kubeconfig())?;
+            std::fs::write(state.path().join("channel.key"), [7u8; 32])?;
+            let child = tokio::process::Command::new(binary)
+                .env("KUBECONFIG", state.path().join("kubeconfig"))
+                .env("POD_NAME", "far-agent-controller-bench")
+                .env("RUST_LOG", "error")
+                .args([
+                    "--lease-namespace",
+                    "default",
+                    "--metrics-listen",
+                    "127.0.0.1:0",
+                ])
+                .arg("--channel-key-file")
+                .arg(state.path().join("channel.key"))
+                .arg("--channel-listen")
+                .arg(channel_url.trim_start_matches("http://"))
+                .arg("--channel-url")
+                .arg(&channel_url)
+                .stdin(std::process::Stdio::null())
+                .kill_on_drop(true)
+                .spawn()
+                .with_context(|| format!("starting {}", binary.display()))?;
+            Some(child)
+        }
+        None => {
+            let channel = Channel::new(far_channel::Config::new(TokenKey::new(vec![7; 32])?));
+            let router = channel.router();
+            tokio::spawn(async move { axum::serve(listener, router).await });
+            let config = ControllerConfig {
+                defaults: Defaults::local(),
+                channel_url,
+                grace_period_seconds: 5,
+                call_timeout: Duration::from_secs(10),
+            };
+            let reporter = Reporter {
+                controller: "far-agent-controller".into(),
+                instance: Some("bench".into()),
+            };
+            tokio::spawn(far_agent_controller::run::run(
+                api.client(),
+                config,
+                channel,
+                reporter,
+                Arc::new(Metrics::default()),
+                async {
+                    let _ = stopped.await;
+                },
+            ));
+            None
+        }
+    };
     // Let the hosts be probed Ready before the burst.
     tokio::time::sleep(Duration::from_secs(1)).await;
 
@@ -299,7 +334,14 @@ pub async fn run(args: BenchArgs) -> Result<()> {
     let _ = stop.send(());
     creator.await.context("the creating task")??;
     let created_at = created_at.lock().unwrap_or_else(|e| e.into_inner()).clone();
-    let (rss_mib, cpu_seconds) = process_usage();
+    let (rss_mib, cpu_seconds) = process_usage("self");
+    let controller_usage = controller
+        .as_ref()
+        .and_then(tokio::process::Child::id)
+        .map(|pid| process_usage(&pid.to_string()));
+    if let Some(mut child) = controller {
+        let _ = child.kill().await;
+    }
     if std::env::var_os("FAR_BENCH_EVENTS").is_some() {
         let mut reasons: BTreeMap<String, usize> = BTreeMap::new();
         for e in api.objects("events") {
@@ -379,6 +421,9 @@ pub async fn run(args: BenchArgs) -> Result<()> {
         })),
         "baseline_status_patches_per_second": patch_rate,
         "process_peak_rss_mib": rss_mib,
+        // Only with --controller-binary: the controller's own process.
+        "controller_peak_rss_mib": controller_usage.map(|(rss, _)| rss),
+        "controller_cpu_seconds": controller_usage.map(|(_, cpu)| cpu),
         "process_cpu_seconds": cpu_seconds,
         "machine": format!("{} cores", std::thread::available_parallelism().map_or(0, usize::from)),
     });
@@ -461,6 +506,14 @@ fn print_table(r: &serde_json::Value) {
             .as_f64()
             .unwrap_or(0.0)
     );
+    if let Some(rss) = r["controller_peak_rss_mib"].as_f64() {
+        println!(
+            "{:<44} {:.1} MiB, {:.1} CPU s",
+            "controller process peak RSS, CPU",
+            rss,
+            r["controller_cpu_seconds"].as_f64().unwrap_or(0.0)
+        );
+    }
     println!(
         "{:<44} {:.1} MiB, {:.1} CPU s",
         "process peak RSS, CPU (all components)",

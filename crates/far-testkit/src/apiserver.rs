@@ -248,6 +248,14 @@ impl FakeApiServer {
         format!("http://{}", self.address)
     }
 
+    /// A kubeconfig for this server, for a controller run as its own process.
+    pub fn kubeconfig(&self) -> String {
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster:\n    server: {}\ncontexts:\n- name: fake\n  context:\n    cluster: fake\n    user: nobody\n    namespace: default\nusers:\n- name: nobody\n  user: {{}}\ncurrent-context: fake\n",
+            self.url()
+        )
+    }
+
     /// A kube client talking to this server.
     ///
     /// # Panics
