@@ -57,6 +57,11 @@ pub struct BenchArgs {
     pub controller_binary: Option<std::path::PathBuf>,
 }
 
+/// The verbs that write to the API server.
+fn is_write(verb: &str) -> bool {
+    matches!(verb, "create" | "patch" | "update" | "delete")
+}
+
 fn percentile(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {
         return f64::NAN;
@@ -292,9 +297,7 @@ pub async fn run(args: BenchArgs) -> Result<()> {
     let writes_so_far = |api: &FakeApiServer| -> u64 {
         api.requests()
             .iter()
-            .filter(|((verb, _), _)| {
-                matches!(verb.as_str(), "create" | "patch" | "update" | "delete")
-            })
+            .filter(|((verb, _), _)| is_write(verb))
             .map(|(_, n)| n)
             .sum()
     };
@@ -390,7 +393,7 @@ pub async fn run(args: BenchArgs) -> Result<()> {
     }
     let writes: f64 = per_agent
         .iter()
-        .filter(|(k, _)| !k.starts_with("get "))
+        .filter(|(k, _)| k.split(' ').next().is_some_and(is_write))
         .map(|(_, v)| v)
         .sum();
     let conflicts = after

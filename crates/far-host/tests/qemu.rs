@@ -60,13 +60,7 @@ fn vm_spec(
         image: "far.local/far-init:dev".into(),
         filename: Some("initrd.cpio.gz".into()),
     });
-    spec.root_volume
-        .as_mut()
-        .unwrap()
-        .source
-        .as_mut()
-        .unwrap()
-        .container_source = Some("far.local/tiffany:dev".into());
+    set_root_image(&mut spec, "far.local/tiffany:dev");
     spec
 }
 
@@ -274,13 +268,7 @@ async fn a_missing_image_file_is_refused_at_create_naming_it() {
     );
 
     let mut spec = vm_spec("noimage", &run_config(address, &[]));
-    spec.root_volume
-        .as_mut()
-        .unwrap()
-        .source
-        .as_mut()
-        .unwrap()
-        .container_source = Some("ghcr.io/nope/agent:1".into());
+    set_root_image(&mut spec, "ghcr.io/nope/agent:1");
     let err = host.create(spec).await.unwrap_err().to_string();
     assert!(
         err.contains("root_volume: image \"ghcr.io/nope/agent:1\" is not available on this host"),

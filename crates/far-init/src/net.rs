@@ -48,22 +48,24 @@ pub fn from_cmdline(cmdline: &str) -> Result<Option<Address>, String> {
     else {
         return Ok(None);
     };
-    parse_address(value).map(Some).map_err(|()| {
+    parse_address(value).map(Some).ok_or_else(|| {
         format!("far.ip={value:?}: use ADDRESS/PREFIX[,GATEWAY], e.g. 10.0.0.5/24,10.0.0.1")
     })
 }
 
 /// `ADDRESS/PREFIX[,GATEWAY]`.
-fn parse_address(value: &str) -> Result<Address, ()> {
-    let bad = || ();
+fn parse_address(value: &str) -> Option<Address> {
     let (cidr, gateway) = value
         .split_once(',')
         .map_or((value, None), |(c, g)| (c, Some(g)));
-    let (ip, prefix) = cidr.split_once('/').ok_or_else(bad)?;
-    let ip = ip.parse().map_err(|_| bad())?;
-    let prefix: u8 = prefix.parse().ok().filter(|p| *p <= 32).ok_or_else(bad)?;
-    let gateway = gateway.map(|g| g.parse().map_err(|_| bad())).transpose()?;
-    Ok(Address {
+    let (ip, prefix) = cidr.split_once('/')?;
+    let ip = ip.parse().ok()?;
+    let prefix: u8 = prefix.parse().ok().filter(|p| *p <= 32)?;
+    let gateway = match gateway {
+        Some(g) => Some(g.parse().ok()?),
+        None => None,
+    };
+    Some(Address {
         ip,
         prefix,
         gateway,
@@ -160,9 +162,7 @@ pub fn network_config(cmdline: &str) -> Result<Vec<Interface>, String> {
                         Some(g) => format!("{cidr},{}", g.trim_end_matches("/32")),
                         None => cidr.clone(),
                     };
-                    parse_address(&value)
-                        .map_err(|_| format!("network-config: ethernets.{name}: address {cidr:?} or gateway4 {gateway:?} is not IPv4"))?
-                        .into()
+                    Some(parse_address(&value).ok_or_else(|| format!("network-config: ethernets.{name}: address {cidr:?} or gateway4 {gateway:?} is not IPv4"))?)
                 }
                 (None, _) => None,
             };

@@ -27,7 +27,9 @@ pub fn provider() -> CryptoProvider {
 
 /// Makes [`provider`] the process's default, once; later calls change nothing.
 pub fn install() {
-    let _ = provider().install_default();
+    if CryptoProvider::get_default().is_none() {
+        let _ = provider().install_default();
+    }
 }
 
 /// The provider in force: the installed default (installing [`provider`] when there is none).
