@@ -126,9 +126,8 @@ pub struct FarAgentSpec {
     #[serde(default)]
     pub heartbeat: Heartbeat,
 
-    /// The VM's network interface. Unset: one interface whose network-config asks for DHCP,
-    /// which far-init does not run yet: under far-host the guest gives it a link-local address
-    /// that reaches the host; under flintlockd it stays without an address.
+    /// The VM's network interface. Unset: one interface that far-init configures by DHCP
+    /// (from the DHCP server on the host's bridge; under far-host, QEMU's user-mode network).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub network: Option<Network>,
 }

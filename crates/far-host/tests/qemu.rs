@@ -75,6 +75,31 @@ async fn a_real_microvm_runs_the_agent_and_its_exit_code_reaches_the_channel() {
     );
 }
 
+/// Without a static address the guest asks for DHCP, as flintlockd's network-config says, and
+/// QEMU's user-mode network (a real DHCP server) answers: address, router, name server.
+#[tokio::test]
+async fn without_a_static_address_the_guest_takes_its_address_by_dhcp() {
+    let state = tempfile::tempdir().unwrap();
+    let host = qemu_host(state.path()).await;
+    let console = runs_to_exit_code_3(&host, state.path(), |config| {
+        let mut spec = vm_spec("dhcp", config);
+        spec.kernel.as_mut().unwrap().add_network_config = true;
+        spec.interfaces[0].guest_mac = Some("02:fa:00:00:00:33".into());
+        spec
+    })
+    .await;
+    assert!(
+        console.contains(
+            "far-init: network: eth0 169.254.0.15/16 via 169.254.0.2 (DHCP from 169.254.0.2, lease"
+        ),
+        "{console}"
+    );
+    assert!(
+        console.contains("far-init: network: 1 nameserver(s) in /etc/resolv.conf"),
+        "{console}"
+    );
+}
+
 /// A static address reaches the guest as flintlockd passes it: cloud-init network-config v2 on
 /// the kernel command line, matched to the interface by MAC.
 #[tokio::test]

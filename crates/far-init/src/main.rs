@@ -12,6 +12,7 @@
 
 mod boot;
 mod channel;
+mod dhcp;
 mod metadata;
 mod net;
 mod run;

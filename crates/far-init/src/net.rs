@@ -4,9 +4,10 @@
 //! 1. `network-config=<base64>` on the kernel command line: cloud-init network-config v2, as
 //!    flintlockd passes it to Firecracker guests (`add_network_config`). Interfaces are matched by
 //!    `match.macaddress`, else by name; static `addresses`, `gateway4` and
-//!    `nameservers.addresses` (written to `/etc/resolv.conf`) are applied. `dhcp4` is not done
-//!    (far-init has no DHCP client yet): such an interface is only brought up, and said so.
-//! 2. For `eth0`, when network-config does not give it a static address:
+//!    `nameservers.addresses` (written to `/etc/resolv.conf`) are applied; an interface with
+//!    `dhcp4: true` and no static address gets its address, router and name servers by DHCP
+//!    ([`crate::dhcp`]), and keeps the lease renewed.
+//! 2. For `eth0`, when network-config gives it no address (none asked, or no DHCP answer):
 //!    `far.ip=ADDRESS/PREFIX[,GATEWAY]`, else the link-local address [`DEFAULT_ADDRESS`] without
 //!    a default route, which reaches the metadata service at 169.254.169.254 (flintlockd's own
 //!    interface under Firecracker) and, under QEMU's user-mode network (`net=169.254.0.0/16`),
@@ -212,12 +213,37 @@ pub fn configure(cmdline: &str) -> Result<Vec<String>, String> {
         match interface.address {
             Some(address) => {
                 apply(&rtnl, index, &name, &address)?;
-                said.push(format!("{name} {}/{} (network-config)", address.ip, address.prefix));
+                said.push(format!(
+                    "{name} {}/{} (network-config)",
+                    address.ip, address.prefix
+                ));
                 eth0_done |= name == "eth0";
             }
-            None if interface.dhcp && name != "eth0" => said.push(format!(
-                "{name}: network-config asks for DHCP, which far-init does not do; the interface is up without an address"
-            )),
+            None if interface.dhcp => match by_dhcp(&rtnl, index, &name) {
+                Ok(lease) => {
+                    let address = lease.reply.address();
+                    said.push(format!(
+                        "{name} {}/{}{} (DHCP from {}, lease {})",
+                        address.ip,
+                        address.prefix,
+                        address
+                            .gateway
+                            .map(|g| format!(" via {g}"))
+                            .unwrap_or_default(),
+                        lease.server,
+                        lease
+                            .reply
+                            .lease
+                            .map_or("infinite".to_owned(), |l| format!("{} s", l.as_secs()))
+                    ));
+                    nameservers.extend(lease.reply.nameservers.iter().copied());
+                    eth0_done |= name == "eth0";
+                    lease.keep();
+                }
+                Err(e) => said.push(format!(
+                    "{name}: {e}; the interface is up without an address"
+                )),
+            },
             None => {}
         }
         nameservers.extend(interface.nameservers.iter().copied());
@@ -247,6 +273,29 @@ pub fn configure(cmdline: &str) -> Result<Vec<String>, String> {
         }
     }
     Ok(said)
+}
+
+/// How long an interface waits for a DHCP server before going on without an address.
+const DHCP_BUDGET: std::time::Duration = std::time::Duration::from_secs(8);
+
+/// Obtains a lease on an interface that is up, and configures its address and route.
+fn by_dhcp(rtnl: &Rtnl, index: u32, name: &str) -> Result<crate::dhcp::Lease, String> {
+    let path = format!("/sys/class/net/{name}/address");
+    let text = std::fs::read_to_string(&path).map_err(|e| format!("{path}: {e}"))?;
+    let mac = parse_mac(text.trim()).ok_or_else(|| format!("{path}: {text:?} is not a MAC"))?;
+    let lease = crate::dhcp::obtain(name, mac, DHCP_BUDGET)?;
+    apply(rtnl, index, name, &lease.reply.address())?;
+    Ok(lease)
+}
+
+/// `aa:bb:cc:dd:ee:ff`.
+fn parse_mac(text: &str) -> Option<[u8; 6]> {
+    let mut mac = [0u8; 6];
+    let mut parts = text.split(':');
+    for byte in &mut mac {
+        *byte = u8::from_str_radix(parts.next()?, 16).ok()?;
+    }
+    parts.next().is_none().then_some(mac)
 }
 
 fn apply(rtnl: &Rtnl, index: u32, name: &str, address: &Address) -> Result<(), String> {
@@ -494,6 +543,22 @@ mod tests {
             .unwrap_err(),
             "network-config: ethernets.eth0: address \"fe80::1/64\" or gateway4 None is not IPv4"
         );
+    }
+
+    #[test]
+    fn macs_are_read_as_sysfs_writes_them() {
+        assert_eq!(
+            super::parse_mac("02:fa:00:00:00:3f"),
+            Some([0x02, 0xfa, 0, 0, 0, 0x3f])
+        );
+        for bad in [
+            "",
+            "02:fa:00:00:00",
+            "02:fa:00:00:00:3f:01",
+            "02:fa:00:00:00:zz",
+        ] {
+            assert_eq!(super::parse_mac(bad), None, "{bad:?}");
+        }
     }
 
     #[test]

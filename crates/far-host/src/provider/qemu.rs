@@ -35,6 +35,9 @@ pub const HOST_ADDRESS: &str = "169.254.0.2";
 
 /// Where guests find the metadata service, as under Firecracker's MMDS.
 pub const METADATA_ADDRESS: &str = "169.254.169.254";
+/// The address QEMU's DHCP server leases to the guest: far-init's link-local default, so a
+/// guest has the same address whether it asks by DHCP or not.
+pub const GUEST_ADDRESS: &str = "169.254.0.15";
 
 /// Which accelerator QEMU uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -138,26 +141,30 @@ fn tcg_args(tsc_khz: Option<u64>) -> BTreeMap<String, String> {
     ])
 }
 
-/// As flintlockd does with `add_network_config`: the interface's static address as cloud-init
-/// network-config v2 (JSON, which is YAML), base64 for the kernel command line. Without a static
-/// address nothing is passed (upstream would ask for DHCP; the guest's link-local default
-/// serves QEMU's user-mode network).
+/// As flintlockd does with `add_network_config`: cloud-init network-config v2 (JSON, which is
+/// YAML), base64 for the kernel command line: the interface's static address, else DHCP (which
+/// QEMU's user-mode network answers: 169.254.0.15/16, router 169.254.0.2).
 fn network_config(spec: &MicroVmSpec) -> Option<String> {
     use base64::Engine as _;
     if !spec.kernel.as_ref().is_some_and(|k| k.add_network_config) {
         return None;
     }
     let interface = spec.interfaces.first()?;
-    let address = interface.address.as_ref()?;
-    let mut ethernet = serde_json::json!({"addresses": [address.address]});
+    let mut ethernet = match &interface.address {
+        Some(address) => {
+            let mut ethernet = serde_json::json!({"addresses": [address.address]});
+            if let Some(gateway) = &address.gateway {
+                ethernet["gateway4"] = serde_json::json!(gateway);
+            }
+            if !address.nameservers.is_empty() {
+                ethernet["nameservers"] = serde_json::json!({"addresses": address.nameservers});
+            }
+            ethernet
+        }
+        None => serde_json::json!({"dhcp4": true}),
+    };
     if let Some(mac) = &interface.guest_mac {
         ethernet["match"] = serde_json::json!({"macaddress": mac});
-    }
-    if let Some(gateway) = &address.gateway {
-        ethernet["gateway4"] = serde_json::json!(gateway);
-    }
-    if !address.nameservers.is_empty() {
-        ethernet["nameservers"] = serde_json::json!({"addresses": address.nameservers});
     }
     let config = serde_json::json!({"version": 2, "ethernets": {"eth0": ethernet}});
     Some(base64::engine::general_purpose::STANDARD.encode(config.to_string()))
@@ -490,7 +497,7 @@ impl Provider for Qemu {
         qemu.args([
             "-netdev",
             &format!(
-                "user,id=n0,net=169.254.0.0/16,host={HOST_ADDRESS},guestfwd=tcp:{METADATA_ADDRESS}:80-cmd:socat - TCP:127.0.0.1:{}",
+                "user,id=n0,net=169.254.0.0/16,host={HOST_ADDRESS},dhcpstart={GUEST_ADDRESS},guestfwd=tcp:{METADATA_ADDRESS}:80-cmd:socat - TCP:127.0.0.1:{}",
                 metadata.port()
             ),
         ]);
