@@ -64,6 +64,9 @@ struct Args {
     /// Deadline of each Flintlock call, in seconds.
     #[arg(long, env = "FAR_FLINTLOCK_TIMEOUT_SECONDS", default_value_t = 10)]
     flintlock_timeout_seconds: u64,
+    /// How many agents are reconciled at once (0: no bound).
+    #[arg(long, env = "FAR_CONCURRENCY", default_value_t = far_agent_controller::reconcile::DEFAULT_CONCURRENCY)]
+    concurrency: u16,
 }
 
 #[tokio::main]
@@ -110,6 +113,7 @@ async fn main() -> Result<()> {
         channel_url: args.channel_url,
         grace_period_seconds: args.grace_period_seconds,
         call_timeout: Duration::from_secs(args.flintlock_timeout_seconds),
+        concurrency: args.concurrency,
     };
     let metrics = std::sync::Arc::new(far_agent_controller::metrics::Metrics::default());
     let listener = tokio::net::TcpListener::bind(args.metrics_listen)

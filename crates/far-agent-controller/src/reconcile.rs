@@ -36,7 +36,15 @@ pub struct Config {
     pub grace_period_seconds: u32,
     /// Deadline of each Flintlock call.
     pub call_timeout: Duration,
+    /// How many agents are reconciled at once. Each reconcile in flight holds its future, an
+    /// API server connection and a Flintlock call: unbounded, a burst of 10,000 agents held
+    /// thousands of each (see docs/benchmarks.md).
+    pub concurrency: u16,
 }
+
+/// The default for [`Config::concurrency`]: enough to keep a Flintlock host and the API server
+/// busy (a reconcile mostly waits on one of them), few enough that a burst costs little memory.
+pub const DEFAULT_CONCURRENCY: u16 = 64;
 
 /// Everything a reconcile needs.
 pub struct Context {

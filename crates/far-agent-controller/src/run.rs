@@ -43,7 +43,8 @@ pub async fn run(
             .await;
     };
 
-    let controller = Controller::new(agents, watcher::Config::default());
+    let controller = Controller::new(agents, watcher::Config::default())
+        .with_config(kube::runtime::controller::Config::default().concurrency(config.concurrency));
     // A host that changes (turns Ready, gains room, is uncordoned) may fit agents that waited.
     let waiting = controller.store();
     let controller = controller.watches(

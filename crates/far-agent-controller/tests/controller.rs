@@ -113,6 +113,7 @@ impl Env {
             channel_url: self.channel_url.clone(),
             grace_period_seconds: 5,
             call_timeout: Duration::from_secs(2),
+            concurrency: far_agent_controller::reconcile::DEFAULT_CONCURRENCY,
         };
         let (tx, rx) = oneshot::channel();
         self.stop = Some(tx);
@@ -527,6 +528,7 @@ async fn with_two_replicas_only_the_leader_acts_and_the_other_takes_over() {
                 channel_url: env.channel_url.clone(),
                 grace_period_seconds: 5,
                 call_timeout: Duration::from_secs(2),
+                concurrency: far_agent_controller::reconcile::DEFAULT_CONCURRENCY,
             };
             let election = far_agent_controller::leader::Election {
                 namespace: "far-system".into(),
@@ -1013,6 +1015,7 @@ async fn the_controller_needs_exactly_the_rbac_its_chart_grants() {
             channel_url: env.channel_url.clone(),
             grace_period_seconds: 5,
             call_timeout: Duration::from_secs(2),
+            concurrency: far_agent_controller::reconcile::DEFAULT_CONCURRENCY,
         },
         env.channel.clone(),
         Reporter {

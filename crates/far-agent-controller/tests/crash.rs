@@ -75,6 +75,7 @@ async fn controller(
         channel_url: format!("http://127.0.0.1:{channel_port}"),
         grace_period_seconds: 5,
         call_timeout: Duration::from_secs(2),
+        concurrency: far_agent_controller::reconcile::DEFAULT_CONCURRENCY,
     };
     let reporter = Reporter {
         controller: "far-agent-controller".into(),

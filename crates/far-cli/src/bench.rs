@@ -55,6 +55,9 @@ pub struct BenchArgs {
     /// target/release/far-agent-controller), so its memory and CPU are measured alone.
     #[arg(long, value_name = "PATH")]
     pub controller_binary: Option<std::path::PathBuf>,
+    /// Agents the controller reconciles at once (0: no bound).
+    #[arg(long, default_value_t = far_agent_controller::reconcile::DEFAULT_CONCURRENCY)]
+    pub concurrency: u16,
 }
 
 /// The verbs that write to the API server.
@@ -202,6 +205,8 @@ pub async fn run(args: BenchArgs) -> Result<()> {
                 .arg(channel_url.trim_start_matches("http://"))
                 .arg("--channel-url")
                 .arg(&channel_url)
+                .arg("--concurrency")
+                .arg(args.concurrency.to_string())
                 .stdin(std::process::Stdio::null())
                 .kill_on_drop(true)
                 .spawn()
@@ -217,6 +222,7 @@ pub async fn run(args: BenchArgs) -> Result<()> {
                 channel_url,
                 grace_period_seconds: 5,
                 call_timeout: Duration::from_secs(10),
+                concurrency: args.concurrency,
             };
             let reporter = Reporter {
                 controller: "far-agent-controller".into(),
