@@ -300,15 +300,27 @@ pub fn decide(o: &Observation<'_>) -> Decision {
         if !o.has_finalizer {
             return b.done(None);
         }
-        b.phase(
-            b.status.phase.unwrap_or(Phase::Pending),
-            AgentReason::Terminating,
-            "the FarAgent is being deleted",
-        );
+        let finished = o.status.phase.is_some_and(Phase::is_terminal);
+        if finished {
+            // A finished agent keeps its outcome in status while its VM goes: nothing to write
+            // (not even the generation the deletion bumped).
+            b.status = o.status.clone();
+        } else {
+            b.phase(
+                b.status.phase.unwrap_or(Phase::Pending),
+                AgentReason::Terminating,
+                "the FarAgent is being deleted",
+            );
+        }
         return match &o.vm {
             None | Some(Vm::Absent) => {
+                // Nothing is left to tear down and the agent goes at once: its status is not
+                // written. Only the VM of an agent deleted while it lived is news.
+                b.status = o.status.clone();
+                if !finished {
+                    b.event(false, "Deleted", "the agent's VM is gone".into());
+                }
                 b.actions.push(Action::RemoveFinalizer);
-                b.event(false, "Deleted", "the agent's VM is gone".into());
                 b.done(None)
             }
             Some(Vm::Present { uid, state, .. }) => {

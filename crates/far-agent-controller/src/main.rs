@@ -67,6 +67,10 @@ struct Args {
     /// How many agents are reconciled at once (0: no bound).
     #[arg(long, env = "FAR_CONCURRENCY", default_value_t = far_agent_controller::reconcile::DEFAULT_CONCURRENCY)]
     concurrency: u16,
+    /// Which Events are recorded: `all` lifecycle steps, or only `warnings` (each Event is an
+    /// API write; the steps stay visible as conditions).
+    #[arg(long, env = "FAR_EVENTS", value_enum, default_value_t)]
+    events: far_agent_controller::reconcile::EventPolicy,
 }
 
 #[tokio::main]
@@ -114,6 +118,7 @@ async fn main() -> Result<()> {
         grace_period_seconds: args.grace_period_seconds,
         call_timeout: Duration::from_secs(args.flintlock_timeout_seconds),
         concurrency: args.concurrency,
+        events: args.events,
     };
     let metrics = std::sync::Arc::new(far_agent_controller::metrics::Metrics::default());
     let listener = tokio::net::TcpListener::bind(args.metrics_listen)

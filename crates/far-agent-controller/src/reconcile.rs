@@ -40,6 +40,20 @@ pub struct Config {
     /// API server connection and a Flintlock call: unbounded, a burst of 10,000 agents held
     /// thousands of each (see docs/benchmarks.md).
     pub concurrency: u16,
+    /// Which Events are recorded.
+    pub events: EventPolicy,
+}
+
+/// Which Kubernetes Events the controller records. Each Event is an API write: a healthy
+/// agent's life is 5 writes of status and finalizer, and 4 more with every step as an Event.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum EventPolicy {
+    /// Every lifecycle step: Scheduled, VMCreated, Started, Completed, Failed, Deleted and the
+    /// warnings.
+    #[default]
+    All,
+    /// Only Warnings (Failed, HostUnreachable, ...): the steps stay visible as conditions.
+    Warnings,
 }
 
 /// The default for [`Config::concurrency`]: enough to keep a Flintlock host and the API server
@@ -480,6 +494,9 @@ fn status_patch(
 }
 
 async fn publish(ctx: &Context, agent: &FarAgent, warning: bool, reason: &str, note: String) {
+    if !warning && ctx.config.events == EventPolicy::Warnings {
+        return;
+    }
     let recorder = Recorder::new(ctx.client.clone(), ctx.reporter.clone());
     let event = KubeEvent {
         type_: if warning {
@@ -662,7 +679,7 @@ async fn reconcile_inner(agent: &Arc<FarAgent>, ctx: &Arc<Context>) -> Result<Re
                     .filter(|f| *f != FINALIZER)
                     .cloned()
                     .collect();
-                let patch = json!({"metadata": {"finalizers": if finalizers.is_empty() { Value::Null } else { json!(finalizers) }, "resourceVersion": agent.resource_version()}});
+                let patch = json!({"metadata": {"finalizers": if finalizers.is_empty() { Value::Null } else { json!(finalizers) }, "resourceVersion": resource_version}});
                 api.patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
                     .await?;
                 ctx.channel.forget(&id);

@@ -1,6 +1,7 @@
 //! The real controller loop against the in-repo fake API server (real HTTP), a far-host with
 //! the sim provider (real gRPC), and the status channel (real HTTP).
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -29,6 +30,8 @@ struct Env {
     /// The far-host's gRPC server, and what stops it (the host becomes unreachable).
     server: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
     host_down: Option<oneshot::Sender<()>>,
+    /// Which Events the controller records.
+    events: far_agent_controller::reconcile::EventPolicy,
 }
 
 impl Drop for Env {
@@ -103,6 +106,7 @@ async fn env() -> Env {
         metrics: Arc::default(),
         server,
         host_down: Some(host_down),
+        events: far_agent_controller::reconcile::EventPolicy::All,
     }
 }
 
@@ -114,6 +118,7 @@ impl Env {
             grace_period_seconds: 5,
             call_timeout: Duration::from_secs(2),
             concurrency: far_agent_controller::reconcile::DEFAULT_CONCURRENCY,
+            events: self.events,
         };
         let (tx, rx) = oneshot::channel();
         self.stop = Some(tx);
@@ -155,6 +160,19 @@ impl Env {
             self.agents().get_opt(name).await.unwrap().map(|a| a.status),
             self.vms().len()
         );
+    }
+
+    /// Waits until the controller has probed the host Ready (an agent created before waits
+    /// Unschedulable, which costs a write of its own).
+    async fn wait_host_ready(&self) {
+        for _ in 0..200 {
+            let host = self.api.object("flintlockhosts", "", "sim-1").unwrap();
+            if host["status"]["conditions"][0]["status"] == "True" {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("the host was never probed Ready");
     }
 
     /// Waits for an Event with this reason (Events are written after the status they follow).
@@ -260,6 +278,7 @@ fn phase(agent: &FarAgent) -> Option<Phase> {
 async fn an_agent_runs_to_completed_and_its_vm_is_freed() {
     let mut env = env().await;
     env.start_controller();
+    env.wait_host_ready().await;
     env.create(
         "ok",
         json!({"args": ["--seconds", "0.5", "--exit-code", "0"]}),
@@ -311,13 +330,71 @@ async fn an_agent_runs_to_completed_and_its_vm_is_freed() {
         .delete("ok", &DeleteParams::default())
         .await
         .unwrap();
-    for _ in 0..200 {
-        if env.agents().get_opt("ok").await.unwrap().is_none() {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("the deleted agent was not released");
+    env.wait_gone("ok").await;
+    // The whole life's writes, create to deletion: finalizer, placement with the VM, Running,
+    // the exit, the finalizer's release; and an Event per step. Nothing refused or repeated.
+    assert_eq!(
+        agent_writes(&env.api),
+        BTreeMap::from([
+            (("create".into(), "events".into()), 4),
+            (("patch".into(), "faragents".into()), 5),
+        ])
+    );
+}
+
+/// The writes the controller made to FarAgents and Events (the test's own create and delete
+/// of the agent left out), and refusals.
+fn agent_writes(api: &FakeApiServer) -> BTreeMap<(String, String), u64> {
+    api.requests()
+        .into_iter()
+        .filter(|((verb, resource), _)| {
+            matches!(resource.as_str(), "faragents" | "events")
+                && matches!(
+                    verb.as_str(),
+                    "create" | "patch" | "update" | "delete" | "conflict"
+                )
+        })
+        .filter_map(|((verb, resource), n)| {
+            let own = u64::from(resource == "faragents" && (verb == "create" || verb == "delete"));
+            (n > own).then(|| ((verb, resource), n - own))
+        })
+        .collect()
+}
+
+/// With `--events warnings` only Warnings are recorded: a healthy life is its 5 writes.
+#[tokio::test]
+async fn with_warnings_only_a_healthy_life_is_five_writes_and_a_failure_still_says_why() {
+    let mut env = env().await;
+    env.events = far_agent_controller::reconcile::EventPolicy::Warnings;
+    env.start_controller();
+    env.wait_host_ready().await;
+    env.create(
+        "ok",
+        json!({"args": ["--seconds", "0.2", "--exit-code", "0"]}),
+    )
+    .await;
+    env.wait_for("ok", "Completed", |a| phase(a) == Some(Phase::Completed))
+        .await;
+    env.agents()
+        .delete("ok", &DeleteParams::default())
+        .await
+        .unwrap();
+    env.wait_gone("ok").await;
+    assert_eq!(
+        agent_writes(&env.api),
+        BTreeMap::from([(("patch".into(), "faragents".into()), 5)])
+    );
+    assert!(env.event_reasons().is_empty(), "{:?}", env.event_reasons());
+
+    env.create(
+        "bad",
+        json!({"args": ["--seconds", "0.2", "--exit-code", "3"]}),
+    )
+    .await;
+    env.wait_for("bad", "Failed", |a| phase(a) == Some(Phase::Failed))
+        .await;
+    env.wait_for_event("Failed").await;
+    assert_eq!(env.event_reasons(), ["Failed"]);
 }
 
 #[tokio::test]
@@ -529,6 +606,7 @@ async fn with_two_replicas_only_the_leader_acts_and_the_other_takes_over() {
                 grace_period_seconds: 5,
                 call_timeout: Duration::from_secs(2),
                 concurrency: far_agent_controller::reconcile::DEFAULT_CONCURRENCY,
+                events: far_agent_controller::reconcile::EventPolicy::All,
             };
             let election = far_agent_controller::leader::Election {
                 namespace: "far-system".into(),
@@ -1016,6 +1094,7 @@ async fn the_controller_needs_exactly_the_rbac_its_chart_grants() {
             grace_period_seconds: 5,
             call_timeout: Duration::from_secs(2),
             concurrency: far_agent_controller::reconcile::DEFAULT_CONCURRENCY,
+            events: far_agent_controller::reconcile::EventPolicy::All,
         },
         env.channel.clone(),
         Reporter {

@@ -76,6 +76,7 @@ async fn controller(
         grace_period_seconds: 5,
         call_timeout: Duration::from_secs(2),
         concurrency: far_agent_controller::reconcile::DEFAULT_CONCURRENCY,
+        events: far_agent_controller::reconcile::EventPolicy::All,
     };
     let reporter = Reporter {
         controller: "far-agent-controller".into(),

@@ -26,7 +26,7 @@ use futures::StreamExt;
 use kube::Api;
 use kube::api::{Patch, PatchParams, PostParams};
 use kube::runtime::events::Reporter;
-use kube::runtime::{WatchStreamExt, watcher};
+use kube::runtime::watcher;
 use serde_json::json;
 use tokio::time::Instant;
 
@@ -58,6 +58,9 @@ pub struct BenchArgs {
     /// Agents the controller reconciles at once (0: no bound).
     #[arg(long, default_value_t = far_agent_controller::reconcile::DEFAULT_CONCURRENCY)]
     pub concurrency: u16,
+    /// Which Events the controller records (`all` or `warnings`).
+    #[arg(long, value_enum, default_value_t)]
+    pub events: far_agent_controller::reconcile::EventPolicy,
 }
 
 /// The verbs that write to the API server.
@@ -207,6 +210,12 @@ pub async fn run(args: BenchArgs) -> Result<()> {
                 .arg(&channel_url)
                 .arg("--concurrency")
                 .arg(args.concurrency.to_string())
+                .arg("--events")
+                .arg(
+                    clap::ValueEnum::to_possible_value(&args.events)
+                        .map(|v| v.get_name().to_owned())
+                        .unwrap_or_default(),
+                )
                 .stdin(std::process::Stdio::null())
                 .kill_on_drop(true)
                 .spawn()
@@ -223,6 +232,7 @@ pub async fn run(args: BenchArgs) -> Result<()> {
                 grace_period_seconds: 5,
                 call_timeout: Duration::from_secs(10),
                 concurrency: args.concurrency,
+                events: args.events,
             };
             let reporter = Reporter {
                 controller: "far-agent-controller".into(),
@@ -247,9 +257,32 @@ pub async fn run(args: BenchArgs) -> Result<()> {
     let agents: Api<FarAgent> = Api::namespaced(api.client(), "bench");
     let mut seen_running: HashMap<String, Instant> = HashMap::new();
     let mut finished: HashMap<String, (Instant, Phase, Option<i32>)> = HashMap::new();
-    let mut events = watcher(agents.clone(), watcher::Config::default())
-        .applied_objects()
-        .boxed();
+    let mut gone: HashMap<String, Instant> = HashMap::new();
+    let mut events = watcher(agents.clone(), watcher::Config::default()).boxed();
+    // Each agent is deleted, as its user would, once it has finished: the writes counted are
+    // those of a whole life, create to deletion.
+    let (finished_tx, finished_rx) = tokio::sync::mpsc::unbounded_channel::<String>();
+    let deleter = {
+        let agents = agents.clone();
+        tokio::spawn(async move {
+            tokio_stream::wrappers::UnboundedReceiverStream::new(finished_rx)
+                .map(|name| {
+                    let agents = agents.clone();
+                    async move {
+                        agents
+                            .delete(&name, &Default::default())
+                            .await
+                            .with_context(|| format!("deleting {name}"))
+                            .map(drop)
+                    }
+                })
+                .buffer_unordered(32)
+                .collect::<Vec<Result<()>>>()
+                .await
+                .into_iter()
+                .collect::<Result<()>>()
+        })
+    };
 
     eprintln!(
         "far bench: creating {} FarAgents on {} sim hosts",
@@ -310,10 +343,18 @@ pub async fn run(args: BenchArgs) -> Result<()> {
     let mut all_running: Option<(Instant, u64)> = None;
     let mut steady: Option<(f64, u64)> = None;
     let deadline = started + Duration::from_secs(args.timeout_seconds);
-    while finished.len() < args.agents {
+    while gone.len() < args.agents {
         let next = tokio::time::timeout_at(deadline, events.next()).await;
         let Ok(Some(event)) = next else { break };
-        let Ok(agent) = event else { continue };
+        let agent = match event {
+            Ok(watcher::Event::Apply(agent) | watcher::Event::InitApply(agent)) => agent,
+            Ok(watcher::Event::Delete(agent)) => {
+                gone.entry(kube::ResourceExt::name_any(&agent))
+                    .or_insert_with(Instant::now);
+                continue;
+            }
+            _ => continue,
+        };
         let name = kube::ResourceExt::name_any(&agent);
         let status = agent.status.clone().unwrap_or_default();
         if matches!(
@@ -331,17 +372,23 @@ pub async fn run(args: BenchArgs) -> Result<()> {
             if let (Some((since, writes)), None) = (all_running, steady) {
                 steady = Some((since.elapsed().as_secs_f64(), writes_so_far(&api) - writes));
             }
-            finished.entry(name).or_insert_with(|| {
-                (
-                    Instant::now(),
-                    status.phase.unwrap_or(Phase::Failed),
-                    status.exit_code,
-                )
-            });
+            if !finished.contains_key(&name) {
+                finished.insert(
+                    name.clone(),
+                    (
+                        Instant::now(),
+                        status.phase.unwrap_or(Phase::Failed),
+                        status.exit_code,
+                    ),
+                );
+                let _ = finished_tx.send(name);
+            }
         }
     }
     let _ = stop.send(());
+    drop(finished_tx);
     creator.await.context("the creating task")??;
+    deleter.await.context("the deleting task")??;
     let created_at = created_at.lock().unwrap_or_else(|e| e.into_inner()).clone();
     let (rss_mib, cpu_seconds) = process_usage("self");
     let controller_usage = controller
@@ -369,6 +416,10 @@ pub async fn run(args: BenchArgs) -> Result<()> {
         .iter()
         .filter_map(|(n, (t, _, _))| Some(t.duration_since(created_at.get(n)?.0).as_secs_f64()))
         .collect();
+    let to_gone: Vec<f64> = gone
+        .iter()
+        .filter_map(|(n, t)| Some(t.duration_since(finished.get(n)?.0).as_secs_f64()))
+        .collect();
     let wrong = finished
         .iter()
         .filter(|(n, (_, phase, code))| {
@@ -388,8 +439,8 @@ pub async fn run(args: BenchArgs) -> Result<()> {
             .copied()
             .unwrap_or(0);
         let mut n = count.saturating_sub(own);
-        // The benchmark's own creates and watch are not the controller's.
-        if resource == "faragents" && verb == "create" {
+        // The benchmark's own creates, deletes and watch are not the controller's.
+        if resource == "faragents" && (verb == "create" || verb == "delete") {
             n = n.saturating_sub(args.agents as u64);
         }
         if n > 0 && verb != "watch" && verb != "list" && verb != "conflict" {
@@ -416,8 +467,10 @@ pub async fn run(args: BenchArgs) -> Result<()> {
         "finished": finished.len(),
         "wrong_exit_or_phase": wrong,
         "lost": args.agents - finished.len(),
+        "finished_but_not_deleted": finished.len().saturating_sub(gone.len()),
         "create_to_running_seconds": summary(to_running),
         "create_to_finished_seconds": summary(to_finished),
+        "finished_to_deleted_seconds": summary(to_gone),
         "agents_per_second_reaching_running": running_rate,
         "api_requests_per_agent": per_agent,
         "api_writes_per_agent": writes,
@@ -438,11 +491,12 @@ pub async fn run(args: BenchArgs) -> Result<()> {
     });
     print_table(&report);
     println!("{}", serde_json::to_string_pretty(&report)?);
-    if finished.len() < args.agents || wrong > 0 {
+    if finished.len() < args.agents || wrong > 0 || gone.len() < finished.len() {
         bail!(
-            "{} of {} agents finished, {wrong} with the wrong phase or exit code",
+            "{} of {} agents finished, {wrong} with the wrong phase or exit code, {} deleted",
             finished.len(),
-            args.agents
+            args.agents,
+            gone.len()
         );
     }
     Ok(())
@@ -465,13 +519,22 @@ fn print_table(r: &serde_json::Value) {
         r["machine"].as_str().unwrap_or_default()
     );
     println!(
-        "{:<44} {} of {} ({} lost, {} wrong)",
-        "finished", r["finished"], r["agents"], r["lost"], r["wrong_exit_or_phase"]
+        "{:<44} {} of {} ({} lost, {} wrong, {} not deleted)",
+        "finished",
+        r["finished"],
+        r["agents"],
+        r["lost"],
+        r["wrong_exit_or_phase"],
+        r["finished_but_not_deleted"]
     );
     row("create -> Running (s)", &r["create_to_running_seconds"]);
     row(
         "create -> Completed/Failed (s)",
         &r["create_to_finished_seconds"],
+    );
+    row(
+        "finished -> deleted by its user, gone (s)",
+        &r["finished_to_deleted_seconds"],
     );
     println!(
         "{:<44} {:.1}",
@@ -482,7 +545,7 @@ fn print_table(r: &serde_json::Value) {
     );
     println!(
         "{:<44} {:.2}",
-        "API writes per agent (controller)",
+        "API writes per agent, create to deletion",
         r["api_writes_per_agent"].as_f64().unwrap_or(0.0)
     );
     println!(

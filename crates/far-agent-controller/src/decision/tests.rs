@@ -347,7 +347,25 @@ fn deletion_waits_for_the_vm_but_not_forever_for_a_dead_host() {
     o.vm = present(VmState::Deleting);
     assert!(decide(&o).actions.is_empty());
     o.vm = Some(Vm::Absent);
-    assert!(decide(&o).actions.contains(&Action::RemoveFinalizer));
+    let d = decide(&o);
+    assert!(
+        matches!(
+            &d.actions[..],
+            [
+                Action::Event {
+                    reason: "Deleted",
+                    ..
+                },
+                Action::RemoveFinalizer
+            ]
+        ),
+        "the Event goes out before the agent does: {:?}",
+        d.actions
+    );
+    assert_eq!(
+        d.status, status,
+        "an agent that goes at once is not written"
+    );
 
     o.vm = Some(Vm::Unknown { since: t(0) });
     assert!(
@@ -367,6 +385,30 @@ fn deletion_waits_for_the_vm_but_not_forever_for_a_dead_host() {
             ..
         }
     )));
+}
+
+#[test]
+fn deleting_a_finished_agent_whose_vm_was_freed_is_one_write() {
+    let spec = spec();
+    let status = FarAgentStatus {
+        phase: Some(Phase::Completed),
+        host: Some("h1".into()),
+        vm_uid: Some("vm1".into()),
+        exit_code: Some(0),
+        ..Default::default()
+    };
+    let mut o = observe(&spec, &status, 10);
+    o.deleting_since = Some(t(5));
+    o.generation = Some(2);
+    o.vm = Some(Vm::Absent);
+    let d = decide(&o);
+    assert_eq!(d.actions, [Action::RemoveFinalizer]);
+    assert_eq!(d.status, status);
+    // Deleted before its VM was freed: the VM goes, the outcome stays unwritten.
+    o.vm = present(VmState::Created);
+    let d = decide(&o);
+    assert_eq!(d.actions, [Action::DeleteVm { uid: "vm1".into() }]);
+    assert_eq!(d.status, status);
 }
 
 #[test]
