@@ -1,6 +1,6 @@
 //! The status channel's request bodies: whatever an agent (or anyone) sends to any route, with
-//! its own token, another agent's or none, the answer is a success or a 4xx, never a 5xx or a
-//! panic.
+//! its own token, another agent's, its enrolment token or none, the answer is a success or a
+//! 4xx, never a 5xx or a panic.
 #![no_main]
 
 use std::sync::OnceLock;
@@ -32,7 +32,8 @@ fn fixture() -> &'static Fixture {
     })
 }
 
-const ROUTES: [(&str, Method); 4] = [
+const ROUTES: [(&str, Method); 5] = [
+    ("enrol", Method::POST),
     ("heartbeat", Method::POST),
     ("logs", Method::POST),
     ("exit", Method::POST),
@@ -44,11 +45,12 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     let f = fixture();
-    let (route, method) = &ROUTES[usize::from(selector % 4)];
+    let (route, method) = &ROUTES[usize::from(selector) % ROUTES.len()];
     let agent = "agent-a.0";
-    let token = match (selector / 4) % 3 {
+    let token = match (usize::from(selector) / ROUTES.len()) % 4 {
         0 => Some(f.channel.token_for(agent)),
         1 => Some(f.channel.token_for("agent-b.0")),
+        2 => Some(f.channel.enrolment_token_for(agent)),
         _ => None,
     };
     let mut request = Request::builder()

@@ -558,6 +558,11 @@ async fn reconcile_inner(agent: &Arc<FarAgent>, ctx: &Arc<Context>) -> Result<Re
     };
     let id = channel_id(&uid, status.restart_count);
     ctx.channel.name(&namespace, &name, &id);
+    if status.phase == Some(far_api::Phase::Running) {
+        // This run has reported in, so it enrolled, perhaps with a controller since restarted:
+        // its enrolment token (in the host's records) stays spent.
+        ctx.channel.close_enrolment(&id);
+    }
     let view = ctx.channel.view(&id);
     let guest = Guest {
         last_heartbeat: view
@@ -706,7 +711,7 @@ async fn reconcile_inner(agent: &Arc<FarAgent>, ctx: &Arc<Context>) -> Result<Re
                 let channel = ChannelConfig {
                     url: ctx.config.channel_url.clone(),
                     id: id.clone(),
-                    token: ctx.channel.token_for(&id),
+                    enrolment_token: ctx.channel.enrolment_token_for(&id),
                 };
                 let run = far_vmspec::run_config(
                     &agent,

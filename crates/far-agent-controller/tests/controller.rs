@@ -928,6 +928,7 @@ async fn the_controller_converges_through_api_server_errors() {
 
 #[tokio::test]
 async fn secret_values_appear_in_no_status_event_or_host_record() {
+    far_tls::install();
     let mut env = env().await;
     let secrets: Api<k8s_openapi::api::core::v1::Secret> =
         Api::namespaced(env.api.client(), "default");
@@ -982,6 +983,46 @@ async fn secret_values_appear_in_no_status_event_or_host_record() {
                 !text.contains("sk-live-4f2a9c"),
                 "a secret value is in the VM's metadata"
             );
+            // Nor is the agent's token: only a one-time enrolment token, spent by the guest.
+            let run = far_agent_protocol::RunConfig::parse(&decoded).unwrap();
+            let token = env.channel.token_for(&run.channel.id);
+            assert!(
+                !text.contains(&token),
+                "the agent's token is in the VM's metadata"
+            );
+            let post = |route: &str, bearer: &str| {
+                reqwest::Client::new()
+                    .post(format!(
+                        "{}{}",
+                        env.channel_url,
+                        far_agent_protocol::paths::for_agent(route, &run.channel.id)
+                    ))
+                    .bearer_auth(bearer)
+                    .header("content-type", "application/json")
+                    .body(
+                        serde_json::to_vec(&far_agent_protocol::Heartbeat {
+                            boot_to_entrypoint_ms: None,
+                            memory_used_bytes: 1,
+                            memory_total_bytes: 1,
+                            cpu_used_ms: 1,
+                        })
+                        .unwrap(),
+                    )
+                    .send()
+            };
+            let enrolment = &run.channel.enrolment_token;
+            let again = post(far_agent_protocol::paths::ENROL, enrolment)
+                .await
+                .unwrap();
+            assert_eq!(
+                again.status(),
+                409,
+                "whoever reads the record cannot enrol again"
+            );
+            let beat = post(far_agent_protocol::paths::HEARTBEAT, enrolment)
+                .await
+                .unwrap();
+            assert_eq!(beat.status(), 401, "an enrolment token is no agent token");
         }
     }
     assert_eq!(records, 1, "the running agent's VM record was checked");

@@ -5,9 +5,12 @@
 //! - The channel: HTTP routes ([`paths`]) carrying [`Heartbeat`], [`LogBatch`] and [`Exit`],
 //!   each request authenticated by the agent's own bearer token.
 //!
-//! Secret values (env from Secrets, secret files) are never in the run configuration: Flintlock
-//! hosts keep metadata in their records. The guest fetches them once from the channel
-//! ([`paths::SECRETS`]) with its token.
+//! Flintlock hosts keep metadata in their records (and answer it to any GetMicroVM), so neither
+//! secret values nor the agent's token are in the run configuration. It carries a one-time
+//! enrolment token instead, which the guest exchanges for its token ([`paths::ENROL`]) before
+//! anything else; once used (or once the agent has reported in) it is worthless. Secret values
+//! (env from Secrets, secret files) are fetched once from the channel ([`paths::SECRETS`]) with
+//! the token.
 //!
 //! Every type here is parsed from untrusted bytes on one side or the other: parsing is strict
 //! (`deny_unknown_fields`), bounded ([`limits`]) and never panics.
@@ -18,7 +21,7 @@ use serde::{Deserialize, Serialize};
 pub const RUN_CONFIG_KEY: &str = "far-run";
 
 /// The run configuration version this build reads and writes.
-pub const RUN_CONFIG_VERSION: u32 = 1;
+pub const RUN_CONFIG_VERSION: u32 = 2;
 
 /// Size bounds for everything crossing the channel.
 pub mod limits {
@@ -42,6 +45,9 @@ pub fn channel_id(uid: &str, attempt: u32) -> String {
 
 /// The channel's routes, relative to the channel URL; `{id}` is the agent's [`channel_id`].
 pub mod paths {
+    /// POST, with the run configuration's enrolment token as bearer: answers the agent's
+    /// [`super::Enrolment`], once.
+    pub const ENROL: &str = "/v1/agents/{id}/enrol";
     /// POST a [`super::Heartbeat`].
     pub const HEARTBEAT: &str = "/v1/agents/{id}/heartbeat";
     /// POST a [`super::LogBatch`].
@@ -100,16 +106,31 @@ pub struct ChannelConfig {
     pub url: String,
     /// The agent's id on the channel ([`channel_id`]).
     pub id: String,
-    /// The agent's bearer token. Never logged.
-    pub token: String,
+    /// The one-time token the guest exchanges for its own at [`paths::ENROL`]. Never logged.
+    pub enrolment_token: String,
 }
 
 impl std::fmt::Debug for ChannelConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ChannelConfig")
             .field("url", &self.url)
-            .field("token", &"<redacted>")
+            .field("id", &self.id)
+            .field("enrolment_token", &"<redacted>")
             .finish()
+    }
+}
+
+/// The channel's answer to an enrolment: the bearer token for every other route.
+#[derive(Serialize, Deserialize, Clone, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Enrolment {
+    /// The agent's token. Never logged.
+    pub token: String,
+}
+
+impl std::fmt::Debug for Enrolment {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Enrolment { token: <redacted> }")
     }
 }
 

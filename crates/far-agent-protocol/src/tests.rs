@@ -26,7 +26,7 @@ fn config() -> RunConfig {
         channel: ChannelConfig {
             url: "http://10.0.2.2:8443".into(),
             id: channel_id("u-1", 0),
-            token: "tok".into(),
+            enrolment_token: "tok".into(),
         },
         heartbeat_interval_seconds: 10,
         grace_period_seconds: 30,
@@ -41,11 +41,11 @@ fn a_run_config_round_trips_through_its_bytes() {
 #[test]
 fn other_versions_are_refused_by_number() {
     let mut value = serde_json::to_value(config()).unwrap();
-    value["version"] = 2.into();
+    value["version"] = 1.into();
     let err = RunConfig::parse(value.to_string().as_bytes()).unwrap_err();
     assert_eq!(
         err.to_string(),
-        "run configuration version 2 is not supported (this far-init reads version 1)"
+        "run configuration version 1 is not supported (this far-init reads version 2)"
     );
 }
 
@@ -104,6 +104,13 @@ fn debug_output_never_shows_the_token_or_secret_values() {
     assert!(
         shown.contains("API_KEY") && !shown.contains("sk-live-123") && !shown.contains("c2VjcmV0")
     );
+    let shown = format!(
+        "{:?}",
+        Enrolment {
+            token: "agent-token".into()
+        }
+    );
+    assert!(!shown.contains("agent-token"), "{shown}");
 }
 
 #[test]

@@ -20,7 +20,7 @@ use axum::extract::{DefaultBodyLimit, Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use far_agent_protocol::{Exit, Heartbeat, LogBatch, LogLine, Secrets, limits};
+use far_agent_protocol::{Enrolment, Exit, Heartbeat, LogBatch, LogLine, Secrets, limits};
 use tokio::sync::broadcast;
 use tokio::time::Instant;
 
@@ -129,6 +129,18 @@ struct Agent {
     exit: Option<Exit>,
     secrets: Option<Secrets>,
     window: Option<(Instant, u32)>,
+    /// The enrolment token is spent: the agent's token was handed out, or the agent has been
+    /// heard with it.
+    enrolled: bool,
+}
+
+/// Which token a route takes.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Credential {
+    /// The agent's own token: every route but enrolment.
+    Agent,
+    /// The run configuration's one-time enrolment token.
+    Enrolment,
 }
 
 struct Shared {
@@ -161,6 +173,7 @@ enum Refusal {
     Body(StatusCode, String),
     NotFound,
     Unavailable,
+    Enrolled,
 }
 
 impl axum::response::IntoResponse for Refusal {
@@ -183,6 +196,10 @@ impl axum::response::IntoResponse for Refusal {
             Refusal::Unavailable => (
                 StatusCode::SERVICE_UNAVAILABLE,
                 "not recorded yet; report again".to_owned(),
+            ),
+            Refusal::Enrolled => (
+                StatusCode::CONFLICT,
+                "this agent has enrolled already: its enrolment token is spent".to_owned(),
             ),
         }
         .into_response()
@@ -218,6 +235,7 @@ impl Channel {
     /// The HTTP routes, to serve on their own or nest in a larger server.
     pub fn router(&self) -> Router {
         Router::new()
+            .route("/v1/agents/{uid}/enrol", post(enrol))
             .route("/v1/agents/{uid}/heartbeat", post(heartbeat))
             .route("/v1/agents/{uid}/logs", post(logs))
             .route("/v1/agents/{uid}/exit", post(exit))
@@ -231,9 +249,20 @@ impl Channel {
         self.shared.events.subscribe()
     }
 
-    /// The token to give the agent with this UID.
+    /// The agent's own token (what enrolment answers).
     pub fn token_for(&self, uid: &str) -> String {
         self.shared.config.key.token_for(uid)
+    }
+
+    /// The one-time enrolment token for the run configuration of the agent with this UID.
+    pub fn enrolment_token_for(&self, uid: &str) -> String {
+        self.shared.config.key.enrolment_token_for(uid)
+    }
+
+    /// Spends an agent's enrolment token without enrolling: for a run known to have reported
+    /// in already (its status says so), whose enrolment this process did not see.
+    pub fn close_enrolment(&self, uid: &str) {
+        self.agents().entry(uid.to_owned()).or_default().enrolled = true;
     }
 
     /// Holds an agent's secret values until its far-init fetches them, once.
@@ -297,6 +326,7 @@ impl Channel {
         &self,
         uid: &str,
         headers: &HeaderMap,
+        credential: Credential,
         change: impl FnOnce(&mut Agent) -> T,
     ) -> Result<T, Refusal> {
         let token = headers
@@ -304,12 +334,20 @@ impl Channel {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "))
             .ok_or(Refusal::Unauthorized)?;
-        if !self.shared.config.key.verify(uid, token) {
+        let key = &self.shared.config.key;
+        let valid = match credential {
+            Credential::Agent => key.verify(uid, token),
+            Credential::Enrolment => key.verify_enrolment(uid, token),
+        };
+        if !valid {
             tracing::debug!(agent = %uid, "channel request with a foreign or bad token");
             return Err(Refusal::Unauthorized);
         }
         let mut agents = self.agents();
         let agent = agents.entry(uid.to_owned()).or_default();
+        if credential == Credential::Agent {
+            agent.enrolled = true;
+        }
         let now = Instant::now();
         match &mut agent.window {
             Some((start, count)) if now.duration_since(*start) < Duration::from_secs(1) => {
@@ -329,6 +367,25 @@ impl Channel {
     }
 }
 
+async fn enrol(
+    State(channel): State<Channel>,
+    Path(uid): Path<String>,
+    headers: HeaderMap,
+) -> Result<Json<Enrolment>, Refusal> {
+    let first = channel.with_agent(&uid, &headers, Credential::Enrolment, |a| {
+        !std::mem::replace(&mut a.enrolled, true)
+    })?;
+    if !first {
+        // Either far-init retried after a lost answer, or someone else read the enrolment
+        // token from the VM's metadata: the guest, refused, stops and says why.
+        tracing::warn!(agent = %uid, "enrolment refused: this run has enrolled already");
+        return Err(Refusal::Enrolled);
+    }
+    Ok(Json(Enrolment {
+        token: channel.token_for(&uid),
+    }))
+}
+
 async fn heartbeat(
     State(channel): State<Channel>,
     Path(uid): Path<String>,
@@ -336,7 +393,7 @@ async fn heartbeat(
     parsed: Result<Json<Heartbeat>, JsonRejection>,
 ) -> Result<StatusCode, Refusal> {
     let beat = body(parsed)?;
-    let first = channel.with_agent(&uid, &headers, |a| {
+    let first = channel.with_agent(&uid, &headers, Credential::Agent, |a| {
         a.last_heartbeat.replace((Instant::now(), beat)).is_none()
     })?;
     channel.emit(Event::Heartbeat {
@@ -361,7 +418,7 @@ async fn logs(
         )));
     }
     let keep = channel.shared.config.log_lines_per_agent;
-    let lines = channel.with_agent(&uid, &headers, |a| {
+    let lines = channel.with_agent(&uid, &headers, Credential::Agent, |a| {
         if batch.seq < a.next_seq {
             return None; // A retry of a batch already kept.
         }
@@ -407,7 +464,7 @@ async fn exit(
         }
         reason.truncate(cut);
     }
-    let known = channel.with_agent(&uid, &headers, |a| a.exit.is_some())?;
+    let known = channel.with_agent(&uid, &headers, Credential::Agent, |a| a.exit.is_some())?;
     if known {
         return Ok(StatusCode::NO_CONTENT);
     }
@@ -435,7 +492,9 @@ async fn exit(
             return Err(Refusal::Unavailable);
         }
     }
-    let new = channel.with_agent(&uid, &headers, |a| a.exit.replace(exit.clone()).is_none())?;
+    let new = channel.with_agent(&uid, &headers, Credential::Agent, |a| {
+        a.exit.replace(exit.clone()).is_none()
+    })?;
     if new {
         channel.emit(Event::Exited { uid, exit });
     }
@@ -448,7 +507,7 @@ async fn secrets(
     headers: HeaderMap,
 ) -> Result<Json<Secrets>, Refusal> {
     channel
-        .with_agent(&uid, &headers, |a| a.secrets.take())?
+        .with_agent(&uid, &headers, Credential::Agent, |a| a.secrets.take())?
         .map(Json)
         .ok_or(Refusal::NotFound)
 }

@@ -3,7 +3,9 @@
 
 use std::time::Duration;
 
-use far_agent_protocol::{EnvVar, Exit, Heartbeat, LogBatch, LogLine, Secrets, Stream, limits};
+use far_agent_protocol::{
+    Enrolment, EnvVar, Exit, Heartbeat, LogBatch, LogLine, Secrets, Stream, limits,
+};
 use far_channel::{Channel, Config, Event, TokenKey};
 use reqwest::StatusCode;
 
@@ -127,6 +129,52 @@ async fn an_agent_reports_heartbeats_logs_and_exit_and_the_owner_hears_each_once
     let view = channel.view("a").unwrap();
     assert_eq!(view.logs, batch.lines, "the retried batch is kept once");
     assert_eq!(view.exit, Some(exit));
+}
+
+/// The run configuration (kept in the host's records) carries only an enrolment token: it is
+/// good once, for its own agent, for enrolment alone.
+#[tokio::test]
+async fn enrolment_is_once_and_its_token_opens_nothing_else() {
+    let (channel, base) = serve(config()).await;
+    let enrol = |uid: &str, bearer: String| {
+        client()
+            .post(format!("{base}/v1/agents/{uid}/enrol"))
+            .bearer_auth(bearer)
+            .send()
+    };
+    let answer = enrol("a", channel.enrolment_token_for("a")).await.unwrap();
+    assert_eq!(answer.status(), StatusCode::OK);
+    let enrolment: Enrolment = answer.json().await.unwrap();
+    assert_eq!(enrolment.token, channel.token_for("a"));
+    assert_eq!(
+        post(&base, "a", "heartbeat", &enrolment.token, &beat()).await,
+        StatusCode::NO_CONTENT,
+        "the answered token is the agent's"
+    );
+
+    let again = enrol("a", channel.enrolment_token_for("a")).await.unwrap();
+    assert_eq!(again.status(), StatusCode::CONFLICT, "spent");
+    let foreign = enrol("b", channel.enrolment_token_for("a")).await.unwrap();
+    assert_eq!(foreign.status(), StatusCode::UNAUTHORIZED);
+    let agent_token = enrol("c", channel.token_for("c")).await.unwrap();
+    assert_eq!(agent_token.status(), StatusCode::UNAUTHORIZED);
+    assert_eq!(
+        post(
+            &base,
+            "d",
+            "heartbeat",
+            &channel.enrolment_token_for("d"),
+            &beat()
+        )
+        .await,
+        StatusCode::UNAUTHORIZED,
+        "an enrolment token is no agent token"
+    );
+
+    // A run known to have reported in (a controller restarted since) stays closed.
+    channel.close_enrolment("e");
+    let closed = enrol("e", channel.enrolment_token_for("e")).await.unwrap();
+    assert_eq!(closed.status(), StatusCode::CONFLICT);
 }
 
 #[tokio::test]

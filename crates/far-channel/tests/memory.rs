@@ -82,9 +82,15 @@ async fn round(client: &reqwest::Client, base: &str, token: &str, i: usize) {
     }
 }
 
-/// The live heap once connections have settled (a refused request may close its connection, and
-/// its buffers go with it a moment later).
-async fn quiet_heap() -> usize {
+/// Runs `rounds` rounds on a client of their own, which then goes with its connections, and
+/// answers the live heap once the server has let go of them too: what is left is what the
+/// channel kept.
+async fn heap_after(base: &str, token: &str, rounds: std::ops::Range<usize>) -> usize {
+    let client = reqwest::Client::new();
+    for i in rounds {
+        round(&client, base, token, i).await;
+    }
+    drop(client);
     tokio::time::sleep(std::time::Duration::from_millis(300)).await;
     HEAP.allocated()
 }
@@ -101,25 +107,17 @@ async fn thousands_of_hostile_requests_leave_the_heap_as_it_was() {
     let router = channel.router();
     tokio::spawn(async move { axum::serve(listener, router).await });
     let token = channel.token_for("a");
-    let client = reqwest::Client::new();
 
-    // Warm up: connection pools, the runtime's and the allocator's own caches.
-    for i in 0..200 {
-        round(&client, &base, &token, i).await;
-    }
-    let before = quiet_heap().await;
+    // Warm up the runtime's and the allocator's own caches.
+    let before = heap_after(&base, &token, 0..200).await;
     let rounds = 2_000;
-    for i in 200..200 + rounds {
-        round(&client, &base, &token, i).await;
-    }
-    let after = quiet_heap().await;
+    let after = heap_after(&base, &token, 200..200 + rounds).await;
     let grown = after.saturating_sub(before);
     let sent = rounds * (limits::REQUEST_BYTES + 1);
     eprintln!(
         "live heap {before} -> {after} bytes ({grown} grown) over {} requests carrying {sent} bytes",
         rounds * 6
     );
-    // Measured: a few bytes either way. A leak of 6 bytes a request, or 32 per stranger, or a
-    // thousandth of what the bodies carried, would exceed this.
-    assert!(grown < 64 * 1024, "the live heap grew by {grown} bytes");
+    // Measured: not a byte. A leak of 2 bytes a request, or 8 per stranger, would exceed this.
+    assert!(grown < 16 * 1024, "the live heap grew by {grown} bytes");
 }

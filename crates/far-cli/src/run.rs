@@ -211,7 +211,7 @@ pub async fn run(args: RunArgs) -> Result<ExitCode> {
     let channel_config = ChannelConfig {
         url: format!("http://{HOST_ADDRESS}:{channel_port}"),
         id: channel_id.clone(),
-        token: channel.token_for(&channel_id),
+        enrolment_token: channel.enrolment_token_for(&channel_id),
     };
     let run_config = far_vmspec::run_config(&agent, 0, env, false, channel_config, 30)?;
     let defaults = Defaults::local();

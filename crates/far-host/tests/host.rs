@@ -145,9 +145,10 @@ async fn the_sim_guest_heartbeats_logs_and_reports_its_exit_code_over_http() {
     })
     .await;
     let log = received.0.lock().unwrap().clone();
-    assert_eq!(log[0], "agent-uid heartbeat");
+    assert_eq!(log[0], "agent-uid enrol", "enrolment comes first");
+    assert_eq!(log[1], "agent-uid heartbeat");
     assert_eq!(
-        log[1],
+        log[2],
         "agent-uid logs:sim: /usr/local/bin/tiffany --task sleep --seconds 1.5 --exit-code 3"
     );
     assert!(

@@ -2,7 +2,7 @@
 
 use std::time::{Duration, Instant};
 
-use far_agent_protocol::{Exit, RunConfig, Secrets, limits, paths};
+use far_agent_protocol::{Enrolment, Exit, RunConfig, Secrets, limits, paths};
 use serde::Serialize;
 use ureq::Agent;
 
@@ -47,18 +47,47 @@ pub struct Channel {
 }
 
 impl Channel {
-    /// The channel named in the run configuration.
-    pub fn new(config: &RunConfig) -> Self {
-        let agent = Agent::config_builder()
-            .timeout_global(Some(Duration::from_secs(5)))
-            .http_status_as_error(false)
-            .build()
-            .into();
-        Self {
+    /// Enrols with the channel named in the run configuration: exchanges the one-time
+    /// enrolment token for the agent's own, retrying while the channel cannot be reached or
+    /// answers 5xx, for at most `within`.
+    ///
+    /// # Errors
+    /// [`ChannelError`]: unreachable within the time, or refused (409: this run has enrolled
+    /// already, so someone else may have used the token from the VM's metadata).
+    pub fn enrol(config: &RunConfig, within: Duration) -> Result<Self, ChannelError> {
+        let mut channel = Self {
             base: config.channel.url.trim_end_matches('/').to_owned(),
             id: config.channel.id.clone(),
-            authorization: format!("Bearer {}", config.channel.token),
-            agent,
+            authorization: format!("Bearer {}", config.channel.enrolment_token),
+            agent: Agent::config_builder()
+                .timeout_global(Some(Duration::from_secs(5)))
+                .http_status_as_error(false)
+                .build()
+                .into(),
+        };
+        let started = Instant::now();
+        let mut delay = Duration::from_millis(100);
+        let enrolment: Enrolment = loop {
+            match channel.call(paths::ENROL, Some(&[])) {
+                Ok(enrolment) => break enrolment,
+                Err(ChannelError::Refused { status, .. }) if status < 500 => {
+                    return Err(channel.refused(paths::ENROL, status));
+                }
+                Err(e) if started.elapsed() >= within => return Err(e),
+                Err(_) => {
+                    std::thread::sleep(delay);
+                    delay = (delay * 2).min(Duration::from_secs(2));
+                }
+            }
+        };
+        channel.authorization = format!("Bearer {}", enrolment.token);
+        Ok(channel)
+    }
+
+    fn refused(&self, route: &str, status: u16) -> ChannelError {
+        ChannelError::Refused {
+            route: route.to_owned(),
+            status,
         }
     }
 
@@ -86,10 +115,7 @@ impl Channel {
         if (200..300).contains(&status) {
             Ok(())
         } else {
-            Err(ChannelError::Refused {
-                route: route.to_owned(),
-                status,
-            })
+            Err(self.refused(route, status))
         }
     }
 
@@ -98,32 +124,43 @@ impl Channel {
     /// # Errors
     /// [`ChannelError`] when unreachable, refused or malformed.
     pub fn secrets(&self) -> Result<Secrets, ChannelError> {
-        let route = paths::SECRETS;
-        let mut response = self
-            .agent
-            .get(self.url(route))
-            .header("Authorization", &self.authorization)
-            .call()
-            .map_err(|source| ChannelError::Transport {
-                route: route.to_owned(),
-                source,
-            })?;
+        self.call(paths::SECRETS, None)
+    }
+
+    /// A GET, or a POST of `body`, whose JSON answer is read within the channel's size bound.
+    fn call<T: serde::de::DeserializeOwned>(
+        &self,
+        route: &str,
+        body: Option<&[u8]>,
+    ) -> Result<T, ChannelError> {
+        let transport = |source| ChannelError::Transport {
+            route: route.to_owned(),
+            source,
+        };
+        let url = self.url(route);
+        let mut response = match body {
+            Some(body) => self
+                .agent
+                .post(url)
+                .header("Authorization", &self.authorization)
+                .send(body),
+            None => self
+                .agent
+                .get(url)
+                .header("Authorization", &self.authorization)
+                .call(),
+        }
+        .map_err(transport)?;
         let status = response.status().as_u16();
         if status != 200 {
-            return Err(ChannelError::Refused {
-                route: route.to_owned(),
-                status,
-            });
+            return Err(self.refused(route, status));
         }
         let body = response
             .body_mut()
             .with_config()
             .limit(limits::REQUEST_BYTES as u64)
             .read_to_vec()
-            .map_err(|source| ChannelError::Transport {
-                route: route.to_owned(),
-                source,
-            })?;
+            .map_err(transport)?;
         serde_json::from_slice(&body).map_err(|e| ChannelError::Malformed {
             route: route.to_owned(),
             detail: e.to_string(),

@@ -3,7 +3,8 @@
 //! As the initrd's `/init` it loads the virtio modules shipped beside it, mounts the root
 //! volume and switches into it; as `init=` inside a root filesystem it skips those steps. Then
 //! it mounts what a process needs, brings up the network, reads the run configuration from the
-//! metadata service, fetches secret values from the status channel, starts the agent with
+//! metadata service, enrols with the status channel (its one-time enrolment token for the
+//! agent's own), fetches secret values from it, starts the agent with
 //! exactly its configured environment, streams its output, heartbeats, reaps zombies, forwards
 //! SIGTERM, reports the exit code and powers the VM off.
 //!
@@ -56,6 +57,9 @@ pub enum Fatal {
     /// The run configuration is unusable.
     #[error("run configuration: {0}")]
     Config(#[from] far_agent_protocol::RunConfigError),
+    /// The channel did not give the agent its token (see [`Channel::enrol`]).
+    #[error("enrolment: {0}")]
+    Enrol(String),
     /// Secret values could not be fetched or written.
     #[error("secrets: {0}")]
     Secrets(String),
@@ -120,7 +124,10 @@ fn init(channel_out: &mut Option<Arc<Channel>>) -> Result<i32, Fatal> {
         .fetch(RUN_CONFIG_KEY, Duration::from_secs(30))
         .map_err(|e| Fatal::Metadata(e.to_string()))?;
     let config = RunConfig::parse(&bytes)?;
-    let channel = Arc::new(Channel::new(&config));
+    let channel = Arc::new(
+        Channel::enrol(&config, Duration::from_secs(30))
+            .map_err(|e| Fatal::Enrol(e.to_string()))?,
+    );
     *channel_out = Some(Arc::clone(&channel));
     say!(
         "running agent {}/{} (attempt {})",

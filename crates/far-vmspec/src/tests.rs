@@ -284,7 +284,7 @@ fn the_run_configuration_carries_the_spec_and_parses_back() {
     let channel = far_agent_protocol::ChannelConfig {
         url: "http://10.0.2.2:8443".into(),
         id: format!("{UID}.2"),
-        token: "t".into(),
+        enrolment_token: "t".into(),
     };
     let env = vec![far_agent_protocol::EnvVar {
         name: "RUST_LOG".into(),

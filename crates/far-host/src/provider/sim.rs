@@ -21,7 +21,7 @@ use std::time::Duration;
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD;
 use far_agent_protocol::{
-    Exit, Heartbeat, LogBatch, LogLine, RUN_CONFIG_KEY, RunConfig, Stream, paths,
+    Enrolment, Exit, Heartbeat, LogBatch, LogLine, RUN_CONFIG_KEY, RunConfig, Stream, paths,
 };
 use flintlock_proto::types::MicroVmSpec;
 use tokio::task::JoinHandle;
@@ -213,9 +213,15 @@ impl Guest {
         if behaviour.silent {
             std::future::pending::<()>().await;
         }
+        let Some(token) = enrol(&client, &config).await else {
+            // A real far-init says so on its console and powers off.
+            warn!(vm = %self.id, "sim guest: enrolment refused or unreachable; powering off");
+            return;
+        };
         let channel = Channel {
             client,
             config: &config,
+            token,
         };
         let interval = Duration::from_secs(config.heartbeat_interval_seconds.into());
         channel.heartbeat().await;
@@ -252,9 +258,38 @@ impl Guest {
     }
 }
 
+/// Exchanges the run configuration's enrolment token for the agent's token, as far-init does:
+/// retried while the channel cannot be reached, given up when it refuses.
+async fn enrol(client: &reqwest::Client, config: &RunConfig) -> Option<String> {
+    let url = format!(
+        "{}{}",
+        config.channel.url.trim_end_matches('/'),
+        paths::for_agent(paths::ENROL, &config.channel.id)
+    );
+    for _ in 0..50 {
+        let sent = client
+            .post(&url)
+            .bearer_auth(&config.channel.enrolment_token)
+            .send()
+            .await;
+        match sent {
+            Ok(response) if response.status().is_success() => {
+                return response.json::<Enrolment>().await.ok().map(|e| e.token);
+            }
+            Ok(response) if !response.status().is_server_error() => {
+                debug!(%url, status = %response.status(), "sim guest: enrolment refused");
+                return None;
+            }
+            _ => tokio::time::sleep(Duration::from_millis(200)).await,
+        }
+    }
+    None
+}
+
 struct Channel<'a> {
     client: reqwest::Client,
     config: &'a RunConfig,
+    token: String,
 }
 
 impl Channel<'_> {
@@ -267,7 +302,7 @@ impl Channel<'_> {
         let sent = self
             .client
             .post(&url)
-            .bearer_auth(&self.config.channel.token)
+            .bearer_auth(&self.token)
             .json(body)
             .send()
             .await;

@@ -11,7 +11,7 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::routing::post;
 use base64::Engine as _;
 use far_agent_protocol::{
-    AgentRef, ChannelConfig, Exit, Heartbeat, LogBatch, RUN_CONFIG_KEY, RunConfig,
+    AgentRef, ChannelConfig, Enrolment, Exit, Heartbeat, LogBatch, RUN_CONFIG_KEY, RunConfig,
 };
 use flintlock_proto::types::{
     Kernel, MicroVmSpec, NetworkInterface, Volume, VolumeSource, network_interface::IfaceType,
@@ -64,10 +64,21 @@ pub async fn channel() -> (SocketAddr, Received) {
         Path((uid, what)): Path<(String, String)>,
         headers: HeaderMap,
         body: String,
-    ) -> StatusCode {
-        if headers.get("authorization").and_then(|h| h.to_str().ok()) != Some("Bearer agent-token")
-        {
-            return StatusCode::UNAUTHORIZED;
+    ) -> axum::response::Response {
+        use axum::response::IntoResponse as _;
+        let bearer = headers.get("authorization").and_then(|h| h.to_str().ok());
+        if what == "enrol" {
+            if bearer != Some("Bearer enrolment-token") {
+                return StatusCode::UNAUTHORIZED.into_response();
+            }
+            received.0.lock().unwrap().push(format!("{uid} enrol"));
+            return axum::Json(Enrolment {
+                token: "agent-token".into(),
+            })
+            .into_response();
+        }
+        if bearer != Some("Bearer agent-token") {
+            return StatusCode::UNAUTHORIZED.into_response();
         }
         let entry = match what.as_str() {
             "heartbeat" => serde_json::from_str::<Heartbeat>(&body).map(|_| "heartbeat".to_owned()),
@@ -75,14 +86,14 @@ pub async fn channel() -> (SocketAddr, Received) {
                 serde_json::from_str::<LogBatch>(&body).map(|b| format!("logs:{}", b.lines[0].text))
             }
             "exit" => serde_json::from_str::<Exit>(&body).map(|e| format!("exit:{}", e.code)),
-            _ => return StatusCode::NOT_FOUND,
+            _ => return StatusCode::NOT_FOUND.into_response(),
         };
         match entry {
             Ok(entry) => {
                 received.0.lock().unwrap().push(format!("{uid} {entry}"));
-                StatusCode::NO_CONTENT
+                StatusCode::NO_CONTENT.into_response()
             }
-            Err(_) => StatusCode::BAD_REQUEST,
+            Err(_) => StatusCode::BAD_REQUEST.into_response(),
         }
     }
     let received = Received::default();
@@ -113,7 +124,7 @@ pub fn run_config(channel: SocketAddr, args: &[&str]) -> RunConfig {
         channel: ChannelConfig {
             url: format!("http://{channel}"),
             id: "agent-uid".into(),
-            token: "agent-token".into(),
+            enrolment_token: "enrolment-token".into(),
         },
         heartbeat_interval_seconds: 1,
         grace_period_seconds: 5,
