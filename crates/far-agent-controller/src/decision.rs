@@ -21,6 +21,9 @@ use crate::conditions;
 
 /// How long a deleted agent waits for an unreachable host before its finalizer is released.
 pub const DELETE_GRACE: Duration = Duration::from_secs(120);
+/// Beyond a heartbeat interval and the grace period, how long a stopping guest gets to report
+/// its exit before its VM is deleted anyway.
+pub const STOP_MARGIN: Duration = Duration::from_secs(5);
 /// How often an agent waiting on something outside the controller is looked at again.
 pub const RECHECK: Duration = Duration::from_secs(30);
 /// How often a running agent is looked at (its heartbeats also trigger reconciles).
@@ -127,6 +130,8 @@ pub struct Observation<'a> {
     pub placement: Option<Placement>,
     /// Whether every Secret and ConfigMap value it needs is there (`Err` names what is not).
     pub config: Result<(), String>,
+    /// What far-init gives the agent between SIGTERM and SIGKILL.
+    pub grace_period: Duration,
     /// The time now.
     pub now: Timestamp,
 }
@@ -143,6 +148,8 @@ pub enum Action {
         /// The attempt, from 0.
         attempt: u32,
     },
+    /// Ask the current attempt's guest to stop its agent (the answer to its next heartbeat).
+    StopGuest,
     /// Delete the VM with this Flintlock uid.
     DeleteVm {
         /// Flintlock's uid.
@@ -318,12 +325,32 @@ pub fn decide(o: &Observation<'_>) -> Decision {
                 // written. Only the VM of an agent deleted while it lived is news.
                 b.status = o.status.clone();
                 if !finished {
-                    b.event(false, "Deleted", "the agent's VM is gone".into());
+                    let stopped = o.guest.exit.as_ref().map(|(code, _)| *code);
+                    let note = match stopped.or(o.status.exit_code) {
+                        Some(code) => {
+                            format!("the agent stopped with exit code {code}; its VM is gone")
+                        }
+                        None => "the agent's VM is gone".into(),
+                    };
+                    b.event(false, "Deleted", note);
                 }
                 b.actions.push(Action::RemoveFinalizer);
                 b.done(None)
             }
             Some(Vm::Present { uid, state, .. }) => {
+                // A guest still heard from is asked to stop first, so its agent gets SIGTERM,
+                // the grace period and its last output out; silent, or out of time, the VM goes.
+                let live = !finished
+                    && o.guest.exit.is_none()
+                    && o.guest.last_heartbeat.is_some()
+                    && *state == VmState::Created;
+                let stop_within = Duration::from_secs(o.spec.heartbeat.interval_seconds.into())
+                    + o.grace_period
+                    + STOP_MARGIN;
+                if live && o.now.duration_since(since).unsigned_abs() < stop_within {
+                    b.actions.push(Action::StopGuest);
+                    return b.done(Some(Duration::from_secs(1)));
+                }
                 if *state != VmState::Deleting {
                     b.actions.push(Action::DeleteVm { uid: uid.clone() });
                 }

@@ -617,6 +617,7 @@ async fn reconcile_inner(agent: &Arc<FarAgent>, ctx: &Arc<Context>) -> Result<Re
         guest,
         placement,
         config,
+        grace_period: Duration::from_secs(ctx.config.grace_period_seconds.into()),
         now: now(),
     });
     let mut new_status = decision.status;
@@ -781,6 +782,7 @@ async fn reconcile_inner(agent: &Arc<FarAgent>, ctx: &Arc<Context>) -> Result<Re
                     info!(agent = %name, %vm, "VM deleted");
                 }
             }
+            Action::StopGuest => ctx.channel.request_stop(&id),
             Action::DeleteAgent => {
                 api.delete(&name, &Default::default()).await?;
             }
@@ -860,6 +862,7 @@ pub async fn persist_exit(ctx: &Context, report: far_channel::ExitReport) -> Res
         },
         placement: None,
         config: Ok(()),
+        grace_period: Duration::from_secs(ctx.config.grace_period_seconds.into()),
         now: now(),
     });
     let finished = decision

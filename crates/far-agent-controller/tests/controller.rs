@@ -361,6 +361,38 @@ fn agent_writes(api: &FakeApiServer) -> BTreeMap<(String, String), u64> {
         .collect()
 }
 
+/// Deleting an agent that runs stops it as Kubernetes stops a Pod: its guest is told (the answer
+/// to its next heartbeat), the agent gets SIGTERM and the grace period, and the exit it ends with
+/// is recorded before its VM goes.
+#[tokio::test]
+async fn a_deleted_running_agent_is_stopped_and_its_exit_recorded_before_its_vm_goes() {
+    let mut env = env().await;
+    env.start_controller();
+    env.wait_host_ready().await;
+    env.create("stopper", json!({"args": ["--seconds", "600"]}))
+        .await;
+    env.wait_for("stopper", "Running", |a| phase(a) == Some(Phase::Running))
+        .await;
+    env.agents()
+        .delete("stopper", &DeleteParams::default())
+        .await
+        .unwrap();
+    env.wait_gone("stopper").await;
+    let notes: Vec<String> = env
+        .api
+        .objects("events")
+        .iter()
+        .filter(|e| e["reason"] == "Deleted")
+        .filter_map(|e| e["note"].as_str().map(str::to_owned))
+        .collect();
+    assert_eq!(
+        notes,
+        ["the agent stopped with exit code 143; its VM is gone"],
+        "the SIGTERM the agent ended by is recorded: {notes:?} (events {:?})",
+        env.event_reasons()
+    );
+}
+
 /// With `--events warnings` only Warnings are recorded: a healthy life is its 5 writes.
 #[tokio::test]
 async fn with_warnings_only_a_healthy_life_is_five_writes_and_a_failure_still_says_why() {
@@ -542,11 +574,14 @@ async fn a_vm_created_before_a_crash_is_adopted_not_duplicated() {
         agent.status.unwrap().vm_uid.as_deref(),
         Some(existing.as_str())
     );
-    assert_eq!(
-        env.host.list("far", Some(name.id())).len(),
-        1,
-        "no second VM"
+    // No second VM: the controller never called CreateMicroVM. (The adopted VM itself may be
+    // gone by now: it has no run configuration, so its guest stops and the agent fails.)
+    let metrics = env.metrics.encode();
+    assert!(
+        !metrics.contains("method=\"CreateMicroVM\""),
+        "the controller created a VM: {metrics}"
     );
+    assert!(env.host.list("far", Some(name.id())).len() <= 1);
 }
 
 #[tokio::test]

@@ -48,7 +48,7 @@ pub mod paths {
     /// POST, with the run configuration's enrolment token as bearer: answers the agent's
     /// [`super::Enrolment`], once.
     pub const ENROL: &str = "/v1/agents/{id}/enrol";
-    /// POST a [`super::Heartbeat`].
+    /// POST a [`super::Heartbeat`]; answers a [`super::HeartbeatReply`].
     pub const HEARTBEAT: &str = "/v1/agents/{id}/heartbeat";
     /// POST a [`super::LogBatch`].
     pub const LOGS: &str = "/v1/agents/{id}/logs";
@@ -270,6 +270,15 @@ pub struct Heartbeat {
     /// CPU seconds the guest has used, in milliseconds.
     #[serde(default)]
     pub cpu_used_ms: u64,
+}
+
+/// The channel's answer to a heartbeat.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct HeartbeatReply {
+    /// Stop the agent: SIGTERM, the grace period, SIGKILL, then report the exit as usual (the
+    /// FarAgent is being deleted).
+    pub stop: bool,
 }
 
 /// Which output stream a log line came from.

@@ -20,7 +20,9 @@ use axum::extract::{DefaultBodyLimit, Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use far_agent_protocol::{Enrolment, Exit, Heartbeat, LogBatch, LogLine, Secrets, limits};
+use far_agent_protocol::{
+    Enrolment, Exit, Heartbeat, HeartbeatReply, LogBatch, LogLine, Secrets, limits,
+};
 use tokio::sync::broadcast;
 use tokio::time::Instant;
 
@@ -132,6 +134,8 @@ struct Agent {
     /// The enrolment token is spent: the agent's token was handed out, or the agent has been
     /// heard with it.
     enrolled: bool,
+    /// The next heartbeat is answered "stop".
+    stop: bool,
 }
 
 /// Which token a route takes.
@@ -257,6 +261,14 @@ impl Channel {
     /// The one-time enrolment token for the run configuration of the agent with this UID.
     pub fn enrolment_token_for(&self, uid: &str) -> String {
         self.shared.config.key.enrolment_token_for(uid)
+    }
+
+    /// Asks a guest that reports in to stop its agent: its next heartbeat is answered so (far-init
+    /// then sends SIGTERM, waits the grace period, and reports the exit).
+    pub fn request_stop(&self, uid: &str) {
+        if let Some(agent) = self.agents().get_mut(uid) {
+            agent.stop = true;
+        }
     }
 
     /// Spends an agent's enrolment token without enrolling: for a run known to have reported
@@ -391,17 +403,20 @@ async fn heartbeat(
     Path(uid): Path<String>,
     headers: HeaderMap,
     parsed: Result<Json<Heartbeat>, JsonRejection>,
-) -> Result<StatusCode, Refusal> {
+) -> Result<Json<HeartbeatReply>, Refusal> {
     let beat = body(parsed)?;
-    let first = channel.with_agent(&uid, &headers, Credential::Agent, |a| {
-        a.last_heartbeat.replace((Instant::now(), beat)).is_none()
+    let (first, stop) = channel.with_agent(&uid, &headers, Credential::Agent, |a| {
+        (
+            a.last_heartbeat.replace((Instant::now(), beat)).is_none(),
+            a.stop,
+        )
     })?;
     channel.emit(Event::Heartbeat {
         uid,
         first,
         heartbeat: beat,
     });
-    Ok(StatusCode::NO_CONTENT)
+    Ok(Json(HeartbeatReply { stop }))
 }
 
 async fn logs(

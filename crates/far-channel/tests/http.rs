@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use far_agent_protocol::{
-    Enrolment, EnvVar, Exit, Heartbeat, LogBatch, LogLine, Secrets, Stream, limits,
+    Enrolment, EnvVar, Exit, Heartbeat, HeartbeatReply, LogBatch, LogLine, Secrets, Stream, limits,
 };
 use far_channel::{Channel, Config, Event, TokenKey};
 use reqwest::StatusCode;
@@ -62,11 +62,11 @@ async fn an_agent_reports_heartbeats_logs_and_exit_and_the_owner_hears_each_once
 
     assert_eq!(
         post(&base, "a", "heartbeat", &token, &beat()).await,
-        StatusCode::NO_CONTENT
+        StatusCode::OK
     );
     assert_eq!(
         post(&base, "a", "heartbeat", &token, &beat()).await,
-        StatusCode::NO_CONTENT
+        StatusCode::OK
     );
     let batch = LogBatch {
         seq: 0,
@@ -148,7 +148,7 @@ async fn enrolment_is_once_and_its_token_opens_nothing_else() {
     assert_eq!(enrolment.token, channel.token_for("a"));
     assert_eq!(
         post(&base, "a", "heartbeat", &enrolment.token, &beat()).await,
-        StatusCode::NO_CONTENT,
+        StatusCode::OK,
         "the answered token is the agent's"
     );
 
@@ -175,6 +175,32 @@ async fn enrolment_is_once_and_its_token_opens_nothing_else() {
     channel.close_enrolment("e");
     let closed = enrol("e", channel.enrolment_token_for("e")).await.unwrap();
     assert_eq!(closed.status(), StatusCode::CONFLICT);
+}
+
+#[tokio::test]
+async fn a_stop_request_is_the_answer_to_the_next_heartbeat() {
+    let (channel, base) = serve(config()).await;
+    let token = channel.token_for("a");
+    let beat_answer = || async {
+        client()
+            .post(format!("{base}/v1/agents/a/heartbeat"))
+            .bearer_auth(&token)
+            .json(&beat())
+            .send()
+            .await
+            .unwrap()
+            .json::<HeartbeatReply>()
+            .await
+            .unwrap()
+    };
+    assert_eq!(beat_answer().await, HeartbeatReply { stop: false });
+    channel.request_stop("a");
+    assert_eq!(beat_answer().await, HeartbeatReply { stop: true });
+    assert_eq!(
+        beat_answer().await,
+        HeartbeatReply { stop: true },
+        "until it stops"
+    );
 }
 
 #[tokio::test]

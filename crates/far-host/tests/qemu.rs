@@ -100,6 +100,27 @@ async fn without_a_static_address_the_guest_takes_its_address_by_dhcp() {
     );
 }
 
+/// A stop request (the answer to a heartbeat, as the controller gives it when the FarAgent is
+/// deleted) reaches the agent as SIGTERM; the exit it ends with is reported, then the VM stops.
+#[tokio::test]
+async fn a_stop_request_sigterms_the_agent_and_its_exit_is_reported() {
+    let state = tempfile::tempdir().unwrap();
+    let host = qemu_host(state.path()).await;
+    let (console, _) = runs_to_exit(
+        &host,
+        state.path(),
+        &["--task", "sleep", "--seconds", "600"],
+        143,
+        true,
+        |config| vm_spec("stop", config),
+    )
+    .await;
+    assert!(
+        console.contains("far-init: the controller asks the agent to stop"),
+        "{console}"
+    );
+}
+
 /// A static address reaches the guest as flintlockd passes it: cloud-init network-config v2 on
 /// the kernel command line, matched to the interface by MAC.
 #[tokio::test]
@@ -205,8 +226,37 @@ async fn runs_to_exit_code_3(
     state: &Path,
     spec: impl FnOnce(&far_agent_protocol::RunConfig) -> flintlock_proto::types::MicroVmSpec,
 ) -> String {
+    let (console, log) = runs_to_exit(
+        host,
+        state,
+        &["--task", "fail", "--exit-code", "3"],
+        3,
+        false,
+        spec,
+    )
+    .await;
+    assert!(
+        log.contains(&"agent-uid logs:failing on purpose with exit code 3".to_owned()),
+        "{log:?}"
+    );
+    console
+}
+
+/// Creates the VM `spec` makes for a run of `tiffany ARGS` (told to stop by its first
+/// heartbeat's answer when `stop`) and follows it: heartbeats and the exit `code` on the
+/// channel, the VM's exit, then its deletion. Answers the console and what the channel heard.
+async fn runs_to_exit(
+    host: &std::sync::Arc<Host<Qemu>>,
+    state: &Path,
+    args: &[&str],
+    code: i32,
+    stop: bool,
+    spec: impl FnOnce(&far_agent_protocol::RunConfig) -> flintlock_proto::types::MicroVmSpec,
+) -> (String, Vec<String>) {
     let (address, received) = channel().await;
-    let mut config = run_config(address, &["--task", "fail", "--exit-code", "3"]);
+    received.1.store(stop, std::sync::atomic::Ordering::Relaxed);
+    let exit = format!("exit:{code}");
+    let mut config = run_config(address, args);
     // The guest reaches host loopback services through the user-mode network's host address.
     config.channel.url = format!("http://169.254.0.2:{}", address.port());
     let uid = host
@@ -231,7 +281,7 @@ async fn runs_to_exit_code_3(
             .lock()
             .unwrap()
             .iter()
-            .any(|e| e.ends_with("exit:3"))
+            .any(|e| e.ends_with(&exit))
             && host_guest_exited(state, &uid)
         {
             exited = true;
@@ -244,15 +294,13 @@ async fn runs_to_exit_code_3(
         std::fs::read_to_string(state.join(format!("run/{uid}/console.log"))).unwrap_or_default();
     assert!(
         exited,
-        "no exit 3 and VM exit within 120 s; channel saw {log:?}; console:\n{console}"
-    );
-    assert!(
-        log.contains(&"agent-uid logs:failing on purpose with exit code 3".to_owned()),
-        "{log:?}"
+        "no {exit} and VM exit within 120 s; channel saw {log:?}; console:\n{console}"
     );
     assert!(log.iter().any(|e| e == "agent-uid heartbeat"), "{log:?}");
     assert!(
-        console.contains("far-init: agent exited with code 3; powering off"),
+        console.contains(&format!(
+            "far-init: agent exited with code {code}; powering off"
+        )),
         "{console}"
     );
 
@@ -268,7 +316,7 @@ async fn runs_to_exit_code_3(
         !state.join(format!("run/{uid}")).exists(),
         "the VM's working files are removed"
     );
-    console
+    (console, log)
 }
 
 /// far-host's record says the VM's process has exited (read after a get refreshed it).

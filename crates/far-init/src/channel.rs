@@ -2,7 +2,9 @@
 
 use std::time::{Duration, Instant};
 
-use far_agent_protocol::{Enrolment, Exit, RunConfig, Secrets, limits, paths};
+use far_agent_protocol::{
+    Enrolment, Exit, Heartbeat, HeartbeatReply, RunConfig, Secrets, limits, paths,
+};
 use serde::Serialize;
 use ureq::Agent;
 
@@ -119,6 +121,15 @@ impl Channel {
         }
     }
 
+    /// Sends a heartbeat; the answer says whether to stop the agent.
+    ///
+    /// # Errors
+    /// [`ChannelError`] when unreachable, refused or malformed.
+    pub fn heartbeat(&self, beat: &Heartbeat) -> Result<HeartbeatReply, ChannelError> {
+        let body = serde_json::to_vec(beat).unwrap_or_default();
+        self.call(paths::HEARTBEAT, Some(&body))
+    }
+
     /// Fetches the agent's secret values.
     ///
     /// # Errors
@@ -143,6 +154,7 @@ impl Channel {
                 .agent
                 .post(url)
                 .header("Authorization", &self.authorization)
+                .header("Content-Type", "application/json")
                 .send(body),
             None => self
                 .agent

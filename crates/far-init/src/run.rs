@@ -85,13 +85,22 @@ pub fn run_agent(
         thread::spawn(move || ship_logs(&queue, &channel, &exited))
     };
     let heartbeats = {
-        let (channel, exited) = (Arc::clone(&channel), Arc::clone(&exited));
+        let (channel, exited, terminate) = (
+            Arc::clone(&channel),
+            Arc::clone(&exited),
+            Arc::clone(&terminate),
+        );
         let interval = Duration::from_secs(config.heartbeat_interval_seconds.into());
         thread::spawn(move || {
             while !exited.load(Ordering::Relaxed) {
                 let beat = sysinfo::heartbeat(Path::new("/proc"), boot_to_entrypoint_ms);
-                if let Err(e) = channel.post(paths::HEARTBEAT, &beat) {
-                    say!("heartbeat not delivered: {e}");
+                match channel.heartbeat(&beat) {
+                    // Stopped as by SIGTERM: the agent gets the grace period, its exit is reported.
+                    Ok(reply) if reply.stop && !terminate.swap(true, Ordering::Relaxed) => {
+                        say!("the controller asks the agent to stop");
+                    }
+                    Ok(_) => {}
+                    Err(e) => say!("heartbeat not delivered: {e}"),
                 }
                 sleep_unless(&exited, interval);
             }

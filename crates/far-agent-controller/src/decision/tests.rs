@@ -42,6 +42,7 @@ fn observe<'a>(spec: &'a FarAgentSpec, status: &'a FarAgentStatus, now: i64) -> 
         guest: Guest::default(),
         placement: None,
         config: Ok(()),
+        grace_period: Duration::from_secs(5),
         now: t(now),
     }
 }
@@ -388,6 +389,41 @@ fn deletion_waits_for_the_vm_but_not_forever_for_a_dead_host() {
 }
 
 #[test]
+fn a_live_agent_is_asked_to_stop_before_its_vm_goes() {
+    let spec = spec();
+    let status = FarAgentStatus {
+        phase: Some(Phase::Running),
+        host: Some("h1".into()),
+        vm_uid: Some("vm1".into()),
+        ..Default::default()
+    };
+    let mut o = observe(&spec, &status, 11);
+    o.deleting_since = Some(t(10));
+    o.vm = present(VmState::Created);
+    o.guest.last_heartbeat = Some(t(9));
+    let d = decide(&o);
+    assert_eq!(d.actions, [Action::StopGuest]);
+    assert_eq!(d.status.reason, Some(AgentReason::Terminating));
+    assert_eq!(d.requeue, Some(Duration::from_secs(1)));
+
+    // Its exit is in: the VM goes.
+    o.guest.exit = Some((143, None));
+    assert_eq!(decide(&o).actions, [Action::DeleteVm { uid: "vm1".into() }]);
+
+    // No exit within a heartbeat interval, the grace period and the margin: the VM goes anyway.
+    o.guest.exit = None;
+    let waited = i64::from(spec.heartbeat.interval_seconds) + 5 + 5;
+    let mut late = observe(&spec, &status, 10 + waited);
+    late.deleting_since = o.deleting_since;
+    late.vm = o.vm.clone();
+    late.guest = o.guest.clone();
+    assert_eq!(
+        decide(&late).actions,
+        [Action::DeleteVm { uid: "vm1".into() }]
+    );
+}
+
+#[test]
 fn deleting_a_finished_agent_whose_vm_was_freed_is_one_write() {
     let spec = spec();
     let status = FarAgentStatus {
@@ -523,6 +559,7 @@ proptest! {
             guest,
             placement,
             config: if config_ok { Ok(()) } else { Err("missing".into()) },
+            grace_period: Duration::from_secs(5),
             now: t(now),
         };
         let d = decide(&o);

@@ -21,7 +21,8 @@ use std::time::Duration;
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD;
 use far_agent_protocol::{
-    Enrolment, Exit, Heartbeat, LogBatch, LogLine, RUN_CONFIG_KEY, RunConfig, Stream, paths,
+    Enrolment, Exit, Heartbeat, HeartbeatReply, LogBatch, LogLine, RUN_CONFIG_KEY, RunConfig,
+    Stream, paths,
 };
 use flintlock_proto::types::MicroVmSpec;
 use tokio::task::JoinHandle;
@@ -244,17 +245,22 @@ impl Guest {
         let run = tokio::time::sleep(Duration::from_secs_f64(behaviour.seconds));
         tokio::pin!(run);
         let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
+        let mut exit_code = behaviour.exit_code;
         loop {
             tokio::select! {
                 () = &mut run => break,
-                _ = ticks.tick() => channel.heartbeat().await,
+                _ = ticks.tick() => if channel.heartbeat().await {
+                    // As far-init does: the agent is sent SIGTERM and ends by it.
+                    exit_code = 128 + 15;
+                    break;
+                },
             }
         }
         if behaviour.crash {
             // The guest dies without a word: the VM's process ends, no exit is reported.
             return;
         }
-        channel.exit(behaviour.exit_code).await;
+        channel.exit(exit_code).await;
     }
 }
 
@@ -294,6 +300,11 @@ struct Channel<'a> {
 
 impl Channel<'_> {
     async fn post<T: serde::Serialize>(&self, route: &str, body: &T) -> bool {
+        self.send(route, body).await.is_some()
+    }
+
+    /// POSTs `body`; the answer when it is a success.
+    async fn send<T: serde::Serialize>(&self, route: &str, body: &T) -> Option<reqwest::Response> {
         let url = format!(
             "{}{}",
             self.config.channel.url.trim_end_matches('/'),
@@ -307,26 +318,33 @@ impl Channel<'_> {
             .send()
             .await;
         match sent {
-            Ok(response) if response.status().is_success() => true,
+            Ok(response) if response.status().is_success() => Some(response),
             Ok(response) => {
                 debug!(%url, status = %response.status(), "sim guest: channel refused");
-                false
+                None
             }
             Err(e) => {
                 debug!(%url, error = %e, "sim guest: channel unreachable");
-                false
+                None
             }
         }
     }
 
-    async fn heartbeat(&self) {
+    /// Sends a heartbeat; whether the channel asks the agent to stop.
+    async fn heartbeat(&self) -> bool {
         let beat = Heartbeat {
             boot_to_entrypoint_ms: Some(50),
             memory_used_bytes: 64 << 20,
             memory_total_bytes: 512 << 20,
             cpu_used_ms: 10,
         };
-        self.post(paths::HEARTBEAT, &beat).await;
+        match self.send(paths::HEARTBEAT, &beat).await {
+            Some(response) => response
+                .json::<HeartbeatReply>()
+                .await
+                .is_ok_and(|reply| reply.stop),
+            None => false,
+        }
     }
 
     /// Reports the exit until the channel acknowledges it, within a bound, as far-init does.

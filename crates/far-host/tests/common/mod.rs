@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use axum::Router;
@@ -11,7 +12,8 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::routing::post;
 use base64::Engine as _;
 use far_agent_protocol::{
-    AgentRef, ChannelConfig, Enrolment, Exit, Heartbeat, LogBatch, RUN_CONFIG_KEY, RunConfig,
+    AgentRef, ChannelConfig, Enrolment, Exit, Heartbeat, HeartbeatReply, LogBatch, RUN_CONFIG_KEY,
+    RunConfig,
 };
 use flintlock_proto::types::{
     Kernel, MicroVmSpec, NetworkInterface, Volume, VolumeSource, network_interface::IfaceType,
@@ -54,9 +56,9 @@ pub fn spec(id: &str, metadata: Option<&RunConfig>) -> MicroVmSpec {
     }
 }
 
-/// What the fake status channel received, in order.
+/// What the fake status channel received, in order; and whether it answers heartbeats "stop".
 #[derive(Default, Clone)]
-pub struct Received(pub Arc<Mutex<Vec<String>>>);
+pub struct Received(pub Arc<Mutex<Vec<String>>>, pub Arc<AtomicBool>);
 
 pub async fn channel() -> (SocketAddr, Received) {
     async fn record(
@@ -91,6 +93,10 @@ pub async fn channel() -> (SocketAddr, Received) {
         match entry {
             Ok(entry) => {
                 received.0.lock().unwrap().push(format!("{uid} {entry}"));
+                if what == "heartbeat" {
+                    let stop = received.1.load(Ordering::Relaxed);
+                    return axum::Json(HeartbeatReply { stop }).into_response();
+                }
                 StatusCode::NO_CONTENT.into_response()
             }
             Err(_) => StatusCode::BAD_REQUEST.into_response(),
