@@ -104,30 +104,63 @@ fn metadata_url(cmdline: &str) -> &str {
         .unwrap_or(METADATA_URL)
 }
 
+/// When each boot step ended, in ms of uptime, so a slow boot names its slow step.
+#[derive(Default)]
+struct Timeline(Vec<(&'static str, u64)>);
+
+impl Timeline {
+    fn mark(&mut self, step: &'static str) {
+        if let Some(ms) = sysinfo::uptime_ms(Path::new("/proc")) {
+            self.0.push((step, ms));
+        }
+    }
+
+    /// `kernel 610 ms, modules +120 ms, ...`.
+    fn summary(&self) -> String {
+        let mut parts = Vec::new();
+        let mut last = None;
+        for (step, ms) in &self.0 {
+            parts.push(match last {
+                None => format!("{step} {ms} ms"),
+                Some(last) => format!("{step} +{} ms", ms.saturating_sub(last)),
+            });
+            last = Some(*ms);
+        }
+        parts.join(", ")
+    }
+}
+
 fn init(channel_out: &mut Option<Arc<Channel>>) -> Result<i32, Fatal> {
     let in_initrd = Path::new(INITRD_MODULE_LIST).exists();
     boot::mount_pseudo_filesystems().map_err(Fatal::Boot)?;
+    let mut timeline = Timeline::default();
+    timeline.mark("kernel");
     if in_initrd {
         boot::load_modules(Path::new(INITRD_MODULE_LIST)).map_err(Fatal::Boot)?;
+        timeline.mark("modules");
         boot::mount_root_and_switch(Path::new("/dev/vda"), Path::new("/newroot"))
             .map_err(Fatal::Boot)?;
         boot::mount_pseudo_filesystems().map_err(Fatal::Boot)?;
+        timeline.mark("root");
     }
     boot::mount_runtime_filesystems().map_err(Fatal::Boot)?;
     let cmdline = boot::kernel_cmdline();
     for line in net::configure(&cmdline).map_err(Fatal::Network)? {
         say!("network: {line}");
     }
+    timeline.mark("network");
 
     let metadata = Metadata::new(metadata_url(&cmdline));
     let bytes = metadata
         .fetch(RUN_CONFIG_KEY, Duration::from_secs(30))
         .map_err(|e| Fatal::Metadata(e.to_string()))?;
     let config = RunConfig::parse(&bytes)?;
+    timeline.mark("metadata");
     let channel = Arc::new(
         Channel::enrol(&config, Duration::from_secs(30))
             .map_err(|e| Fatal::Enrol(e.to_string()))?,
     );
+    timeline.mark("enrolment");
     *channel_out = Some(Arc::clone(&channel));
     say!(
         "running agent {}/{} (attempt {})",
@@ -149,6 +182,8 @@ fn init(channel_out: &mut Option<Arc<Channel>>) -> Result<i32, Fatal> {
     } else {
         Secrets::default()
     };
+    timeline.mark("volumes and secrets");
+    say!("boot: {}", timeline.summary());
     run::run_agent(&config, secrets, channel)
 }
 
