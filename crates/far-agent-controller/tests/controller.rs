@@ -243,6 +243,35 @@ impl Env {
     }
 }
 
+/// A log sink the test can read back.
+#[derive(Clone, Default)]
+struct Output(Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl Output {
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+    }
+}
+
+impl std::io::Write for Output {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Output {
+    type Writer = Output;
+
+    fn make_writer(&'a self) -> Self::Writer {
+        self.clone()
+    }
+}
+
 /// A VM spec far-host accepts, named as the controller names an agent's VM.
 fn bare_vm_spec(id: &str) -> flintlock_proto::types::MicroVmSpec {
     flintlock_proto::types::MicroVmSpec {
@@ -964,6 +993,12 @@ async fn the_controller_converges_through_api_server_errors() {
 #[tokio::test]
 async fn secret_values_appear_in_no_status_event_or_host_record() {
     far_tls::install();
+    // Everything this process logs, at every level: controller, channel, far-host, sim guest.
+    let output = Output::default();
+    tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::TRACE)
+        .with_writer(output.clone())
+        .init();
     let mut env = env().await;
     let secrets: Api<k8s_openapi::api::core::v1::Secret> =
         Api::namespaced(env.api.client(), "default");
@@ -980,6 +1015,38 @@ async fn secret_values_appear_in_no_status_event_or_host_record() {
     env.create("holder", json!({"args": ["--seconds", "600"], "env": [{"name": "API_KEY", "valueFrom": {"secretKeyRef": {"name": "llm", "key": "key"}}}]})).await;
     env.wait_for("holder", "Running", |a| phase(a) == Some(Phase::Running))
         .await;
+    // The guest fetched its secret values (the sim guest does, as far-init does), so they
+    // crossed the channel; they must be nowhere in what was logged.
+    let id = far_agent_protocol::channel_id(
+        &env.agents()
+            .get("holder")
+            .await
+            .unwrap()
+            .metadata
+            .uid
+            .unwrap(),
+        0,
+    );
+    let logged = output.text();
+    assert!(
+        logged.contains("secrets/llm"),
+        "the log holds the reads of the Secret itself: {} bytes",
+        logged.len()
+    );
+    for (what, value) in [
+        ("the secret value", "sk-live-4f2a9c".to_owned()),
+        (
+            "the secret value in base64",
+            base64::Engine::encode(&base64::engine::general_purpose::STANDARD, "sk-live-4f2a9c"),
+        ),
+        ("the agent's token", env.channel.token_for(&id)),
+        (
+            "the agent's enrolment token",
+            env.channel.enrolment_token_for(&id),
+        ),
+    ] {
+        assert!(!logged.contains(&value), "{what} is in the log");
+    }
     let mut records = 0;
 
     let everything = format!(

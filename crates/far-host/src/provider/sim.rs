@@ -22,7 +22,7 @@ use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD;
 use far_agent_protocol::{
     Enrolment, Exit, Heartbeat, HeartbeatReply, LogBatch, LogLine, RUN_CONFIG_KEY, RunConfig,
-    Stream, paths,
+    Secrets, Stream, paths,
 };
 use flintlock_proto::types::MicroVmSpec;
 use tokio::task::JoinHandle;
@@ -224,6 +224,10 @@ impl Guest {
             config: &config,
             token,
         };
+        if config.has_secrets && !channel.fetch_secrets().await {
+            warn!(vm = %self.id, "sim guest: no secret values from the channel; powering off");
+            return;
+        }
         let interval = Duration::from_secs(config.heartbeat_interval_seconds.into());
         channel.heartbeat().await;
         let line = format!("sim: {} {}", config.entrypoint, config.args.join(" "));
@@ -327,6 +331,21 @@ impl Channel<'_> {
                 debug!(%url, error = %e, "sim guest: channel unreachable");
                 None
             }
+        }
+    }
+
+    /// Fetches the agent's secret values as far-init does (and, being a simulation, drops them).
+    async fn fetch_secrets(&self) -> bool {
+        let url = format!(
+            "{}{}",
+            self.config.channel.url.trim_end_matches('/'),
+            paths::for_agent(paths::SECRETS, &self.config.channel.id)
+        );
+        match self.client.get(&url).bearer_auth(&self.token).send().await {
+            Ok(response) if response.status().is_success() => {
+                response.json::<Secrets>().await.is_ok()
+            }
+            _ => false,
         }
     }
 
