@@ -333,15 +333,15 @@ pub async fn run(args: BenchArgs) -> Result<()> {
 
     // Steady state: from the moment every agent runs until the first one finishes, only
     // heartbeats happen; the API writes made meanwhile are what a running fleet costs.
-    let writes_so_far = |api: &FakeApiServer| -> u64 {
+    let writes_so_far = |api: &FakeApiServer| -> BTreeMap<String, u64> {
         api.requests()
-            .iter()
+            .into_iter()
             .filter(|((verb, _), _)| is_write(verb))
-            .map(|(_, n)| n)
-            .sum()
+            .map(|((verb, resource), n)| (format!("{verb} {resource}"), n))
+            .collect()
     };
-    let mut all_running: Option<(Instant, u64)> = None;
-    let mut steady: Option<(f64, u64)> = None;
+    let mut all_running: Option<(Instant, BTreeMap<String, u64>)> = None;
+    let mut steady: Option<(f64, BTreeMap<String, u64>)> = None;
     let deadline = started + Duration::from_secs(args.timeout_seconds);
     while gone.len() < args.agents {
         let next = tokio::time::timeout_at(deadline, events.next()).await;
@@ -369,8 +369,16 @@ pub async fn run(args: BenchArgs) -> Result<()> {
             all_running = Some((Instant::now(), writes_so_far(&api)));
         }
         if status.phase.is_some_and(Phase::is_terminal) {
-            if let (Some((since, writes)), None) = (all_running, steady) {
-                steady = Some((since.elapsed().as_secs_f64(), writes_so_far(&api) - writes));
+            if let (Some((since, before)), None) = (&all_running, &steady) {
+                let during = writes_so_far(&api)
+                    .into_iter()
+                    .map(|(k, n)| {
+                        let was = before.get(&k).copied().unwrap_or(0);
+                        (k, n.saturating_sub(was))
+                    })
+                    .filter(|(_, n)| *n > 0)
+                    .collect();
+                steady = Some((since.elapsed().as_secs_f64(), during));
             }
             if !finished.contains_key(&name) {
                 finished.insert(
@@ -476,11 +484,15 @@ pub async fn run(args: BenchArgs) -> Result<()> {
         "api_writes_per_agent": writes,
         "api_conflicts_per_agent": conflicts,
         // null unless every agent ran together for at least 5 s (use a long --run-seconds).
-        "steady_state": steady.filter(|(seconds, _)| *seconds >= 5.0).map(|(seconds, writes)| json!({
-            "seconds": seconds,
-            "api_writes": writes,
-            "api_writes_per_second": writes as f64 / seconds,
-        })),
+        "steady_state": steady.filter(|(seconds, _)| *seconds >= 5.0).map(|(seconds, by_kind)| {
+            let writes: u64 = by_kind.values().sum();
+            json!({
+                "seconds": seconds,
+                "api_writes": writes,
+                "api_writes_per_second": writes as f64 / seconds,
+                "api_writes_by_kind": by_kind,
+            })
+        }),
         "baseline_status_patches_per_second": patch_rate,
         "process_peak_rss_mib": rss_mib,
         // Only with --controller-binary: the controller's own process.
@@ -555,11 +567,19 @@ fn print_table(r: &serde_json::Value) {
     );
     match r["steady_state"].as_object() {
         Some(s) => println!(
-            "{:<44} {:.1} ({} writes in {:.1} s with every agent running)",
+            "{:<44} {:.1} ({} writes in {:.1} s with every agent running: {})",
             "steady state: API writes per second",
             s["api_writes_per_second"].as_f64().unwrap_or(0.0),
             s["api_writes"],
-            s["seconds"].as_f64().unwrap_or(0.0)
+            s["seconds"].as_f64().unwrap_or(0.0),
+            s["api_writes_by_kind"]
+                .as_object()
+                .map(|m| m
+                    .iter()
+                    .map(|(k, n)| format!("{k} {n}"))
+                    .collect::<Vec<_>>()
+                    .join(", "))
+                .unwrap_or_default()
         ),
         None => println!(
             "{:<44} not measured (agents never all ran together for 5 s: raise --run-seconds)",
