@@ -73,9 +73,22 @@ impl<P: Provider> far_host::guests_server::Guests for Guests<P> {
         authorize(self.token.as_deref(), &request)?;
         let namespace = request.into_inner().namespace;
         Ok(Response::new(ListEndedResponse {
-            guests: self.host.ended(&namespace).map_err(status)?,
+            guests: off_the_runtime(&self.host, move |h| h.ended(&namespace)).await?,
         }))
     }
+}
+
+/// Runs a host call that may write a record (a file, fsync'd) on the blocking pool, so a slow
+/// disk never stalls the runtime serving every other call.
+async fn off_the_runtime<P: Provider, T: Send + 'static>(
+    host: &Arc<Host<P>>,
+    call: impl FnOnce(&Arc<Host<P>>) -> Result<T, HostError> + Send + 'static,
+) -> Result<T, Status> {
+    let host = Arc::clone(host);
+    tokio::task::spawn_blocking(move || call(&host))
+        .await
+        .map_err(|e| Status::internal(format!("far-host: {e}")))?
+        .map_err(status)
 }
 
 fn status(error: HostError) -> Status {
@@ -118,7 +131,7 @@ impl<P: Provider> MicroVm for Service<P> {
         self.authorize(&request)?;
         let uid = request.into_inner().uid;
         required(&uid)?;
-        self.host.delete(&uid).map_err(status)?;
+        off_the_runtime(&self.host, move |h| h.delete(&uid)).await?;
         Ok(Response::new(()))
     }
 
@@ -129,7 +142,7 @@ impl<P: Provider> MicroVm for Service<P> {
         self.authorize(&request)?;
         let uid = request.into_inner().uid;
         required(&uid)?;
-        let vm = self.host.get(&uid).map_err(status)?;
+        let vm = off_the_runtime(&self.host, move |h| h.get(&uid)).await?;
         Ok(Response::new(GetMicroVmResponse { microvm: Some(vm) }))
     }
 
