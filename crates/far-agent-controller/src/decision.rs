@@ -136,6 +136,27 @@ pub struct Observation<'a> {
     pub now: Timestamp,
 }
 
+impl Observation<'_> {
+    /// Whether the guest can still be asked to stop, `waited` after the reason to stop arose:
+    /// it reports in, has not exited, and a heartbeat interval, the grace period and
+    /// [`STOP_MARGIN`] have not passed.
+    fn stoppable(&self, waited: Duration) -> bool {
+        let within = Duration::from_secs(self.spec.heartbeat.interval_seconds.into())
+            + self.grace_period
+            + STOP_MARGIN;
+        self.guest.exit.is_none()
+            && self.guest.last_heartbeat.is_some()
+            && matches!(
+                self.vm,
+                Some(Vm::Present {
+                    state: VmState::Created,
+                    ..
+                })
+            )
+            && waited < within
+    }
+}
+
 /// Something the shell must do.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Action {
@@ -340,14 +361,7 @@ pub fn decide(o: &Observation<'_>) -> Decision {
             Some(Vm::Present { uid, state, .. }) => {
                 // A guest still heard from is asked to stop first, so its agent gets SIGTERM,
                 // the grace period and its last output out; silent, or out of time, the VM goes.
-                let live = !finished
-                    && o.guest.exit.is_none()
-                    && o.guest.last_heartbeat.is_some()
-                    && *state == VmState::Created;
-                let stop_within = Duration::from_secs(o.spec.heartbeat.interval_seconds.into())
-                    + o.grace_period
-                    + STOP_MARGIN;
-                if live && o.now.duration_since(since).unsigned_abs() < stop_within {
+                if !finished && o.stoppable(o.now.duration_since(since).unsigned_abs()) {
                     b.actions.push(Action::StopGuest);
                     return b.done(Some(Duration::from_secs(1)));
                 }
@@ -407,15 +421,28 @@ pub fn decide(o: &Observation<'_>) -> Decision {
         b.status.exit_code = None;
     }
 
-    // The deadline counts from the first start and holds across restarts.
+    // The deadline counts from the first start and holds across restarts. A guest still heard
+    // from is asked to stop first; the agent then fails with the code it ended by.
     if let (Some(limit), Some(start)) =
         (o.spec.active_deadline_seconds, b.status.start_time.as_ref())
         && o.now.duration_since(start.0) >= SignedDuration::from_secs(limit)
     {
+        let over =
+            (o.now.duration_since(start.0) - SignedDuration::from_secs(limit)).unsigned_abs();
+        let why = format!("ran longer than activeDeadlineSeconds ({limit} s)");
+        if o.stoppable(over) {
+            b.phase(
+                b.status.phase.unwrap_or(Phase::Running),
+                AgentReason::DeadlineExceeded,
+                format!("{why}; stopping the agent"),
+            );
+            b.actions.push(Action::StopGuest);
+            return b.done(Some(Duration::from_secs(1)));
+        }
         return b.fail(
             AgentReason::DeadlineExceeded,
-            format!("ran longer than activeDeadlineSeconds ({limit} s)"),
-            None,
+            why,
+            o.guest.exit.as_ref().map(|(code, _)| *code),
         );
     }
 

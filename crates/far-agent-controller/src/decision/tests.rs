@@ -424,6 +424,39 @@ fn a_live_agent_is_asked_to_stop_before_its_vm_goes() {
 }
 
 #[test]
+fn past_its_deadline_a_live_agent_is_stopped_then_fails_with_its_code() {
+    let mut spec = spec();
+    spec.active_deadline_seconds = Some(10);
+    let status = FarAgentStatus {
+        phase: Some(Phase::Running),
+        host: Some("h1".into()),
+        vm_uid: Some("vm1".into()),
+        start_time: Some(Time(t(0))),
+        ..Default::default()
+    };
+    let mut o = observe(&spec, &status, 11);
+    o.vm = present(VmState::Created);
+    o.guest.last_heartbeat = Some(t(10));
+    assert_eq!(decide(&o).actions, [Action::StopGuest]);
+
+    o.guest.exit = Some((143, None));
+    let d = decide(&o);
+    assert_eq!(d.status.phase, Some(Phase::Failed));
+    assert_eq!(d.status.reason, Some(AgentReason::DeadlineExceeded));
+    assert_eq!(d.status.exit_code, Some(143));
+    assert!(d.actions.contains(&Action::DeleteVm { uid: "vm1".into() }));
+
+    // Silent past the stop window: failed without a code, the VM deleted.
+    let mut late = observe(&spec, &status, 11 + 60);
+    late.vm = present(VmState::Created);
+    late.guest.last_heartbeat = Some(t(10));
+    let d = decide(&late);
+    assert_eq!(d.status.reason, Some(AgentReason::DeadlineExceeded));
+    assert_eq!(d.status.exit_code, None);
+    assert!(d.actions.contains(&Action::DeleteVm { uid: "vm1".into() }));
+}
+
+#[test]
 fn deleting_a_finished_agent_whose_vm_was_freed_is_one_write() {
     let spec = spec();
     let status = FarAgentStatus {
