@@ -1,6 +1,8 @@
 //! The real controller loop against the in-repo fake API server (real HTTP), a far-host with
 //! the sim provider (real gRPC), and the status channel (real HTTP).
 
+mod chart;
+
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
@@ -1151,44 +1153,6 @@ async fn a_missing_secret_holds_the_agent_pending_naming_it_and_no_vm_is_made() 
     assert!(env.vms().is_empty());
 }
 
-/// The RBAC the Helm chart grants the controller's ServiceAccount (its ClusterRole, and the
-/// leader-election Role in the release namespace), read from the chart itself.
-fn chart_grants(namespace: &str) -> Vec<far_testkit::apiserver::Grant> {
-    let path = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../../deploy/helm/far-agent-controller/templates/rbac.yaml"
-    );
-    let text = std::fs::read_to_string(path)
-        .unwrap()
-        .replace("{{ .Release.Namespace }}", namespace);
-    let strings = |v: &serde_json::Value| -> Vec<String> {
-        v.as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(|s| s.as_str().map(str::to_owned))
-            .collect()
-    };
-    far_api::manifest::documents(&text)
-        .unwrap()
-        .iter()
-        .filter(|doc| matches!(doc["kind"].as_str(), Some("ClusterRole" | "Role")))
-        .flat_map(|role| {
-            let scope = role["metadata"]["namespace"].as_str().map(str::to_owned);
-            role["rules"]
-                .as_array()
-                .cloned()
-                .unwrap_or_default()
-                .into_iter()
-                .map(move |rule| far_testkit::apiserver::Grant {
-                    namespace: scope.clone(),
-                    groups: strings(&rule["apiGroups"]),
-                    resources: strings(&rule["resources"]),
-                    verbs: strings(&rule["verbs"]),
-                })
-        })
-        .collect()
-}
-
 /// The controller runs a whole agent life as the chart's ServiceAccount, with RBAC enforced
 /// as kube-apiserver does: leader election, the finalizer, a Secret and a ConfigMap read for
 /// env, status and Events, host probing, and deletion past ttlSecondsAfterFinished. Nothing is
@@ -1199,8 +1163,8 @@ async fn the_controller_needs_exactly_the_rbac_its_chart_grants() {
     const TOKEN: &str = "far-agent-controller-token";
     env.api.enforce_rbac(
         TOKEN,
-        "system:serviceaccount:far-system:far-agent-controller",
-        chart_grants("far-system"),
+        &chart::user("far-system"),
+        chart::grants("far-system"),
     );
     let secrets: Api<k8s_openapi::api::core::v1::Secret> =
         Api::namespaced(env.api.client(), "default");

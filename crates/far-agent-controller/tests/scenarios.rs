@@ -3,9 +3,14 @@
 //! `FAR_TEST_KUBECONFIG=/path/to/kubeconfig` is given (skipped, saying so, otherwise).
 //!
 //! The controller runs in this process with a far-host (`sim` provider) on loopback, so the
-//! cluster needs no access to this machine. Use a disposable cluster (kind, k3d) without FAR's
-//! own controller: the CRDs are applied, and the controller under test watches every FarAgent
-//! and probes every FlintlockHost of the cluster. Its agents select its host by a unique label.
+//! cluster needs no access to this machine, and it runs as the chart's ServiceAccount under
+//! exactly the chart's RBAC: the fake API server enforces it; on a real cluster the chart's
+//! ClusterRole, Role and bindings are applied and the controller's client impersonates the
+//! ServiceAccount. Use a disposable cluster (kind, k3d) without FAR's own controller: the CRDs
+//! and RBAC are applied, and the controller under test watches every FarAgent and probes every
+//! FlintlockHost of the cluster. Its agents select its host by a unique label.
+
+mod chart;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -18,7 +23,8 @@ use far_host::{Host, HostConfig};
 use far_testkit::apiserver::FakeApiServer;
 use far_vmspec::Defaults;
 use k8s_openapi::api::core::v1::Namespace;
-use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
+use kube::api::{DeleteParams, DynamicObject, Patch, PatchParams, PostParams};
+use kube::core::{ApiResource, GroupVersionKind};
 use kube::runtime::events::Reporter;
 use kube::{Api, Client};
 use serde_json::json;
@@ -27,6 +33,7 @@ use tokio::sync::oneshot;
 /// One run of the scenarios: a namespace, a FlintlockHost, the far-host behind it, and the
 /// controller.
 struct Stage {
+    /// An administrator: the user creating agents, and the test's own checks.
     client: Client,
     namespace: String,
     /// The label value that ties this run's agents to this run's host.
@@ -36,8 +43,70 @@ struct Stage {
     _stop: oneshot::Sender<()>,
 }
 
+/// Where the scenarios run: who is the administrator, and how the controller gets a client
+/// restricted to the chart's RBAC in a namespace.
+enum Cluster {
+    Fake(FakeApiServer),
+    Real(std::path::PathBuf),
+}
+
+impl Cluster {
+    /// The administrator's client.
+    async fn admin(&self, dir: &std::path::Path) -> Client {
+        match self {
+            Cluster::Fake(api) => {
+                // Through a kubeconfig, as with a real cluster.
+                let kubeconfig = dir.join("kubeconfig");
+                std::fs::write(&kubeconfig, api.kubeconfig()).unwrap();
+                client_from(&kubeconfig, None).await
+            }
+            Cluster::Real(kubeconfig) => client_from(kubeconfig, None).await,
+        }
+    }
+
+    /// A client for the controller, as the chart's ServiceAccount in `namespace`, with the
+    /// chart's RBAC in force.
+    async fn controller(&self, admin: &Client, namespace: &str) -> Client {
+        match self {
+            Cluster::Fake(api) => {
+                const TOKEN: &str = "far-agent-controller-token";
+                api.enforce_rbac(TOKEN, &chart::user(namespace), chart::grants(namespace));
+                api.client_as(TOKEN)
+            }
+            Cluster::Real(kubeconfig) => {
+                for doc in chart::rbac_documents(namespace) {
+                    let kind = doc["kind"].as_str().unwrap_or_default().to_owned();
+                    let resource = ApiResource::from_gvk(&GroupVersionKind::gvk(
+                        "rbac.authorization.k8s.io",
+                        "v1",
+                        &kind,
+                    ));
+                    let api: Api<DynamicObject> = match doc["metadata"]["namespace"].as_str() {
+                        Some(ns) => Api::namespaced_with(admin.clone(), ns, &resource),
+                        None => Api::all_with(admin.clone(), &resource),
+                    };
+                    let name = doc["metadata"]["name"]
+                        .as_str()
+                        .unwrap_or_default()
+                        .to_owned();
+                    api.patch(
+                        &name,
+                        &PatchParams::apply("far-test").force(),
+                        &Patch::Apply(&doc),
+                    )
+                    .await
+                    .unwrap_or_else(|e| panic!("applying the chart's {kind} {name}: {e}"));
+                }
+                client_from(kubeconfig, Some(chart::user(namespace))).await
+            }
+        }
+    }
+}
+
 impl Stage {
-    async fn new(client: Client, real: bool) -> Self {
+    async fn new(cluster: &Cluster, dir: &std::path::Path) -> Self {
+        let client = cluster.admin(dir).await;
+        let real = matches!(cluster, Cluster::Real(_));
         let run = format!("t{}", ulid::Ulid::new().to_string().to_lowercase());
         if real {
             let crds: Api<k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition> =
@@ -105,7 +174,7 @@ impl Stage {
         tokio::spawn(async move { axum::serve(listener, router).await });
         let (stop, stopped) = oneshot::channel::<()>();
         tokio::spawn(far_agent_controller::run::run(
-            client.clone(),
+            cluster.controller(&client, &namespace).await,
             Config {
                 defaults: Defaults::local(),
                 channel_url,
@@ -190,7 +259,26 @@ impl Stage {
         self.host.list("far", None).len()
     }
 
-    async fn tear_down(self) {
+    async fn tear_down(self, cluster: &Cluster) {
+        if let Cluster::Real(_) = cluster {
+            for doc in chart::rbac_documents(&self.namespace) {
+                let kind = doc["kind"].as_str().unwrap_or_default();
+                if !kind.starts_with("Cluster") {
+                    continue; // namespaced: it goes with the namespace
+                }
+                let resource = ApiResource::from_gvk(&GroupVersionKind::gvk(
+                    "rbac.authorization.k8s.io",
+                    "v1",
+                    kind,
+                ));
+                let _ = Api::<DynamicObject>::all_with(self.client.clone(), &resource)
+                    .delete(
+                        doc["metadata"]["name"].as_str().unwrap_or_default(),
+                        &DeleteParams::default(),
+                    )
+                    .await;
+            }
+        }
         let _ = Api::<FlintlockHost>::all(self.client.clone())
             .delete(&self.run, &DeleteParams::default())
             .await;
@@ -273,26 +361,33 @@ async fn scenarios(stage: &Stage) {
     assert_eq!(stage.vms(), 0, "no VM is left behind");
 }
 
-/// A client as `kubectl` would make it from this kubeconfig.
-async fn client_from(kubeconfig: &std::path::Path) -> Client {
+/// A client as `kubectl` would make it from this kubeconfig, impersonating `user` if given.
+async fn client_from(kubeconfig: &std::path::Path, user: Option<String>) -> Client {
     far_tls::install();
     let kubeconfig = kube::config::Kubeconfig::read_from(kubeconfig).expect("kubeconfig readable");
-    let config = kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default())
+    let mut config = kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default())
         .await
         .expect("kubeconfig usable");
+    config.auth_info.impersonate = user;
     Client::try_from(config).expect("client")
 }
 
 #[tokio::test]
 async fn the_scenarios_hold_against_the_fake_api_server() {
-    let api = FakeApiServer::start().await;
-    // Through a kubeconfig, as with a real cluster.
     let dir = tempfile::tempdir().unwrap();
-    let kubeconfig = dir.path().join("kubeconfig");
-    std::fs::write(&kubeconfig, api.kubeconfig()).unwrap();
-    let stage = Stage::new(client_from(&kubeconfig).await, false).await;
+    let cluster = Cluster::Fake(FakeApiServer::start().await);
+    let stage = Stage::new(&cluster, dir.path()).await;
     scenarios(&stage).await;
-    stage.tear_down().await;
+    stage.tear_down(&cluster).await;
+    // The chart's RBAC sufficed: the controller was refused nothing.
+    if let Cluster::Fake(api) = &cluster {
+        let refused: Vec<_> = api
+            .requests()
+            .into_iter()
+            .filter(|((verb, _), _)| verb == "forbidden")
+            .collect();
+        assert!(refused.is_empty(), "refused: {refused:?}");
+    }
 }
 
 #[tokio::test]
@@ -303,7 +398,9 @@ async fn the_scenarios_hold_against_a_real_cluster() {
         );
         return;
     };
-    let stage = Stage::new(client_from(std::path::Path::new(&path)).await, true).await;
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = Cluster::Real(path.into());
+    let stage = Stage::new(&cluster, dir.path()).await;
     scenarios(&stage).await;
-    stage.tear_down().await;
+    stage.tear_down(&cluster).await;
 }
