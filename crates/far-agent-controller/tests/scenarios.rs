@@ -21,6 +21,7 @@ use far_channel::{Channel, TokenKey};
 use far_host::provider::sim::{Sim, SimConfig};
 use far_host::{Host, HostConfig};
 use far_testkit::apiserver::FakeApiServer;
+use far_testkit::cluster;
 use far_vmspec::Defaults;
 use k8s_openapi::api::core::v1::Namespace;
 use kube::api::{DeleteParams, DynamicObject, Patch, PatchParams, PostParams};
@@ -58,9 +59,9 @@ impl Cluster {
                 // Through a kubeconfig, as with a real cluster.
                 let kubeconfig = dir.join("kubeconfig");
                 std::fs::write(&kubeconfig, api.kubeconfig()).unwrap();
-                client_from(&kubeconfig, None).await
+                cluster::client(&kubeconfig, None).await
             }
-            Cluster::Real(kubeconfig) => client_from(kubeconfig, None).await,
+            Cluster::Real(kubeconfig) => cluster::client(kubeconfig, None).await,
         }
     }
 
@@ -97,7 +98,7 @@ impl Cluster {
                     .await
                     .unwrap_or_else(|e| panic!("applying the chart's {kind} {name}: {e}"));
                 }
-                client_from(kubeconfig, Some(chart::user(namespace))).await
+                cluster::client(kubeconfig, Some(chart::user(namespace))).await
             }
         }
     }
@@ -361,17 +362,6 @@ async fn scenarios(stage: &Stage) {
     assert_eq!(stage.vms(), 0, "no VM is left behind");
 }
 
-/// A client as `kubectl` would make it from this kubeconfig, impersonating `user` if given.
-async fn client_from(kubeconfig: &std::path::Path, user: Option<String>) -> Client {
-    far_tls::install();
-    let kubeconfig = kube::config::Kubeconfig::read_from(kubeconfig).expect("kubeconfig readable");
-    let mut config = kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default())
-        .await
-        .expect("kubeconfig usable");
-    config.auth_info.impersonate = user;
-    Client::try_from(config).expect("client")
-}
-
 #[tokio::test]
 async fn the_scenarios_hold_against_the_fake_api_server() {
     let dir = tempfile::tempdir().unwrap();
@@ -392,14 +382,12 @@ async fn the_scenarios_hold_against_the_fake_api_server() {
 
 #[tokio::test]
 async fn the_scenarios_hold_against_a_real_cluster() {
-    let Some(path) = std::env::var_os("FAR_TEST_KUBECONFIG") else {
-        eprintln!(
-            "skipped: FAR_TEST_KUBECONFIG is not set (a disposable cluster without FAR's controller)"
-        );
+    let Some(kubeconfig) = cluster::kubeconfig("a disposable cluster without FAR's controller")
+    else {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
-    let cluster = Cluster::Real(path.into());
+    let cluster = Cluster::Real(kubeconfig);
     let stage = Stage::new(&cluster, dir.path()).await;
     scenarios(&stage).await;
     stage.tear_down(&cluster).await;

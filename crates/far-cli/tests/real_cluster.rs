@@ -9,25 +9,17 @@ use std::time::Duration;
 use far_api::manifest;
 use k8s_openapi::api::core::v1::Namespace;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::Client;
 use kube::api::{Api, DeleteParams, DynamicObject, Patch, PatchParams, PostParams};
 use kube::core::{ApiResource, GroupVersionKind};
-use kube::{Client, Config};
 
 fn examples() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples")
 }
 
 async fn client() -> Option<Client> {
-    let Some(path) = std::env::var_os("FAR_TEST_KUBECONFIG") else {
-        eprintln!("skipped: FAR_TEST_KUBECONFIG is not set (no real API server to test against)");
-        return None;
-    };
-    let kubeconfig =
-        kube::config::Kubeconfig::read_from(&path).expect("FAR_TEST_KUBECONFIG readable");
-    let config = Config::from_custom_kubeconfig(kubeconfig, &Default::default())
-        .await
-        .expect("kubeconfig usable");
-    Some(Client::try_from(config).expect("client"))
+    let kubeconfig = far_testkit::cluster::kubeconfig("no real API server to test against")?;
+    Some(far_testkit::cluster::client(&kubeconfig, None).await)
 }
 
 fn api_for(client: &Client, doc: &serde_json::Value, namespace: &str) -> Api<DynamicObject> {

@@ -3,8 +3,10 @@
 //! - [`apiserver::FakeApiServer`]: a Kubernetes API server over real HTTP, for the resources
 //!   the controller uses, answering as a real kube-apiserver does.
 //! - [`registry::Registry`]: a real OCI registry on loopback.
+//! - [`cluster`]: a real cluster, when `FAR_TEST_KUBECONFIG` names one.
 
 pub mod apiserver;
+pub mod cluster;
 pub mod registry;
 
 #[cfg(test)]
