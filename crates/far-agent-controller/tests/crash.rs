@@ -116,13 +116,9 @@ impl Harness {
         let host = Host::open(HostConfig::default(), state.path(), provider)
             .await
             .unwrap();
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let endpoint = format!("http://{}", listener.local_addr().unwrap());
-        tokio::spawn(
-            tonic::transport::Server::builder()
-                .add_routes(far_host::routes(Arc::clone(&host), None))
-                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
-        );
+        let endpoint = far_host::serve_on_loopback(Arc::clone(&host), None)
+            .await
+            .unwrap();
         let hosts: Api<FlintlockHost> = Api::all(api.client());
         let object: FlintlockHost = serde_json::from_value(json!({
             "apiVersion": "tiffany.dev/v1", "kind": "FlintlockHost", "metadata": {"name": "sim-1"},

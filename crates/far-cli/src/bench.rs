@@ -171,13 +171,7 @@ pub async fn run(args: BenchArgs) -> Result<()> {
             sim,
         )
         .await?;
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-        let endpoint = format!("http://{}", listener.local_addr()?);
-        tokio::spawn(
-            tonic::transport::Server::builder()
-                .add_routes(far_host::routes(host, None))
-                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
-        );
+        let endpoint = far_host::serve_on_loopback(host, None).await?;
         let object: FlintlockHost = serde_json::from_value(json!({
             "apiVersion": "tiffany.dev/v1", "kind": "FlintlockHost", "metadata": {"name": format!("sim-{i}")},
             "spec": {"endpoint": endpoint, "provider": "sim", "capacity": {"cpu": per_host + 1, "memory": format!("{}Mi", (per_host + 1) * 256)},

@@ -195,15 +195,7 @@ pub async fn run(args: RunArgs) -> Result<ExitCode> {
         Qemu::new(qemu),
     )
     .await?;
-    let grpc_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let endpoint = format!("http://{}", grpc_listener.local_addr()?);
-    tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_routes(far_host::routes(Arc::clone(&host), None))
-            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(
-                grpc_listener,
-            )),
-    );
+    let endpoint = far_host::serve_on_loopback(Arc::clone(&host), None).await?;
     let mut client = MicroVmClient::connect(endpoint.clone())
         .await
         .context("connecting to the embedded far-host")?;

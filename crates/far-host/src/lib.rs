@@ -18,4 +18,4 @@ pub mod store;
 pub mod validate;
 
 pub use host::{Host, HostConfig, HostError};
-pub use service::{Service, routes};
+pub use service::{Service, routes, serve_on_loopback};

@@ -64,6 +64,26 @@ pub fn routes<P: Provider>(host: Arc<Host<P>>, token: Option<String>) -> Routes 
         .add_service(Guests::new(host, token))
 }
 
+/// Serves both services in plain gRPC on a free loopback port, in a task of its own, for as long
+/// as the runtime runs: the embedded far-host of `far run` and `far bench`, and tests. Answers
+/// the endpoint (`http://127.0.0.1:PORT`).
+///
+/// # Errors
+/// When no loopback port can be bound.
+pub async fn serve_on_loopback<P: Provider>(
+    host: Arc<Host<P>>,
+    token: Option<String>,
+) -> std::io::Result<String> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let endpoint = format!("http://{}", listener.local_addr()?);
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_routes(routes(host, token))
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    Ok(endpoint)
+}
+
 #[tonic::async_trait]
 impl<P: Provider> far_host::guests_server::Guests for Guests<P> {
     async fn list_ended(

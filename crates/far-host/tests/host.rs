@@ -311,16 +311,9 @@ async fn list_ended_names_failed_and_stopped_vms_over_grpc() {
     let crashed = create("crashed", &["--sim-crash", "--seconds", "0"]).await;
     let running = create("running", &["--sim-hang"]).await;
 
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let endpoint = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_routes(far_host::routes(
-                std::sync::Arc::clone(&host),
-                Some("t0ken".into()),
-            ))
-            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
-    );
+    let endpoint = far_host::serve_on_loopback(std::sync::Arc::clone(&host), Some("t0ken".into()))
+        .await
+        .unwrap();
     let channel = tonic::transport::Endpoint::from_shared(endpoint)
         .unwrap()
         .connect()

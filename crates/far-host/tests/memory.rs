@@ -101,13 +101,9 @@ async fn thousands_of_hostile_calls_leave_the_heap_as_it_was() {
     )
     .await
     .unwrap();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let endpoint = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_routes(far_host::routes(host, Some("t0ken".into())))
-            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
-    );
+    let endpoint = far_host::serve_on_loopback(host, Some("t0ken".into()))
+        .await
+        .unwrap();
     // Warm up the runtime's and the allocator's own caches.
     let before = heap_after(&endpoint, 0..100).await;
     let rounds = 1_000;
