@@ -110,20 +110,7 @@ impl Stage {
         let real = matches!(cluster, Cluster::Real(_));
         let run = format!("t{}", ulid::Ulid::new().to_string().to_lowercase());
         if real {
-            let crds: Api<k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition> =
-                Api::all(client.clone());
-            for crd in far_api::crds() {
-                let name = crd.metadata.name.clone().unwrap();
-                crds.patch(
-                    &name,
-                    &PatchParams::apply("far-test").force(),
-                    &Patch::Apply(&crd),
-                )
-                .await
-                .expect("CRD applied");
-            }
-            // A fresh CRD takes a moment to be served.
-            tokio::time::sleep(Duration::from_secs(2)).await;
+            cluster::apply_crds(&client).await;
         }
         let namespace = format!("far-test-{run}");
         let ns: Namespace =

@@ -4,13 +4,11 @@
 //! named, exactly as the client-side admission in `far_api::admission` refuses it.
 
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 use far_api::manifest;
 use k8s_openapi::api::core::v1::Namespace;
-use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::Client;
-use kube::api::{Api, DeleteParams, DynamicObject, Patch, PatchParams, PostParams};
+use kube::api::{Api, DeleteParams, DynamicObject, PostParams};
 use kube::core::{ApiResource, GroupVersionKind};
 
 fn examples() -> PathBuf {
@@ -35,18 +33,7 @@ fn api_for(client: &Client, doc: &serde_json::Value, namespace: &str) -> Api<Dyn
 #[tokio::test]
 async fn examples_are_admitted_and_refused_by_a_real_api_server_as_by_far() {
     let Some(client) = client().await else { return };
-    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
-    for crd in far_api::crds() {
-        let name = crd.metadata.name.clone().unwrap();
-        crds.patch(
-            &name,
-            &PatchParams::apply("far-test").force(),
-            &Patch::Apply(&crd),
-        )
-        .await
-        .expect("CRD applied");
-    }
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    far_testkit::cluster::apply_crds(&client).await;
     let namespace = format!("far-test-{}", ulid::Ulid::new().to_string().to_lowercase());
     let namespaces: Api<Namespace> = Api::all(client.clone());
     let ns: Namespace =

@@ -30,3 +30,24 @@ pub async fn client(kubeconfig: &Path, impersonate: Option<String>) -> kube::Cli
     config.auth_info.impersonate = impersonate;
     kube::Client::try_from(config).expect("a client from the kubeconfig")
 }
+
+/// Applies FAR's CRDs (server-side apply) and waits the moment a fresh CRD takes to be served.
+///
+/// # Panics
+/// When the API server refuses a CRD: the test cannot run.
+pub async fn apply_crds(client: &kube::Client) {
+    use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+    use kube::api::{Api, Patch, PatchParams};
+    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+    for crd in far_api::crds() {
+        let name = crd.metadata.name.clone().unwrap_or_default();
+        crds.patch(
+            &name,
+            &PatchParams::apply("far-test").force(),
+            &Patch::Apply(&crd),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("applying the CRD {name}: {e}"));
+    }
+    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+}
