@@ -37,7 +37,7 @@ struct Args {
     )]
     initrd_image: String,
     /// The initrd's file name inside its image.
-    #[arg(long, env = "FAR_INITRD_FILENAME", default_value = "initrd.cpio.gz")]
+    #[arg(long, env = "FAR_INITRD_FILENAME", default_value = Defaults::INIT_FILENAME)]
     initrd_filename: String,
     /// Where the agent status channel listens.
     #[arg(long, env = "FAR_CHANNEL_LISTEN", default_value = "0.0.0.0:8443")]

@@ -24,7 +24,7 @@ fn guest_images() -> PathBuf {
     );
     let images = dir.join("images");
     assert!(
-        images.join("far-init/initrd.cpio.gz").is_file(),
+        images.join("far-init/initrd.cpio").is_file(),
         "guest images missing in {}: run ./scripts/build-guest first",
         images.display()
     );
@@ -58,7 +58,7 @@ fn vm_spec(
     spec.kernel.as_mut().unwrap().image = "far.local/kernel:dev".into();
     spec.initrd = Some(flintlock_proto::types::Initrd {
         image: "far.local/far-init:dev".into(),
-        filename: Some("initrd.cpio.gz".into()),
+        filename: Some("initrd.cpio".into()),
     });
     set_root_image(&mut spec, "far.local/tiffany:dev");
     spec
@@ -71,6 +71,33 @@ async fn a_real_microvm_runs_the_agent_and_its_exit_code_reaches_the_channel() {
     let console = runs_to_exit_code_3(&host, state.path(), |config| vm_spec("fail3", config)).await;
     assert!(
         console.contains("far-init: network: eth0 169.254.0.15/16 (link-local default)"),
+        "{console}"
+    );
+    assert!(
+        console.contains("far-init: reading the run configuration from http://169.254.0.2:"),
+        "far-init is pointed at the metadata service on host loopback: {console}"
+    );
+}
+
+/// A guest that reads the metadata service where Firecracker's MMDS answers (169.254.169.254)
+/// finds it there too, through the relay.
+#[tokio::test]
+async fn the_metadata_service_also_answers_at_the_mmds_address() {
+    let state = tempfile::tempdir().unwrap();
+    let host = qemu_host(state.path()).await;
+    let console = runs_to_exit_code_3(&host, state.path(), |config| {
+        let mut spec = vm_spec("mmds", config);
+        spec.kernel
+            .as_mut()
+            .unwrap()
+            .cmdline
+            .insert("far.metadata".into(), "http://169.254.169.254".into());
+        spec
+    })
+    .await;
+    assert!(
+        console.lines().any(|l| l.trim_end()
+            == "far-init: reading the run configuration from http://169.254.169.254"),
         "{console}"
     );
 }

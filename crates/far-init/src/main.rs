@@ -28,9 +28,10 @@ use far_agent_protocol::{Exit, RUN_CONFIG_KEY, RunConfig, Secrets};
 use crate::channel::Channel;
 use crate::metadata::Metadata;
 
-/// Where the metadata service answers (MMDS, as Flintlock provides it, and far-host's QEMU VMs
-/// through a relay), unless the kernel command line says `far.metadata=URL` (a metadata service
-/// elsewhere, for debugging).
+/// Where the metadata service answers (MMDS, as Flintlock provides it), unless the kernel
+/// command line says `far.metadata=URL` (far-host's QEMU VMs: the service on the host's
+/// loopback, reached through the host's address without a relay; or one elsewhere, for
+/// debugging).
 const METADATA_URL: &str = "http://169.254.169.254";
 
 /// Present only in FAR's initrd: far-init is then the initrd's `/init`.
@@ -150,7 +151,9 @@ fn init(channel_out: &mut Option<Arc<Channel>>) -> Result<i32, Fatal> {
     }
     timeline.mark("network");
 
-    let metadata = Metadata::new(metadata_url(&cmdline));
+    let metadata_url = metadata_url(&cmdline);
+    say!("reading the run configuration from {metadata_url}");
+    let metadata = Metadata::new(metadata_url);
     let bytes = metadata
         .fetch(RUN_CONFIG_KEY, Duration::from_secs(30))
         .map_err(|e| Fatal::Metadata(e.to_string()))?;

@@ -1,5 +1,6 @@
-//! The metadata service, read the way a Firecracker guest reads MMDS: the V2 session-token flow
-//! first, plain V1 GETs when the service has no token endpoint.
+//! The metadata service, read the way a Firecracker guest reads MMDS: a plain V1 GET first (the
+//! version flintlockd configures, and far-host's), the V2 session-token flow when the service
+//! demands a token (401).
 
 use std::time::{Duration, Instant};
 
@@ -52,7 +53,7 @@ impl Metadata {
         }
     }
 
-    /// A V2 session token, or `None` when the service only speaks V1.
+    /// A V2 session token, or `None` when the service has no token endpoint.
     fn token(&self) -> Result<Option<String>, ureq::Error> {
         let mut response = self
             .agent
@@ -73,14 +74,30 @@ impl Metadata {
         ))
     }
 
-    fn fetch_once(&self, key: &str) -> Result<Vec<u8>, FetchError> {
-        let token = self.token().map_err(FetchError::Transport)?;
-        let url = format!("{}/latest/{key}", self.base);
-        let mut request = self.agent.get(&url);
-        if let Some(token) = &token {
+    fn get(
+        &self,
+        url: &str,
+        token: Option<&str>,
+    ) -> Result<ureq::http::Response<ureq::Body>, ureq::Error> {
+        let mut request = self.agent.get(url);
+        if let Some(token) = token {
             request = request.header("X-metadata-token", token);
         }
-        let mut response = request.call().map_err(FetchError::Transport)?;
+        request.call()
+    }
+
+    fn fetch_once(&self, key: &str) -> Result<Vec<u8>, FetchError> {
+        let url = format!("{}/latest/{key}", self.base);
+        // V1 first: one request where the service allows it, which costs boot time under
+        // software emulation; a V2-only service answers 401 and gets the token flow.
+        let mut response = self.get(&url, None).map_err(FetchError::Transport)?;
+        if response.status().as_u16() == 401
+            && let Some(token) = self.token().map_err(FetchError::Transport)?
+        {
+            response = self
+                .get(&url, Some(&token))
+                .map_err(FetchError::Transport)?;
+        }
         let status = response.status().as_u16();
         if status != 200 {
             return Err(FetchError::Status(MetadataError::Status { url, status }));
@@ -176,7 +193,25 @@ mod tests {
     }
 
     #[test]
-    fn v2_token_flow_is_used_when_the_service_offers_it() {
+    fn a_v1_service_is_read_with_one_request() {
+        let (base, seen) = serve(|request, _| match request {
+            r if r.starts_with("GET /latest/far-run") => (200, "cfg".into()),
+            _ => (404, String::new()),
+        });
+        assert_eq!(
+            Metadata::new(&base)
+                .fetch("far-run", Duration::from_secs(2))
+                .unwrap(),
+            b"cfg"
+        );
+        assert_eq!(
+            *seen.lock().unwrap(),
+            ["GET /latest/far-run HTTP/1.1 token=-"]
+        );
+    }
+
+    #[test]
+    fn a_service_demanding_a_token_gets_the_v2_token_flow() {
         let (base, seen) = serve(|request, token| match (request, token) {
             (r, _) if r.starts_with("PUT /latest/api/token") => (200, "T0K".into()),
             (r, Some("T0K")) if r.starts_with("GET /latest/far-run") => {
@@ -189,27 +224,27 @@ mod tests {
             .unwrap();
         assert_eq!(bytes, b"{\"version\":1}");
         assert_eq!(
-            seen.lock().unwrap()[1],
-            "GET /latest/far-run HTTP/1.1 token=T0K"
+            *seen.lock().unwrap(),
+            [
+                "GET /latest/far-run HTTP/1.1 token=-",
+                "PUT /latest/api/token HTTP/1.1 token=-",
+                "GET /latest/far-run HTTP/1.1 token=T0K",
+            ]
         );
     }
 
     #[test]
-    fn v1_is_used_when_there_is_no_token_endpoint() {
-        let (base, seen) = serve(|request, _| match request {
+    fn a_refusal_without_a_token_endpoint_is_an_error() {
+        let (base, _) = serve(|request, _| match request {
             r if r.starts_with("PUT") => (405, String::new()),
-            r if r.starts_with("GET /latest/far-run") => (200, "cfg".into()),
-            _ => (404, String::new()),
+            _ => (401, String::new()),
         });
-        assert_eq!(
-            Metadata::new(&base)
-                .fetch("far-run", Duration::from_secs(2))
-                .unwrap(),
-            b"cfg"
-        );
-        assert_eq!(
-            seen.lock().unwrap()[1],
-            "GET /latest/far-run HTTP/1.1 token=-"
+        let err = Metadata::new(&base)
+            .fetch("far-run", Duration::from_secs(2))
+            .unwrap_err();
+        assert!(
+            matches!(err, MetadataError::Status { status: 401, .. }),
+            "{err}"
         );
     }
 

@@ -113,6 +113,9 @@ impl Defaults {
     pub const LOCAL_KERNEL_IMAGE: &'static str = "far.local/kernel:dev";
     /// far-init initrd image reference of a single machine's guest images.
     pub const LOCAL_INIT_IMAGE: &'static str = "far.local/far-init:dev";
+    /// The initrd's file name in far-init's image (`scripts/build-guest`): an uncompressed cpio
+    /// archive, which the kernel unpacks faster than a gzipped one.
+    pub const INIT_FILENAME: &'static str = "initrd.cpio";
 
     /// Defaults for one machine (`far run`, `far bench`, tests): Flintlock namespace `far`, and
     /// the kernel and far-init initrd that `scripts/build-guest` builds, by the references above.
@@ -126,7 +129,7 @@ impl Defaults {
             kernel_cmdline: BTreeMap::new(),
             initrd: ImageFile {
                 image: Self::LOCAL_INIT_IMAGE.into(),
-                filename: "initrd.cpio.gz".into(),
+                filename: Self::INIT_FILENAME.into(),
             },
         }
     }

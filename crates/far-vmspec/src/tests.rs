@@ -44,7 +44,7 @@ fn defaults() -> Defaults {
         ]),
         initrd: ImageFile {
             image: "127.0.0.1:5000/far/init:dev".into(),
-            filename: "initrd.cpio.gz".into(),
+            filename: Defaults::INIT_FILENAME.into(),
         },
     }
 }
@@ -88,7 +88,7 @@ fn the_mission_example_becomes_the_request_flintlockd_needs() {
     let initrd = vm.initrd.unwrap();
     assert_eq!(
         (initrd.image.as_str(), initrd.filename.as_deref()),
-        ("127.0.0.1:5000/far/init:dev", Some("initrd.cpio.gz"))
+        ("127.0.0.1:5000/far/init:dev", Some("initrd.cpio"))
     );
 
     let root = vm.root_volume.unwrap();
