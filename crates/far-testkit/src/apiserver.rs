@@ -24,6 +24,8 @@ use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
 use tokio::sync::broadcast;
 
+use crate::request_metrics;
+
 /// A resource the fake serves.
 #[derive(Clone, Copy, Debug)]
 struct Kind {
@@ -132,7 +134,8 @@ struct Inner {
     rv: u64,
     objects: BTreeMap<Key, Value>,
     log: Vec<Change>,
-    counts: BTreeMap<(String, String), u64>,
+    /// `apiserver_request_total`, as the real one counts.
+    requests: BTreeMap<request_metrics::Series, u64>,
     failures: HashMap<String, (u16, u32)>,
     rbac: Option<Rbac>,
 }
@@ -319,7 +322,7 @@ impl FakeApiServer {
     /// update, patch and delete; `conflict` counts the requests of any verb answered 409,
     /// `forbidden` those refused by RBAC.
     pub fn requests(&self) -> BTreeMap<(String, String), u64> {
-        lock(&self.shared).counts.clone()
+        request_metrics::by_verb(&lock(&self.shared).requests)
     }
 
     /// Answers the next `times` requests with this verb (any resource) with `status`.
@@ -607,6 +610,10 @@ async fn handle(
     {
         return response;
     }
+    if uri.path() == "/metrics" && method == Method::GET {
+        let text = request_metrics::render(&lock(&shared).requests);
+        return ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response();
+    }
     let Some(target) = parse_path(uri.path()) else {
         return (
             StatusCode::NOT_FOUND,
@@ -617,19 +624,66 @@ async fn handle(
     };
     let q = query(&uri);
     let verb = verb(&method, &target, &q);
+    let response = answer(&shared, &method, verb, &target, &q, &headers, &body);
+    count(&shared, &method, verb, &target, &headers, response.status());
+    response
+}
+
+/// Counts a request as kube-apiserver's `apiserver_request_total` does.
+fn count(
+    shared: &Shared,
+    method: &Method,
+    verb: &str,
+    target: &Target,
+    headers: &HeaderMap,
+    code: StatusCode,
+) {
+    let apply = headers
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|t| t.as_bytes().starts_with(b"application/apply-patch"));
+    let series = request_metrics::Series {
+        verb: match verb {
+            "list" => "LIST",
+            "watch" => "WATCH",
+            "patch" if apply => "APPLY",
+            _ => method.as_str(),
+        }
+        .to_owned(),
+        group: target.kind.group.to_owned(),
+        version: target.kind.version.to_owned(),
+        resource: target.kind.plural.to_owned(),
+        subresource: target.subresource.clone().unwrap_or_default(),
+        // As kube-apiserver's CleanScope: a create counts as one object's.
+        scope: match (&target.name, &target.namespace) {
+            (Some(_), _) => "resource",
+            _ if verb == "create" => "resource",
+            (None, Some(_)) => "namespace",
+            (None, None) => "cluster",
+        }
+        .to_owned(),
+        code: code.as_u16(),
+    };
+    *lock(shared).requests.entry(series).or_default() += 1;
+}
+
+fn answer(
+    shared: &Arc<Shared>,
+    method: &Method,
+    verb: &'static str,
+    target: &Target,
+    q: &HashMap<String, String>,
+    headers: &HeaderMap,
+    body: &Bytes,
+) -> Response {
     {
-        let mut inner = lock(&shared);
-        *inner
-            .counts
-            .entry((verb.to_owned(), target.kind.plural.to_owned()))
-            .or_default() += 1;
+        let mut inner = lock(shared);
         let bearer = headers
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "));
         if let Some(rbac) = inner.rbac.as_mut()
             && bearer == Some(rbac.token.as_str())
-            && !rbac.allows(verb, &target)
+            && !rbac.allows(verb, target)
         {
             let resource = match &target.subresource {
                 Some(sub) => format!("{}/{sub}", target.kind.plural),
@@ -650,10 +704,6 @@ async fn handle(
                 rbac.user,
                 target.kind.group,
             );
-            *inner
-                .counts
-                .entry(("forbidden".to_owned(), target.kind.plural.to_owned()))
-                .or_default() += 1;
             return status(
                 403,
                 "Forbidden",
@@ -683,28 +733,21 @@ async fn handle(
             );
         }
     }
-    let response = match verb {
-        "list" => list(&shared, &target, &q),
-        "watch" => watch(&shared, &target, &q),
-        "get" => get(&shared, &target),
-        "create" => create(&shared, &target, &body),
-        "update" => update(&shared, &target, &body),
-        "patch" => patch(&shared, &target, &headers, &body),
-        "delete" => delete(&shared, &target),
+    match verb {
+        "list" => list(shared, target, q),
+        "watch" => watch(shared, target, q),
+        "get" => get(shared, target),
+        "create" => create(shared, target, body),
+        "update" => update(shared, target, body),
+        "patch" => patch(shared, target, headers, body),
+        "delete" => delete(shared, target),
         _ => status(
             405,
             "MethodNotAllowed",
             format!("{method} is not supported"),
             Value::Null,
         ),
-    };
-    if response.status() == StatusCode::CONFLICT {
-        *lock(&shared)
-            .counts
-            .entry(("conflict".to_owned(), target.kind.plural.to_owned()))
-            .or_default() += 1;
     }
-    response
 }
 
 fn list(shared: &Shared, target: &Target, q: &HashMap<String, String>) -> Response {

@@ -8,6 +8,7 @@
 pub mod apiserver;
 pub mod cluster;
 pub mod registry;
+pub mod request_metrics;
 
 #[cfg(test)]
 mod tests;

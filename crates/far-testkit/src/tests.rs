@@ -205,3 +205,56 @@ async fn dropped_watches_end_mid_stream_and_resume_from_their_resource_version()
         WatchEvent::Deleted(_)
     ));
 }
+
+/// `/metrics` counts requests as kube-apiserver's `apiserver_request_total` does (verb, resource,
+/// subresource, scope, code), read over HTTP by the same parser `far bench` reads a real one with.
+#[tokio::test]
+async fn metrics_count_requests_as_the_api_server_does() {
+    use crate::request_metrics::{Series, parse};
+    let server = FakeApiServer::start().await;
+    let client = server.client();
+    let api: Api<FarAgent> = Api::namespaced(client.clone(), "ns1");
+    api.create(&PostParams::default(), &agent("a"))
+        .await
+        .unwrap();
+    let again = api.create(&PostParams::default(), &agent("a")).await;
+    assert!(
+        again.is_err(),
+        "a second create of the same name is refused"
+    );
+    let status = json!({"status": {"message": "hello"}});
+    api.patch_status("a", &PatchParams::default(), &Patch::Merge(&status))
+        .await
+        .unwrap();
+    api.list(&Default::default()).await.unwrap();
+
+    let text = client
+        .request_text(
+            axum::http::Request::get("/metrics")
+                .body(Vec::new())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    let series = parse(&text);
+    let count = |verb: &str, subresource: &str, scope: &str, code: u16| {
+        series
+            .get(&Series {
+                verb: verb.into(),
+                group: "tiffany.dev".into(),
+                version: "v1".into(),
+                resource: "faragents".into(),
+                subresource: subresource.into(),
+                scope: scope.into(),
+                code,
+            })
+            .copied()
+    };
+    assert_eq!(count("POST", "", "resource", 201), Some(1), "{text}");
+    assert_eq!(count("POST", "", "resource", 409), Some(1), "{text}");
+    assert_eq!(count("PATCH", "status", "resource", 200), Some(1), "{text}");
+    assert_eq!(count("LIST", "", "namespace", 200), Some(1), "{text}");
+    let by_verb = server.requests();
+    assert_eq!(by_verb[&("create".to_owned(), "faragents".to_owned())], 2);
+    assert_eq!(by_verb[&("conflict".to_owned(), "faragents".to_owned())], 1);
+}
