@@ -1,12 +1,15 @@
 //! `far bench`: the control plane under load, measured.
 //!
-//! In one process: the in-repo fake API server (real HTTP), several far-hosts with the `sim`
-//! provider (real gRPC; each simulated guest heartbeats and reports its exit over real HTTP),
-//! the status channel, and the real controller. It creates N FarAgents in one burst, follows
-//! them with a watch, and prints what happened as a table and as JSON: times from create to
-//! Running and to finished, the rate agents reached Running, API requests per agent by verb,
-//! and the process's peak memory and CPU time. A baseline first measures how fast the same API
-//! server takes plain status patches, so the controller's rate reads as a share of it.
+//! In one process: several far-hosts with the `sim` provider (real gRPC; each simulated guest
+//! heartbeats and reports its exit over real HTTP), the status channel, and the real controller
+//! (or the controller as its own process), against the in-repo fake API server (real HTTP) or
+//! the API server a kubeconfig names. It creates N FarAgents in one burst or at a rate, follows
+//! them with a watch, deletes each once finished, and prints what happened as a table and as
+//! JSON: times from create to Running and to finished, the rate agents reached Running, API
+//! requests per agent by verb (read from the API server's own `apiserver_request_total` at
+//! `/metrics`, the fake's or a real one's), and peak memory and CPU time. A baseline first
+//! measures how fast the same API server takes plain status patches, so the controller's rate
+//! reads as a share of it.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -21,10 +24,12 @@ use far_host::provider::sim::{Sim, SimConfig};
 use far_host::validate::Limits;
 use far_host::{Host, HostConfig};
 use far_testkit::apiserver::FakeApiServer;
+use far_testkit::request_metrics;
 use far_vmspec::Defaults;
 use futures::StreamExt;
+use k8s_openapi::api::core::v1::Namespace;
 use kube::Api;
-use kube::api::{Patch, PatchParams, PostParams};
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::events::Reporter;
 use kube::runtime::watcher;
 use serde_json::json;
@@ -61,6 +66,83 @@ pub struct BenchArgs {
     /// Which Events the controller records (`all` or `warnings`).
     #[arg(long, value_enum, default_value_t)]
     pub events: far_agent_controller::reconcile::EventPolicy,
+    /// Run against the API server this kubeconfig names instead of the in-repo fake: a
+    /// disposable cluster with FAR's CRDs installed (`far crd | kubectl apply -f -`) and no FAR
+    /// controller running, since the benchmark's controller reconciles every FarAgent there.
+    /// Reading `/metrics` needs `get` on that non-resource URL.
+    #[arg(long, value_name = "PATH")]
+    pub kubeconfig: Option<std::path::PathBuf>,
+}
+
+/// The namespace the benchmark's agents (and the controller's Lease) live in.
+const NAMESPACE: &str = "far-bench";
+
+/// The API server the benchmark runs against.
+struct ApiServer {
+    client: kube::Client,
+    /// Its kubeconfig, for a controller run as its own process.
+    kubeconfig: std::path::PathBuf,
+    /// The in-repo fake, when no kubeconfig was given; serves until dropped.
+    _fake: Option<FakeApiServer>,
+}
+
+impl ApiServer {
+    async fn start(kubeconfig: Option<&std::path::Path>, state: &std::path::Path) -> Result<Self> {
+        let Some(path) = kubeconfig else {
+            let fake = FakeApiServer::start().await;
+            let path = state.join("kubeconfig");
+            std::fs::write(&path, fake.kubeconfig())?;
+            return Ok(Self {
+                client: fake.client(),
+                kubeconfig: path,
+                _fake: Some(fake),
+            });
+        };
+        let file = kube::config::Kubeconfig::read_from(path)
+            .with_context(|| format!("reading --kubeconfig {}", path.display()))?;
+        let config = kube::Config::from_custom_kubeconfig(file, &Default::default())
+            .await
+            .with_context(|| format!("using --kubeconfig {}", path.display()))?;
+        let client = kube::Client::try_from(config)?;
+        if let Err(e) = Api::<FarAgent>::all(client.clone())
+            .list(&ListParams::default().limit(1))
+            .await
+        {
+            bail!(
+                "the API server --kubeconfig names does not serve FarAgents ({e}): install FAR's CRDs first (far crd | kubectl apply -f -)"
+            );
+        }
+        Ok(Self {
+            client,
+            kubeconfig: path.to_owned(),
+            _fake: None,
+        })
+    }
+
+    /// Requests the API server has served so far, by `(verb, resource)` (and `conflict`),
+    /// from its `apiserver_request_total`. A real one counts every client's requests.
+    async fn requests(&self) -> Result<BTreeMap<(String, String), u64>> {
+        let request = axum::http::Request::get("/metrics").body(Vec::new())?;
+        let text = self
+            .client
+            .request_text(request)
+            .await
+            .context("reading the API server's /metrics")?;
+        Ok(request_metrics::by_verb(&request_metrics::parse(&text)))
+    }
+
+    /// The benchmark's namespace, created unless it exists.
+    async fn namespace(&self) -> Result<()> {
+        let namespaces: Api<Namespace> = Api::all(self.client.clone());
+        let namespace: Namespace =
+            serde_json::from_value(json!({"metadata": {"name": NAMESPACE}}))?;
+        match namespaces.create(&PostParams::default(), &namespace).await {
+            Err(kube::Error::Api(e)) if e.code == 409 => Ok(()),
+            other => other
+                .map(drop)
+                .context("creating the benchmark's namespace"),
+        }
+    }
 }
 
 /// The verbs that write to the API server.
@@ -107,8 +189,8 @@ fn process_usage(pid: &str) -> (f64, f64) {
     (hwm_kib / 1024.0, ticks / 100.0)
 }
 
-async fn baseline(api: &FakeApiServer, patches: usize) -> Result<f64> {
-    let agents: Api<FarAgent> = Api::namespaced(api.client(), "baseline");
+async fn baseline(api: &ApiServer, patches: usize) -> Result<f64> {
+    let agents: Api<FarAgent> = Api::namespaced(api.client.clone(), NAMESPACE);
     let agent: FarAgent = serde_json::from_value(json!({
         "apiVersion": "tiffany.dev/v1", "kind": "FarAgent", "metadata": {"name": "baseline"},
         "spec": {"image": "busybox:1", "memory": "256Mi", "cpu": 1, "entrypoint": "/bin/true"}
@@ -138,19 +220,23 @@ async fn baseline(api: &FakeApiServer, patches: usize) -> Result<f64> {
 
 /// Runs the benchmark and prints its figures.
 pub async fn run(args: BenchArgs) -> Result<()> {
-    let api = FakeApiServer::start().await;
+    let state = tempfile::Builder::new().prefix("far-bench-").tempdir()?;
+    let api = ApiServer::start(args.kubeconfig.as_deref(), state.path()).await?;
+    api.namespace().await?;
     eprintln!(
         "far bench: baseline: {} plain status patches",
         args.baseline_patches
     );
     let patch_rate = baseline(&api, args.baseline_patches).await?;
-    let before = api.requests();
+    let before = api.requests().await?;
 
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let channel_url = format!("http://{}", listener.local_addr()?);
 
-    let state = tempfile::Builder::new().prefix("far-bench-").tempdir()?;
-    let hosts_api: Api<FlintlockHost> = Api::all(api.client());
+    // The benchmark's agents go to its own hosts only, should the cluster have others.
+    let run_label = ulid::Ulid::new().to_string().to_lowercase();
+    let hosts_api: Api<FlintlockHost> = Api::all(api.client.clone());
+    let mut host_names = Vec::new();
     let per_host = args.agents.div_ceil(args.hosts.max(1)) as u64;
     for i in 0..args.hosts {
         let limits = Limits {
@@ -172,27 +258,29 @@ pub async fn run(args: BenchArgs) -> Result<()> {
         )
         .await?;
         let endpoint = far_host::serve_on_loopback(host, None).await?;
+        let name = format!("far-bench-{run_label}-{i}");
         let object: FlintlockHost = serde_json::from_value(json!({
-            "apiVersion": "tiffany.dev/v1", "kind": "FlintlockHost", "metadata": {"name": format!("sim-{i}")},
+            "apiVersion": "tiffany.dev/v1", "kind": "FlintlockHost",
+            "metadata": {"name": name, "labels": {"far-bench/run": run_label}},
             "spec": {"endpoint": endpoint, "provider": "sim", "capacity": {"cpu": per_host + 1, "memory": format!("{}Mi", (per_host + 1) * 256)},
                      "vmLimits": {"minMemory": "64Mi", "maxMemory": "256Mi", "maxCpu": 1}}
         }))?;
         hosts_api.create(&PostParams::default(), &object).await?;
+        host_names.push(name);
     }
 
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let controller = match &args.controller_binary {
         Some(binary) => {
             drop(listener);
-            std::fs::write(state.path().join("kubeconfig"), api.kubeconfig())?;
             std::fs::write(state.path().join("channel.key"), [7u8; 32])?;
             let child = tokio::process::Command::new(binary)
-                .env("KUBECONFIG", state.path().join("kubeconfig"))
+                .env("KUBECONFIG", &api.kubeconfig)
                 .env("POD_NAME", "far-agent-controller-bench")
                 .env("RUST_LOG", "error")
                 .args([
                     "--lease-namespace",
-                    "default",
+                    NAMESPACE,
                     "--metrics-listen",
                     "127.0.0.1:0",
                 ])
@@ -233,7 +321,7 @@ pub async fn run(args: BenchArgs) -> Result<()> {
                 instance: Some("bench".into()),
             };
             tokio::spawn(far_agent_controller::run::run(
-                api.client(),
+                api.client.clone(),
                 config,
                 channel,
                 reporter,
@@ -248,7 +336,7 @@ pub async fn run(args: BenchArgs) -> Result<()> {
     // Let the hosts be probed Ready before the burst.
     tokio::time::sleep(Duration::from_secs(1)).await;
 
-    let agents: Api<FarAgent> = Api::namespaced(api.client(), "bench");
+    let agents: Api<FarAgent> = Api::namespaced(api.client.clone(), NAMESPACE);
     let mut seen_running: HashMap<String, Instant> = HashMap::new();
     let mut finished: HashMap<String, (Instant, Phase, Option<i32>)> = HashMap::new();
     let mut gone: HashMap<String, Instant> = HashMap::new();
@@ -288,17 +376,18 @@ pub async fn run(args: BenchArgs) -> Result<()> {
     // created (a steady rate takes a while) and every time is taken when it happens.
     let created_at: Arc<std::sync::Mutex<HashMap<String, (Instant, i32)>>> = Arc::default();
     let creator = {
-        let (agents, created_at, run_seconds, rate, count) = (
+        let (agents, created_at, run_seconds, run_label, rate, count) = (
             agents.clone(),
             Arc::clone(&created_at),
             run_seconds.clone(),
+            run_label.clone(),
             args.rate,
             args.agents,
         );
         tokio::spawn(async move {
             let results: Vec<Result<()>> = futures::stream::iter(0..count)
                 .map(|i| {
-                    let (agents, created_at, run_seconds) = (agents.clone(), Arc::clone(&created_at), run_seconds.clone());
+                    let (agents, created_at, run_seconds, run_label) = (agents.clone(), Arc::clone(&created_at), run_seconds.clone(), run_label.clone());
                     async move {
                         if rate > 0.0 {
                             tokio::time::sleep_until(started + Duration::from_secs_f64(i as f64 / rate)).await;
@@ -308,6 +397,7 @@ pub async fn run(args: BenchArgs) -> Result<()> {
                         let agent: FarAgent = serde_json::from_value(json!({
                             "apiVersion": "tiffany.dev/v1", "kind": "FarAgent", "metadata": {"name": name},
                             "spec": {"image": "busybox:1", "memory": "128Mi", "cpu": 1, "entrypoint": "/usr/local/bin/tiffany",
+                                     "hostSelector": {"far-bench/run": run_label},
                                      "args": ["--seconds", run_seconds, "--exit-code", code.to_string()],
                                      "heartbeat": {"intervalSeconds": 10, "timeoutSeconds": 60}}
                         }))
@@ -327,12 +417,14 @@ pub async fn run(args: BenchArgs) -> Result<()> {
 
     // Steady state: from the moment every agent runs until the first one finishes, only
     // heartbeats happen; the API writes made meanwhile are what a running fleet costs.
-    let writes_so_far = |api: &FakeApiServer| -> BTreeMap<String, u64> {
-        api.requests()
+    let writes_so_far = async |api: &ApiServer| -> Result<BTreeMap<String, u64>> {
+        Ok(api
+            .requests()
+            .await?
             .into_iter()
             .filter(|((verb, _), _)| is_write(verb))
             .map(|((verb, resource), n)| (format!("{verb} {resource}"), n))
-            .collect()
+            .collect())
     };
     let mut all_running: Option<(Instant, BTreeMap<String, u64>)> = None;
     let mut steady: Option<(f64, BTreeMap<String, u64>)> = None;
@@ -360,11 +452,12 @@ pub async fn run(args: BenchArgs) -> Result<()> {
                 .or_insert_with(Instant::now);
         }
         if all_running.is_none() && seen_running.len() == args.agents {
-            all_running = Some((Instant::now(), writes_so_far(&api)));
+            all_running = Some((Instant::now(), writes_so_far(&api).await?));
         }
         if status.phase.is_some_and(Phase::is_terminal) {
             if let (Some((since, before)), None) = (&all_running, &steady) {
                 let during = writes_so_far(&api)
+                    .await?
                     .into_iter()
                     .map(|(k, n)| {
                         let was = before.get(&k).copied().unwrap_or(0);
@@ -400,15 +493,6 @@ pub async fn run(args: BenchArgs) -> Result<()> {
     if let Some(mut child) = controller {
         let _ = child.kill().await;
     }
-    if std::env::var_os("FAR_BENCH_EVENTS").is_some() {
-        let mut reasons: BTreeMap<String, usize> = BTreeMap::new();
-        for e in api.objects("events") {
-            *reasons
-                .entry(e["reason"].as_str().unwrap_or_default().to_owned())
-                .or_default() += 1;
-        }
-        eprintln!("far bench: events by reason: {reasons:?}");
-    }
 
     let to_running: Vec<f64> = seen_running
         .iter()
@@ -433,7 +517,13 @@ pub async fn run(args: BenchArgs) -> Result<()> {
     let running_rate =
         seen_running.len() as f64 / last_running.duration_since(started).as_secs_f64().max(1e-9);
 
-    let after = api.requests();
+    let after = api.requests().await?;
+    for name in &host_names {
+        hosts_api
+            .delete(name, &DeleteParams::default())
+            .await
+            .with_context(|| format!("deleting the FlintlockHost {name}"))?;
+    }
     let mut per_agent = BTreeMap::new();
     for ((verb, resource), count) in &after {
         let own = before
@@ -445,7 +535,11 @@ pub async fn run(args: BenchArgs) -> Result<()> {
         if resource == "faragents" && (verb == "create" || verb == "delete") {
             n = n.saturating_sub(args.agents as u64);
         }
-        if n > 0 && verb != "watch" && verb != "list" && verb != "conflict" {
+        // Non-resource requests (this benchmark reading /metrics) have no resource.
+        if n > 0
+            && !resource.is_empty()
+            && !matches!(verb.as_str(), "watch" | "list" | "conflict" | "forbidden")
+        {
             *per_agent.entry(format!("{verb} {resource}")).or_insert(0.0) +=
                 n as f64 / args.agents as f64;
         }

@@ -49,8 +49,9 @@ enum Command {
         #[arg(long, default_value = "far-agent-controller-metrics:8080")]
         service: String,
     },
-    /// Measure the control plane: N FarAgents through the real controller, a fake API server
-    /// and simulated Flintlock hosts, in one process; prints a table and JSON.
+    /// Measure the control plane: N FarAgents through the real controller and simulated
+    /// Flintlock hosts, against the in-repo fake API server or the one `--kubeconfig` names;
+    /// prints a table and JSON.
     Bench(bench::BenchArgs),
     /// Work with OCI images.
     #[command(subcommand)]

@@ -66,21 +66,20 @@ fn validate_reports_a_missing_file_by_name() {
     );
 }
 
-/// The benchmark harness itself works: every agent finishes with its exit code. (Its figures
-/// are for docs/benchmarks.md, not asserted.)
-#[test]
-fn bench_runs_every_agent_to_its_exit_code() {
-    let out = far(&[
-        "bench",
-        "--agents",
-        "20",
-        "--hosts",
-        "2",
-        "--run-seconds",
-        "0.2",
-        "--baseline-patches",
-        "50",
-    ]);
+const SMALL_BENCH: &[&str] = &[
+    "bench",
+    "--agents",
+    "20",
+    "--hosts",
+    "2",
+    "--run-seconds",
+    "0.2",
+    "--baseline-patches",
+    "50",
+];
+
+/// `far bench`'s JSON report, once it has run every agent to its exit code.
+fn bench_report(out: std::process::Output) -> serde_json::Value {
     let stdout = String::from_utf8(out.stdout).unwrap();
     assert!(
         out.status.success(),
@@ -96,5 +95,56 @@ fn bench_runs_every_agent_to_its_exit_code() {
             json["wrong_exit_or_phase"].as_u64()
         ),
         (Some(20), Some(0), Some(0))
+    );
+    json
+}
+
+/// The benchmark harness itself works: every agent finishes with its exit code. (Its figures
+/// are for docs/benchmarks.md, not asserted.)
+#[test]
+fn bench_runs_every_agent_to_its_exit_code() {
+    bench_report(far(SMALL_BENCH));
+}
+
+/// With `--kubeconfig` the benchmark runs against the API server it names, as against a real
+/// cluster (here the fake, reached only through the kubeconfig): requests are read from that
+/// server's `/metrics`, and the benchmark's hosts are removed afterwards.
+#[tokio::test(flavor = "multi_thread")]
+async fn bench_runs_against_the_api_server_a_kubeconfig_names() {
+    let api = far_testkit::apiserver::FakeApiServer::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = dir.path().join("kubeconfig");
+    std::fs::write(&kubeconfig, api.kubeconfig()).unwrap();
+    let path = kubeconfig.to_str().unwrap().to_owned();
+    let out = tokio::task::spawn_blocking(move || {
+        let mut args = SMALL_BENCH.to_vec();
+        args.extend(["--kubeconfig", &path]);
+        far(&args)
+    })
+    .await
+    .unwrap();
+    let json = bench_report(out);
+    let patches = json["api_requests_per_agent"]["patch faragents"]
+        .as_f64()
+        .unwrap_or_default();
+    assert!(
+        patches >= 5.0,
+        "finalizer, placement, Running, exit and release, read from /metrics: {json}"
+    );
+    assert!(
+        api.objects("flintlockhosts").is_empty(),
+        "the benchmark's hosts are deleted"
+    );
+    assert_eq!(api.objects("namespaces").len(), 1, "far-bench was created");
+}
+
+#[test]
+fn bench_names_an_unreadable_kubeconfig() {
+    let out = far(&["bench", "--kubeconfig", "/nonexistent/kubeconfig"]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    assert!(
+        stderr.contains("reading --kubeconfig /nonexistent/kubeconfig"),
+        "{stderr}"
     );
 }
