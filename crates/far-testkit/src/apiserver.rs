@@ -24,6 +24,7 @@ use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
 use tokio::sync::broadcast;
 
+use crate::managed_fields::{self, Landing, Writer};
 use crate::request_metrics;
 
 /// A resource the fake serves.
@@ -629,6 +630,13 @@ async fn handle(
     response
 }
 
+/// Whether a request is a server-side apply.
+fn is_apply(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|t| t.as_bytes().starts_with(b"application/apply-patch"))
+}
+
 /// Counts a request as kube-apiserver's `apiserver_request_total` does.
 fn count(
     shared: &Shared,
@@ -638,9 +646,7 @@ fn count(
     headers: &HeaderMap,
     code: StatusCode,
 ) {
-    let apply = headers
-        .get(header::CONTENT_TYPE)
-        .is_some_and(|t| t.as_bytes().starts_with(b"application/apply-patch"));
+    let apply = is_apply(headers);
     let series = request_metrics::Series {
         verb: match verb {
             "list" => "LIST",
@@ -733,13 +739,17 @@ fn answer(
             );
         }
     }
+    let writer = Writer {
+        manager: managed_fields::manager(q.get("fieldManager").map(String::as_str), headers),
+        operation: if is_apply(headers) { "Apply" } else { "Update" },
+    };
     match verb {
         "list" => list(shared, target, q),
         "watch" => watch(shared, target, q),
         "get" => get(shared, target),
-        "create" => create(shared, target, body),
-        "update" => update(shared, target, body),
-        "patch" => patch(shared, target, headers, body),
+        "create" => create(shared, target, body, &writer),
+        "update" => update(shared, target, body, &writer),
+        "patch" => patch(shared, target, headers, body, &writer),
         "delete" => delete(shared, target),
         _ => status(
             405,
@@ -946,7 +956,7 @@ fn commit(
     object
 }
 
-fn create(shared: &Shared, target: &Target, body: &[u8]) -> Response {
+fn create(shared: &Shared, target: &Target, body: &[u8], writer: &Writer) -> Response {
     let Ok(mut object) = serde_json::from_slice::<Value>(body) else {
         return status(
             400,
@@ -1005,9 +1015,20 @@ fn create(shared: &Shared, target: &Target, body: &[u8]) -> Response {
             json!({"name": name, "group": target.kind.group, "kind": target.kind.plural}),
         );
     }
+    let time = now();
+    managed_fields::record(
+        None,
+        &mut object,
+        writer,
+        &Landing {
+            api_version: &target.kind.api_version(),
+            subresource: None,
+            time: &time,
+        },
+    );
     let meta = &mut object["metadata"];
     meta["uid"] = json!(ulid::Ulid::new().to_string().to_lowercase());
-    meta["creationTimestamp"] = json!(now());
+    meta["creationTimestamp"] = json!(time);
     if target.kind.is_custom() {
         meta["generation"] = json!(1);
     }
@@ -1026,6 +1047,7 @@ fn write(
     target: &Target,
     current: &Value,
     candidate: Value,
+    writer: &Writer,
 ) -> Response {
     let name = target.name.clone().unwrap_or_default();
     let mut next = current.clone();
@@ -1060,6 +1082,7 @@ fn write(
             "deletionTimestamp",
             "namespace",
             "name",
+            "managedFields",
         ] {
             match current["metadata"].get(field) {
                 Some(v) => next["metadata"][field] = v.clone(),
@@ -1106,11 +1129,21 @@ fn write(
             .unwrap_or(1);
         next["metadata"]["generation"] = json!(generation + 1);
     }
+    managed_fields::record(
+        Some(current),
+        &mut next,
+        writer,
+        &Landing {
+            api_version: &target.kind.api_version(),
+            subresource: target.subresource.as_deref(),
+            time: &now(),
+        },
+    );
     let stored = commit(inner, shared, target, &name, next, "MODIFIED");
     ok(StatusCode::OK, &stored)
 }
 
-fn update(shared: &Shared, target: &Target, body: &[u8]) -> Response {
+fn update(shared: &Shared, target: &Target, body: &[u8], writer: &Writer) -> Response {
     let name = target.name.clone().unwrap_or_default();
     let Ok(candidate) = serde_json::from_slice::<Value>(body) else {
         return status(
@@ -1149,10 +1182,16 @@ fn update(shared: &Shared, target: &Target, body: &[u8]) -> Response {
         }
         Some(_) => {}
     }
-    write(shared, &mut inner, target, &current, candidate)
+    write(shared, &mut inner, target, &current, candidate, writer)
 }
 
-fn patch(shared: &Shared, target: &Target, headers: &HeaderMap, body: &[u8]) -> Response {
+fn patch(
+    shared: &Shared,
+    target: &Target,
+    headers: &HeaderMap,
+    body: &[u8],
+    writer: &Writer,
+) -> Response {
     let name = target.name.clone().unwrap_or_default();
     let content_type = headers
         .get(header::CONTENT_TYPE)
@@ -1246,7 +1285,7 @@ fn patch(shared: &Shared, target: &Target, headers: &HeaderMap, body: &[u8]) -> 
             );
         }
     }
-    write(shared, &mut inner, target, &current, candidate)
+    write(shared, &mut inner, target, &current, candidate, writer)
 }
 
 fn delete(shared: &Shared, target: &Target) -> Response {

@@ -7,6 +7,7 @@
 
 pub mod apiserver;
 pub mod cluster;
+mod managed_fields;
 pub mod registry;
 pub mod request_metrics;
 

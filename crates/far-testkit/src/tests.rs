@@ -258,3 +258,44 @@ async fn metrics_count_requests_as_the_api_server_does() {
     assert_eq!(by_verb[&("create".to_owned(), "faragents".to_owned())], 2);
     assert_eq!(by_verb[&("conflict".to_owned(), "faragents".to_owned())], 1);
 }
+
+/// Writes leave `metadata.managedFields` as a real API server's do: one entry per manager,
+/// operation and subresource.
+#[tokio::test]
+async fn writes_keep_managed_fields() {
+    let server = FakeApiServer::start().await;
+    let api: Api<FarAgent> = Api::namespaced(server.client(), "ns1");
+    let created = api
+        .create(&PostParams::default(), &agent("a"))
+        .await
+        .unwrap();
+    let entries = created.metadata.managed_fields.unwrap();
+    assert_eq!(entries.len(), 1);
+    assert_eq!(entries[0].operation.as_deref(), Some("Update"));
+    assert!(
+        entries[0].fields_v1.as_ref().unwrap().0["f:spec"]["f:image"].is_object(),
+        "{entries:?}"
+    );
+
+    let status = json!({"status": {"message": "hello"}});
+    let patched = api
+        .patch_status(
+            "a",
+            &PatchParams {
+                field_manager: Some("far-agent-controller".into()),
+                ..PatchParams::default()
+            },
+            &Patch::Merge(&status),
+        )
+        .await
+        .unwrap();
+    let entries = patched.metadata.managed_fields.unwrap();
+    assert_eq!(entries.len(), 2, "{entries:?}");
+    assert_eq!(entries[1].manager.as_deref(), Some("far-agent-controller"));
+    assert_eq!(entries[1].subresource.as_deref(), Some("status"));
+    assert_eq!(
+        entries[1].fields_v1.as_ref().unwrap().0,
+        json!({"f:status": {".": {}, "f:message": {}, "f:restartCount": {}}}),
+        "the status it created, with the schema's default"
+    );
+}
