@@ -26,16 +26,6 @@ pub const DELETE_GRACE: Duration = Duration::from_secs(120);
 pub const STOP_MARGIN: Duration = Duration::from_secs(5);
 /// How often an agent waiting on something outside the controller is looked at again.
 pub const RECHECK: Duration = Duration::from_secs(30);
-/// How soon a deleted agent's VM is looked at again, `waited` after the deletion: often at
-/// first (a far-host frees a VM within milliseconds), then every 2 s (a flintlockd takes
-/// seconds, and Flintlock has no watch to say when).
-pub fn vm_deletion_recheck(waited: Duration) -> Duration {
-    if waited < Duration::from_secs(2) {
-        Duration::from_millis(250)
-    } else {
-        Duration::from_secs(2)
-    }
-}
 /// How often a running agent is looked at (its heartbeats also trigger reconciles).
 pub const RUNNING_RECHECK: Duration = Duration::from_secs(10);
 /// How stale `status.lastHeartbeatTime` may get before it is written again: heartbeats live in
@@ -378,9 +368,7 @@ pub fn decide(o: &Observation<'_>) -> Decision {
                 if *state != VmState::Deleting {
                     b.actions.push(Action::DeleteVm { uid: uid.clone() });
                 }
-                b.done(Some(vm_deletion_recheck(
-                    o.now.duration_since(since).unsigned_abs(),
-                )))
+                b.done(Some(Duration::from_secs(2)))
             }
             Some(Vm::Unknown { .. }) => {
                 let waited = o.now.duration_since(since).unsigned_abs();

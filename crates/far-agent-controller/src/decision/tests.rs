@@ -424,29 +424,6 @@ fn a_live_agent_is_asked_to_stop_before_its_vm_goes() {
 }
 
 #[test]
-fn a_deleted_agents_vm_being_freed_is_looked_at_often_at_first_then_every_2_s() {
-    let spec = spec();
-    let status = FarAgentStatus {
-        phase: Some(Phase::Completed),
-        host: Some("h1".into()),
-        vm_uid: Some("vm1".into()),
-        exit_code: Some(0),
-        ..Default::default()
-    };
-    let mut o = observe(&spec, &status, 10);
-    o.deleting_since = Some(t(10));
-    o.vm = present(VmState::Deleting);
-    let d = decide(&o);
-    assert!(d.actions.is_empty(), "{:?}", d.actions);
-    assert_eq!(d.requeue, Some(Duration::from_millis(250)));
-
-    let mut later = observe(&spec, &status, 13);
-    later.deleting_since = o.deleting_since;
-    later.vm = o.vm.clone();
-    assert_eq!(decide(&later).requeue, Some(Duration::from_secs(2)));
-}
-
-#[test]
 fn past_its_deadline_a_live_agent_is_stopped_then_fails_with_its_code() {
     let mut spec = spec();
     spec.active_deadline_seconds = Some(10);
