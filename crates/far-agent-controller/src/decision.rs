@@ -128,8 +128,10 @@ pub struct Observation<'a> {
     pub guest: Guest,
     /// Where it could go (only looked at while it has no host).
     pub placement: Option<Placement>,
-    /// Whether every Secret and ConfigMap value it needs is there (`Err` names what is not).
-    pub config: Result<(), String>,
+    /// Whether a VM can be configured for it: every Secret and ConfigMap value it needs is
+    /// there (`ConfigMissing`), and its run configuration fits the metadata service
+    /// (`ConfigTooLarge`). `Err` gives the reason and a message naming what is wrong.
+    pub config: Result<(), (AgentReason, String)>,
     /// What far-init gives the agent between SIGTERM and SIGKILL.
     pub grace_period: Duration,
     /// The time now.
@@ -489,9 +491,9 @@ pub fn decide(o: &Observation<'_>) -> Decision {
 
     // Before the VM exists: its configuration must resolve.
     if b.status.vm_uid.is_none()
-        && let Err(missing) = &o.config
+        && let Err((reason, message)) = &o.config
     {
-        b.phase(Phase::Pending, AgentReason::ConfigMissing, missing.clone());
+        b.phase(Phase::Pending, *reason, message.clone());
         return b.done(Some(RECHECK));
     }
 

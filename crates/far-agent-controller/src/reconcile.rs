@@ -7,7 +7,9 @@ use std::time::Duration;
 
 use base64::Engine as _;
 use far_agent_protocol::{ChannelConfig, EnvVar, RUN_CONFIG_KEY, SecretFile, Secrets, channel_id};
-use far_api::{FINALIZER, FarAgent, FarAgentStatus, FlintlockHost, GuestUsage, host_condition};
+use far_api::{
+    AgentReason, FINALIZER, FarAgent, FarAgentStatus, FlintlockHost, GuestUsage, host_condition,
+};
 use far_vmspec::{Defaults, VmName, VmPlan, plan};
 use flintlock_proto::far_host::EndedGuest;
 use flintlock_proto::types::micro_vm_status::MicroVmState;
@@ -378,6 +380,35 @@ fn host_views(ctx: &Context) -> Vec<HostView> {
         .collect()
 }
 
+/// What the guest of one attempt reads from the metadata service: its run configuration.
+fn guest_metadata(
+    ctx: &Context,
+    agent: &FarAgent,
+    attempt: u32,
+    env: Vec<EnvVar>,
+    has_secrets: bool,
+) -> Result<BTreeMap<String, Vec<u8>>, Error> {
+    let id = channel_id(&agent.uid().unwrap_or_default(), attempt);
+    let channel = ChannelConfig {
+        url: ctx.config.channel_url.clone(),
+        enrolment_token: ctx.channel.enrolment_token_for(&id),
+        id,
+    };
+    let run = far_vmspec::run_config(
+        agent,
+        attempt,
+        env,
+        has_secrets,
+        channel,
+        ctx.config.grace_period_seconds,
+    )
+    .map_err(far_vmspec::PlanError::from)?;
+    Ok(BTreeMap::from([(
+        RUN_CONFIG_KEY.to_owned(),
+        run.to_bytes(),
+    )]))
+}
+
 /// The agent's environment and secret values, resolved from Secrets and ConfigMaps as a Pod's
 /// would be. `Err` names the first missing Secret, ConfigMap or key.
 async fn resolve(
@@ -603,8 +634,17 @@ async fn reconcile_inner(agent: &Arc<FarAgent>, ctx: &Arc<Context>) -> Result<Re
         None
     };
     let config = match &resolved {
-        Some(Err(missing)) => Err(missing.clone()),
-        _ => Ok(()),
+        Some(Err(missing)) => Err((AgentReason::ConfigMissing, missing.clone())),
+        // Checked before any host is asked: under Firecracker a run configuration past the
+        // metadata service's limit would only fail as the VM starts.
+        Some(Ok((env, secrets))) => {
+            let has_secrets = !secrets.env.is_empty() || !secrets.files.is_empty();
+            let metadata =
+                guest_metadata(&ctx, &agent, status.restart_count, env.clone(), has_secrets)?;
+            far_vmspec::check_metadata(&metadata)
+                .map_err(|e| (AgentReason::ConfigTooLarge, e.to_string()))
+        }
+        None => Ok(()),
     };
 
     let decision = decision::decide(&Observation {
@@ -704,26 +744,12 @@ async fn reconcile_inner(agent: &Arc<FarAgent>, ctx: &Arc<Context>) -> Result<Re
                 let host_name = new_status.host.clone().unwrap_or_default();
                 let host = host_object(&ctx, &host_name)
                     .ok_or_else(|| Error::NoHost(host_name.clone()))?;
-                let id = channel_id(&uid, attempt);
                 let has_secrets = !secrets.env.is_empty() || !secrets.files.is_empty();
                 if has_secrets {
-                    ctx.channel.provide_secrets(&id, secrets);
+                    ctx.channel
+                        .provide_secrets(&channel_id(&uid, attempt), secrets);
                 }
-                let channel = ChannelConfig {
-                    url: ctx.config.channel_url.clone(),
-                    id: id.clone(),
-                    enrolment_token: ctx.channel.enrolment_token_for(&id),
-                };
-                let run = far_vmspec::run_config(
-                    &agent,
-                    attempt,
-                    env,
-                    has_secrets,
-                    channel,
-                    ctx.config.grace_period_seconds,
-                )
-                .map_err(far_vmspec::PlanError::from)?;
-                let metadata = BTreeMap::from([(RUN_CONFIG_KEY.to_owned(), run.to_bytes())]);
+                let metadata = guest_metadata(&ctx, &agent, attempt, env, has_secrets)?;
                 let planned = plan(&VmPlan {
                     agent: &agent,
                     host: &host,

@@ -1153,6 +1153,33 @@ async fn a_missing_secret_holds_the_agent_pending_naming_it_and_no_vm_is_made() 
     assert!(env.vms().is_empty());
 }
 
+/// A run configuration beyond what Firecracker's metadata service holds (here two 30,000-byte
+/// env values) holds the agent Pending saying so and how to fix it; no VM is made to fail.
+#[tokio::test]
+async fn a_run_configuration_too_large_for_the_metadata_service_holds_the_agent_pending() {
+    let mut env = env().await;
+    env.start_controller();
+    let big = "x".repeat(30_000);
+    env.create(
+        "wordy",
+        json!({"env": [{"name": "A", "value": big}, {"name": "B", "value": big}]}),
+    )
+    .await;
+    let agent = env
+        .wait_for("wordy", "ConfigTooLarge", |a| {
+            a.status.as_ref().and_then(|s| s.reason) == Some(far_api::AgentReason::ConfigTooLarge)
+        })
+        .await;
+    let status = agent.status.unwrap();
+    assert_eq!(status.phase, Some(Phase::Pending));
+    let message = status.message.unwrap();
+    assert!(
+        message.starts_with("spec.env and spec.args: ") && message.contains("at most 51200"),
+        "{message}"
+    );
+    assert!(env.vms().is_empty());
+}
+
 /// The controller runs a whole agent life as the chart's ServiceAccount, with RBAC enforced
 /// as kube-apiserver does: leader election, the finalizer, a Secret and a ConfigMap read for
 /// env, status and Events, host probing, and deletion past ttlSecondsAfterFinished. Nothing is

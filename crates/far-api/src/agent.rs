@@ -347,7 +347,8 @@ pub struct FarAgentStatus {
     pub phase: Option<Phase>,
 
     /// One word saying why the agent is in its phase. Pending: Unschedulable (no host fits),
-    /// ConfigMissing (a Secret or ConfigMap is missing), Provisioning (VM being created),
+    /// ConfigMissing (a Secret or ConfigMap is missing), ConfigTooLarge (env and args beyond
+    /// what Firecracker's metadata service holds), Provisioning (VM being created),
     /// Booting (VM started, init not yet reported in), BackOff (waiting to restart),
     /// HostUnreachable. Running: Running. Completed: Completed. Failed: Error (non-zero exit),
     /// StartError, VMFailed, BootTimeout, HeartbeatLost, DeadlineExceeded, InvalidSpec.
@@ -477,6 +478,10 @@ pub enum AgentReason {
     Unschedulable,
     /// A Secret or ConfigMap the agent needs is missing.
     ConfigMissing,
+    /// The agent's run configuration (its env and args, ConfigMap values included) is larger
+    /// than Firecracker's metadata service holds; Secrets do not count (they go over the status
+    /// channel).
+    ConfigTooLarge,
     /// The VM is being created on its host.
     Provisioning,
     /// The VM exists; waiting for the agent's init to report in.
@@ -513,6 +518,7 @@ impl AgentReason {
         match self {
             AgentReason::Unschedulable => "Unschedulable",
             AgentReason::ConfigMissing => "ConfigMissing",
+            AgentReason::ConfigTooLarge => "ConfigTooLarge",
             AgentReason::Provisioning => "Provisioning",
             AgentReason::Booting => "Booting",
             AgentReason::Running => "Running",

@@ -144,6 +144,39 @@ pub enum PlanError {
     /// The FarAgent lacks what the API server always sets (namespace, UID).
     #[error(transparent)]
     Name(#[from] VmNameError),
+    /// The guest's metadata would not fit Firecracker's metadata service.
+    #[error(
+        "spec.env and spec.args: the run configuration makes a metadata document of {bytes} bytes, and Firecracker's metadata service holds at most {MMDS_LIMIT_BYTES}: pass large values as Secrets (they go over the status channel) or in a volume"
+    )]
+    MetadataTooLarge {
+        /// The document's size.
+        bytes: usize,
+    },
+}
+
+/// The most Firecracker's metadata service (MMDS) holds: its API's payload limit,
+/// `--http-api-max-payload-size`, 51,200 bytes by default since Firecracker 0.25.1, which
+/// flintlockd does not raise. A larger document makes the VM fail as it starts.
+pub const MMDS_LIMIT_BYTES: usize = 51_200;
+
+/// The document flintlockd gives Firecracker's MMDS for these values is
+/// `{"latest": {key: value, ...}}`, each value a JSON string, plus the `meta-data` key it adds
+/// (`instance_id: <uid>`): this is its size, with that key counted at its largest.
+///
+/// # Errors
+/// [`PlanError::MetadataTooLarge`] past [`MMDS_LIMIT_BYTES`].
+pub fn check_metadata(metadata: &BTreeMap<String, Vec<u8>>) -> Result<(), PlanError> {
+    const META_DATA: usize = 128;
+    let values: BTreeMap<&str, String> = metadata
+        .iter()
+        .map(|(k, v)| (k.as_str(), String::from_utf8_lossy(v).into_owned()))
+        .collect();
+    let document = serde_json::json!({ "latest": values });
+    let bytes = document.to_string().len() + META_DATA;
+    if bytes > MMDS_LIMIT_BYTES {
+        return Err(PlanError::MetadataTooLarge { bytes });
+    }
+    Ok(())
 }
 
 /// Everything one VM of an agent is made from.
@@ -176,8 +209,10 @@ pub struct Planned {
 /// Builds the `CreateMicroVMRequest` for one VM of an agent.
 ///
 /// # Errors
-/// [`PlanError`] when the agent does not fit the host or lacks its namespace or UID.
+/// [`PlanError`] when the agent does not fit the host, lacks its namespace or UID, or its
+/// metadata would not fit Firecracker's metadata service.
 pub fn plan(p: &VmPlan<'_>) -> Result<Planned, PlanError> {
+    check_metadata(p.guest_metadata)?;
     let spec = &p.agent.spec;
     let host_name = p.host.name_any();
     let sizing = size_vm(spec, &host_name, &p.host.spec.vm_limits)?;

@@ -317,3 +317,42 @@ fn the_run_configuration_carries_the_spec_and_parses_back() {
         config
     );
 }
+
+/// Firecracker's metadata service holds 51,200 bytes: a run configuration that would not fit is
+/// refused when the VM is planned, naming the fields and the way out, not found failing at boot.
+#[test]
+fn metadata_past_firecrackers_limit_is_refused_naming_the_fields() {
+    let (agent, host, defaults) = (
+        agent("embedder-worker-01.yaml"),
+        load::<FlintlockHost>("flintlockhost-blade.yaml"),
+        defaults(),
+    );
+    let with = |value_bytes: usize| {
+        let md = BTreeMap::from([("far-run".to_owned(), vec![b'x'; value_bytes])]);
+        plan(&VmPlan {
+            agent: &agent,
+            host: &host,
+            defaults: &defaults,
+            attempt: 0,
+            guest_metadata: &md,
+        })
+        .map(drop)
+    };
+    assert_eq!(with(40_000), Ok(()));
+    let err = with(51_200).unwrap_err();
+    assert!(
+        matches!(err, PlanError::MetadataTooLarge { bytes } if bytes > MMDS_LIMIT_BYTES),
+        "{err:?}"
+    );
+    let message = err.to_string();
+    assert!(
+        message.starts_with("spec.env and spec.args: ") && message.contains("as Secrets"),
+        "{message}"
+    );
+    // Quotes and newlines are escaped in the document: counted as they are sent.
+    let quotes = BTreeMap::from([("far-run".to_owned(), vec![b'"'; 26_000])]);
+    assert!(
+        check_metadata(&quotes).is_err(),
+        "26,000 quotes are 52,000 bytes escaped"
+    );
+}

@@ -489,7 +489,10 @@ fn missing_configuration_holds_the_agent_pending_without_a_vm() {
     };
     let mut o = observe(&spec, &status, 0);
     o.vm = Some(Vm::Absent);
-    o.config = Err("secret \"creds\" not found".into());
+    o.config = Err((
+        AgentReason::ConfigMissing,
+        "secret \"creds\" not found".into(),
+    ));
     let d = decide(&o);
     assert_eq!(d.status.reason, Some(AgentReason::ConfigMissing));
     assert_eq!(
@@ -591,7 +594,11 @@ proptest! {
             vm,
             guest,
             placement,
-            config: if config_ok { Ok(()) } else { Err("missing".into()) },
+            config: if config_ok {
+                Ok(())
+            } else {
+                Err((AgentReason::ConfigMissing, "missing".into()))
+            },
             grace_period: Duration::from_secs(5),
             now: t(now),
         };
