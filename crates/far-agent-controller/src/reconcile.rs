@@ -638,9 +638,13 @@ async fn reconcile_inner(agent: &Arc<FarAgent>, ctx: &Arc<Context>) -> Result<Re
         // Checked before any host is asked: under Firecracker a run configuration past the
         // metadata service's limit would only fail as the VM starts.
         Some(Ok((env, secrets))) => {
-            let has_secrets = !secrets.env.is_empty() || !secrets.files.is_empty();
-            let metadata =
-                guest_metadata(&ctx, &agent, status.restart_count, env.clone(), has_secrets)?;
+            let metadata = guest_metadata(
+                &ctx,
+                &agent,
+                status.restart_count,
+                env.clone(),
+                !secrets.is_empty(),
+            )?;
             far_vmspec::check_metadata(&metadata)
                 .map_err(|e| (AgentReason::ConfigTooLarge, e.to_string()))
         }
@@ -744,7 +748,7 @@ async fn reconcile_inner(agent: &Arc<FarAgent>, ctx: &Arc<Context>) -> Result<Re
                 let host_name = new_status.host.clone().unwrap_or_default();
                 let host = host_object(&ctx, &host_name)
                     .ok_or_else(|| Error::NoHost(host_name.clone()))?;
-                let has_secrets = !secrets.env.is_empty() || !secrets.files.is_empty();
+                let has_secrets = !secrets.is_empty();
                 if has_secrets {
                     ctx.channel
                         .provide_secrets(&channel_id(&uid, attempt), secrets);

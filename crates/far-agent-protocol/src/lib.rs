@@ -335,6 +335,14 @@ pub struct Secrets {
     pub files: Vec<SecretFile>,
 }
 
+impl Secrets {
+    /// Whether there is nothing to hand the guest (its run configuration then says so, and
+    /// far-init does not ask).
+    pub fn is_empty(&self) -> bool {
+        self.env.is_empty() && self.files.is_empty()
+    }
+}
+
 impl std::fmt::Debug for Secrets {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Secrets")

@@ -739,7 +739,8 @@ fn answer(
             );
         }
     }
-    let writer = Writer {
+    // Only writes have a writer (reads and watches are most requests).
+    let writer = || Writer {
         manager: managed_fields::manager(q.get("fieldManager").map(String::as_str), headers),
         operation: if is_apply(headers) { "Apply" } else { "Update" },
     };
@@ -747,9 +748,9 @@ fn answer(
         "list" => list(shared, target, q),
         "watch" => watch(shared, target, q),
         "get" => get(shared, target),
-        "create" => create(shared, target, body, &writer),
-        "update" => update(shared, target, body, &writer),
-        "patch" => patch(shared, target, headers, body, &writer),
+        "create" => create(shared, target, body, &writer()),
+        "update" => update(shared, target, body, &writer()),
+        "patch" => patch(shared, target, headers, body, &writer()),
         "delete" => delete(shared, target),
         _ => status(
             405,
