@@ -412,6 +412,23 @@ fn conflict(kind: &Kind, name: &str) -> Response {
     )
 }
 
+/// An update without a resourceVersion: refused for every PUT, and for a patch of a custom
+/// resource whose body removes it (`"metadata": {"resourceVersion": null}`), since custom
+/// resources allow no unconditional update.
+fn version_required(kind: &Kind, name: &str) -> Response {
+    let cause = "Invalid value: 0x0: must be specified for an update";
+    status(
+        422,
+        "Invalid",
+        format!(
+            "{} \"{name}\" is invalid: metadata.resourceVersion: {cause}",
+            kind.qualified()
+        ),
+        json!({"name": name, "group": kind.group, "kind": kind.plural,
+               "causes": [{"reason": "FieldValueInvalid", "message": cause, "field": "metadata.resourceVersion"}]}),
+    )
+}
+
 fn ok(code: StatusCode, value: &Value) -> Response {
     (
         code,
@@ -1162,17 +1179,7 @@ fn update(shared: &Shared, target: &Target, body: &[u8], writer: &Writer) -> Res
         .pointer("/metadata/resourceVersion")
         .and_then(Value::as_str)
     {
-        None | Some("") => {
-            return status(
-                422,
-                "Invalid",
-                format!(
-                    "{} \"{name}\" is invalid: metadata.resourceVersion: Invalid value: 0x0: must be specified for an update",
-                    target.kind.qualified()
-                ),
-                Value::Null,
-            );
-        }
+        None | Some("") => return version_required(target.kind, &name),
         Some(rv)
             if Some(rv)
                 != current
@@ -1285,6 +1292,14 @@ fn patch(
                 Value::Null,
             );
         }
+    }
+    if target.kind.is_custom()
+        && candidate
+            .pointer("/metadata/resourceVersion")
+            .and_then(Value::as_str)
+            .is_none_or(str::is_empty)
+    {
+        return version_required(target.kind, &name);
     }
     write(shared, &mut inner, target, &current, candidate, writer)
 }

@@ -91,6 +91,25 @@ async fn status_writes_touch_only_status_and_stale_writes_conflict() {
         .unwrap_err();
     assert!(matches!(err, kube::Error::Api(s) if s.code == 409));
 
+    // As kube-apiserver 1.28 answers: a null resourceVersion deletes it from the patched
+    // object, and a custom resource has no unconditional update (the fake once took this, and
+    // the controller lost every VM uid it wrote so on a real cluster).
+    let null = json!({"metadata": {"resourceVersion": null}, "status": {"phase": "Failed"}});
+    for err in [
+        api.patch_status("a", &PatchParams::default(), &Patch::Merge(&null))
+            .await
+            .unwrap_err(),
+        api.patch("a", &PatchParams::default(), &Patch::Merge(&null))
+            .await
+            .unwrap_err(),
+    ] {
+        assert!(
+            matches!(err, kube::Error::Api(ref s) if s.code == 422
+                && s.message.ends_with("metadata.resourceVersion: Invalid value: 0x0: must be specified for an update")),
+            "{err:?}"
+        );
+    }
+
     let same = api
         .patch_status(
             "a",
