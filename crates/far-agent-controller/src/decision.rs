@@ -11,7 +11,7 @@
 use std::time::Duration;
 
 use far_api::{
-    AgentReason, FarAgentSpec, FarAgentStatus, GuestUsage, Phase, RestartPolicy, VmSize,
+    AgentReason, Binding, FarAgentSpec, FarAgentStatus, GuestUsage, Phase, RestartPolicy, VmSize,
     agent_condition,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
@@ -104,9 +104,13 @@ pub enum Placement {
         vm: VmSize,
         /// What the sizing rule says (raised sizes are named).
         message: String,
+        /// Already recorded on the agent (its binding): its VM may exist there.
+        bound: bool,
     },
     /// No host fits; why, for each.
     Unschedulable(String),
+    /// No host fits because the hosts that would refused the VM; what each said.
+    Refused(String),
 }
 
 /// Everything the decision looks at.
@@ -164,6 +168,9 @@ impl Observation<'_> {
 pub enum Action {
     /// Put the finalizer on the agent.
     AddFinalizer,
+    /// Record where the current attempt goes, before its VM is created (see
+    /// [`far_api::Binding`]); written with the finalizer when both are due.
+    Bind(Binding),
     /// Take the finalizer off: the agent may go.
     RemoveFinalizer,
     /// Find the VM of this attempt on the agent's host (adopt it), else create it.
@@ -388,9 +395,23 @@ pub fn decide(o: &Observation<'_>) -> Decision {
     }
 
     if !o.has_finalizer {
-        // The finalizer alone: the metadata write brings the agent back at once (its watch
-        // event), and status is written from then on.
+        // The finalizer, and with it the first attempt's binding when a host fits: one metadata
+        // write, which brings the agent back at once (its watch event); status is written from
+        // then on.
         b.actions.push(Action::AddFinalizer);
+        if let Some(Placement::Fits {
+            host,
+            vm,
+            bound: false,
+            ..
+        }) = &o.placement
+        {
+            b.actions.push(Action::Bind(Binding {
+                attempt: o.status.restart_count,
+                host: host.clone(),
+                vm: *vm,
+            }));
+        }
         b.status = o.status.clone();
         return b.done(Some(Duration::ZERO));
     }
@@ -448,11 +469,24 @@ pub fn decide(o: &Observation<'_>) -> Decision {
         );
     }
 
-    // Placement, recorded (in the same status write as the VM's creation, once it succeeds)
-    // before any VM exists.
+    // Placement: bound (recorded on the agent, fenced) before any VM exists; in status with
+    // the VM's creation.
+    let mut unbound = None;
     if b.status.host.is_none() {
         match &o.placement {
-            Some(Placement::Fits { host, vm, message }) => {
+            Some(Placement::Fits {
+                host,
+                vm,
+                message,
+                bound,
+            }) => {
+                if !bound {
+                    unbound = Some(Binding {
+                        attempt: b.status.restart_count,
+                        host: host.clone(),
+                        vm: *vm,
+                    });
+                }
                 b.status.host = Some(host.clone());
                 b.status.vm = Some(*vm);
                 b.condition(
@@ -467,6 +501,16 @@ pub fn decide(o: &Observation<'_>) -> Decision {
                     "Scheduled",
                     format!("placed on host {host}: {message}"),
                 );
+            }
+            Some(Placement::Refused(why)) => {
+                b.condition(
+                    agent_condition::SCHEDULED,
+                    false,
+                    AgentReason::CreateRefused,
+                    why,
+                );
+                b.phase(Phase::Pending, AgentReason::CreateRefused, why.clone());
+                return b.done(Some(RECHECK));
             }
             Some(Placement::Unschedulable(why)) => {
                 b.condition(
@@ -554,6 +598,7 @@ pub fn decide(o: &Observation<'_>) -> Decision {
                 );
             }
             let attempt = b.status.restart_count;
+            b.actions.extend(unbound.map(Action::Bind));
             b.actions.push(Action::CreateVm { attempt });
             b.phase(
                 Phase::Pending,
@@ -707,6 +752,42 @@ pub fn decide(o: &Observation<'_>) -> Decision {
 /// The message of an agent whose VM exists and whose init has not reported in yet.
 fn booting(uid: &str) -> String {
     format!("VM {uid} started; waiting for the agent to report in")
+}
+
+/// The status after `host` refused to create the agent's VM (`said`: its answer). The attempt
+/// is placed again, passing that host over; the shell records a Warning Event with the same
+/// message.
+pub fn create_refused(
+    status: &FarAgentStatus,
+    host: &str,
+    said: &str,
+    generation: Option<i64>,
+    now: Timestamp,
+) -> FarAgentStatus {
+    let mut s = status.clone();
+    let message = refusal(host, said);
+    s.host = None;
+    s.vm = None;
+    for kind in [agent_condition::SCHEDULED, agent_condition::VM_CREATED] {
+        conditions::set(
+            &mut s.conditions,
+            kind,
+            false,
+            AgentReason::CreateRefused.as_str(),
+            &message,
+            generation,
+            now,
+        );
+    }
+    s.phase = Some(Phase::Pending);
+    s.reason = Some(AgentReason::CreateRefused);
+    s.message = Some(format!("{message}; placing it on another host that fits"));
+    s
+}
+
+/// How a host's refusal to create a VM is told.
+pub fn refusal(host: &str, said: &str) -> String {
+    format!("host {host} refused to create the VM: {said}")
 }
 
 /// The status right after the shell created (or adopted) the agent's VM, written at once with

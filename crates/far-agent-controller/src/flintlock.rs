@@ -107,6 +107,24 @@ impl FlintlockError {
         matches!(self.failure(), Failure::Transient)
     }
 
+    /// What the host said, for users (status, Events): its code and message, at most 512
+    /// characters, with each of `redact` (tokens the request carried) blanked out.
+    pub fn said(&self, redact: &[&str]) -> String {
+        let mut said = match self {
+            FlintlockError::Endpoint { reason, .. } => reason.clone(),
+            FlintlockError::Call { status, .. } => {
+                format!("{}: {}", code_label(status.code()), status.message())
+            }
+        };
+        for secret in redact.iter().filter(|s| !s.is_empty()) {
+            said = said.replace(secret, "[redacted]");
+        }
+        match said.char_indices().nth(512) {
+            Some((end, _)) => format!("{}...", &said[..end]),
+            None => said,
+        }
+    }
+
     /// A closed-set label for metrics.
     pub fn code_label(&self) -> &'static str {
         match self {

@@ -9,7 +9,7 @@
 use std::collections::{BTreeMap, HashMap};
 
 use far_api::sizing::size_vm;
-use far_api::{FarAgent, FarAgentSpec, VmLimits};
+use far_api::{Binding, FarAgent, FarAgentSpec, VmLimits};
 
 use crate::decision::Placement;
 
@@ -43,34 +43,69 @@ pub struct Held {
     pub agents: u32,
 }
 
-/// What every host holds: the VM sizes of the agents placed on it and not finished.
+/// What every host holds: the VM sizes of the agents placed on it (bound, or recorded in
+/// status) and not finished.
 pub fn held<'a>(agents: impl IntoIterator<Item = &'a FarAgent>) -> HashMap<String, Held> {
     let mut by_host: HashMap<String, Held> = HashMap::new();
     for agent in agents {
-        let Some(status) = &agent.status else {
-            continue;
-        };
-        if status.phase.is_some_and(far_api::Phase::is_terminal) {
+        if agent
+            .status
+            .as_ref()
+            .and_then(|s| s.phase)
+            .is_some_and(far_api::Phase::is_terminal)
+        {
             continue;
         }
-        if let (Some(host), Some(vm)) = (&status.host, &status.vm) {
-            let h = by_host.entry(host.clone()).or_default();
-            h.cpu += u64::from(vm.vcpu);
-            h.memory_mib += u64::from(vm.memory_mib);
+        if let Some(placed) = agent.placement() {
+            let h = by_host.entry(placed.host).or_default();
+            h.cpu += u64::from(placed.vm.vcpu);
+            h.memory_mib += u64::from(placed.vm.memory_mib);
             h.agents += 1;
         }
     }
     by_host
 }
 
-/// Places an agent.
-pub fn place(spec: &FarAgentSpec, hosts: &[HostView], held: &HashMap<String, Held>) -> Placement {
+/// The placement an attempt already has: its binding, described as when it was made.
+pub fn bound(spec: &FarAgentSpec, binding: &Binding, hosts: &[HostView]) -> Placement {
+    let message = hosts
+        .iter()
+        .find(|h| h.name == binding.host)
+        .and_then(|h| size_vm(spec, &h.name, &h.limits).ok())
+        .filter(|sizing| sizing.vm == binding.vm)
+        .map_or_else(
+            || {
+                format!(
+                    "VM of {} MiB and {} vCPU on host {}",
+                    binding.vm.memory_mib, binding.vm.vcpu, binding.host
+                )
+            },
+            |sizing| sizing.describe(&binding.host),
+        );
+    Placement::Fits {
+        host: binding.host.clone(),
+        vm: binding.vm,
+        message,
+        bound: true,
+    }
+}
+
+/// Places an agent. Hosts in `refused` turned this attempt's VM down (host -> what it said):
+/// they are passed over, and when nothing else fits the placement says so.
+pub fn place(
+    spec: &FarAgentSpec,
+    hosts: &[HostView],
+    held: &HashMap<String, Held>,
+    refused: &BTreeMap<String, String>,
+) -> Placement {
     let mut best: Option<(u64, &HostView, far_api::sizing::Sizing)> = None;
     let mut passed = Vec::new();
     let mut sorted: Vec<&HostView> = hosts.iter().collect();
     sorted.sort_by(|a, b| a.name.cmp(&b.name));
     for host in sorted {
-        let why_not = if !host.ready {
+        let why_not = if let Some(said) = refused.get(&host.name) {
+            Some(format!("refused the VM: {said}"))
+        } else if !host.ready {
             Some("not Ready".to_owned())
         } else if host.unschedulable {
             Some("cordoned".to_owned())
@@ -113,13 +148,17 @@ pub fn place(spec: &FarAgentSpec, hosts: &[HostView], held: &HashMap<String, Hel
             host: host.name.clone(),
             vm: sizing.vm,
             message: sizing.describe(&host.name),
+            bound: false,
         },
         None if hosts.is_empty() => Placement::Unschedulable("no FlintlockHost exists".into()),
-        None => Placement::Unschedulable(format!(
-            "0/{} hosts fit: {}",
-            hosts.len(),
-            passed.join("; ")
-        )),
+        None => {
+            let why = format!("0/{} hosts fit: {}", hosts.len(), passed.join("; "));
+            if hosts.iter().any(|h| refused.contains_key(&h.name)) {
+                Placement::Refused(why)
+            } else {
+                Placement::Unschedulable(why)
+            }
+        }
     }
 }
 
@@ -165,8 +204,9 @@ mod tests {
     #[test]
     fn the_host_with_most_memory_left_wins_and_the_vm_is_sized_for_it() {
         let hosts = [host("a", 8, 4096), host("b", 8, 8192)];
-        let Placement::Fits { host, vm, message } =
-            place(&spec("512Mi", 1), &hosts, &HashMap::new())
+        let Placement::Fits {
+            host, vm, message, ..
+        } = place(&spec("512Mi", 1), &hosts, &HashMap::new(), &BTreeMap::new())
         else {
             panic!()
         };
@@ -204,12 +244,60 @@ mod tests {
             },
         )]);
         assert_eq!(
-            place(&sel, &[other_zone, cordoned, down, full], &used),
+            place(&sel, &[other_zone, cordoned, down, full], &used, &BTreeMap::new()),
             Placement::Unschedulable("0/4 hosts fit: a: lacks label zone=a; b: cordoned; c: not Ready; d: 1 vCPU free, needs 2".into())
         );
         assert_eq!(
-            place(&sel, &[], &used),
+            place(&sel, &[], &used, &BTreeMap::new()),
             Placement::Unschedulable("no FlintlockHost exists".into())
+        );
+    }
+
+    #[test]
+    fn a_host_that_refused_the_vm_is_passed_over_and_named() {
+        let hosts = [host("a", 8, 8192), host("b", 8, 4096)];
+        let refused = BTreeMap::from([(
+            "a".to_owned(),
+            "INVALID_ARGUMENT: provider qemu not served".to_owned(),
+        )]);
+        let Placement::Fits { host, .. } =
+            place(&spec("512Mi", 1), &hosts, &HashMap::new(), &refused)
+        else {
+            panic!()
+        };
+        assert_eq!(host, "b", "the other host, though it has less memory left");
+        assert_eq!(
+            place(&spec("512Mi", 1), &hosts[..1], &HashMap::new(), &refused),
+            Placement::Refused(
+                "0/1 hosts fit: a: refused the VM: INVALID_ARGUMENT: provider qemu not served"
+                    .into()
+            )
+        );
+    }
+
+    #[test]
+    fn a_binding_holds_its_host_before_status_says_so() {
+        let mut bound = FarAgent::new("x", spec("1Gi", 1));
+        bound.metadata.annotations = Some(BTreeMap::from([(
+            far_api::BINDING_ANNOTATION.to_owned(),
+            Binding {
+                attempt: 0,
+                host: "a".into(),
+                vm: VmSize {
+                    vcpu: 1,
+                    memory_mib: 1024,
+                },
+            }
+            .to_annotation(),
+        )]));
+        bound.status = Some(FarAgentStatus::default());
+        assert_eq!(
+            held([&bound])["a"],
+            Held {
+                cpu: 1,
+                memory_mib: 1024,
+                agents: 1
+            }
         );
     }
 
@@ -259,7 +347,7 @@ mod tests {
             }).collect();
             let held: HashMap<String, Held> = caps.iter().enumerate()
                 .map(|(i, (_, _, c, m, _))| (format!("h{i}"), Held { cpu: *c, memory_mib: *m, agents: 1 })).collect();
-            if let Placement::Fits { host, vm, .. } = place(&spec(&format!("{mem}Mi"), cpu), &hosts, &held) {
+            if let Placement::Fits { host, vm, .. } = place(&spec(&format!("{mem}Mi"), cpu), &hosts, &held, &BTreeMap::new()) {
                 let h = hosts.iter().find(|h| h.name == host).unwrap();
                 prop_assert!(h.ready);
                 prop_assert!(held[&host].cpu + u64::from(vm.vcpu) <= h.cpu);

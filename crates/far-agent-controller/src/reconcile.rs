@@ -25,7 +25,7 @@ use tracing::{info, warn};
 
 use crate::decision::{self, Action, Guest, Observation, Vm, VmState};
 use crate::flintlock::{Credentials, FlintlockError, Pool};
-use crate::placement::{HostView, held, place};
+use crate::placement::{HostView, bound, held, place};
 
 /// What the controller decides for every agent.
 #[derive(Clone, Debug)]
@@ -94,6 +94,67 @@ pub struct Context {
     pub kick: tokio::sync::mpsc::UnboundedSender<ObjectRef<FarAgent>>,
     /// Versions of agents that the controller's own writes replaced.
     pub superseded: Arc<Superseded>,
+    /// Hosts that refused to create an attempt's VM, by attempt.
+    pub refusals: Refusals,
+    /// Attempts this process bound and has not yet asked any host to create (by channel id):
+    /// one whose host stops answering can be placed elsewhere, since no VM of it can exist.
+    pub unsent: Mutex<std::collections::HashSet<String>>,
+    /// Reconciles failed in a row, by agent UID.
+    pub failures: Mutex<HashMap<String, u32>>,
+}
+
+/// How long a host's refusal to create an attempt's VM keeps the attempt off that host. Then
+/// the host may be tried again (its configuration may have been fixed): one refused create per
+/// attempt and host a minute at most.
+pub const REFUSAL_HOLD: Duration = Duration::from_secs(60);
+
+/// After this many failed reconciles in a row, the failure is told on the agent (a Warning
+/// Event), not only in the controller's log.
+pub const FAILURES_TOLD: u32 = 3;
+
+/// The hosts that refused each attempt's VM, and what they said. Kept in memory only: after a
+/// restart a refusing host is simply asked again.
+#[derive(Debug, Default)]
+pub struct Refusals(Mutex<HashMap<String, BTreeMap<String, (String, Timestamp)>>>);
+
+impl Refusals {
+    /// `host` refused the VM of attempt `id` (a channel id: agent UID and attempt).
+    pub fn note(&self, id: &str, host: &str, said: String) {
+        self.lock()
+            .entry(id.to_owned())
+            .or_default()
+            .insert(host.to_owned(), (said, now()));
+    }
+
+    /// The hosts that refused attempt `id` within [`REFUSAL_HOLD`], and what they said.
+    pub fn of(&self, id: &str) -> BTreeMap<String, String> {
+        let mut all = self.lock();
+        let Some(hosts) = all.get_mut(id) else {
+            return BTreeMap::new();
+        };
+        let hold = k8s_openapi::jiff::SignedDuration::try_from(REFUSAL_HOLD).unwrap_or_default();
+        hosts.retain(|_, (_, at)| now().duration_since(*at) < hold);
+        let current = hosts
+            .iter()
+            .map(|(host, (said, _))| (host.clone(), said.clone()))
+            .collect();
+        if hosts.is_empty() {
+            all.remove(id);
+        }
+        current
+    }
+
+    /// The agent is gone.
+    pub fn forget(&self, uid: &str) {
+        let prefix = format!("{uid}.");
+        self.lock().retain(|id, _| !id.starts_with(&prefix));
+    }
+
+    fn lock(
+        &self,
+    ) -> std::sync::MutexGuard<'_, HashMap<String, BTreeMap<String, (String, Timestamp)>>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
 }
 
 /// The resourceVersions of each agent that the controller's own writes have replaced. A
@@ -208,6 +269,11 @@ impl Error {
 
 fn now() -> Timestamp {
     Timestamp::now()
+}
+
+/// A lock on state that stays usable if a holder panicked.
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// A Secret's key, if both exist.
@@ -361,16 +427,19 @@ async fn observe_vm(
 }
 
 fn host_views(ctx: &Context) -> Vec<HostView> {
+    let unreachable = lock(&ctx.unreachable).clone();
     ctx.hosts
         .state()
         .iter()
         .map(|h| HostView {
             name: h.name_any(),
             labels: h.labels().clone(),
+            // Ready at its last probe, and not seen unreachable since.
             ready: h
                 .status
                 .as_ref()
-                .is_some_and(|s| crate::conditions::is_true(&s.conditions, host_condition::READY)),
+                .is_some_and(|s| crate::conditions::is_true(&s.conditions, host_condition::READY))
+                && !unreachable.contains_key(&h.name_any()),
             unschedulable: h.spec.unschedulable,
             cpu: u64::from(h.spec.capacity.cpu),
             memory_mib: far_api::quantity::Memory::parse(&h.spec.capacity.memory)
@@ -506,9 +575,11 @@ async fn resolve(
     Ok(Ok((env, secret_values)))
 }
 
-/// A merge patch turning `old` status into `new`: fields `new` no longer has are nulled. It
-/// carries the resourceVersion the decision was made from, so a decision made on a stale copy
-/// is refused (409) instead of written.
+/// A merge patch turning `old` status into `new`: fields `new` no longer has are nulled.
+/// Fenced by the resourceVersion the decision was made from (a decision made on a stale copy is
+/// refused, 409, instead of written), or unconditional with `None`: then the body carries no
+/// `metadata` at all, since kube-apiserver refuses a null resourceVersion on a custom resource
+/// (422) rather than writing unconditionally.
 fn status_patch(
     old: &FarAgentStatus,
     new: &FarAgentStatus,
@@ -521,7 +592,16 @@ fn status_patch(
             new.entry(key.clone()).or_insert(Value::Null);
         }
     }
-    json!({ "metadata": {"resourceVersion": resource_version}, "status": new })
+    fenced(json!({ "status": new }), resource_version)
+}
+
+/// `patch` made conditional on the object still being at `resource_version` (when there is
+/// one; never a null, which kube-apiserver refuses).
+fn fenced(mut patch: Value, resource_version: Option<&str>) -> Value {
+    if let Some(version) = resource_version {
+        patch["metadata"]["resourceVersion"] = json!(version);
+    }
+    patch
 }
 
 async fn publish(ctx: &Context, agent: &FarAgent, warning: bool, reason: &str, note: String) {
@@ -581,13 +661,25 @@ async fn reconcile_inner(agent: &Arc<FarAgent>, ctx: &Arc<Context>) -> Result<Re
     let terminal = status.phase.is_some_and(far_api::Phase::is_terminal);
     let deleting_since = agent.metadata.deletion_timestamp.as_ref().map(|t| t.0);
 
-    let vm = match &status.host {
+    let id = channel_id(&uid, status.restart_count);
+    // Where this attempt went: its status, else its binding (unless that host has since refused
+    // the VM: it was asked for the VM by name then, and had none).
+    let refused = ctx.refusals.of(&id);
+    let mut binding = agent.binding().filter(|b| !refused.contains_key(&b.host));
+    let mut vm = match status.host.as_ref().or(binding.as_ref().map(|b| &b.host)) {
         Some(host) if status.vm_uid.is_some() || !terminal => {
             Some(observe_vm(&ctx, &agent, &status, host).await?)
         }
         _ => None,
     };
-    let id = channel_id(&uid, status.restart_count);
+    if status.host.is_none()
+        && matches!(vm, Some(Vm::Unknown { .. }))
+        && lock(&ctx.unsent).contains(&id)
+    {
+        // Bound to a host that stopped answering before any VM was asked of it: placed again.
+        binding = None;
+        vm = None;
+    }
     ctx.channel.name(&namespace, &name, &id);
     if status.phase == Some(far_api::Phase::Running) {
         // This run has reported in, so it enrolled, perhaps with a controller since restarted:
@@ -620,12 +712,19 @@ async fn reconcile_inner(agent: &Arc<FarAgent>, ctx: &Arc<Context>) -> Result<Re
             }),
     };
     let placement = (status.host.is_none() && !terminal && deleting_since.is_none()).then(|| {
-        let agents = ctx.agents.state();
-        place(
-            &agent.spec,
-            &host_views(&ctx),
-            &held(agents.iter().map(AsRef::as_ref)),
-        )
+        let hosts = host_views(&ctx);
+        match &binding {
+            Some(binding) => bound(&agent.spec, binding, &hosts),
+            None => {
+                let agents = ctx.agents.state();
+                place(
+                    &agent.spec,
+                    &hosts,
+                    &held(agents.iter().map(AsRef::as_ref)),
+                    &refused,
+                )
+            }
+        }
     });
     let needs_config = status.vm_uid.is_none() && !terminal && deleting_since.is_none();
     let resolved = if needs_config {
@@ -699,29 +798,53 @@ async fn reconcile_inner(agent: &Arc<FarAgent>, ctx: &Arc<Context>) -> Result<Re
             .observe(now().duration_since(created.0).as_secs_f64().max(0.0));
     }
 
-    // The VM first: nothing (not even an Event) is said of a decision that turns out stale.
+    // The agent's metadata (finalizer, binding) first, then the VM, then the rest: nothing (not
+    // even an Event) is said of a decision that turns out stale, and no VM is made before its
+    // host is on record.
     let mut actions = decision.actions;
-    actions.sort_by_key(|a| !matches!(a, Action::CreateVm { .. }));
-    for action in actions {
+    actions.sort_by_key(|a| match a {
+        Action::AddFinalizer | Action::Bind(_) => 0,
+        Action::CreateVm { .. } => 1,
+        _ => 2,
+    });
+    let mut metadata = json!({});
+    for action in &actions {
         match action {
             Action::AddFinalizer => {
-                // The test makes the write conditional on the list we saw (as kube-rs does).
-                let patch = match &agent.metadata.finalizers {
-                    None => json!([{"op": "test", "path": "/metadata/finalizers", "value": null},
-                                   {"op": "add", "path": "/metadata/finalizers", "value": [FINALIZER]}]),
-                    Some(current) => {
-                        json!([{"op": "test", "path": "/metadata/finalizers", "value": current},
-                                            {"op": "add", "path": "/metadata/finalizers/-", "value": FINALIZER}])
-                    }
-                };
-                let patch: json_patch::Patch =
-                    serde_json::from_value(patch).map_err(kube::Error::SerdeError)?;
-                let written = api
-                    .patch(&name, &PatchParams::default(), &Patch::<()>::Json(patch))
-                    .await?;
-                ctx.superseded.wrote(&uid, resource_version);
-                resource_version = written.resource_version();
+                let mut finalizers = agent.finalizers().to_vec();
+                finalizers.push(FINALIZER.to_owned());
+                metadata["finalizers"] = json!(finalizers);
             }
+            Action::Bind(binding) => {
+                metadata["annotations"][far_api::BINDING_ANNOTATION] =
+                    json!(binding.to_annotation());
+            }
+            _ => {}
+        }
+    }
+    if metadata.as_object().is_some_and(|m| !m.is_empty()) {
+        // Fenced: the whole finalizer list is written, and a binding made on a stale copy
+        // could place the agent twice.
+        let written = api
+            .patch(
+                &name,
+                &PatchParams::default(),
+                &Patch::Merge(fenced(
+                    json!({ "metadata": metadata }),
+                    resource_version.as_deref(),
+                )),
+            )
+            .await
+            .map_err(stale)?;
+        ctx.superseded.wrote(&uid, resource_version);
+        resource_version = written.resource_version();
+        if actions.iter().any(|a| matches!(a, Action::Bind(_))) {
+            lock(&ctx.unsent).insert(id.clone());
+        }
+    }
+    for action in actions {
+        match action {
+            Action::AddFinalizer | Action::Bind(_) => {}
             Action::RemoveFinalizer => {
                 let finalizers: Vec<String> = agent
                     .finalizers()
@@ -729,11 +852,16 @@ async fn reconcile_inner(agent: &Arc<FarAgent>, ctx: &Arc<Context>) -> Result<Re
                     .filter(|f| *f != FINALIZER)
                     .cloned()
                     .collect();
-                let patch = json!({"metadata": {"finalizers": if finalizers.is_empty() { Value::Null } else { json!(finalizers) }, "resourceVersion": resource_version}});
+                let patch = fenced(
+                    json!({"metadata": {"finalizers": if finalizers.is_empty() { Value::Null } else { json!(finalizers) }}}),
+                    resource_version.as_deref(),
+                );
                 api.patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
                     .await?;
                 ctx.channel.forget(&id);
                 ctx.superseded.forget(&uid);
+                ctx.refusals.forget(&uid);
+                lock(&ctx.unsent).retain(|attempt| !attempt.starts_with(&format!("{uid}.")));
                 ctx.by_uid
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
@@ -768,14 +896,64 @@ async fn reconcile_inner(agent: &Arc<FarAgent>, ctx: &Arc<Context>) -> Result<Re
                 if fresh.resource_version() != resource_version {
                     return Err(Error::Stale);
                 }
-                let vm = ctx
+                let vm_name = planned.name.id().to_owned();
+                lock(&ctx.unsent).remove(&channel_id(&uid, attempt));
+                let vm = match ctx
                     .flintlock
                     .create(&host, &credentials, planned.request)
-                    .await?;
+                    .await
+                {
+                    Ok(vm) => vm,
+                    // The host answered no (rather than not at all): once it is seen to hold no
+                    // VM of this attempt, the attempt goes elsewhere. Anything else leaves the
+                    // outcome unknown, and the next reconcile asks the bound host by name.
+                    Err(e) if !e.unreachable() => {
+                        let existing = ctx
+                            .flintlock
+                            .list(
+                                &host,
+                                &credentials,
+                                &ctx.config.defaults.namespace,
+                                Some(&vm_name),
+                            )
+                            .await?;
+                        if !existing.is_empty() {
+                            return Err(e.into());
+                        }
+                        // A host may echo the request; the run's enrolment token is in it.
+                        let token = ctx.channel.enrolment_token_for(&channel_id(&uid, attempt));
+                        let said = e.said(&[&token]);
+                        warn!(agent = %name, host = %host_name, attempt, %said, "VM refused");
+                        ctx.refusals
+                            .note(&channel_id(&uid, attempt), &host_name, said.clone());
+                        let refused = decision::create_refused(
+                            &new_status,
+                            &host_name,
+                            &said,
+                            agent.metadata.generation,
+                            now(),
+                        );
+                        api.patch_status(
+                            &name,
+                            &PatchParams::default(),
+                            &Patch::Merge(status_patch(&status, &refused, None)),
+                        )
+                        .await?;
+                        ctx.superseded.wrote(&uid, resource_version);
+                        publish(
+                            &ctx,
+                            &agent,
+                            true,
+                            "CreateRefused",
+                            decision::refusal(&host_name, &said),
+                        )
+                        .await;
+                        return Ok(Requeue::await_change());
+                    }
+                    Err(e) => return Err(e.into()),
+                };
                 let vm_uid = vm_uid(&vm).unwrap_or_default();
                 info!(agent = %name, vm = %vm_uid, host = %host_name, attempt, "VM created");
-                // Recorded at once: Flintlock's create is not idempotent. Unfenced on purpose:
-                // the uid must land even if the agent changed meanwhile.
                 new_status = decision::vm_created(
                     &new_status,
                     &vm_uid,
@@ -783,8 +961,9 @@ async fn reconcile_inner(agent: &Arc<FarAgent>, ctx: &Arc<Context>) -> Result<Re
                     agent.metadata.generation,
                     now(),
                 );
-                // Unfenced on purpose: the uid must land even if the agent changed meanwhile.
-                // It carries the whole decision (placement included) against the status read.
+                // Unfenced: the uid must land even if the agent changed meanwhile. Should it be
+                // lost all the same, the binding written before the create leads the next
+                // reconcile to this VM by name.
                 let written = api
                     .patch_status(
                         &name,

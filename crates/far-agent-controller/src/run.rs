@@ -100,6 +100,9 @@ pub async fn run(
         ended: Default::default(),
         kick,
         superseded: Arc::default(),
+        refusals: Default::default(),
+        unsent: Default::default(),
+        failures: Default::default(),
     });
 
     let exits = Arc::clone(&ctx);

@@ -506,6 +506,9 @@ pub enum AgentReason {
     DeadlineExceeded,
     /// The agent's host does not answer.
     HostUnreachable,
+    /// A host refused to create the agent's VM (its message says why); the agent is placed on
+    /// another host that fits, or waits for one.
+    CreateRefused,
     /// The spec cannot be run as written (for example a memory size no host accepts).
     InvalidSpec,
     /// The FarAgent is being deleted and its VM torn down.
@@ -531,6 +534,7 @@ impl AgentReason {
             AgentReason::HeartbeatLost => "HeartbeatLost",
             AgentReason::DeadlineExceeded => "DeadlineExceeded",
             AgentReason::HostUnreachable => "HostUnreachable",
+            AgentReason::CreateRefused => "CreateRefused",
             AgentReason::InvalidSpec => "InvalidSpec",
             AgentReason::Terminating => "Terminating",
         }

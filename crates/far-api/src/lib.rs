@@ -8,6 +8,7 @@
 
 pub mod admission;
 mod agent;
+mod binding;
 mod host;
 pub mod manifest;
 pub mod patterns;
@@ -16,6 +17,8 @@ pub mod sizing;
 
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::CustomResourceExt;
+
+pub use binding::{BINDING_ANNOTATION, Binding};
 
 pub use agent::{
     AgentReason, EnvVar, EnvVarSource, FarAgent, FarAgentSpec, FarAgentStatus, GuestUsage,

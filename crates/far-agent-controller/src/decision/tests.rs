@@ -48,6 +48,10 @@ fn observe<'a>(spec: &'a FarAgentSpec, status: &'a FarAgentStatus, now: i64) -> 
 }
 
 fn fits() -> Placement {
+    placed(false)
+}
+
+fn placed(bound: bool) -> Placement {
     Placement::Fits {
         host: "h1".into(),
         vm: VmSize {
@@ -55,6 +59,18 @@ fn fits() -> Placement {
             memory_mib: 1024,
         },
         message: "sized".into(),
+        bound,
+    }
+}
+
+fn binding() -> Binding {
+    Binding {
+        attempt: 0,
+        host: "h1".into(),
+        vm: VmSize {
+            vcpu: 1,
+            memory_mib: 1024,
+        },
     }
 }
 
@@ -74,15 +90,18 @@ fn an_agent_goes_from_accepted_to_completed_with_one_vm() {
     let status = FarAgentStatus::default();
     let mut o = observe(&spec, &status, 0);
     o.has_finalizer = false;
+    o.placement = Some(fits());
     let d = decide(&o);
-    assert_eq!(d.actions, [Action::AddFinalizer]);
+    // The finalizer and the first attempt's binding: one metadata write, and no status yet.
+    assert_eq!(d.actions, [Action::AddFinalizer, Action::Bind(binding())]);
+    assert_eq!(d.status, status);
 
     let status = d.status;
     let mut o = observe(&spec, &status, 1);
-    o.placement = Some(fits());
+    o.placement = Some(placed(true));
     let d = decide(&o);
-    // Placement and the VM's creation in one decision: the host is written (fenced) before the
-    // shell creates the VM.
+    // Bound already: the VM is created, and the host goes into status with it.
+    assert!(!d.actions.iter().any(|a| matches!(a, Action::Bind(_))));
     assert_eq!(
         d.status.host.as_deref(),
         Some("h1"),
@@ -553,7 +572,7 @@ prop_compose! {
         vm in vms(),
         heartbeat in proptest::option::of(0i64..300),
         exit in proptest::option::of((-1i32..4, proptest::option::of(Just("no entrypoint".to_owned())))),
-        placement in proptest::option::of(any::<bool>()),
+        placement in proptest::option::of(0u8..4),
         config_ok in any::<bool>(),
         ttl in proptest::option::of(0i64..100),
         deadline in proptest::option::of(1i64..100),
@@ -575,7 +594,12 @@ prop_compose! {
             ..Default::default()
         };
         let guest = Guest { last_heartbeat: heartbeat.map(t), exit, usage: None };
-        let placement = placement.map(|ok| if ok { fits() } else { Placement::Unschedulable("no host".into()) });
+        let placement = placement.map(|p| match p {
+            0 => fits(),
+            1 => placed(true),
+            2 => Placement::Refused("h1 refused".into()),
+            _ => Placement::Unschedulable("no host".into()),
+        });
         (s, status, has_finalizer, deleting, vm, guest, placement, config_ok, now)
     }
 }
@@ -616,6 +640,22 @@ proptest! {
         if creates == 1 {
             prop_assert!(d.status.host.is_some() && has_finalizer && deleting.is_none() && config_ok);
             prop_assert!(status.vm_uid.is_none());
+            // The attempt's host is on record before its VM is made: in status already, bound
+            // earlier, or bound by this decision ahead of the create.
+            let bound_here = d.actions.iter().position(|a| matches!(a, Action::Bind(_)));
+            let create_at = d.actions.iter().position(|a| matches!(a, Action::CreateVm { .. }));
+            let bound_before = matches!(o.placement, Some(Placement::Fits { bound: true, .. }));
+            prop_assert!(
+                status.host.is_some() || bound_before || (bound_here.is_some() && bound_here < create_at),
+                "a VM made before its host is on record"
+            );
+        }
+        // A binding names the host the status will show.
+        for a in &d.actions {
+            if let Action::Bind(b) = a && has_finalizer {
+                prop_assert_eq!(Some(&b.host), d.status.host.as_ref());
+                prop_assert_eq!(b.attempt, d.status.restart_count);
+            }
         }
         // The attempt is the restart count: a new attempt only after a recorded restart.
         for a in &d.actions {
