@@ -108,6 +108,9 @@ pub struct Context {
 /// attempt and host a minute at most.
 pub const REFUSAL_HOLD: Duration = Duration::from_secs(60);
 
+/// When an agent refused as stale (409) is looked at again if no newer copy arrived.
+pub const STALE_RECHECK: Duration = Duration::from_secs(10);
+
 /// After this many failed reconciles in a row, the failure is told on the agent (a Warning
 /// Event), not only in the controller's log.
 pub const FAILURES_TOLD: u32 = 3;
@@ -115,7 +118,10 @@ pub const FAILURES_TOLD: u32 = 3;
 /// The hosts that refused each attempt's VM, and what they said. Kept in memory only: after a
 /// restart a refusing host is simply asked again.
 #[derive(Debug, Default)]
-pub struct Refusals(Mutex<HashMap<String, BTreeMap<String, (String, Timestamp)>>>);
+pub struct Refusals(Mutex<HashMap<String, RefusedBy>>);
+
+/// Host -> what it said and when.
+type RefusedBy = BTreeMap<String, (String, Timestamp)>;
 
 impl Refusals {
     /// `host` refused the VM of attempt `id` (a channel id: agent UID and attempt).
@@ -150,10 +156,8 @@ impl Refusals {
         self.lock().retain(|id, _| !id.starts_with(&prefix));
     }
 
-    fn lock(
-        &self,
-    ) -> std::sync::MutexGuard<'_, HashMap<String, BTreeMap<String, (String, Timestamp)>>> {
-        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, RefusedBy>> {
+        lock(&self.0)
     }
 }
 
@@ -1016,8 +1020,9 @@ async fn reconcile_inner(agent: &Arc<FarAgent>, ctx: &Arc<Context>) -> Result<Re
 pub fn error_policy(agent: Arc<FarAgent>, error: &Error, ctx: Arc<Context>) -> Requeue {
     if matches!(error, Error::Stale) {
         // Not a failure: the newer copy is on its way through the watch, and its arrival
-        // reconciles the agent again; a timer would only retry on the same stale copy.
-        return Requeue::await_change();
+        // reconciles the agent again. The timer is only a safety net (a watch event lost, or a
+        // 409 from something in between that changed nothing).
+        return Requeue::requeue(STALE_RECHECK);
     }
     ctx.metrics
         .reconcile_errors

@@ -22,14 +22,14 @@ use far_host::provider::sim::{Sim, SimConfig};
 use far_host::{Host, HostConfig};
 use far_testkit::apiserver::FakeApiServer;
 use far_testkit::cluster;
-use far_vmspec::Defaults;
+use far_testkit::faults::{Fault, Faults};
+use far_vmspec::{Defaults, VmName};
 use k8s_openapi::api::core::v1::Namespace;
 use kube::api::{DeleteParams, DynamicObject, Patch, PatchParams, PostParams};
 use kube::core::{ApiResource, GroupVersionKind};
 use kube::runtime::events::Reporter;
 use kube::{Api, Client};
 use serde_json::json;
-use tokio::sync::oneshot;
 
 /// One run of the scenarios: a namespace, a FlintlockHost, the far-host behind it, and the
 /// controller.
@@ -41,7 +41,18 @@ struct Stage {
     run: String,
     host: Arc<Host<Sim>>,
     _state: tempfile::TempDir,
-    _stop: oneshot::Sender<()>,
+    /// The controller's client (the chart's ServiceAccount), before any faults.
+    controller_client: Client,
+    channel: Channel,
+    channel_url: String,
+    /// The controller, running in this process: aborting it is its process killed.
+    controller: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Stage {
+    fn drop(&mut self) {
+        self.controller.abort();
+    }
 }
 
 /// Where the scenarios run: who is the administrator, and how the controller gets a client
@@ -105,7 +116,7 @@ impl Cluster {
 }
 
 impl Stage {
-    async fn new(cluster: &Cluster, dir: &std::path::Path) -> Self {
+    async fn new(cluster: &Cluster, dir: &std::path::Path, faults: Option<&Arc<Faults>>) -> Self {
         let client = cluster.admin(dir).await;
         let real = matches!(cluster, Cluster::Real(_));
         let run = format!("t{}", ulid::Ulid::new().to_string().to_lowercase());
@@ -140,7 +151,7 @@ impl Stage {
         let host_object: FlintlockHost = serde_json::from_value(json!({
             "apiVersion": "tiffany.dev/v1", "kind": "FlintlockHost",
             "metadata": {"name": run, "labels": {"far-test": run}},
-            "spec": {"endpoint": endpoint, "provider": "sim", "capacity": {"cpu": 4, "memory": "4Gi"},
+            "spec": {"endpoint": endpoint, "provider": "sim", "capacity": {"cpu": 32, "memory": "32Gi"},
                      "vmLimits": {"minMemory": "64Mi", "maxMemory": "4Gi", "maxCpu": 4}}
         }))
         .unwrap();
@@ -156,35 +167,60 @@ impl Stage {
         let channel_url = format!("http://{}", listener.local_addr().unwrap());
         let router = channel.router();
         tokio::spawn(async move { axum::serve(listener, router).await });
-        let (stop, stopped) = oneshot::channel::<()>();
-        tokio::spawn(far_agent_controller::run::run(
-            cluster.controller(&client, &namespace).await,
-            Config {
-                defaults: Defaults::local(),
-                channel_url,
-                grace_period_seconds: 5,
-                call_timeout: Duration::from_secs(2),
-                concurrency: DEFAULT_CONCURRENCY,
-                events: EventPolicy::All,
-            },
-            channel,
-            Reporter {
-                controller: "far-agent-controller".into(),
-                instance: Some(run.clone()),
-            },
-            Arc::default(),
-            async {
-                let _ = stopped.await;
-            },
-        ));
-        Self {
+        let controller_client = cluster.controller(&client, &namespace).await;
+        let mut stage = Self {
             client,
             namespace,
             run,
             host,
             _state: state,
-            _stop: stop,
-        }
+            controller_client,
+            channel,
+            channel_url,
+            controller: tokio::spawn(async {}),
+        };
+        stage.start_controller(faults);
+        stage
+    }
+
+    /// Starts the controller (a new one, as a new process would be, after killing the last),
+    /// its client's writes meeting `faults`.
+    fn start_controller(&mut self, faults: Option<&Arc<Faults>>) {
+        self.controller.abort();
+        let client = match faults {
+            Some(faults) => faults.wrap(self.controller_client.clone()),
+            None => self.controller_client.clone(),
+        };
+        self.controller = tokio::spawn(far_agent_controller::run::run(
+            client,
+            Config {
+                defaults: Defaults::local(),
+                channel_url: self.channel_url.clone(),
+                grace_period_seconds: 5,
+                call_timeout: Duration::from_secs(2),
+                concurrency: DEFAULT_CONCURRENCY,
+                events: EventPolicy::All,
+            },
+            self.channel.clone(),
+            Reporter {
+                controller: "far-agent-controller".into(),
+                instance: Some(self.run.clone()),
+            },
+            Arc::default(),
+            std::future::pending(),
+        ));
+    }
+
+    /// How many VMs the host was asked to create for the current attempt of each agent.
+    async fn creates(&self, name: &str) -> u32 {
+        let agent = self.agents().get(name).await.unwrap();
+        let attempt = agent.status.as_ref().map_or(0, |s| s.restart_count);
+        let vm = VmName::for_agent(&agent, attempt).unwrap();
+        self.host
+            .created()
+            .get(&format!("far/{}", vm.id()))
+            .copied()
+            .unwrap_or(0)
     }
 
     fn agents(&self) -> Api<FarAgent> {
@@ -241,6 +277,16 @@ impl Stage {
 
     fn vms(&self) -> usize {
         self.host.list("far", None).len()
+    }
+
+    async fn wait_no_vms(&self) {
+        for _ in 0..200 {
+            if self.vms() == 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(self.vms(), 0, "no VM is left behind");
     }
 
     async fn tear_down(self, cluster: &Cluster) {
@@ -336,20 +382,14 @@ async fn scenarios(stage: &Stage) {
     for name in ["long", "ok", "bad", "retry", "huge"] {
         stage.delete_and_wait_gone(name).await;
     }
-    for _ in 0..200 {
-        if stage.vms() == 0 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert_eq!(stage.vms(), 0, "no VM is left behind");
+    stage.wait_no_vms().await;
 }
 
 #[tokio::test]
 async fn the_scenarios_hold_against_the_fake_api_server() {
     let dir = tempfile::tempdir().unwrap();
     let cluster = Cluster::Fake(FakeApiServer::start().await);
-    let stage = Stage::new(&cluster, dir.path()).await;
+    let stage = Stage::new(&cluster, dir.path(), None).await;
     scenarios(&stage).await;
     stage.tear_down(&cluster).await;
     // The chart's RBAC sufficed: the controller was refused nothing.
@@ -371,7 +411,109 @@ async fn the_scenarios_hold_against_a_real_cluster() {
     };
     let dir = tempfile::tempdir().unwrap();
     let cluster = Cluster::Real(kubeconfig);
-    let stage = Stage::new(&cluster, dir.path()).await;
+    let stage = Stage::new(&cluster, dir.path(), None).await;
     scenarios(&stage).await;
     stage.tear_down(&cluster).await;
+}
+
+/// Every fault a write can meet, at every write of a healthy life (1: finalizer and binding,
+/// 2: the VM's uid, 3: Running, 4: the exit, 5: the finalizer's release): one agent each, all at
+/// once. Whatever is lost, each agent ends Completed with exactly one VM made for it, and none
+/// is left after deletion.
+async fn one_vm_per_attempt_whatever_write_fails(cluster: &Cluster) {
+    let dir = tempfile::tempdir().unwrap();
+    let faults = Arc::new(Faults::default());
+    let stage = Stage::new(cluster, dir.path(), Some(&faults)).await;
+    let kinds = [
+        ("refused422", Fault::Refuse(422)),
+        ("conflict409", Fault::Refuse(409)),
+        ("failed500", Fault::Refuse(500)),
+        ("lost", Fault::Lost),
+    ];
+    let mut names = Vec::new();
+    for nth in 1..=5 {
+        for (kind, fault) in kinds {
+            let name = format!("w{nth}-{kind}");
+            faults.at(&name, nth, fault);
+            stage
+                .create(&name, json!({"args": ["--seconds", "0.3"]}))
+                .await;
+            names.push(name);
+        }
+    }
+    for name in &names {
+        let agent = stage
+            .wait_for(name, "Completed", |a| phase(a) == Some(Phase::Completed))
+            .await;
+        assert_eq!(agent.status.unwrap().exit_code, Some(0), "{name}");
+        assert_eq!(stage.creates(name).await, 1, "{name}: VMs created");
+    }
+    for name in &names {
+        stage.delete_and_wait_gone(name).await;
+    }
+    let fired = faults.fired();
+    assert_eq!(fired.len(), names.len(), "every fault fired: {fired:?}");
+    assert_eq!(
+        stage.host.created().values().sum::<u32>(),
+        20,
+        "one VM per agent"
+    );
+    stage.wait_no_vms().await;
+    stage.tear_down(cluster).await;
+}
+
+/// The controller killed after CreateMicroVM, before the VM's uid reached status: the next
+/// controller finds the VM by the binding and adopts it.
+async fn a_vm_whose_controller_died_before_recording_it_is_adopted(cluster: &Cluster) {
+    let dir = tempfile::tempdir().unwrap();
+    let faults = Arc::new(Faults::default());
+    let mut stage = Stage::new(cluster, dir.path(), Some(&faults)).await;
+    faults.at("killed", 2, Fault::Hang);
+    stage
+        .create("killed", json!({"args": ["--seconds", "1"]}))
+        .await;
+    tokio::time::timeout(Duration::from_secs(30), faults.hung())
+        .await
+        .expect("the VM's uid write was reached");
+    stage.start_controller(None);
+    let agent = stage
+        .wait_for("killed", "Completed", |a| {
+            phase(a) == Some(Phase::Completed)
+        })
+        .await;
+    assert_eq!(agent.status.unwrap().exit_code, Some(0));
+    assert_eq!(stage.creates("killed").await, 1, "the VM was adopted");
+    stage.delete_and_wait_gone("killed").await;
+    stage.wait_no_vms().await;
+    stage.tear_down(cluster).await;
+}
+
+#[tokio::test]
+async fn one_vm_per_attempt_whatever_write_fails_on_the_fake_api_server() {
+    let cluster = Cluster::Fake(FakeApiServer::start().await);
+    one_vm_per_attempt_whatever_write_fails(&cluster).await;
+}
+
+#[tokio::test]
+async fn one_vm_per_attempt_whatever_write_fails_on_a_real_cluster() {
+    let Some(kubeconfig) = cluster::kubeconfig("a disposable cluster without FAR's controller")
+    else {
+        return;
+    };
+    one_vm_per_attempt_whatever_write_fails(&Cluster::Real(kubeconfig)).await;
+}
+
+#[tokio::test]
+async fn a_vm_whose_controller_died_before_recording_it_is_adopted_on_the_fake_api_server() {
+    let cluster = Cluster::Fake(FakeApiServer::start().await);
+    a_vm_whose_controller_died_before_recording_it_is_adopted(&cluster).await;
+}
+
+#[tokio::test]
+async fn a_vm_whose_controller_died_before_recording_it_is_adopted_on_a_real_cluster() {
+    let Some(kubeconfig) = cluster::kubeconfig("a disposable cluster without FAR's controller")
+    else {
+        return;
+    };
+    a_vm_whose_controller_died_before_recording_it_is_adopted(&Cluster::Real(kubeconfig)).await;
 }

@@ -69,6 +69,10 @@ pub struct Host<P: Provider> {
     vms: Mutex<BTreeMap<String, VmRecord>>,
     /// One provider operation at a time per VM, so a delete never races a start.
     ops: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// VMs created since the host opened, by `namespace/name`: a name created twice is a
+    /// client's duplicate (Flintlock's create is not idempotent), which tests and benchmarks
+    /// count.
+    created: Mutex<HashMap<String, u32>>,
 }
 
 impl<P: Provider> std::fmt::Debug for Host<P> {
@@ -107,6 +111,7 @@ impl<P: Provider> Host<P> {
                     .collect(),
             ),
             ops: Mutex::default(),
+            created: Mutex::default(),
         });
         for record in loaded.records {
             match record.state {
@@ -176,6 +181,12 @@ impl<P: Provider> Host<P> {
         let record = VmRecord::new(&spec);
         self.store.save(&record)?;
         self.lock().insert(uid.clone(), record.clone());
+        *self
+            .created
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(format!("{}/{}", spec.namespace, spec.id))
+            .or_default() += 1;
         info!(%uid, id = %spec.id, namespace = %spec.namespace, "VM created");
         self.spawn_start(uid);
         Ok(record.to_proto())
@@ -246,6 +257,14 @@ impl<P: Provider> Host<P> {
             });
         }
         Ok(ended)
+    }
+
+    /// How many VMs were created under each `namespace/name` since the host opened.
+    pub fn created(&self) -> HashMap<String, u32> {
+        self.created
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// The VMs in a namespace, optionally only those with this name, oldest first.

@@ -4,9 +4,11 @@
 //!   the controller uses, answering as a real kube-apiserver does.
 //! - [`registry::Registry`]: a real OCI registry on loopback.
 //! - [`cluster`]: a real cluster, when `FAR_TEST_KUBECONFIG` names one.
+//! - [`faults`]: faults injected into a client's writes, against either.
 
 pub mod apiserver;
 pub mod cluster;
+pub mod faults;
 mod managed_fields;
 pub mod registry;
 pub mod request_metrics;
