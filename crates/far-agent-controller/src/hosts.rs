@@ -6,6 +6,7 @@
 //! from its name, [`far_vmspec::VmName`]) is no FarAgent, or is an earlier attempt of one, is
 //! deleted. Host status is written only when it changes, plus `lastProbeTime` once a minute.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -78,29 +79,14 @@ pub async fn probe_all(ctx: &Context) {
                 let owners = owners(ctx);
                 note_ended(ctx, &host, &credentials).await;
                 if ctx.agents_ready() {
-                    for vm in vms {
-                        let Some(spec) = &vm.spec else { continue };
-                        let Some(uid) = spec.uid.clone() else {
-                            continue;
-                        };
-                        let deleting = vm
-                            .status
-                            .as_ref()
-                            .is_some_and(|s| s.state == MicroVmState::Deleting as i32);
-                        let Some(owner) = VmName::parse(&spec.id) else {
-                            continue;
-                        };
-                        let orphan = match owners.get(&owner.uid) {
-                            None => true,
-                            Some((attempt, current)) => {
-                                owner.attempt < *attempt && current.as_deref() != Some(uid.as_str())
-                            }
-                        };
-                        if orphan && !deleting {
-                            info!(host = %name, vm = %uid, id = %spec.id, "deleting orphaned VM");
-                            if let Err(e) = ctx.flintlock.delete(&host, &credentials, &uid).await {
-                                warn!(host = %name, vm = %uid, error = %e, "orphaned VM not deleted");
-                            }
+                    let listed: Vec<Listed> = vms.iter().filter_map(Listed::of).collect();
+                    for (vm, why) in surplus(&listed, &owners) {
+                        info!(host = %name, vm = %vm.uid, id = %vm.id, why = why.as_str(), "deleting a VM no agent keeps");
+                        if let Surplus::Duplicate(kept) = &why {
+                            tell_duplicate(ctx, vm, kept, &name).await;
+                        }
+                        if let Err(e) = ctx.flintlock.delete(&host, &credentials, &vm.uid).await {
+                            warn!(host = %name, vm = %vm.uid, error = %e, "VM not deleted");
                         }
                     }
                 }
@@ -240,15 +226,147 @@ async fn write_status(
 }
 
 /// Which run each agent is on and which VM it owns, by agent UID.
-fn owners(ctx: &Context) -> std::collections::HashMap<String, (u32, Option<String>)> {
+fn owners(ctx: &Context) -> HashMap<String, Owner> {
     ctx.agents
         .state()
         .iter()
         .filter_map(|a| {
             let status = a.status.clone().unwrap_or_default();
-            Some((a.uid()?, (status.restart_count, status.vm_uid)))
+            Some((
+                a.uid()?,
+                Owner {
+                    attempt: status.restart_count,
+                    vm_uid: status.vm_uid,
+                },
+            ))
         })
         .collect()
+}
+
+/// A VM of FAR's a host listed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Listed {
+    /// Flintlock's uid (a ULID: later VMs sort after earlier ones).
+    pub uid: String,
+    /// Its name, which names its agent and attempt ([`VmName`]).
+    pub id: String,
+    /// Already being deleted.
+    pub deleting: bool,
+}
+
+impl Listed {
+    fn of(vm: &flintlock_proto::types::MicroVm) -> Option<Self> {
+        let spec = vm.spec.as_ref()?;
+        Some(Self {
+            uid: spec.uid.clone()?,
+            id: spec.id.clone(),
+            deleting: vm
+                .status
+                .as_ref()
+                .is_some_and(|s| s.state == MicroVmState::Deleting as i32),
+        })
+    }
+}
+
+/// What the controller's cache says of an agent that may own VMs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Owner {
+    /// Its current attempt.
+    pub attempt: u32,
+    /// The VM its status records for that attempt.
+    pub vm_uid: Option<String>,
+}
+
+/// Why a VM is deleted by the probe.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Surplus {
+    /// No FarAgent has its name.
+    Orphan,
+    /// Its agent has moved on to a later attempt.
+    EarlierAttempt,
+    /// A second VM of its agent's current attempt; the one kept (in status, else the oldest),
+    /// when known.
+    Duplicate(Option<String>),
+}
+
+impl Surplus {
+    /// A closed-set name, for logs.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Surplus::Orphan => "orphan",
+            Surplus::EarlierAttempt => "earlier_attempt",
+            Surplus::Duplicate(_) => "duplicate",
+        }
+    }
+}
+
+/// The VMs of one host's list that no agent keeps, and why: an agent keeps the VM of its
+/// current attempt that its status records, or, before status records one, the oldest of that
+/// name on the host (the one a reconcile adopts). Every other VM of the attempt is a duplicate,
+/// on this host or any other. VMs of attempts later than the cache knows are left alone (the
+/// cache may lag), as are VMs already being deleted.
+pub fn surplus<'a>(
+    vms: &'a [Listed],
+    owners: &HashMap<String, Owner>,
+) -> Vec<(&'a Listed, Surplus)> {
+    let mut oldest: HashMap<&str, &str> = HashMap::new();
+    for vm in vms.iter().filter(|vm| !vm.deleting) {
+        let first = oldest.entry(vm.id.as_str()).or_insert(vm.uid.as_str());
+        if vm.uid.as_str() < *first {
+            *first = vm.uid.as_str();
+        }
+    }
+    vms.iter()
+        .filter(|vm| !vm.deleting)
+        .filter_map(|vm| {
+            let name = VmName::parse(&vm.id)?;
+            let why = match owners.get(&name.uid) {
+                None => Surplus::Orphan,
+                Some(owner) if name.attempt < owner.attempt => {
+                    if owner.vm_uid.as_deref() == Some(vm.uid.as_str()) {
+                        return None;
+                    }
+                    Surplus::EarlierAttempt
+                }
+                Some(owner) if name.attempt > owner.attempt => return None,
+                Some(owner) => match &owner.vm_uid {
+                    Some(kept) if *kept == vm.uid => return None,
+                    Some(kept) => Surplus::Duplicate(Some(kept.clone())),
+                    None if oldest.get(vm.id.as_str()) == Some(&vm.uid.as_str()) => return None,
+                    None => Surplus::Duplicate(oldest.get(vm.id.as_str()).map(|k| (*k).to_owned())),
+                },
+            };
+            Some((vm, why))
+        })
+        .collect()
+}
+
+/// A Warning Event on the agent a duplicate VM belongs to: it should never happen.
+async fn tell_duplicate(ctx: &Context, vm: &Listed, kept: &Option<String>, host: &str) {
+    let Some(owner) = VmName::parse(&vm.id) else {
+        return;
+    };
+    let reference = ctx
+        .by_uid
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .get(&owner.uid)
+        .cloned();
+    let Some(agent) = reference.and_then(|r| ctx.agents.get(&r)) else {
+        return;
+    };
+    let kept = kept.as_deref().unwrap_or("another");
+    crate::reconcile::publish(
+        ctx,
+        &agent,
+        true,
+        "DuplicateVM",
+        format!(
+            "VM {} on host {host} is a second VM of attempt {}; deleting it and keeping VM {kept}",
+            vm.uid, owner.attempt
+        ),
+    )
+    .await;
 }
 
 /// Probes hosts forever.
@@ -257,5 +375,79 @@ pub async fn run(ctx: Arc<Context>) {
     loop {
         ticks.tick().await;
         probe_all(&ctx).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const A: &str = "0123abcd-0000-4000-8000-000000000001";
+
+    fn vm(uid: &str, attempt: u32) -> Listed {
+        Listed {
+            uid: uid.into(),
+            id: format!("ns.agent.{attempt}.{A}"),
+            deleting: false,
+        }
+    }
+
+    fn owner(attempt: u32, vm_uid: Option<&str>) -> HashMap<String, Owner> {
+        HashMap::from([(
+            A.to_owned(),
+            Owner {
+                attempt,
+                vm_uid: vm_uid.map(str::to_owned),
+            },
+        )])
+    }
+
+    fn judged(vms: &[Listed], owners: &HashMap<String, Owner>) -> Vec<(String, Surplus)> {
+        surplus(vms, owners)
+            .into_iter()
+            .map(|(vm, why)| (vm.uid.clone(), why))
+            .collect()
+    }
+
+    #[test]
+    fn a_second_vm_of_an_attempt_goes_and_the_one_in_status_stays() {
+        let vms = [vm("01B", 0), vm("01A", 0)];
+        assert_eq!(
+            judged(&vms, &owner(0, Some("01B"))),
+            [("01A".to_owned(), Surplus::Duplicate(Some("01B".into())))]
+        );
+    }
+
+    #[test]
+    fn before_status_records_one_the_oldest_stays() {
+        let vms = [vm("01B", 0), vm("01A", 0), vm("01C", 0)];
+        assert_eq!(
+            judged(&vms, &owner(0, None)),
+            [
+                ("01B".to_owned(), Surplus::Duplicate(Some("01A".into()))),
+                ("01C".to_owned(), Surplus::Duplicate(Some("01A".into())))
+            ]
+        );
+        assert!(
+            judged(&vms[1..2], &owner(0, None)).is_empty(),
+            "one VM is no duplicate"
+        );
+    }
+
+    #[test]
+    fn orphans_and_earlier_attempts_go_later_attempts_and_deleting_vms_are_left() {
+        let mut deleting = vm("01D", 0);
+        deleting.deleting = true;
+        let vms = [vm("01A", 0), vm("01E", 2), deleting];
+        assert_eq!(
+            judged(&vms, &owner(1, None)),
+            [("01A".to_owned(), Surplus::EarlierAttempt)]
+        );
+        assert_eq!(
+            judged(&vms[..1], &HashMap::new()),
+            [("01A".to_owned(), Surplus::Orphan)]
+        );
+        // An earlier attempt's VM that status still records (the agent finished on it) stays.
+        assert!(judged(&vms[..1], &owner(1, Some("01A"))).is_empty());
     }
 }

@@ -396,7 +396,12 @@ async fn observe_vm(
                     Some(name.id()),
                 )
                 .await
-                .map(|vms| vms.into_iter().find_map(|vm| vm_uid(&vm).map(|u| (u, vm))))
+                // The oldest, should there be several: the one the host probe keeps.
+                .map(|vms| {
+                    vms.into_iter()
+                        .filter_map(|vm| vm_uid(&vm).map(|u| (u, vm)))
+                        .min_by(|a, b| a.0.cmp(&b.0))
+                })
         }
     };
     match result {
@@ -608,7 +613,14 @@ fn fenced(mut patch: Value, resource_version: Option<&str>) -> Value {
     patch
 }
 
-async fn publish(ctx: &Context, agent: &FarAgent, warning: bool, reason: &str, note: String) {
+/// Records an Event on the agent (Normal ones only with `--events all`).
+pub(crate) async fn publish(
+    ctx: &Context,
+    agent: &FarAgent,
+    warning: bool,
+    reason: &str,
+    note: String,
+) {
     if !warning && ctx.config.events == EventPolicy::Warnings {
         return;
     }
@@ -640,7 +652,40 @@ pub async fn reconcile(agent: Arc<FarAgent>, ctx: Arc<Context>) -> Result<Requeu
     ctx.metrics
         .reconcile_duration
         .observe(started.elapsed().as_secs_f64());
+    tell_failures(&ctx, &agent, &result).await;
     result
+}
+
+/// A failure that persists is told on the agent (a Warning Event), not only in the log: users
+/// see a status write the API server keeps refusing, or a host that keeps failing, with
+/// `kubectl describe`. Once per streak of failures.
+async fn tell_failures(ctx: &Context, agent: &FarAgent, result: &Result<Requeue, Error>) {
+    let Some(uid) = agent.uid() else {
+        return;
+    };
+    let error = match result {
+        Err(error) if !matches!(error, Error::Stale) => error,
+        _ => {
+            lock(&ctx.failures).remove(&uid);
+            return;
+        }
+    };
+    let streak = {
+        let mut failures = lock(&ctx.failures);
+        let streak = failures.entry(uid).or_default();
+        *streak += 1;
+        *streak
+    };
+    if streak == FAILURES_TOLD {
+        publish(
+            ctx,
+            agent,
+            true,
+            "ReconcileFailed",
+            format!("{error} ({streak} times in a row; retrying)"),
+        )
+        .await;
+    }
 }
 
 async fn reconcile_inner(agent: &Arc<FarAgent>, ctx: &Arc<Context>) -> Result<Requeue, Error> {

@@ -1280,3 +1280,63 @@ async fn the_controller_needs_exactly_the_rbac_its_chart_grants() {
         "the chart grants more than the controller uses"
     );
 }
+
+/// A host whose far-host runs another provider than its FlintlockHost says refuses the VM
+/// (INVALID_ARGUMENT). The agent says so in status and in a Warning Event, and its attempt goes
+/// to the other host; with no other host, it stays Pending/CreateRefused with the host's words
+/// and asks again only after a while.
+#[tokio::test]
+async fn a_host_that_refuses_the_vm_is_named_and_another_host_takes_the_agent() {
+    let mut env = env().await;
+    // The refusing host has more memory free, so placement picks it first.
+    let refusing: FlintlockHost = serde_json::from_value(json!({
+        "apiVersion": "tiffany.dev/v1", "kind": "FlintlockHost", "metadata": {"name": "big-qemu"},
+        "spec": {"endpoint": env.endpoint, "provider": "qemu", "capacity": {"cpu": 4, "memory": "16Gi"}, "vmLimits": {"minMemory": "64Mi", "maxMemory": "8Gi", "maxCpu": 4}}
+    }))
+    .unwrap();
+    Api::<FlintlockHost>::all(env.api.client())
+        .create(&PostParams::default(), &refusing)
+        .await
+        .unwrap();
+    env.start_controller();
+    env.wait_host_ready().await;
+    env.create("moved", json!({"args": ["--seconds", "0.3"]}))
+        .await;
+    let agent = env
+        .wait_for("moved", "Completed", |a| phase(a) == Some(Phase::Completed))
+        .await;
+    assert_eq!(agent.status.unwrap().host.as_deref(), Some("sim-1"));
+    env.wait_for_event("CreateRefused").await;
+
+    // Only the refusing host left: the agent waits, saying why.
+    Api::<FlintlockHost>::all(env.api.client())
+        .delete("sim-1", &DeleteParams::default())
+        .await
+        .unwrap();
+    env.create("stuck", json!({"args": ["--seconds", "0.3"]}))
+        .await;
+    let agent = env
+        .wait_for("stuck", "CreateRefused", |a| {
+            a.status
+                .as_ref()
+                .is_some_and(|s| s.reason == Some(far_api::AgentReason::CreateRefused))
+        })
+        .await;
+    let status = agent.status.unwrap();
+    let message = status.message.unwrap_or_default();
+    assert_eq!(status.phase, Some(Phase::Pending));
+    assert_eq!(
+        message,
+        "0/1 hosts fit: big-qemu: refused the VM: INVALID_ARGUMENT: invalid microvm spec: provider \"qemu\" is not available: this host runs \"sim\""
+    );
+    assert_eq!(status.vm_uid, None);
+    // Asked once, then left alone for a minute: not every 2 s.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let metrics = env.metrics.encode();
+    assert!(
+        metrics.contains(
+            "far_controller_flintlock_rpc_duration_seconds_count{method=\"CreateMicroVM\",code=\"INVALID_ARGUMENT\"} 2"
+        ),
+        "one refusal per agent: {metrics}"
+    );
+}
