@@ -122,13 +122,18 @@ impl ApiServer {
     /// Requests the API server has served so far, by `(verb, resource)` (and `conflict`),
     /// from its `apiserver_request_total`. A real one counts every client's requests.
     async fn requests(&self) -> Result<BTreeMap<(String, String), u64>> {
+        Ok(request_metrics::by_verb(&self.series().await?))
+    }
+
+    /// The API server's `apiserver_request_total`, every series of it.
+    async fn series(&self) -> Result<BTreeMap<request_metrics::Series, u64>> {
         let request = axum::http::Request::get("/metrics").body(Vec::new())?;
         let text = self
             .client
             .request_text(request)
             .await
             .context("reading the API server's /metrics")?;
-        Ok(request_metrics::by_verb(&request_metrics::parse(&text)))
+        Ok(request_metrics::parse(&text))
     }
 
     /// The benchmark's namespace, created unless it exists.
@@ -228,7 +233,8 @@ pub async fn run(args: BenchArgs) -> Result<()> {
         args.baseline_patches
     );
     let patch_rate = baseline(&api, args.baseline_patches).await?;
-    let before = api.requests().await?;
+    let before_series = api.series().await?;
+    let before = request_metrics::by_verb(&before_series);
 
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let channel_url = format!("http://{}", listener.local_addr()?);
@@ -237,6 +243,7 @@ pub async fn run(args: BenchArgs) -> Result<()> {
     let run_label = ulid::Ulid::new().to_string().to_lowercase();
     let hosts_api: Api<FlintlockHost> = Api::all(api.client.clone());
     let mut host_names = Vec::new();
+    let mut sims = Vec::new();
     let per_host = args.agents.div_ceil(args.hosts.max(1)) as u64;
     for i in 0..args.hosts {
         let limits = Limits {
@@ -257,6 +264,7 @@ pub async fn run(args: BenchArgs) -> Result<()> {
             sim,
         )
         .await?;
+        sims.push(Arc::clone(&host));
         let endpoint = far_host::serve_on_loopback(host, None).await?;
         let name = format!("far-bench-{run_label}-{i}");
         let object: FlintlockHost = serde_json::from_value(json!({
@@ -517,6 +525,8 @@ pub async fn run(args: BenchArgs) -> Result<()> {
     let running_rate =
         seen_running.len() as f64 / last_running.duration_since(started).as_secs_f64().max(1e-9);
 
+    let vms = VmCount::of(&sims);
+    let refused = refused_writes(&before_series, &api.series().await?);
     let after = api.requests().await?;
     for name in &host_names {
         hosts_api
@@ -571,6 +581,13 @@ pub async fn run(args: BenchArgs) -> Result<()> {
         "api_requests_per_agent": per_agent,
         "api_writes_per_agent": writes,
         "api_conflicts_per_agent": conflicts,
+        // Every write the API server refused during the run, by code and resource.
+        "api_writes_refused": refused,
+        // CreateMicroVM calls the sim hosts accepted, VM names created more than once (on one
+        // host or several), and VMs still there once every agent is gone: both must be 0.
+        "vms_created": vms.created,
+        "duplicate_vms": vms.duplicates,
+        "leaked_vms": vms.leaked,
         // null unless every agent ran together for at least 5 s (use a long --run-seconds).
         "steady_state": steady.filter(|(seconds, _)| *seconds >= 5.0).map(|(seconds, by_kind)| {
             let writes: u64 = by_kind.values().sum();
@@ -591,15 +608,66 @@ pub async fn run(args: BenchArgs) -> Result<()> {
     });
     print_table(&report);
     println!("{}", serde_json::to_string_pretty(&report)?);
-    if finished.len() < args.agents || wrong > 0 || gone.len() < finished.len() {
+    if finished.len() < args.agents
+        || wrong > 0
+        || gone.len() < finished.len()
+        || vms.duplicates > 0
+        || vms.leaked > 0
+    {
         bail!(
-            "{} of {} agents finished, {wrong} with the wrong phase or exit code, {} deleted",
+            "{} of {} agents finished, {wrong} with the wrong phase or exit code, {} deleted; {} duplicate and {} leaked VMs",
             finished.len(),
             args.agents,
-            gone.len()
+            gone.len(),
+            vms.duplicates,
+            vms.leaked
         );
     }
     Ok(())
+}
+
+/// What the sim hosts did with VMs over the run.
+struct VmCount {
+    created: u64,
+    duplicates: u64,
+    leaked: u64,
+}
+
+impl VmCount {
+    fn of(hosts: &[Arc<Host<Sim>>]) -> Self {
+        let mut by_name: HashMap<String, u64> = HashMap::new();
+        for host in hosts {
+            for (name, n) in host.created() {
+                *by_name.entry(name).or_default() += u64::from(n);
+            }
+        }
+        Self {
+            created: by_name.values().sum(),
+            duplicates: by_name.values().map(|n| n.saturating_sub(1)).sum(),
+            leaked: hosts.iter().map(|h| h.list("far", None).len() as u64).sum(),
+        }
+    }
+}
+
+/// Writes the API server refused between two readings of its counter, as `"<code> <resource>"`.
+fn refused_writes(
+    before: &BTreeMap<request_metrics::Series, u64>,
+    after: &BTreeMap<request_metrics::Series, u64>,
+) -> BTreeMap<String, u64> {
+    let mut refused = BTreeMap::new();
+    for (series, n) in after {
+        let verb = request_metrics::rbac_verb(&series.verb);
+        if series.code < 400 || !is_write(&verb) {
+            continue;
+        }
+        let new = n.saturating_sub(before.get(series).copied().unwrap_or(0));
+        if new > 0 {
+            *refused
+                .entry(format!("{} {}", series.code, series.resource))
+                .or_default() += new;
+        }
+    }
+    refused
 }
 
 fn print_table(r: &serde_json::Value) {
@@ -652,6 +720,27 @@ fn print_table(r: &serde_json::Value) {
         "{:<44} {:.2}",
         "  of which refused 409 (stale copy)",
         r["api_conflicts_per_agent"].as_f64().unwrap_or(0.0)
+    );
+    let refused = r["api_writes_refused"]
+        .as_object()
+        .map(|m| {
+            m.iter()
+                .map(|(k, n)| format!("{k}: {n}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        })
+        .unwrap_or_default();
+    println!(
+        "{:<44} {}",
+        "API writes refused, by code",
+        if refused.is_empty() { "none" } else { &refused }
+    );
+    println!(
+        "{:<44} {} created, {} duplicate, {} leaked",
+        "VMs (CreateMicroVM accepted by the hosts)",
+        r["vms_created"],
+        r["duplicate_vms"],
+        r["leaked_vms"]
     );
     match r["steady_state"].as_object() {
         Some(s) => println!(

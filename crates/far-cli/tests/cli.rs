@@ -96,6 +96,16 @@ fn bench_report(out: std::process::Output) -> serde_json::Value {
         ),
         (Some(20), Some(0), Some(0))
     );
+    // The sim hosts' own count: one VM per agent, none left.
+    assert_eq!(
+        (
+            json["vms_created"].as_u64(),
+            json["duplicate_vms"].as_u64(),
+            json["leaked_vms"].as_u64()
+        ),
+        (Some(20), Some(0), Some(0))
+    );
+    assert!(json["api_writes_refused"].is_object(), "{json}");
     json
 }
 
