@@ -559,10 +559,13 @@ pub async fn run(args: BenchArgs) -> Result<()> {
         .filter(|(k, _)| k.split(' ').next().is_some_and(is_write))
         .map(|(_, v)| v)
         .sum();
+    // The counter is the API server's since it started: only the run's own part counts.
+    let conflict = ("conflict".to_owned(), "faragents".to_owned());
     let conflicts = after
-        .get(&("conflict".to_owned(), "faragents".to_owned()))
+        .get(&conflict)
         .copied()
-        .unwrap_or(0) as f64
+        .unwrap_or(0)
+        .saturating_sub(before.get(&conflict).copied().unwrap_or(0)) as f64
         / args.agents as f64;
 
     let report = json!({
