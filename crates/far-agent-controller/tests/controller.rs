@@ -1340,3 +1340,20 @@ async fn a_host_that_refuses_the_vm_is_named_and_another_host_takes_the_agent() 
         "one refusal per agent: {metrics}"
     );
 }
+
+/// A write the API server keeps refusing is told on the agent after three tries, then the agent
+/// carries on once the writes go through.
+#[tokio::test]
+async fn a_write_refused_again_and_again_is_told_as_a_warning_event() {
+    let mut env = env().await;
+    env.start_controller();
+    env.wait_host_ready().await;
+    env.api.fail_next("patch", 500, 4);
+    env.create("refused", json!({"args": ["--seconds", "0.3"]}))
+        .await;
+    env.wait_for_event("ReconcileFailed").await;
+    env.wait_for("refused", "Completed", |a| {
+        phase(a) == Some(Phase::Completed)
+    })
+    .await;
+}
