@@ -117,9 +117,24 @@ impl Kind {
     fn is_custom(&self) -> bool {
         self.group == "tiffany.dev"
     }
+
+    /// `Kind.group` (`FarAgent.tiffany.dev`; `Secret` for the core group), as validation and
+    /// precondition errors name a kind.
+    fn kind_group(&self) -> String {
+        if self.group.is_empty() {
+            self.kind.to_owned()
+        } else {
+            format!("{}.{}", self.kind, self.group)
+        }
+    }
 }
 
 type Key = (&'static str, String, String);
+
+/// The resourceVersion the fake starts from. A real cluster's revision is in the hundreds before
+/// any client writes and its watch cache holds nothing older, so a watch from an older version
+/// (a made-up `1`, say) is answered `410 Expired`, as there.
+const FIRST_RV: u64 = 100;
 
 #[derive(Clone, Debug)]
 struct Change {
@@ -225,7 +240,10 @@ impl FakeApiServer {
     pub async fn start() -> Self {
         let (changes, _) = broadcast::channel(65_536);
         let shared = Arc::new(Shared {
-            inner: Mutex::default(),
+            inner: Mutex::new(Inner {
+                rv: FIRST_RV,
+                ..Inner::default()
+            }),
             changes,
             cuts: broadcast::channel(16).0,
             proxies: Mutex::default(),
@@ -382,6 +400,12 @@ fn status(code: u16, reason: &str, message: String, details: Value) -> Response 
     let mut body = json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure", "message": message, "reason": reason, "code": code});
     if !details.is_null() {
         body["details"] = details;
+        // As kube-apiserver (omitempty): the core group is no `group` at all.
+        if body["details"]["group"] == ""
+            && let Some(d) = body["details"].as_object_mut()
+        {
+            d.remove("group");
+        }
     }
     (
         StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
@@ -427,6 +451,69 @@ fn version_required(kind: &Kind, name: &str) -> Response {
         json!({"name": name, "group": kind.group, "kind": kind.plural,
                "causes": [{"reason": "FieldValueInvalid", "message": cause, "field": "metadata.resourceVersion"}]}),
     )
+}
+
+/// What a write does with unknown fields (`?fieldValidation=`, default `Warn`), and whether it
+/// is a patch: a strict patch is refused with 422, a strict create or update with 400.
+#[derive(Clone, Copy)]
+struct FieldValidation<'a> {
+    mode: &'a str,
+    patch: bool,
+}
+
+impl<'a> FieldValidation<'a> {
+    fn new(q: &'a HashMap<String, String>, patch: bool) -> Self {
+        let mode = q.get("fieldValidation").map_or("Warn", String::as_str);
+        Self { mode, patch }
+    }
+
+    /// The `Warning` headers for the `unknown` fields admission pruned from `object`, or the
+    /// refusal.
+    fn check(
+        self,
+        kind: &Kind,
+        unknown: &[String],
+        object: &Value,
+    ) -> Result<Vec<String>, Box<Response>> {
+        match self.mode {
+            _ if unknown.is_empty() => Ok(Vec::new()),
+            "Ignore" => Ok(Vec::new()),
+            "Strict" => {
+                let error = format!("strict decoding error: {}", unknown.join(", "));
+                Err(Box::new(if self.patch {
+                    let cause = format!("Invalid value: {:?}: {error}", object.to_string());
+                    status(
+                        422,
+                        "Invalid",
+                        format!(" \"\" is invalid: patch: {cause}"),
+                        json!({"causes": [{"reason": "FieldValueInvalid", "message": cause, "field": "patch"}]}),
+                    )
+                } else {
+                    status(
+                        400,
+                        "BadRequest",
+                        format!(
+                            "{k} in version {v:?} cannot be handled as a {k}: {error}",
+                            k = kind.kind,
+                            v = kind.version
+                        ),
+                        Value::Null,
+                    )
+                }))
+            }
+            _ => Ok(unknown.iter().map(|u| format!("299 - {u:?}")).collect()),
+        }
+    }
+}
+
+/// `response` with one `Warning` header per warning.
+fn warned(mut response: Response, warnings: &[String]) -> Response {
+    for warning in warnings {
+        if let Ok(value) = warning.parse() {
+            response.headers_mut().append(header::WARNING, value);
+        }
+    }
+    response
 }
 
 fn ok(code: StatusCode, value: &Value) -> Response {
@@ -765,10 +852,10 @@ fn answer(
         "list" => list(shared, target, q),
         "watch" => watch(shared, target, q),
         "get" => get(shared, target),
-        "create" => create(shared, target, body, &writer()),
-        "update" => update(shared, target, body, &writer()),
-        "patch" => patch(shared, target, headers, body, &writer()),
-        "delete" => delete(shared, target),
+        "create" => create(shared, target, q, body, &writer()),
+        "update" => update(shared, target, q, body, &writer()),
+        "patch" => patch(shared, target, q, headers, body, &writer()),
+        "delete" => delete(shared, target, body),
         _ => status(
             405,
             "MethodNotAllowed",
@@ -778,21 +865,90 @@ fn answer(
     }
 }
 
+/// A list, in pages with `limit` and `continue` (a token `RV/namespace/name` of the last item:
+/// later pages read the state as of the first page's resourceVersion, replayed from the log, as
+/// kube-apiserver's consistent snapshot).
 fn list(shared: &Shared, target: &Target, q: &HashMap<String, String>) -> Response {
     let inner = lock(shared);
-    let items: Vec<Value> = inner
-        .objects
+    let in_scope = |plural: &str, ns: &str| {
+        plural == target.kind.plural && target.namespace.as_ref().is_none_or(|n| n == ns)
+    };
+    let (rv, after, state) = match q.get("continue").filter(|c| !c.is_empty()) {
+        None => {
+            let state: BTreeMap<(&str, &str), &Value> = inner
+                .objects
+                .iter()
+                .filter(|((p, ns, _), _)| in_scope(p, ns))
+                .map(|((_, ns, name), v)| ((ns.as_str(), name.as_str()), v))
+                .collect();
+            (inner.rv, None, state)
+        }
+        Some(token) => {
+            let Some((rv, after)) = token
+                .split_once('/')
+                .and_then(|(rv, key)| Some((rv.parse::<u64>().ok()?, key.split_once('/')?)))
+            else {
+                return status(
+                    400,
+                    "BadRequest",
+                    format!("invalid continue token: {token}"),
+                    Value::Null,
+                );
+            };
+            let mut state = BTreeMap::new();
+            for c in inner
+                .log
+                .iter()
+                .filter(|c| c.rv <= rv && in_scope(c.plural, &c.namespace))
+            {
+                let name = c.object["metadata"]["name"].as_str().unwrap_or_default();
+                if c.kind == "DELETED" {
+                    state.remove(&(c.namespace.as_str(), name));
+                } else {
+                    state.insert((c.namespace.as_str(), name), &c.object);
+                }
+            }
+            (rv, Some(after), state)
+        }
+    };
+    let matching: Vec<(&(&str, &str), &&Value)> = state
         .iter()
-        .filter(|((p, ns, _), _)| {
-            *p == target.kind.plural && target.namespace.as_ref().is_none_or(|n| n == ns)
+        .filter(|(k, v)| after.is_none_or(|a| **k > a) && selected(v, q))
+        .collect();
+    let page = q
+        .get("limit")
+        .and_then(|l| l.parse::<usize>().ok())
+        .filter(|l| *l > 0)
+        .map_or(matching.len(), |l| l.min(matching.len()));
+    let mut metadata = json!({"resourceVersion": rv.to_string()});
+    if page < matching.len() {
+        let (ns, name) = matching[page - 1].0;
+        metadata["continue"] = json!(format!("{rv}/{ns}/{name}"));
+        if !q.contains_key("labelSelector") && !q.contains_key("fieldSelector") {
+            metadata["remainingItemCount"] = json!(matching.len() - page);
+        }
+    } else if target.kind.is_custom() {
+        // Custom resource lists always carry it; built-in ones only when there is more.
+        metadata["continue"] = json!("");
+    }
+    let items: Vec<Value> = matching[..page]
+        .iter()
+        .map(|(_, v)| {
+            let mut item = (**v).clone();
+            // Built-in list items carry no kind or apiVersion.
+            if !target.kind.is_custom()
+                && let Some(m) = item.as_object_mut()
+            {
+                m.remove("kind");
+                m.remove("apiVersion");
+            }
+            item
         })
-        .map(|(_, v)| v.clone())
-        .filter(|v| selected(v, q))
         .collect();
     let list = json!({
         "apiVersion": target.kind.api_version(),
         "kind": format!("{}List", target.kind.kind),
-        "metadata": {"resourceVersion": inner.rv.to_string(), "continue": ""},
+        "metadata": metadata,
         "items": items,
     });
     ok(StatusCode::OK, &list)
@@ -807,6 +963,8 @@ fn watch(shared: &Shared, target: &Target, q: &HashMap<String, String>) -> Respo
         .get("timeoutSeconds")
         .and_then(|v| v.parse().ok())
         .unwrap_or(1800u64);
+    let bookmarks = from.is_some() && q.get("allowWatchBookmarks").is_some_and(|b| b == "true");
+    let bookmark = json!({"apiVersion": target.kind.api_version(), "kind": target.kind.kind});
     let plural = target.kind.plural;
     let namespace = target.namespace.clone();
     let q = q.clone();
@@ -818,9 +976,25 @@ fn watch(shared: &Shared, target: &Target, q: &HashMap<String, String>) -> Respo
     // Subscribe first, then read the backlog: nothing falls between the two.
     let mut live = shared.changes.subscribe();
     let mut cut = shared.cuts.subscribe();
-    let (backlog, mut last): (Vec<Value>, u64) = {
+    // `type_rv`: the newest change of this type, which a bookmark carries; `seen`: how far the
+    // watch is, replayed changes of the type included even when filtered out, so a bookmark is
+    // sent only when it moves the client on.
+    let (backlog, mut last, mut type_rv, expired) = {
         let inner = lock(shared);
-        match from {
+        let type_rv = inner
+            .log
+            .iter()
+            .rev()
+            .find(|c| c.plural == plural)
+            .map_or(0, |c| c.rv);
+        let (backlog, last, expired) = match from {
+            Some(rv) if rv < FIRST_RV => (
+                vec![
+                    json!({"type": "ERROR", "object": {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure", "message": format!("too old resource version: {rv} ({FIRST_RV})"), "reason": "Expired", "code": 410}}),
+                ],
+                inner.rv,
+                true,
+            ),
             Some(rv) => (
                 inner
                     .log
@@ -829,6 +1003,7 @@ fn watch(shared: &Shared, target: &Target, q: &HashMap<String, String>) -> Respo
                     .map(|c| json!({"type": c.kind, "object": c.object}))
                     .collect(),
                 inner.rv,
+                false,
             ),
             None => (
                 inner
@@ -851,9 +1026,12 @@ fn watch(shared: &Shared, target: &Target, q: &HashMap<String, String>) -> Respo
                     .map(|(_, v)| json!({"type": "ADDED", "object": v}))
                     .collect(),
                 inner.rv,
+                false,
             ),
-        }
+        };
+        (backlog, last, type_rv, expired)
     };
+    let mut seen = from.unwrap_or(0).max(type_rv);
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, Infallible>>(1024);
     tokio::spawn(async move {
         for event in backlog {
@@ -865,15 +1043,40 @@ fn watch(shared: &Shared, target: &Target, q: &HashMap<String, String>) -> Respo
                 return;
             }
         }
-        let end = tokio::time::sleep(Duration::from_secs(timeout));
+        // A too-old watch ends after its ERROR event.
+        if expired {
+            return;
+        }
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(timeout);
+        let end = tokio::time::sleep_until(deadline);
         tokio::pin!(end);
+        let mut bookmark_at = next_bookmark(deadline).filter(|_| bookmarks);
         loop {
             tokio::select! {
                 () = &mut end => return,
+                () = tokio::time::sleep_until(bookmark_at.unwrap_or(deadline)), if bookmark_at.is_some() => {
+                    bookmark_at = next_bookmark(deadline);
+                    if type_rv > seen {
+                        seen = type_rv;
+                        let mut object = bookmark.clone();
+                        object["metadata"] = json!({"resourceVersion": type_rv.to_string()});
+                        let line = json!({"type": "BOOKMARK", "object": object});
+                        if tx.send(Ok(Bytes::from(format!("{line}\n")))).await.is_err() {
+                            return;
+                        }
+                    }
+                }
                 _ = cut.recv() => return,
                 change = live.recv() => match change {
-                    Ok(c) if c.rv > last && matches(&c) => {
+                    Ok(c) if c.rv > last => {
                         last = c.rv;
+                        if c.plural == plural {
+                            type_rv = c.rv;
+                        }
+                        if !matches(&c) {
+                            continue;
+                        }
+                        seen = c.rv;
                         let line = json!({"type": c.kind, "object": c.object});
                         if tx.send(Ok(Bytes::from(format!("{line}\n")))).await.is_err() {
                             return;
@@ -898,6 +1101,14 @@ fn watch(shared: &Shared, target: &Target, q: &HashMap<String, String>) -> Respo
         .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
 }
 
+/// When kube-apiserver sends a watch its next bookmark: about every minute, and 2 s before the
+/// watch times out; none after that.
+fn next_bookmark(deadline: tokio::time::Instant) -> Option<tokio::time::Instant> {
+    let now = tokio::time::Instant::now();
+    let at = (now + Duration::from_secs(60)).min(deadline.checked_sub(Duration::from_secs(2))?);
+    (at > now).then_some(at)
+}
+
 fn key(target: &Target, name: &str) -> Key {
     (
         target.kind.plural,
@@ -914,10 +1125,15 @@ fn get(shared: &Shared, target: &Target) -> Response {
     }
 }
 
-/// Runs the CRD admission rules for our kinds; other kinds are taken as they are.
-fn admit(kind: &Kind, object: &Value, old: Option<&Value>) -> Result<Value, Box<Response>> {
+/// Runs the CRD admission rules for our kinds: the object as stored, and the unknown fields
+/// pruned from it. Other kinds are taken as they are.
+fn admit(
+    kind: &Kind,
+    object: &Value,
+    old: Option<&Value>,
+) -> Result<(Value, Vec<String>), Box<Response>> {
     if !kind.is_custom() {
-        return Ok(object.clone());
+        return Ok((object.clone(), Vec::new()));
     }
     let admission = far_api::manifest::admission_for(&kind.api_version(), kind.kind)
         .ok()
@@ -930,7 +1146,7 @@ fn admit(kind: &Kind, object: &Value, old: Option<&Value>) -> Result<Value, Box<
                 Value::Null,
             )
         })?;
-    admission.admit(object, old).map(|a| a.object).map_err(|rejected| {
+    admission.admit(object, old).map(|a| (a.object, a.warnings)).map_err(|rejected| {
         let causes: Vec<Value> = rejected.causes.iter().map(|c| json!({"reason": c.reason, "message": c.message, "field": c.field})).collect();
         Box::new(status(422, "Invalid", rejected.to_string(), json!({"name": rejected.name, "group": kind.group, "kind": kind.kind, "causes": causes})))
     })
@@ -956,8 +1172,12 @@ fn commit(
         .is_some_and(|f| !f.is_empty());
     let (kind, stored) =
         if object.pointer("/metadata/deletionTimestamp").is_some() && !finalizers_left {
-            inner.objects.remove(&k);
-            ("DELETED", object.clone())
+            // Gone: watchers get the last stored content at the deletion's version; the writer
+            // gets what it wrote at the version it had, as kube-apiserver answers.
+            let mut last = inner.objects.remove(&k).unwrap_or_else(|| object.clone());
+            object["metadata"]["resourceVersion"] = last["metadata"]["resourceVersion"].clone();
+            last["metadata"]["resourceVersion"] = json!(rv.to_string());
+            ("DELETED", last)
         } else {
             inner.objects.insert(k, object.clone());
             (kind, object.clone())
@@ -974,7 +1194,13 @@ fn commit(
     object
 }
 
-fn create(shared: &Shared, target: &Target, body: &[u8], writer: &Writer) -> Response {
+fn create(
+    shared: &Shared,
+    target: &Target,
+    q: &HashMap<String, String>,
+    body: &[u8],
+    writer: &Writer,
+) -> Response {
     let Ok(mut object) = serde_json::from_slice::<Value>(body) else {
         return status(
             400,
@@ -1020,8 +1246,11 @@ fn create(shared: &Shared, target: &Target, body: &[u8], writer: &Writer) -> Res
     {
         map.remove("status");
     }
-    let mut object = match admit(target.kind, &object, None) {
-        Ok(o) => o,
+    let (mut object, warnings) = match admit(target.kind, &object, None).and_then(|(o, unknown)| {
+        let warnings = FieldValidation::new(q, false).check(target.kind, &unknown, &object)?;
+        Ok((o, warnings))
+    }) {
+        Ok(admitted) => admitted,
         Err(response) => return *response,
     };
     let mut inner = lock(shared);
@@ -1054,7 +1283,7 @@ fn create(shared: &Shared, target: &Target, body: &[u8], writer: &Writer) -> Res
         m.remove("deletionTimestamp");
     }
     let stored = commit(&mut inner, shared, target, &name, object, "ADDED");
-    ok(StatusCode::CREATED, &stored)
+    warned(ok(StatusCode::CREATED, &stored), &warnings)
 }
 
 /// Applies the result of an update or patch (`candidate`) over `current`, with the status
@@ -1066,6 +1295,7 @@ fn write(
     current: &Value,
     candidate: Value,
     writer: &Writer,
+    fields: FieldValidation,
 ) -> Response {
     let name = target.name.clone().unwrap_or_default();
     let mut next = current.clone();
@@ -1121,10 +1351,28 @@ fn write(
             .and_then(Value::as_array)
             .cloned()
             .unwrap_or_default();
-        if current.pointer("/metadata/deletionTimestamp").is_some()
-            && new_finalizers.iter().any(|f| !old_finalizers.contains(f))
-        {
-            return status(422, "Invalid", "metadata.finalizers: Forbidden: no new finalizers can be added if the object is being deleted".into(), Value::Null);
+        let added: Vec<String> = new_finalizers
+            .iter()
+            .filter(|f| !old_finalizers.contains(f))
+            .map(|f| format!("{:?}", f.as_str().unwrap_or_default()))
+            .collect();
+        if current.pointer("/metadata/deletionTimestamp").is_some() && !added.is_empty() {
+            let cause = format!(
+                "Forbidden: no new finalizers can be added if the object is being deleted, found new finalizers []string{{{}}}",
+                added.join(", ")
+            );
+            // kube-apiserver lists the cause twice.
+            let cause_json = json!({"reason": "FieldValueForbidden", "message": cause, "field": "metadata.finalizers"});
+            return status(
+                422,
+                "Invalid",
+                format!(
+                    "{} {name:?} is invalid: metadata.finalizers: {cause}",
+                    target.kind.kind_group()
+                ),
+                json!({"name": name, "group": target.kind.group, "kind": target.kind.kind,
+                       "causes": [cause_json.clone(), cause_json]}),
+            );
         }
         if new_finalizers.is_empty()
             && let Some(m) = next["metadata"].as_object_mut()
@@ -1132,13 +1380,15 @@ fn write(
             m.remove("finalizers");
         }
     }
-    let mut next = match admit(target.kind, &next, Some(current)) {
-        Ok(o) => o,
+    let (mut next, warnings) = match admit(target.kind, &next, Some(current))
+        .and_then(|(o, unknown)| Ok((o, fields.check(target.kind, &unknown, &next)?)))
+    {
+        Ok(admitted) => admitted,
         Err(response) => return *response,
     };
     next["metadata"]["resourceVersion"] = current["metadata"]["resourceVersion"].clone();
     if next == *current {
-        return ok(StatusCode::OK, current);
+        return warned(ok(StatusCode::OK, current), &warnings);
     }
     if target.kind.is_custom() && next.get("spec") != current.get("spec") {
         let generation = current
@@ -1158,10 +1408,16 @@ fn write(
         },
     );
     let stored = commit(inner, shared, target, &name, next, "MODIFIED");
-    ok(StatusCode::OK, &stored)
+    warned(ok(StatusCode::OK, &stored), &warnings)
 }
 
-fn update(shared: &Shared, target: &Target, body: &[u8], writer: &Writer) -> Response {
+fn update(
+    shared: &Shared,
+    target: &Target,
+    q: &HashMap<String, String>,
+    body: &[u8],
+    writer: &Writer,
+) -> Response {
     let name = target.name.clone().unwrap_or_default();
     let Ok(candidate) = serde_json::from_slice::<Value>(body) else {
         return status(
@@ -1190,12 +1446,16 @@ fn update(shared: &Shared, target: &Target, body: &[u8], writer: &Writer) -> Res
         }
         Some(_) => {}
     }
-    write(shared, &mut inner, target, &current, candidate, writer)
+    let fields = FieldValidation::new(q, false);
+    write(
+        shared, &mut inner, target, &current, candidate, writer, fields,
+    )
 }
 
 fn patch(
     shared: &Shared,
     target: &Target,
+    q: &HashMap<String, String>,
     headers: &HeaderMap,
     body: &[u8],
     writer: &Writer,
@@ -1282,13 +1542,11 @@ fn patch(
             };
             json_patch::merge(&mut candidate, &patch);
         }
-        other => {
+        _ => {
             return status(
                 415,
                 "UnsupportedMediaType",
-                format!(
-                    "the body of the request was in an unknown format ({other}) - accepted media types include: application/json-patch+json, application/merge-patch+json, application/apply-patch+yaml"
-                ),
+                "the body of the request was in an unknown format - accepted media types include: application/json-patch+json, application/merge-patch+json, application/apply-patch+yaml".into(),
                 Value::Null,
             );
         }
@@ -1301,15 +1559,39 @@ fn patch(
     {
         return version_required(target.kind, &name);
     }
-    write(shared, &mut inner, target, &current, candidate, writer)
+    let fields = FieldValidation::new(q, true);
+    write(
+        shared, &mut inner, target, &current, candidate, writer, fields,
+    )
 }
 
-fn delete(shared: &Shared, target: &Target) -> Response {
+fn delete(shared: &Shared, target: &Target, body: &[u8]) -> Response {
     let name = target.name.clone().unwrap_or_default();
     let mut inner = lock(shared);
     let Some(current) = inner.objects.get(&key(target, &name)).cloned() else {
         return not_found(target.kind, &name);
     };
+    // DeleteOptions' preconditions, checked as kube-apiserver does: uid, then resourceVersion.
+    let options: Value = serde_json::from_slice(body).unwrap_or_default();
+    for (field, label, why) in [
+        ("uid", "UID", "deleted and then recreated"),
+        ("resourceVersion", "ResourceVersion", "modified"),
+    ] {
+        let held = current["metadata"][field].as_str().unwrap_or_default();
+        if let Some(wanted) = options["preconditions"][field].as_str()
+            && wanted != held
+        {
+            return status(
+                409,
+                "Conflict",
+                format!(
+                    "Operation cannot be fulfilled on {} {name:?}: the {label} in the precondition ({wanted}) does not match the {label} in record ({held}). The object might have been {why}",
+                    target.kind.kind_group()
+                ),
+                json!({"name": name, "group": target.kind.group, "kind": target.kind.kind}),
+            );
+        }
+    }
     let has_finalizers = current
         .pointer("/metadata/finalizers")
         .and_then(Value::as_array)

@@ -5,9 +5,11 @@
 //! - [`registry::Registry`]: a real OCI registry on loopback.
 //! - [`cluster`]: a real cluster, when `FAR_TEST_KUBECONFIG` names one.
 //! - [`faults`]: faults injected into a client's writes, against either.
+//! - [`conformance`]: the script, recorded against kube-apiserver, the fake is held to.
 
 pub mod apiserver;
 pub mod cluster;
+pub mod conformance;
 pub mod faults;
 mod managed_fields;
 pub mod registry;
