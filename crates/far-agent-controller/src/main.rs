@@ -89,9 +89,12 @@ async fn main() -> Result<()> {
             args.channel_key_file.display()
         )
     })?;
-    let channel = far_channel::Channel::new(far_channel::Config::new(
-        TokenKey::new(key).context("--channel-key-file")?,
-    ));
+    // Served before this replica leads, so that guests keep reaching it across a failover:
+    // exits wait (503) until the leader's hook can write them to status.
+    let channel = far_channel::Channel::new(far_channel::Config {
+        durable_exits: true,
+        ..far_channel::Config::new(TokenKey::new(key).context("--channel-key-file")?)
+    });
     let listener = tokio::net::TcpListener::bind(args.channel_listen)
         .await
         .with_context(|| format!("binding --channel-listen {}", args.channel_listen))?;

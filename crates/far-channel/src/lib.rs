@@ -37,6 +37,11 @@ pub struct Config {
     pub log_lines_per_agent: usize,
     /// Requests one agent may make per second before being answered 429.
     pub requests_per_second: u32,
+    /// Exits are acknowledged only once made durable by the hook [`Channel::persist_exits`]
+    /// installs; until it is installed (a controller serves its channel before it leads), they
+    /// are answered 503 and the guest reports again. The controller sets this; `far run`,
+    /// with nothing to persist to, does not.
+    pub durable_exits: bool,
 }
 
 /// An exit to make durable: which FarAgent, which run, how it ended.
@@ -78,6 +83,7 @@ impl Config {
             key,
             log_lines_per_agent: 1000,
             requests_per_second: 50,
+            durable_exits: false,
         }
     }
 }
@@ -483,7 +489,12 @@ async fn exit(
     if known {
         return Ok(StatusCode::NO_CONTENT);
     }
-    if let Some(persist) = channel.shared.persist.get() {
+    let persist = channel.shared.persist.get();
+    if persist.is_none() && channel.shared.config.durable_exits {
+        tracing::debug!(agent = %uid, "exit before the controller leads; the guest will report again");
+        return Err(Refusal::Unavailable);
+    }
+    if let Some(persist) = persist {
         let named = channel
             .shared
             .names

@@ -356,3 +356,45 @@ async fn a_flooding_agent_is_slowed_and_its_log_buffer_stays_bounded() {
         .collect();
     assert_eq!(kept, ["line 2", "line 3", "line 4"]);
 }
+
+/// A controller serves its channel before it leads: an exit that arrives before the leader's
+/// hook can write it to status is answered 503 (the guest reports again), never acknowledged
+/// and lost. Once the hook is in, the same exit is persisted, then acknowledged.
+#[tokio::test]
+async fn with_durable_exits_no_exit_is_acknowledged_before_it_can_be_persisted() {
+    let (channel, base) = serve(Config {
+        durable_exits: true,
+        ..config()
+    })
+    .await;
+    let token = channel.token_for("a.0");
+    let exit = Exit {
+        code: 3,
+        start_error: None,
+    };
+    assert_eq!(
+        post(&base, "a.0", "exit", &token, &exit).await,
+        StatusCode::SERVICE_UNAVAILABLE
+    );
+    assert_eq!(channel.view("a.0").and_then(|v| v.exit), None);
+
+    let persisted = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen = std::sync::Arc::clone(&persisted);
+    channel.persist_exits(std::sync::Arc::new(move |report| {
+        seen.lock().unwrap().push(report);
+        Box::pin(async { Ok(()) })
+    }));
+    channel.name("ns", "agent", "a.0");
+    assert_eq!(
+        post(&base, "a.0", "exit", &token, &exit).await,
+        StatusCode::NO_CONTENT
+    );
+    let persisted = persisted.lock().unwrap().clone();
+    assert_eq!(
+        persisted
+            .iter()
+            .map(|r| (r.name.as_str(), r.exit.code))
+            .collect::<Vec<_>>(),
+        [("agent", 3)]
+    );
+}
