@@ -543,6 +543,11 @@ pub fn decide(o: &Observation<'_>) -> Decision {
 
     // The guest's own word wins over everything Flintlock says.
     if let Some((code, start_error)) = &o.guest.exit {
+        // A VM found by name whose uid never reached status (the write after its creation
+        // was lost) is recorded now, so the finished agent's VM can still be found and freed.
+        if let Some(Vm::Present { uid, .. }) = &o.vm {
+            b.status.vm_uid.get_or_insert_with(|| uid.clone());
+        }
         if let Some(reason) = start_error {
             return b.fail(
                 AgentReason::StartError,

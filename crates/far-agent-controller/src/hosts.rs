@@ -236,6 +236,7 @@ fn owners(ctx: &Context) -> HashMap<String, Owner> {
                 a.uid()?,
                 Owner {
                     attempt: status.restart_count,
+                    finished: status.phase.is_some_and(far_api::Phase::is_terminal),
                     vm_uid: status.vm_uid,
                 },
             ))
@@ -273,6 +274,9 @@ impl Listed {
 pub struct Owner {
     /// Its current attempt.
     pub attempt: u32,
+    /// Completed or Failed: no VM of it is kept (its own reconcile frees the one in status;
+    /// this frees one whose uid never reached status).
+    pub finished: bool,
     /// The VM its status records for that attempt.
     pub vm_uid: Option<String>,
 }
@@ -284,6 +288,8 @@ pub enum Surplus {
     Orphan,
     /// Its agent has moved on to a later attempt.
     EarlierAttempt,
+    /// Its agent has finished.
+    Finished,
     /// A second VM of its agent's current attempt; the one kept (in status, else the oldest),
     /// when known.
     Duplicate(Option<String>),
@@ -295,13 +301,14 @@ impl Surplus {
         match self {
             Surplus::Orphan => "orphan",
             Surplus::EarlierAttempt => "earlier_attempt",
+            Surplus::Finished => "finished",
             Surplus::Duplicate(_) => "duplicate",
         }
     }
 }
 
-/// The VMs of one host's list that no agent keeps, and why: an agent keeps the VM of its
-/// current attempt that its status records, or, before status records one, the oldest of that
+/// The VMs of one host's list that no agent keeps, and why: a finished agent keeps none; an
+/// unfinished one keeps the VM of its current attempt that its status records, or, before status records one, the oldest of that
 /// name on the host (the one a reconcile adopts). Every other VM of the attempt is a duplicate,
 /// on this host or any other. VMs of attempts later than the cache knows are left alone (the
 /// cache may lag), as are VMs already being deleted.
@@ -322,6 +329,7 @@ pub fn surplus<'a>(
             let name = VmName::parse(&vm.id)?;
             let why = match owners.get(&name.uid) {
                 None => Surplus::Orphan,
+                Some(owner) if owner.finished => Surplus::Finished,
                 Some(owner) if name.attempt < owner.attempt => {
                     if owner.vm_uid.as_deref() == Some(vm.uid.as_str()) {
                         return None;
@@ -397,6 +405,7 @@ mod tests {
             A.to_owned(),
             Owner {
                 attempt,
+                finished: false,
                 vm_uid: vm_uid.map(str::to_owned),
             },
         )])
@@ -447,7 +456,17 @@ mod tests {
             judged(&vms[..1], &HashMap::new()),
             [("01A".to_owned(), Surplus::Orphan)]
         );
-        // An earlier attempt's VM that status still records (the agent finished on it) stays.
+        // An earlier attempt's VM that status still records stays (its reconcile frees it).
         assert!(judged(&vms[..1], &owner(1, Some("01A"))).is_empty());
+    }
+
+    #[test]
+    fn a_finished_agent_keeps_no_vm_even_one_status_never_recorded() {
+        let mut finished = owner(0, None);
+        finished.get_mut(A).unwrap().finished = true;
+        assert_eq!(
+            judged(&[vm("01A", 0)], &finished),
+            [("01A".to_owned(), Surplus::Finished)]
+        );
     }
 }

@@ -1089,8 +1089,30 @@ pub fn error_policy(agent: Arc<FarAgent>, error: &Error, ctx: Arc<Context>) -> R
 /// # Errors
 /// The API server's refusal, as text: the guest is answered 503 and reports again.
 pub async fn persist_exit(ctx: &Context, report: far_channel::ExitReport) -> Result<(), String> {
-    let api: Api<FarAgent> = Api::namespaced(ctx.client.clone(), &report.namespace);
-    let Some(agent) = api.get_opt(&report.name).await.map_err(|e| e.to_string())? else {
+    // A run this process has not named yet (it just started) is found by its agent's UID in
+    // the cache: the exit need not wait for that agent's turn to be reconciled.
+    let (namespace, name) = match report.agent.clone() {
+        Some(named) => named,
+        None => {
+            let uid = report.id.rsplit_once('.').map_or("", |(uid, _)| uid);
+            let found = ctx
+                .agents_ready()
+                .then(|| {
+                    ctx.agents
+                        .state()
+                        .into_iter()
+                        .find(|a| a.metadata.uid.as_deref() == Some(uid))
+                })
+                .flatten();
+            match found {
+                Some(agent) => (agent.namespace().unwrap_or_default(), agent.name_any()),
+                None if ctx.agents_ready() => return Ok(()), // its agent is gone
+                None => return Err("the FarAgent cache is not filled yet".into()),
+            }
+        }
+    };
+    let api: Api<FarAgent> = Api::namespaced(ctx.client.clone(), &namespace);
+    let Some(agent) = api.get_opt(&name).await.map_err(|e| e.to_string())? else {
         return Ok(());
     };
     let status = agent.status.clone().unwrap_or_default();
@@ -1137,7 +1159,7 @@ pub async fn persist_exit(ctx: &Context, report: far_channel::ExitReport) -> Res
     } else {
         json!({"metadata": {"resourceVersion": agent.resource_version()}, "status": {"exitCode": report.exit.code}})
     };
-    api.patch_status(&report.name, &PatchParams::default(), &Patch::Merge(&patch))
+    api.patch_status(&name, &PatchParams::default(), &Patch::Merge(&patch))
         .await
         .map_err(|e| e.to_string())?;
     if let Some(uid) = agent.uid() {

@@ -17,6 +17,7 @@ use far_host::{Host, HostConfig};
 use far_testkit::apiserver::FakeApiServer;
 use far_vmspec::Defaults;
 use flintlock_proto::types::MicroVmSpec;
+use k8s_openapi::api::core::v1::Namespace;
 use kube::Api;
 use kube::api::PostParams;
 use kube::runtime::events::Reporter;
@@ -54,7 +55,7 @@ impl Provider for Counting {
 
 /// A controller and its status channel, as one process: both go down together.
 async fn controller(
-    api: &FakeApiServer,
+    client: kube::Client,
     channel_port: u16,
 ) -> (tokio::task::JoinHandle<()>, tokio::task::JoinHandle<()>) {
     let channel = Channel::new(far_channel::Config::new(
@@ -83,7 +84,7 @@ async fn controller(
         instance: Some("crashy".into()),
     };
     let run = tokio::spawn(far_agent_controller::run::run(
-        api.client(),
+        client,
         config,
         channel,
         reporter,
@@ -93,18 +94,51 @@ async fn controller(
     (run, server)
 }
 
-/// A sim far-host counting starts, with one FlintlockHost for it, on a fake API server.
+/// A sim far-host counting starts, with one FlintlockHost for it, on the fake API server or,
+/// with `FAR_TEST_KUBECONFIG`, on a real one (its own namespace and host, its agents selecting
+/// that host).
 struct Harness {
-    api: FakeApiServer,
+    /// The fake, when there is no real cluster.
+    _fake: Option<FakeApiServer>,
+    /// The cluster's administrator.
+    client: kube::Client,
+    kubeconfig: std::path::PathBuf,
+    namespace: String,
+    /// The FlintlockHost's name, also the label value that ties agents to it.
+    run: String,
     host: Arc<Host<Counting>>,
     starts: Arc<Mutex<HashMap<String, u32>>>,
     _state: tempfile::TempDir,
+    _config_dir: tempfile::TempDir,
 }
 
 impl Harness {
-    async fn start() -> Self {
-        let api = FakeApiServer::start().await;
+    async fn start(real: Option<std::path::PathBuf>) -> Self {
         let state = tempfile::tempdir().unwrap();
+        let run = format!("crash-{}", ulid::Ulid::new().to_string().to_lowercase());
+        let config_dir = tempfile::tempdir().unwrap();
+        let (fake, kubeconfig, namespace) = match real {
+            Some(kubeconfig) => (None, kubeconfig, run.clone()),
+            None => {
+                let api = FakeApiServer::start().await;
+                let kubeconfig = config_dir.path().join("kubeconfig");
+                std::fs::write(&kubeconfig, api.kubeconfig()).unwrap();
+                (Some(api), kubeconfig, "default".to_owned())
+            }
+        };
+        let client = match &fake {
+            Some(api) => api.client(),
+            None => far_testkit::cluster::client(&kubeconfig, None).await,
+        };
+        if fake.is_none() {
+            far_testkit::cluster::apply_crds(&client).await;
+            let ns: Namespace =
+                serde_json::from_value(json!({"metadata": {"name": namespace}})).unwrap();
+            Api::<Namespace>::all(client.clone())
+                .create(&PostParams::default(), &ns)
+                .await
+                .unwrap();
+        }
         let starts = Arc::new(Mutex::new(HashMap::new()));
         let provider = Counting {
             sim: Sim::new(SimConfig {
@@ -119,18 +153,62 @@ impl Harness {
         let endpoint = far_host::serve_on_loopback(Arc::clone(&host), None)
             .await
             .unwrap();
-        let hosts: Api<FlintlockHost> = Api::all(api.client());
+        let hosts: Api<FlintlockHost> = Api::all(client.clone());
         let object: FlintlockHost = serde_json::from_value(json!({
-            "apiVersion": "tiffany.dev/v1", "kind": "FlintlockHost", "metadata": {"name": "sim-1"},
+            "apiVersion": "tiffany.dev/v1", "kind": "FlintlockHost",
+            "metadata": {"name": run, "labels": {"far-test": run}},
             "spec": {"endpoint": endpoint, "provider": "sim", "capacity": {"cpu": 1000, "memory": "1000Gi"}, "vmLimits": {"minMemory": "64Mi", "maxMemory": "8Gi", "maxCpu": 4}}
         }))
         .unwrap();
         hosts.create(&PostParams::default(), &object).await.unwrap();
         Self {
-            api,
+            _fake: fake,
+            client,
+            kubeconfig,
+            namespace,
+            run,
             host,
             starts,
             _state: state,
+            _config_dir: config_dir,
+        }
+    }
+
+    fn agents(&self) -> Api<FarAgent> {
+        Api::namespaced(self.client.clone(), &self.namespace)
+    }
+
+    /// Deletes the agents (while a controller runs, to release them), the host and, on a real
+    /// cluster, the namespace.
+    async fn tear_down(&self) {
+        let agents = self.agents();
+        for agent in agents.list(&Default::default()).await.unwrap().items {
+            let _ = agents
+                .delete(
+                    &agent.metadata.name.unwrap_or_default(),
+                    &Default::default(),
+                )
+                .await;
+        }
+        for _ in 0..600 {
+            if agents
+                .list(&Default::default())
+                .await
+                .unwrap()
+                .items
+                .is_empty()
+            {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let _ = Api::<FlintlockHost>::all(self.client.clone())
+            .delete(&self.run, &Default::default())
+            .await;
+        if self._fake.is_none() {
+            let _ = Api::<Namespace>::all(self.client.clone())
+                .delete(&self.namespace, &Default::default())
+                .await;
         }
     }
 
@@ -141,17 +219,20 @@ impl Harness {
             "apiVersion": "tiffany.dev/v1", "kind": "FarAgent", "metadata": {"name": format!("a{i:03}")},
             "spec": {"image": "busybox:1", "memory": "64Mi", "cpu": 1, "entrypoint": "/bin/agent",
                      "args": ["--seconds", seconds, "--exit-code", code.to_string()],
+                     "hostSelector": {"far-test": self.run},
                      "heartbeat": {"intervalSeconds": 1, "timeoutSeconds": 30}}
         }))
         .unwrap();
-        let agents: Api<FarAgent> = Api::namespaced(self.api.client(), "default");
-        agents.create(&PostParams::default(), &agent).await.unwrap();
+        self.agents()
+            .create(&PostParams::default(), &agent)
+            .await
+            .unwrap();
     }
 
     /// Waits up to `within` for every agent to finish and every VM to go, then checks: the
     /// right phase and exit code for each of `count` agents, one VM started per agent, none left.
     async fn assert_converged(&self, count: usize, within: Duration) {
-        let agents: Api<FarAgent> = Api::namespaced(self.api.client(), "default");
+        let agents = self.agents();
         let deadline = tokio::time::Instant::now() + within;
         let mut done = Vec::new();
         while tokio::time::Instant::now() < deadline {
@@ -218,9 +299,9 @@ fn free_port() -> u16 {
 async fn killing_the_controller_at_random_moments_loses_and_duplicates_nothing() {
     const AGENTS: usize = 60;
     const KILLS: usize = 10;
-    let harness = Harness::start().await;
+    let harness = Harness::start(None).await;
     let channel_port = free_port();
-    let mut running = controller(&harness.api, channel_port).await;
+    let mut running = controller(harness.client.clone(), channel_port).await;
     // Agents arrive while the controller is killed and restarted, every 300-900 ms.
     let mut next = moments();
     for kill in 0..KILLS {
@@ -232,11 +313,12 @@ async fn killing_the_controller_at_random_moments_loses_and_duplicates_nothing()
         running.1.abort();
         let _ = running.0.await;
         let _ = running.1.await;
-        running = controller(&harness.api, channel_port).await;
+        running = controller(harness.client.clone(), channel_port).await;
     }
     harness
         .assert_converged(AGENTS, Duration::from_secs(60))
         .await;
+    harness.tear_down().await;
     running.0.abort();
     running.1.abort();
 }
@@ -247,6 +329,7 @@ async fn killing_the_controller_at_random_moments_loses_and_duplicates_nothing()
 fn spawn_controller(
     dir: &std::path::Path,
     kubeconfig: &std::path::Path,
+    lease_namespace: &str,
     channel_port: u16,
 ) -> std::process::Child {
     let log = std::fs::OpenOptions::new()
@@ -257,8 +340,9 @@ fn spawn_controller(
     std::process::Command::new(env!("CARGO_BIN_EXE_far-agent-controller"))
         .env("KUBECONFIG", kubeconfig)
         .env("POD_NAME", "far-agent-controller-0")
-        .env("RUST_LOG", "warn")
-        .args(["--lease-namespace", "default", "--lease-seconds", "5"])
+        // kube's "Server cert bypassed" (the fake's self-signed TLS) would bury the rest.
+        .env("RUST_LOG", "warn,kube_client::client::tls=error")
+        .args(["--lease-namespace", lease_namespace, "--lease-seconds", "5"])
         .args([
             "--metrics-listen",
             "127.0.0.1:0",
@@ -279,18 +363,23 @@ fn spawn_controller(
         .unwrap()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sigkilling_the_controller_process_20_times_under_500_agents_loses_and_duplicates_nothing()
-{
+/// 500 agents, the controller process SIGKILLed 20 times while they arrive and run.
+async fn sigkill_the_controller_20_times_under_500_agents(real: Option<std::path::PathBuf>) {
     const AGENTS: usize = 500;
     const KILLS: usize = 20;
-    let harness = Harness::start().await;
+    let harness = Harness::start(real).await;
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("channel.key"), [5u8; 32]).unwrap();
-    let kubeconfig = dir.path().join("kubeconfig");
-    std::fs::write(&kubeconfig, harness.api.kubeconfig()).unwrap();
     let channel_port = free_port();
-    let mut child = spawn_controller(dir.path(), &kubeconfig, channel_port);
+    let spawn = || {
+        spawn_controller(
+            dir.path(),
+            &harness.kubeconfig,
+            &harness.namespace,
+            channel_port,
+        )
+    };
+    let mut child = spawn();
     let mut next = moments();
     for kill in 0..KILLS {
         for i in (kill * AGENTS / KILLS)..((kill + 1) * AGENTS / KILLS) {
@@ -300,14 +389,17 @@ async fn sigkilling_the_controller_process_20_times_under_500_agents_loses_and_d
         tokio::time::sleep(Duration::from_millis(200 + next() % 1300)).await;
         child.kill().unwrap(); // SIGKILL
         child.wait().unwrap();
-        child = spawn_controller(dir.path(), &kubeconfig, channel_port);
+        child = spawn();
     }
+    let harness = Arc::new(harness);
+    let checked = Arc::clone(&harness);
     let converged = tokio::spawn(async move {
-        harness
+        checked
             .assert_converged(AGENTS, Duration::from_secs(180))
             .await;
     })
     .await;
+    harness.tear_down().await;
     child.kill().unwrap();
     child.wait().unwrap();
     if let Err(e) = converged {
@@ -315,4 +407,20 @@ async fn sigkilling_the_controller_process_20_times_under_500_agents_loses_and_d
         let tail: Vec<_> = log.lines().rev().take(40).collect();
         panic!("{e}; the controller's last log lines:\n{}", tail.join("\n"));
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkilling_the_controller_process_20_times_under_500_agents_loses_and_duplicates_nothing()
+{
+    sigkill_the_controller_20_times_under_500_agents(None).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkilling_the_controller_20_times_under_500_agents_on_a_real_cluster() {
+    let Some(kubeconfig) =
+        far_testkit::cluster::kubeconfig("a disposable cluster without FAR's controller")
+    else {
+        return;
+    };
+    sigkill_the_controller_20_times_under_500_agents(Some(kubeconfig)).await;
 }

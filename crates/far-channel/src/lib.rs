@@ -47,10 +47,10 @@ pub struct Config {
 /// An exit to make durable: which FarAgent, which run, how it ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ExitReport {
-    /// The FarAgent's namespace.
-    pub namespace: String,
-    /// The FarAgent's name.
-    pub name: String,
+    /// The FarAgent's namespace and name, when this process has named the run
+    /// ([`Channel::name`]); a controller just started may not have yet, and finds the agent by
+    /// the UID in `id`.
+    pub agent: Option<(String, String)>,
     /// The run's channel id (`<uid>.<attempt>`).
     pub id: String,
     /// How it ended.
@@ -495,21 +495,17 @@ async fn exit(
         return Err(Refusal::Unavailable);
     }
     if let Some(persist) = persist {
-        let named = channel
+        let agent = channel
             .shared
             .names
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .iter()
             .find(|(_, id)| **id == uid)
-            .map(|(k, _)| k.clone());
-        let Some((namespace, name)) = named.as_deref().and_then(|k| k.split_once('/')) else {
-            tracing::debug!(agent = %uid, "exit from a run not known yet; the guest will report again");
-            return Err(Refusal::Unavailable);
-        };
+            .and_then(|(key, _)| key.split_once('/'))
+            .map(|(namespace, name)| (namespace.to_owned(), name.to_owned()));
         let report = ExitReport {
-            namespace: namespace.to_owned(),
-            name: name.to_owned(),
+            agent,
             id: uid.clone(),
             exit: exit.clone(),
         };

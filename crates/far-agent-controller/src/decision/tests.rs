@@ -682,3 +682,21 @@ proptest! {
         }
     }
 }
+
+/// The write after a VM's creation was lost and the agent exited before a reconcile recorded
+/// the VM: the exit's status still names the VM, so it is found and freed later.
+#[test]
+fn an_exit_records_the_vm_found_by_name_that_status_never_had() {
+    let spec = spec();
+    let status = FarAgentStatus {
+        host: Some("h1".into()),
+        ..Default::default()
+    };
+    let mut o = observe(&spec, &status, 5);
+    o.vm = present(VmState::Created);
+    o.guest.exit = Some((0, None));
+    let d = decide(&o);
+    assert_eq!(d.status.phase, Some(Phase::Completed));
+    assert_eq!(d.status.vm_uid.as_deref(), Some("vm1"));
+    assert!(d.actions.contains(&Action::DeleteVm { uid: "vm1".into() }));
+}
