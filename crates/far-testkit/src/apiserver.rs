@@ -1209,6 +1209,21 @@ fn create(
             Value::Null,
         );
     };
+    if let (Some(sent), Some(url)) = (
+        object
+            .pointer("/metadata/namespace")
+            .and_then(Value::as_str),
+        &target.namespace,
+    ) && sent != url
+    {
+        return status(
+            400,
+            "BadRequest",
+            "the namespace of the provided object does not match the namespace sent on the request"
+                .into(),
+            Value::Null,
+        );
+    }
     if object
         .pointer("/metadata/resourceVersion")
         .is_some_and(|v| !v.is_null())

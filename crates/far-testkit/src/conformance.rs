@@ -244,6 +244,11 @@ pub fn script() -> Vec<Step> {
         ]),
         post("create-a1-again", AGENTS, &agent("a1")),
         post("create-invalid", AGENTS, &bad_agent),
+        post("create-namespace-mismatch", AGENTS, &{
+            let mut other = agent("a9");
+            other["metadata"]["namespace"] = json!("elsewhere");
+            other
+        }),
         post("create-a2", AGENTS, &agent("a2")),
         post("create-a3", AGENTS, &agent("a3")),
         get("get-missing", &format!("{AGENTS}/nope")),
