@@ -17,6 +17,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::ResourceExt;
 use kube::api::{Api, Patch, PatchParams};
+use kube::runtime::reflector::ObjectRef;
 use serde_json::json;
 use tracing::{info, warn};
 
@@ -154,23 +155,14 @@ pub async fn note_ended(
         let Some(owner) = VmName::parse(&guest.id) else {
             continue;
         };
-        let agent = ctx
-            .by_uid
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(&owner.uid)
-            .cloned();
-        let running = agent
-            .as_ref()
-            .and_then(|r| ctx.agents.get(r))
-            .is_some_and(|a| {
-                !a.status
-                    .as_ref()
-                    .and_then(|s| s.phase)
-                    .is_some_and(far_api::Phase::is_terminal)
-            });
-        if let (Some(agent), true) = (agent, running) {
-            let _ = ctx.kick.send(agent);
+        if let Some(agent) = ctx.agent_by_uid(&owner.uid)
+            && !agent
+                .status
+                .as_ref()
+                .and_then(|s| s.phase)
+                .is_some_and(far_api::Phase::is_terminal)
+        {
+            let _ = ctx.kick.send(ObjectRef::from_obj(agent.as_ref()));
         }
     }
 }
@@ -354,13 +346,7 @@ async fn tell_duplicate(ctx: &Context, vm: &Listed, kept: &Option<String>, host:
     let Some(owner) = VmName::parse(&vm.id) else {
         return;
     };
-    let reference = ctx
-        .by_uid
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .get(&owner.uid)
-        .cloned();
-    let Some(agent) = reference.and_then(|r| ctx.agents.get(&r)) else {
+    let Some(agent) = ctx.agent_by_uid(&owner.uid) else {
         return;
     };
     let kept = kept.as_deref().unwrap_or("another");

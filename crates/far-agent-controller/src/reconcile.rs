@@ -220,6 +220,18 @@ impl Context {
     pub fn agents_ready(&self) -> bool {
         self.agents_ready.load(std::sync::atomic::Ordering::Relaxed)
     }
+
+    /// The cached FarAgent with this UID: through the index reconciles keep, else looked for
+    /// in the cache (an agent this process has not reconciled yet).
+    pub fn agent_by_uid(&self, uid: &str) -> Option<Arc<FarAgent>> {
+        let indexed = lock(&self.by_uid).get(uid).cloned();
+        indexed.and_then(|r| self.agents.get(&r)).or_else(|| {
+            self.agents
+                .state()
+                .into_iter()
+                .find(|a| a.metadata.uid.as_deref() == Some(uid))
+        })
+    }
 }
 
 impl std::fmt::Debug for Context {
@@ -1095,16 +1107,7 @@ pub async fn persist_exit(ctx: &Context, report: far_channel::ExitReport) -> Res
         Some(named) => named,
         None => {
             let uid = report.id.rsplit_once('.').map_or("", |(uid, _)| uid);
-            let found = ctx
-                .agents_ready()
-                .then(|| {
-                    ctx.agents
-                        .state()
-                        .into_iter()
-                        .find(|a| a.metadata.uid.as_deref() == Some(uid))
-                })
-                .flatten();
-            match found {
+            match ctx.agent_by_uid(uid) {
                 Some(agent) => (agent.namespace().unwrap_or_default(), agent.name_any()),
                 None if ctx.agents_ready() => return Ok(()), // its agent is gone
                 None => return Err("the FarAgent cache is not filled yet".into()),
