@@ -17,7 +17,7 @@ use tracing::{info, warn};
 use crate::provider::Provider;
 use crate::record::{State, VmRecord};
 use crate::store::{Store, StoreError};
-use crate::validate::{Limits, validate};
+use crate::validate::{Limits, add_instance_id, validate};
 
 /// How far-host behaves.
 #[derive(Debug, Clone)]
@@ -177,6 +177,7 @@ impl<P: Provider> Host<P> {
             .map_err(HostError::Invalid)?;
         self.provider.check(&spec).await?;
         let uid = ulid::Ulid::new().to_string();
+        add_instance_id(&mut spec, &uid).map_err(HostError::Invalid)?;
         spec.uid = Some(uid.clone());
         let record = VmRecord::new(&spec);
         self.store.save(&record)?;
@@ -267,14 +268,17 @@ impl<P: Provider> Host<P> {
             .clone()
     }
 
-    /// The VMs in a namespace, optionally only those with this name, oldest first.
+    /// The VMs of a namespace (an empty one: of every namespace), optionally only those with
+    /// this name, oldest first: flintlockd's `ListMicroVMs` filter.
     pub fn list(&self, namespace: &str, name: Option<&str>) -> Vec<MicroVm> {
         self.lock()
             .values()
             .map(VmRecord::to_proto)
             .filter(|vm| {
-                let spec = vm.spec.as_ref();
-                spec.is_some_and(|s| s.namespace == namespace && name.is_none_or(|n| n == s.id))
+                vm.spec.as_ref().is_some_and(|s| {
+                    (namespace.is_empty() || s.namespace == namespace)
+                        && name.is_none_or(|n| n == s.id)
+                })
             })
             .collect()
     }

@@ -185,10 +185,14 @@ impl<P: Provider> MicroVm for Service<P> {
         request: Request<ListMicroVMsRequest>,
     ) -> Result<Response<Self::ListMicroVMsStreamStream>, Status> {
         self.authorize(&request)?;
-        let ListMicroVMsRequest { namespace, name } = request.into_inner();
+        // As flintlockd: the stream needs a namespace and takes no name filter.
+        let namespace = request.into_inner().namespace;
+        if namespace.is_empty() {
+            return Err(Status::invalid_argument("invalid request"));
+        }
         let items: Vec<_> = self
             .host
-            .list(&namespace, name.as_deref())
+            .list(&namespace, None)
             .into_iter()
             .map(|vm| Ok(ListMessage { microvm: Some(vm) }))
             .collect();

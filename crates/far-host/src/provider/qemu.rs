@@ -31,6 +31,7 @@ use far_oci::OciError;
 use crate::host::HostError;
 use crate::images::{Fetch, ImageError, Images};
 use crate::record::{ProcessIdentity, VmRecord};
+use crate::validate::cidr;
 
 /// The host as guests see it on the user-mode network.
 pub const HOST_ADDRESS: &str = "169.254.0.2";
@@ -68,9 +69,16 @@ pub struct QemuConfig {
 }
 
 impl QemuConfig {
-    /// Defaults for a dev host: `console=ttyS0 quiet panic=-1`.
+    /// Defaults for a dev host: `console=ttyS0 quiet panic=-1` (with `-no-reboot`, a panic
+    /// ends the VM as flintlockd's `reboot=k panic=1` does) and flintlockd's cloud-init
+    /// datasource, so a stock cloud-init guest finds its metadata.
     pub fn new(images: Images, run_dir: PathBuf) -> Self {
-        let kernel_args = [("console", "ttyS0"), ("quiet", ""), ("panic", "-1")]
+        let kernel_args = [
+            ("console", "ttyS0"),
+            ("quiet", ""),
+            ("panic", "-1"),
+            ("ds", "nocloud-net;s=http://169.254.169.254/latest/"),
+        ]
             .into_iter()
             .map(|(k, v)| (k.to_owned(), v.to_owned()))
             .collect();
@@ -155,8 +163,9 @@ fn network_config(spec: &MicroVmSpec) -> Option<String> {
     let mut ethernet = match &interface.address {
         Some(address) => {
             let mut ethernet = serde_json::json!({"addresses": [address.address]});
-            if let Some(gateway) = &address.gateway {
-                ethernet["gateway4"] = serde_json::json!(gateway);
+            // Sent as a CIDR (flintlockd's rule); cloud-init wants the bare address.
+            if let Some(gateway) = address.gateway.as_deref().and_then(|g| cidr(g).ok()) {
+                ethernet["gateway4"] = serde_json::json!(gateway.to_string());
             }
             if !address.nameservers.is_empty() {
                 ethernet["nameservers"] = serde_json::json!({"addresses": address.nameservers});
@@ -613,7 +622,10 @@ mod tests {
             ("panic".to_owned(), "0".to_owned()),
         ]
         .into();
-        assert_eq!(cmdline(&base, &spec), "console=ttyS0 panic=0 quiet");
+        assert_eq!(
+            cmdline(&base, &spec),
+            "console=ttyS0 ds=nocloud-net;s=http://169.254.169.254/latest/ panic=0 quiet"
+        );
     }
 
     #[test]
