@@ -100,6 +100,15 @@ fn random_key() -> Result<TokenKey> {
     Ok(TokenKey::new(bytes)?)
 }
 
+/// What `far run` keeps between runs (images, the KVM verdict): the user's cache directory.
+fn cache_dir() -> PathBuf {
+    std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|home| Path::new(&home).join(".cache")))
+        .unwrap_or_else(std::env::temp_dir)
+        .join("far")
+}
+
 /// The images a local run uses: the flags' (aliases, registries, cache under the user's cache
 /// directory), and the guest pieces `scripts/build-guest` made, under their local references.
 fn images(args: &RunArgs) -> Result<Images> {
@@ -110,14 +119,9 @@ fn images(args: &RunArgs) -> Result<Images> {
             guest.display()
         );
     }
-    let cache = std::env::var_os("XDG_CACHE_HOME")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|home| Path::new(&home).join(".cache")))
-        .unwrap_or_else(std::env::temp_dir)
-        .join("far/images");
     let images = args
         .images
-        .images(&cache)
+        .images(&cache_dir().join("images"))
         .context("opening the image cache")?;
     Ok(images
         .with_alias(
@@ -186,6 +190,7 @@ pub async fn run(args: RunArgs) -> Result<ExitCode> {
         "tcg" => Accel::Tcg,
         _ => Accel::Auto,
     };
+    qemu.accel_verdict = Some(cache_dir().join("accel.json"));
     let host = Host::open(
         HostConfig {
             limits,

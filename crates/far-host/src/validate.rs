@@ -268,14 +268,20 @@ mod tests {
         s.labels.insert("a".into(), "b".into());
         s.created_at = Some(prost_types::Timestamp::default());
         check(&mut s).unwrap();
-        assert_eq!((s.namespace.as_str(), s.vcpu, s.memory_in_mb), ("default", 2, 1024));
+        assert_eq!(
+            (s.namespace.as_str(), s.vcpu, s.memory_in_mb),
+            ("default", 2, 1024)
+        );
         assert!(s.labels.is_empty() && s.created_at.is_none());
     }
 
     #[test]
     fn each_refusal_names_its_field() {
-        let cases: [(&str, fn(&mut MicroVmSpec)); 6] = [
-            ("interfaces[0].type", |s| s.interfaces[0].r#type = IfaceType::Macvtap as i32),
+        type Break = fn(&mut MicroVmSpec);
+        let cases: [(&str, Break); 6] = [
+            ("interfaces[0].type", |s| {
+                s.interfaces[0].r#type = IfaceType::Macvtap as i32
+            }),
             ("interfaces: far-host gives a VM one", |s| {
                 s.interfaces.push(s.interfaces[0].clone());
             }),
@@ -336,7 +342,8 @@ mod tests {
         assert_eq!(data[INSTANCE_ID_KEY], "01UID");
 
         let mut s = spec();
-        s.metadata.insert(META_DATA_KEY.into(), STANDARD.encode("- a list\n"));
+        s.metadata
+            .insert(META_DATA_KEY.into(), STANDARD.encode("- a list\n"));
         let err = add_instance_id(&mut s, "01UID").unwrap_err();
         assert!(err.starts_with("metadata[\"meta-data\"]"), "{err}");
     }

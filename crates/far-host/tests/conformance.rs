@@ -9,13 +9,13 @@
 
 use std::time::Duration;
 
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD;
 use far_host::provider::sim::{Sim, SimConfig};
 use far_host::{Host, HostConfig, Service};
 use flintlock_proto::MicroVmClient;
 use flintlock_proto::auth::BasicToken;
 use flintlock_proto::errors::Failure;
-use base64::Engine as _;
-use base64::engine::general_purpose::STANDARD;
 use flintlock_proto::types::{
     Kernel, MicroVm, MicroVmSpec, NetworkInterface, StaticAddress, Volume, VolumeSource,
     micro_vm_status::MicroVmState, network_interface::IfaceType,
@@ -383,11 +383,7 @@ async fn a_wrong_token_is_refused() {
 
 /// Every uid in `vms` that is one of `ours` (a shared flintlockd may hold others' VMs).
 fn ours(vms: &[MicroVm], ours: &[&String]) -> Vec<String> {
-    let mut found: Vec<String> = vms
-        .iter()
-        .map(uid)
-        .filter(|u| ours.contains(&u))
-        .collect();
+    let mut found: Vec<String> = vms.iter().map(uid).filter(|u| ours.contains(&u)).collect();
     found.sort();
     found
 }
@@ -405,15 +401,30 @@ async fn an_empty_namespace_lists_every_namespace_and_a_name_alone_finds_it_in_e
 
     let mut want = vec![a.clone(), b.clone(), c.clone()];
     want.sort();
-    assert_eq!(ours(&t.list_in("", None).await, &all), want, "{{}} lists every VM");
+    assert_eq!(
+        ours(&t.list_in("", None).await, &all),
+        want,
+        "{{}} lists every VM"
+    );
 
     let by_name = t.list_in("", Some("alpha")).await;
     let mut want = vec![a.clone(), c.clone()];
     want.sort();
-    assert_eq!(ours(&by_name, &all), want, "{{name}} finds it in every namespace");
-    assert!(by_name.iter().all(|vm| vm.spec.as_ref().unwrap().id == "alpha"));
+    assert_eq!(
+        ours(&by_name, &all),
+        want,
+        "{{name}} finds it in every namespace"
+    );
+    assert!(
+        by_name
+            .iter()
+            .all(|vm| vm.spec.as_ref().unwrap().id == "alpha")
+    );
 
-    assert_eq!(ours(&t.list_in(&other, Some("alpha")).await, &all), vec![c.clone()]);
+    assert_eq!(
+        ours(&t.list_in(&other, Some("alpha")).await, &all),
+        vec![c.clone()]
+    );
     for id in [a, b, c] {
         t.delete_and_wait(&id).await;
     }
@@ -510,7 +521,11 @@ async fn never_runs(t: &mut Target, spec: MicroVmSpec, field: &str) {
     };
     let id = uid(&vm);
     for _ in 0..50 {
-        assert_ne!(state(&t.get(&id).await.unwrap()), MicroVmState::Created, "{field}");
+        assert_ne!(
+            state(&t.get(&id).await.unwrap()),
+            MicroVmState::Created,
+            "{field}"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     t.delete_and_wait(&id).await;

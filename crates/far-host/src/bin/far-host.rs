@@ -130,6 +130,7 @@ async fn main() -> Result<()> {
                 .context("opening the image cache")?;
             let mut qemu = QemuConfig::new(images, args.state_dir.join("run"));
             qemu.binary = args.qemu_binary.clone();
+            qemu.accel_verdict = Some(args.state_dir.join("accel.json"));
             qemu.accel = match args.accel {
                 AccelName::Auto => Accel::Auto,
                 AccelName::Kvm => Accel::Kvm,

@@ -1,5 +1,6 @@
 //! Providers run VMs; far-host's service decides when.
 
+pub mod accel;
 pub mod mmds;
 pub mod qemu;
 pub mod sim;

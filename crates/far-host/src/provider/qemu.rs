@@ -1,6 +1,7 @@
 //! The `qemu` provider: each VM is a `qemu-system-x86_64 -M microvm` process.
 //!
-//! KVM is used when a probe guest really boots under it, software emulation (TCG) otherwise.
+//! KVM is used where a probe guest really runs under it, software emulation (TCG) elsewhere
+//! ([`super::accel`]).
 //! Each VM gets: its vCPUs and memory; the kernel and initrd from their images; a private copy
 //! of its root volume and its additional volumes read-only (virtio-blk); a user-mode network on
 //! 169.254.0.0/16 where the host is 169.254.0.2; a metadata endpoint on host loopback, reached
@@ -21,9 +22,11 @@ use std::time::Duration;
 
 use flintlock_proto::types::MicroVmSpec;
 use rustix::process::{Pid, Signal, kill_process};
-use tokio::sync::OnceCell;
+use tokio::sync::watch;
 use tracing::{info, warn};
 
+pub use super::accel::Accel;
+use super::accel::{Probe, Verdict};
 use super::mmds::{self, MetadataServer};
 use super::{Provider, ProviderError, Started};
 use far_oci::OciError;
@@ -32,6 +35,10 @@ use crate::host::HostError;
 use crate::images::{Fetch, ImageError, Images};
 use crate::record::{ProcessIdentity, VmRecord};
 use crate::validate::cidr;
+
+/// How long a VM waits for a first KVM verdict before booting under TCG: a working KVM answers
+/// the probe in well under this.
+const PROBE_WAIT: Duration = Duration::from_millis(500);
 
 /// The host as guests see it on the user-mode network.
 pub const HOST_ADDRESS: &str = "169.254.0.2";
@@ -42,17 +49,6 @@ pub const METADATA_ADDRESS: &str = "169.254.169.254";
 /// guest has the same address whether it asks by DHCP or not.
 pub const GUEST_ADDRESS: &str = "169.254.0.15";
 
-/// Which accelerator QEMU uses.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Accel {
-    /// KVM if a probe guest boots under it, else TCG.
-    Auto,
-    /// Hardware virtualisation.
-    Kvm,
-    /// Software emulation.
-    Tcg,
-}
-
 /// Settings of the qemu provider.
 #[derive(Debug, Clone)]
 pub struct QemuConfig {
@@ -60,6 +56,9 @@ pub struct QemuConfig {
     pub binary: PathBuf,
     /// Accelerator choice.
     pub accel: Accel,
+    /// Where [`Accel::Auto`] keeps its verdict (far-host's state directory), so only the
+    /// first start on a machine probes.
+    pub accel_verdict: Option<PathBuf>,
     /// Where images are found.
     pub images: Images,
     /// Per-VM working directories (volume copies, console logs).
@@ -79,12 +78,13 @@ impl QemuConfig {
             ("panic", "-1"),
             ("ds", "nocloud-net;s=http://169.254.169.254/latest/"),
         ]
-            .into_iter()
-            .map(|(k, v)| (k.to_owned(), v.to_owned()))
-            .collect();
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect();
         Self {
             binary: "qemu-system-x86_64".into(),
             accel: Accel::Auto,
+            accel_verdict: None,
             images,
             run_dir,
             kernel_args,
@@ -100,7 +100,9 @@ struct Running {
 /// The qemu provider.
 pub struct Qemu {
     config: QemuConfig,
-    accel: OnceCell<&'static str>,
+    /// The accelerator, once known; `None` while [`Accel::Auto`] has no verdict.
+    accel: Arc<watch::Sender<Option<Verdict>>>,
+    probing: AtomicBool,
     vms: Mutex<HashMap<String, Running>>,
 }
 
@@ -210,9 +212,15 @@ fn cmdline(base: &BTreeMap<String, String>, spec: &BTreeMap<String, String>) -> 
 impl Qemu {
     /// A qemu provider.
     pub fn new(config: QemuConfig) -> Self {
+        let fixed = match config.accel {
+            Accel::Kvm => Some(Verdict::Kvm),
+            Accel::Tcg => Some(Verdict::Tcg),
+            Accel::Auto => None,
+        };
         Self {
             config,
-            accel: OnceCell::new(),
+            accel: Arc::new(watch::Sender::new(fixed)),
+            probing: AtomicBool::new(false),
             vms: Mutex::default(),
         }
     }
@@ -226,17 +234,32 @@ impl Qemu {
         self.vm_dir(uid).join("console.log")
     }
 
-    async fn accel(&self, kernel: &Path) -> &'static str {
-        *self
-            .accel
-            .get_or_init(|| async {
-                match self.config.accel {
-                    Accel::Kvm => "kvm",
-                    Accel::Tcg => "tcg",
-                    Accel::Auto => probe_kvm(&self.config.binary, kernel).await,
-                }
-            })
-            .await
+    /// The accelerator for the next VM. Without a verdict yet, the kept one is read or the
+    /// probe started; a VM waits for it at most [`PROBE_WAIT`], then boots under TCG while the
+    /// probe goes on, and later VMs use its verdict.
+    async fn accel(&self) -> Verdict {
+        if let Some(verdict) = *self.accel.borrow() {
+            return verdict;
+        }
+        if !self.probing.swap(true, Ordering::SeqCst) {
+            let probe = Probe::new(&self.config.binary, self.config.accel_verdict.clone());
+            if let Some(kept) = probe.kept() {
+                self.accel.send_replace(Some(kept));
+                return kept;
+            }
+            let verdict = Arc::clone(&self.accel);
+            tokio::spawn(async move {
+                verdict.send_replace(Some(probe.run().await));
+            });
+        }
+        let mut known = self.accel.subscribe();
+        match tokio::time::timeout(PROBE_WAIT, known.wait_for(Option::is_some)).await {
+            Ok(Ok(verdict)) => verdict.unwrap_or(Verdict::Tcg),
+            _ => {
+                info!("the KVM probe has no verdict yet: this VM uses software emulation");
+                Verdict::Tcg
+            }
+        }
     }
 
     /// The files a VM boots from. With [`Fetch::Check`], paths of images not yet pulled are
@@ -351,57 +374,6 @@ fn image_error(field: &str, error: ImageError) -> HostError {
     }
 }
 
-/// Boots the kernel alone under KVM: a working KVM reaches the "no root" panic in seconds;
-/// a broken one (as in nested setups without real virtualisation) hangs.
-async fn probe_kvm(binary: &Path, kernel: &Path) -> &'static str {
-    if fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .is_err()
-    {
-        info!("no usable /dev/kvm: software emulation");
-        return "tcg";
-    }
-    let probe = tokio::process::Command::new(binary)
-        .args([
-            "-M",
-            "microvm",
-            "-accel",
-            "kvm",
-            "-cpu",
-            "host",
-            "-m",
-            "128",
-            "-nodefaults",
-            "-no-user-config",
-            "-nographic",
-        ])
-        .args([
-            "-serial",
-            "stdio",
-            "-no-reboot",
-            "-append",
-            "console=ttyS0 panic=-1",
-            "-kernel",
-        ])
-        .arg(kernel)
-        .stdin(Stdio::null())
-        .stderr(Stdio::null())
-        .kill_on_drop(true)
-        .output();
-    match tokio::time::timeout(Duration::from_secs(20), probe).await {
-        Ok(Ok(out)) if String::from_utf8_lossy(&out.stdout).contains("Kernel panic") => {
-            info!("a probe guest boots under KVM: using KVM");
-            "kvm"
-        }
-        _ => {
-            warn!("a probe guest does not boot under KVM: software emulation");
-            "tcg"
-        }
-    }
-}
-
 impl Provider for Qemu {
     fn name(&self) -> &'static str {
         "qemu"
@@ -442,7 +414,7 @@ impl Provider for Qemu {
                 "the qemu provider relays guests' metadata requests with socat, which is not installed (apt-get install socat)".into(),
             ));
         }
-        let accel = self.accel(&kernel).await;
+        let accel = self.accel().await.as_str();
         let console = fs::File::create(dir.join("console.log"))
             .map_err(|e| ProviderError(format!("creating console.log: {e}")))?;
         let mut kernel_args = if accel == "tcg" {
