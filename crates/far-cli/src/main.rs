@@ -5,6 +5,7 @@ use std::process::ExitCode;
 
 mod bench;
 mod run;
+mod voice;
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
@@ -29,6 +30,9 @@ enum Command {
         #[arg(required = true)]
         files: Vec<PathBuf>,
     },
+    /// Serve Flintlock's MicroVM gRPC API on this machine: a far-host (the same server and
+    /// flags as the `far-host` binary).
+    Host(far_host::cli::ServeArgs),
     /// Run one FarAgent in a real microVM on this machine, with no cluster: an embedded
     /// far-host and status channel, the agent's output streamed, its exit code returned.
     Run(run::RunArgs),
@@ -76,24 +80,17 @@ enum ImageCommand {
 fn main() -> Result<ExitCode> {
     far_tls::install();
     match Cli::parse().command {
+        Command::Host(args) => {
+            far_host::cli::init_logging();
+            tokio::runtime::Runtime::new()?.block_on(far_host::cli::serve(args))?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Run(args) => {
-            tracing_subscriber::fmt()
-                .with_env_filter(
-                    tracing_subscriber::EnvFilter::try_from_env("FAR_LOG")
-                        .unwrap_or_else(|_| "warn".into()),
-                )
-                .with_writer(std::io::stderr)
-                .init();
+            voice::init("warn");
             tokio::runtime::Runtime::new()?.block_on(run::run(args))
         }
         Command::Bench(args) => {
-            tracing_subscriber::fmt()
-                .with_env_filter(
-                    tracing_subscriber::EnvFilter::try_from_env("FAR_LOG")
-                        .unwrap_or_else(|_| "error".into()),
-                )
-                .with_writer(std::io::stderr)
-                .init();
+            voice::init("error");
             tokio::runtime::Runtime::new()?.block_on(bench::run(args))?;
             Ok(ExitCode::SUCCESS)
         }

@@ -31,6 +31,8 @@ use kube::ResourceExt;
 use tokio::time::Instant;
 use tonic::transport::Channel as GrpcChannel;
 
+use crate::voice::say;
+
 /// What `far run` was asked.
 #[derive(Debug, clap::Args)]
 pub struct RunArgs {
@@ -44,10 +46,6 @@ pub struct RunArgs {
     /// Use KVM, or software emulation (tcg), or KVM only if a probe guest boots (auto).
     #[arg(long, default_value = "auto", value_parser = ["auto", "kvm", "tcg"])]
     pub accel: String,
-}
-
-fn say(message: impl std::fmt::Display) {
-    eprintln!("far: {message}");
 }
 
 fn load_agent(path: &Path) -> Result<FarAgent> {
@@ -160,6 +158,7 @@ fn local_host(endpoint: &str, limits: &Limits) -> FlintlockHost {
 
 /// Runs the agent; its exit code becomes `far`'s.
 pub async fn run(args: RunArgs) -> Result<ExitCode> {
+    let started = Instant::now();
     // Taken over before any VM exists, so an interrupt at any moment still deletes it.
     let mut stop = Stop::listen()?;
     let mut agent = load_agent(&args.manifest)?;
@@ -228,7 +227,7 @@ pub async fn run(args: RunArgs) -> Result<ExitCode> {
     let wanted = std::iter::once(("spec.image".to_owned(), agent.spec.image.clone()))
         .chain(volumes.map(|(i, v)| (format!("spec.volumes[{i}].image"), v.image.clone())));
     for (field, image) in wanted {
-        let started = Instant::now();
+        let preparing = Instant::now();
         say(format!("{name}: preparing {image}"));
         tokio::select! {
             prepared = images.volume(&image, Fetch::Pull) => {
@@ -241,7 +240,7 @@ pub async fn run(args: RunArgs) -> Result<ExitCode> {
         }
         say(format!(
             "{name}: {image} ready after {:.1} s",
-            started.elapsed().as_secs_f64()
+            preparing.elapsed().as_secs_f64()
         ));
     }
 
@@ -258,16 +257,13 @@ pub async fn run(args: RunArgs) -> Result<ExitCode> {
         .context("far-host answered without a uid")?;
     say(format!("{name}: VM {vm_uid} created; booting"));
 
-    let outcome = follow(
-        &mut client,
-        &host,
-        &mut events,
-        &mut stop,
-        &agent,
-        &vm_uid,
-        &channel_id,
-    )
-    .await;
+    let followed = Followed {
+        agent: &agent,
+        vm_uid: &vm_uid,
+        channel_id: &channel_id,
+        started,
+    };
+    let outcome = follow(&mut client, &host, &mut events, &mut stop, &followed).await;
     if matches!(outcome, Outcome::Failed(_)) {
         // Before the VM's working files go with it.
         show_console(&host.provider().console_log(&vm_uid));
@@ -322,21 +318,35 @@ enum Outcome {
     Interrupted,
 }
 
+/// The run `follow` watches.
+struct Followed<'a> {
+    agent: &'a FarAgent,
+    vm_uid: &'a str,
+    /// The status channel's id of this run.
+    channel_id: &'a str,
+    /// When `far run` started: what "running after" counts from.
+    started: Instant,
+}
+
 async fn follow(
     client: &mut MicroVmClient<GrpcChannel>,
     host: &Host<Qemu>,
     events: &mut tokio::sync::broadcast::Receiver<Event>,
     stop: &mut Stop,
-    agent: &FarAgent,
-    vm_uid: &str,
-    uid: &str,
+    run: &Followed<'_>,
 ) -> Outcome {
+    let &Followed {
+        agent,
+        vm_uid,
+        channel_id: uid,
+        started,
+    } = run;
+    let name = agent.name_any();
     let heartbeat_timeout = Duration::from_secs(agent.spec.heartbeat.timeout_seconds.into());
     let deadline = agent
         .spec
         .active_deadline_seconds
         .map(|s| Instant::now() + Duration::from_secs(s.unsigned_abs()));
-    let started = Instant::now();
     let mut last_heartbeat: Option<Instant> = None;
     let mut created_at: Option<Instant> = None;
     let mut poll = tokio::time::interval(Duration::from_millis(250));
@@ -347,7 +357,7 @@ async fn follow(
                 Ok(Event::Heartbeat { uid: who, first, heartbeat }) if who == uid => {
                     if first {
                         let boot = heartbeat.boot_to_entrypoint_ms.map_or(String::new(), |ms| format!(", {ms} ms from kernel start to entrypoint"));
-                        say(format!("agent running after {:.1} s{boot}", started.elapsed().as_secs_f64()));
+                        say(format!("{name}: agent running {:.1} s after far run started{boot}", started.elapsed().as_secs_f64()));
                     }
                     last_heartbeat = Some(Instant::now());
                 }

@@ -57,7 +57,9 @@ impl Fixture {
         let mut command = Command::new(env!("CARGO_BIN_EXE_far"));
         command
             .current_dir(repo())
-            .args(["run", "--accel", "tcg", "--plain-http-loopback"])
+            // The default accelerator: the KVM verdict is probed and kept in this cache.
+            .env("XDG_CACHE_HOME", self.dir.path())
+            .args(["run", "--plain-http-loopback"])
             .arg("--registry-mirror")
             .arg(format!("far.test={}", self.registry.addr()))
             .arg("--image-cache")
@@ -87,6 +89,18 @@ fn qemus_of(parent: u32) -> Vec<(u32, String)> {
         .collect()
 }
 
+/// far's lines and its components' log events read alike: no colour codes (stderr is not a
+/// terminal here), no time stamps or module paths.
+fn one_voice(stderr: &str) {
+    assert!(!stderr.contains('\x1b'), "{stderr}");
+    for line in stderr.lines() {
+        assert!(
+            !line.contains("far_host::") && !line.starts_with("20"),
+            "a raw log line: {line}"
+        );
+    }
+}
+
 #[test]
 fn the_agents_output_and_exit_code_become_fars() {
     let fixture = Fixture::new();
@@ -108,18 +122,34 @@ fn the_agents_output_and_exit_code_become_fars() {
         stderr.contains("far: test-agent: far.test/tiffany:dev ready after"),
         "{stderr}"
     );
-    assert!(stderr.contains("far: agent running after"), "{stderr}");
+    assert!(
+        stderr.contains("far: test-agent: agent running")
+            && stderr.contains("s after far run started"),
+        "{stderr}"
+    );
     assert!(
         stderr.contains("far: test-agent: agent exited with code 3"),
         "{stderr}"
     );
 
+    one_voice(&stderr);
+    let kvm_probed = Path::new("/dev/kvm").exists();
+    if kvm_probed {
+        let kept = fixture.dir.path().join("far/accel.json");
+        assert!(
+            kept.is_file(),
+            "the KVM verdict is kept in {}",
+            kept.display()
+        );
+    }
+
     let out = fixture.far_run("--task, embedder").output().unwrap();
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    one_voice(&stderr);
+    assert!(
+        !stderr.contains("KVM cannot run guests"),
+        "the kept verdict is used, not probed again: {stderr}"
     );
     let stdout = String::from_utf8(out.stdout).unwrap();
     assert_eq!(stdout.lines().count(), 3, "{stdout}");

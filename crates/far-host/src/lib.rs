@@ -7,8 +7,10 @@
 //! - [`store`]: records on disk, written atomically, adopted again after a restart;
 //! - [`validate`]: what a spec must hold, with upstream's defaults;
 //! - [`provider`]: what runs VMs (`qemu` microVMs, `sim` plays the guest for scale tests);
-//! - [`images`]: where the files an image reference names are found.
+//! - [`images`]: where the files an image reference names are found;
+//! - [`cli`]: the server's flags and main loop (`far-host` and `far host`).
 
+pub mod cli;
 pub mod host;
 pub mod images;
 pub mod provider;
