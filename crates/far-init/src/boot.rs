@@ -67,25 +67,39 @@ pub fn mount_runtime_filesystems() -> Result<(), String> {
     )
 }
 
-/// Loads the kernel modules listed (one path per line, in load order) with `finit_module`.
-pub fn load_modules(list: &Path) -> Result<(), String> {
+/// Loads the kernel modules listed (one path per line, in load order) with `finit_module`:
+/// those built for the running kernel, under `/lib/modules/<release>/`. Any other kernel (FAR's
+/// own has every driver built in) loads none. Answers how many were loaded.
+pub fn load_modules(list: &Path, release: &str) -> Result<usize, String> {
     let text = fs::read_to_string(list).map_err(|e| format!("reading {}: {e}", list.display()))?;
+    let ours = format!("/lib/modules/{release}/");
+    let mut loaded = 0;
     for line in text
         .lines()
         .map(str::trim)
         .filter(|l| !l.is_empty() && !l.starts_with('#'))
     {
         let (module, needed) = module_line(line);
-        if needed.is_some_and(|id| !virtio_device_present(Path::new(VIRTIO_DEVICES), id)) {
+        if !module.starts_with(&ours)
+            || needed.is_some_and(|id| !virtio_device_present(Path::new(VIRTIO_DEVICES), id))
+        {
             continue;
         }
         let file = fs::File::open(module).map_err(|e| format!("opening module {module}: {e}"))?;
         match rustix::system::finit_module(&file, c"", 0) {
-            Ok(()) | Err(rustix::io::Errno::EXIST) => {}
+            Ok(()) | Err(rustix::io::Errno::EXIST) => loaded += 1,
             Err(e) => return Err(format!("loading module {module}: {e}")),
         }
     }
-    Ok(())
+    Ok(loaded)
+}
+
+/// The running kernel's release (`uname -r`).
+pub fn kernel_release() -> String {
+    rustix::system::uname()
+        .release()
+        .to_string_lossy()
+        .into_owned()
 }
 
 /// Where the virtio bus lists its devices (once `virtio_mmio` has found them).
@@ -272,8 +286,23 @@ mod tests {
 
     #[test]
     fn missing_module_lists_name_the_file() {
-        let err = load_modules(Path::new("/nonexistent/modules")).unwrap_err();
+        let err = load_modules(Path::new("/nonexistent/modules"), "6.1.0").unwrap_err();
         assert!(err.starts_with("reading /nonexistent/modules"), "{err}");
+    }
+
+    #[test]
+    fn modules_of_another_kernel_are_not_loaded() {
+        let dir = tempfile::tempdir().unwrap();
+        let list = dir.path().join("modules");
+        // Not opened: a module of another release is skipped before its file is read.
+        fs::write(
+            &list,
+            "/lib/modules/6.1.0-57-cloud-amd64/kernel/virtio.ko\n",
+        )
+        .unwrap();
+        assert_eq!(load_modules(&list, "6.1.192-far"), Ok(0));
+        let err = load_modules(&list, "6.1.0-57-cloud-amd64").unwrap_err();
+        assert!(err.starts_with("opening module"), "{err}");
     }
 
     #[test]

@@ -137,8 +137,12 @@ fn init(channel_out: &mut Option<Arc<Channel>>) -> Result<i32, Fatal> {
     let mut timeline = Timeline::default();
     timeline.mark("kernel");
     if in_initrd {
-        boot::load_modules(Path::new(INITRD_MODULE_LIST)).map_err(Fatal::Boot)?;
-        timeline.mark("modules");
+        if boot::load_modules(Path::new(INITRD_MODULE_LIST), &boot::kernel_release())
+            .map_err(Fatal::Boot)?
+            > 0
+        {
+            timeline.mark("modules");
+        }
         boot::mount_root_and_switch(Path::new("/dev/vda"), Path::new("/newroot"))
             .map_err(Fatal::Boot)?;
         boot::mount_pseudo_filesystems().map_err(Fatal::Boot)?;
