@@ -158,3 +158,83 @@ fn bench_names_an_unreadable_kubeconfig() {
         "{stderr}"
     );
 }
+
+/// `far host` is the far-host server: it serves Flintlock's API over a real socket, with the
+/// same flags as the `far-host` binary, and a VM created through it is listed.
+#[test]
+fn far_host_serves_flintlocks_api() {
+    use flintlock_proto::v1alpha1::{CreateMicroVmRequest, ListMicroVMsRequest};
+
+    let state = tempfile::tempdir().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut server = Command::new(env!("CARGO_BIN_EXE_far"))
+        .args(["host", "--provider", "sim", "--listen"])
+        .arg(format!("127.0.0.1:{port}"))
+        .arg("--state-dir")
+        .arg(state.path())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let served = tokio::runtime::Runtime::new().unwrap().block_on(async {
+        let endpoint = format!("http://127.0.0.1:{port}");
+        let mut client = None;
+        for _ in 0..100 {
+            if let Ok(c) = flintlock_proto::MicroVmClient::connect(endpoint.clone()).await {
+                client = Some(c);
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+        let mut client = client.expect("far host listens within 10 s");
+        let spec = flintlock_proto::types::MicroVmSpec {
+            id: "vm-1".into(),
+            kernel: Some(flintlock_proto::types::Kernel {
+                image: "far.local/kernel:dev".into(),
+                filename: Some("vmlinuz".into()),
+                ..Default::default()
+            }),
+            root_volume: Some(flintlock_proto::types::Volume {
+                id: "root".into(),
+                source: Some(flintlock_proto::types::VolumeSource {
+                    container_source: Some("far.local/tiffany:dev".into()),
+                    virtiofs_source: None,
+                }),
+                ..Default::default()
+            }),
+            interfaces: vec![flintlock_proto::types::NetworkInterface {
+                device_id: "eth0".into(),
+                r#type: flintlock_proto::types::network_interface::IfaceType::Tap as i32,
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        client
+            .create_micro_vm(CreateMicroVmRequest {
+                microvm: Some(spec),
+                metadata: Default::default(),
+            })
+            .await
+            .unwrap();
+        client
+            .list_micro_v_ms(ListMicroVMsRequest::default())
+            .await
+            .unwrap()
+            .into_inner()
+            .microvm
+            .into_iter()
+            .map(|vm| vm.spec.unwrap().id)
+            .collect::<Vec<_>>()
+    });
+    server.kill().unwrap();
+    server.wait().unwrap();
+    assert_eq!(served, ["vm-1"]);
+    assert_eq!(
+        std::fs::read_dir(state.path().join("vms")).unwrap().count(),
+        1,
+        "the VM's record is in --state-dir"
+    );
+}
