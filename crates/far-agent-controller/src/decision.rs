@@ -230,11 +230,9 @@ struct Builder<'a> {
 
 impl Builder<'_> {
     fn condition(&mut self, kind: &str, value: bool, reason: AgentReason, message: &str) {
-        conditions::set(
-            &mut self.status.conditions,
-            kind,
-            value,
-            reason.as_str(),
+        set_condition(
+            &mut self.status,
+            (kind, value, reason),
             message,
             self.o.generation,
             self.o.now,
@@ -663,20 +661,14 @@ pub fn decide(o: &Observation<'_>) -> Decision {
                 b.status.vm_state = Some(state.as_str().to_owned());
             }
             if first_sight {
+                let message = vm_on_host(uid, &b.status);
                 b.condition(
                     agent_condition::VM_CREATED,
                     true,
                     AgentReason::Booting,
-                    &format!("VM {uid}"),
+                    &message,
                 );
-                b.event(
-                    false,
-                    "VMCreated",
-                    format!(
-                        "VM {uid} created on host {}",
-                        b.status.host.as_deref().unwrap_or("?")
-                    ),
-                );
+                b.event(false, "VMCreated", message);
             }
             match state {
                 VmState::Failed => b.fail(
@@ -774,20 +766,40 @@ pub fn create_refused(
     s.host = None;
     s.vm = None;
     for kind in [agent_condition::SCHEDULED, agent_condition::VM_CREATED] {
-        conditions::set(
-            &mut s.conditions,
-            kind,
-            false,
-            AgentReason::CreateRefused.as_str(),
-            &message,
-            generation,
-            now,
-        );
+        let condition = (kind, false, AgentReason::CreateRefused);
+        set_condition(&mut s, condition, &message, generation, now);
     }
     s.phase = Some(Phase::Pending);
     s.reason = Some(AgentReason::CreateRefused);
     s.message = Some(format!("{message}; placing it on another host that fits"));
     s
+}
+
+/// Sets one of an agent's conditions, keeping them in the order of a life
+/// ([`agent_condition::LIFECYCLE`]) whatever order they were first set in.
+fn set_condition(
+    status: &mut FarAgentStatus,
+    (kind, value, reason): (&str, bool, AgentReason),
+    message: &str,
+    generation: Option<i64>,
+    now: Timestamp,
+) {
+    let c = &mut status.conditions;
+    conditions::set(c, kind, value, reason.as_str(), message, generation, now);
+    c.sort_by_key(|c| {
+        agent_condition::LIFECYCLE
+            .iter()
+            .position(|k| *k == c.type_)
+            .unwrap_or(agent_condition::LIFECYCLE.len())
+    });
+}
+
+/// The `VMCreated` condition's message: which VM, on which host.
+fn vm_on_host(uid: &str, status: &FarAgentStatus) -> String {
+    format!(
+        "VM {uid} created on host {}",
+        status.host.as_deref().unwrap_or("?")
+    )
 }
 
 /// How a host's refusal to create a VM is told.
@@ -807,15 +819,9 @@ pub fn vm_created(
     let mut s = status.clone();
     s.vm_uid = Some(uid.to_owned());
     s.vm_state = Some(state.as_str().to_owned());
-    conditions::set(
-        &mut s.conditions,
-        agent_condition::VM_CREATED,
-        true,
-        AgentReason::Booting.as_str(),
-        &format!("VM {uid}"),
-        generation,
-        now,
-    );
+    let condition = (agent_condition::VM_CREATED, true, AgentReason::Booting);
+    let message = vm_on_host(uid, &s);
+    set_condition(&mut s, condition, &message, generation, now);
     s.phase = Some(Phase::Pending);
     s.reason = Some(AgentReason::Booting);
     s.message = Some(booting(uid));

@@ -551,4 +551,6 @@ pub mod condition {
     pub const AGENT_READY: &str = "AgentReady";
     /// The agent has finished, successfully or not.
     pub const FINISHED: &str = "Finished";
+    /// The order of a life, in which status lists them (and `kubectl describe` shows them).
+    pub const LIFECYCLE: [&str; 4] = [SCHEDULED, VM_CREATED, AGENT_READY, FINISHED];
 }

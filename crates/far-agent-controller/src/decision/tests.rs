@@ -700,3 +700,29 @@ fn an_exit_records_the_vm_found_by_name_that_status_never_had() {
     assert_eq!(d.status.vm_uid.as_deref(), Some("vm1"));
     assert!(d.actions.contains(&Action::DeleteVm { uid: "vm1".into() }));
 }
+
+#[test]
+fn conditions_are_listed_in_the_order_of_a_life_and_say_what_happened() {
+    let mut status = FarAgentStatus {
+        host: Some("h1".into()),
+        ..Default::default()
+    };
+    for kind in [agent_condition::FINISHED, agent_condition::SCHEDULED] {
+        conditions::set(&mut status.conditions, kind, false, "X", "", Some(1), t(0));
+    }
+    let created = vm_created(&status, "vm1", VmState::Pending, Some(1), t(1));
+    let kinds: Vec<&str> = created
+        .conditions
+        .iter()
+        .map(|c| c.type_.as_str())
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            agent_condition::SCHEDULED,
+            agent_condition::VM_CREATED,
+            agent_condition::FINISHED
+        ]
+    );
+    assert_eq!(created.conditions[1].message, "VM vm1 created on host h1");
+}
