@@ -106,6 +106,19 @@ fn bench_report(out: std::process::Output) -> serde_json::Value {
         (Some(20), Some(0), Some(0))
     );
     assert!(json["api_writes_refused"].is_object(), "{json}");
+    // Measured, not derived: each guest timed its exit report's acknowledgement, and the watch
+    // saw each agent's writes up to Running (the finalizer with the binding, the placement
+    // with the VM, Running: at least these three).
+    assert_eq!(
+        json["exit_to_completed_seconds"]["count"].as_u64(),
+        Some(20)
+    );
+    assert!(
+        json["api_writes_per_agent_to_running"]
+            .as_f64()
+            .is_some_and(|w| w >= 3.0),
+        "{json}"
+    );
     json
 }
 

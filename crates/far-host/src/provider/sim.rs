@@ -15,6 +15,7 @@
 //! whose id contains the text fail, as a broken image or hypervisor would.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -54,7 +55,24 @@ impl Default for SimConfig {
 pub struct Sim {
     config: SimConfig,
     client: reqwest::Client,
-    guests: Arc<Mutex<HashMap<String, JoinHandle<()>>>>,
+    guests: Arc<Mutex<HashMap<String, Running>>>,
+    exits: ExitTimes,
+}
+
+/// A simulated guest's task, and whether it is reporting its exit.
+#[derive(Debug)]
+struct Running {
+    task: JoinHandle<()>,
+    reporting_exit: Arc<AtomicBool>,
+}
+
+/// How long each guest's exit report took to be acknowledged, first send to acknowledgement.
+type ExitTimes = Arc<Mutex<Vec<Duration>>>;
+
+/// A guest's exit report: whether it is under way, and where its time goes.
+struct Reporting {
+    now: Arc<AtomicBool>,
+    took: ExitTimes,
 }
 
 impl Sim {
@@ -70,19 +88,39 @@ impl Sim {
             config,
             client,
             guests: Arc::default(),
+            exits: Arc::default(),
         }
+    }
+
+    /// For each guest that reported its exit: the time from its first report to the channel's
+    /// acknowledgement, which comes once the exit is recorded (for FAR's controller: in the
+    /// agent's status), as the guest sees it.
+    pub fn exit_acknowledgements(&self) -> Vec<Duration> {
+        self.exits.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     fn launch(&self, uid: &str, spec: &MicroVmSpec) {
         let guest = Guest::from_spec(spec);
-        let task = tokio::spawn(guest.run(self.client.clone(), self.config.boot_delay));
+        let reporting_exit = Arc::new(AtomicBool::new(false));
+        let task = tokio::spawn(guest.run(
+            self.client.clone(),
+            self.config.boot_delay,
+            Reporting {
+                now: Arc::clone(&reporting_exit),
+                took: Arc::clone(&self.exits),
+            },
+        ));
+        let running = Running {
+            task,
+            reporting_exit,
+        };
         if let Some(old) = self
             .guests
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .insert(uid.to_owned(), task)
+            .insert(uid.to_owned(), running)
         {
-            old.abort();
+            old.task.abort();
         }
     }
 }
@@ -106,13 +144,19 @@ impl Provider for Sim {
     }
 
     async fn stop(&self, record: &VmRecord) -> Result<(), ProviderError> {
-        if let Some(task) = self
+        let running = self
             .guests
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .remove(&record.uid)
-        {
-            task.abort();
+            .remove(&record.uid);
+        if let Some(mut running) = running {
+            // A guest whose exit report is answered already is let read the answer, so its
+            // timing is kept: a VM deleted right after its agent's exit is in status, as every
+            // finished agent's is, would otherwise lose it.
+            if running.reporting_exit.load(Ordering::SeqCst) {
+                let _ = tokio::time::timeout(Duration::from_secs(5), &mut running.task).await;
+            }
+            running.task.abort();
         }
         Ok(())
     }
@@ -131,7 +175,7 @@ impl Provider for Sim {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .get(&record.uid)
-            .is_some_and(JoinHandle::is_finished)
+            .is_some_and(|r| r.task.is_finished())
     }
 }
 
@@ -200,7 +244,7 @@ impl Guest {
         }
     }
 
-    async fn run(self, client: reqwest::Client, boot_delay: Duration) {
+    async fn run(self, client: reqwest::Client, boot_delay: Duration, exit: Reporting) {
         let config = match self.config {
             Ok(config) => config,
             Err(problem) => {
@@ -264,7 +308,13 @@ impl Guest {
             // The guest dies without a word: the VM's process ends, no exit is reported.
             return;
         }
-        channel.exit(exit_code).await;
+        exit.now.store(true, Ordering::SeqCst);
+        if let Some(took) = channel.exit(exit_code).await {
+            exit.took
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(took);
+        }
     }
 }
 
@@ -366,19 +416,22 @@ impl Channel<'_> {
         }
     }
 
-    /// Reports the exit until the channel acknowledges it, within a bound, as far-init does.
-    async fn exit(&self, code: i32) {
+    /// Reports the exit until the channel acknowledges it, within a bound, as far-init does;
+    /// answers how long that took.
+    async fn exit(&self, code: i32) -> Option<Duration> {
         let exit = Exit {
             code,
             start_error: None,
         };
+        let first = tokio::time::Instant::now();
         for attempt in 0..20u32 {
             if self.post(paths::EXIT, &exit).await {
-                return;
+                return Some(first.elapsed());
             }
             tokio::time::sleep(Duration::from_millis(100 * u64::from(attempt.min(10) + 1))).await;
         }
         warn!(agent = %self.config.agent.uid, "sim guest: exit never acknowledged");
+        None
     }
 }
 
