@@ -36,6 +36,10 @@ fn local_aliases() -> Vec<(String, PathBuf)> {
     let images = guest_images();
     vec![
         ("far.local/kernel:dev".to_owned(), images.join("kernel")),
+        (
+            "far.local/debian-kernel:dev".to_owned(),
+            images.join("debian-kernel"),
+        ),
         ("far.local/far-init:dev".to_owned(), images.join("far-init")),
         ("far.local/tiffany:dev".to_owned(), images.join("tiffany")),
     ]
@@ -77,6 +81,31 @@ async fn a_real_microvm_runs_the_agent_and_its_exit_code_reaches_the_channel() {
         console.contains("far-init: reading the run configuration from http://169.254.0.2:"),
         "far-init is pointed at the metadata service on host loopback: {console}"
     );
+}
+
+/// The FAR kernel (the default) has its drivers built in: far-init loads no module. Debian's
+/// modular cloud kernel boots the same initrd, far-init loading the virtio modules built for it.
+#[tokio::test]
+async fn far_init_loads_modules_for_a_modular_kernel_and_none_for_the_far_kernel() {
+    let state = tempfile::tempdir().unwrap();
+    let host = qemu_host(state.path()).await;
+    let far =
+        runs_to_exit_code_3(&host, state.path(), |config| vm_spec("far-kernel", config)).await;
+    let debian = runs_to_exit_code_3(&host, state.path(), |config| {
+        let mut spec = vm_spec("debian-kernel", config);
+        spec.kernel.as_mut().unwrap().image = "far.local/debian-kernel:dev".into();
+        spec
+    })
+    .await;
+    let boot_line = |console: &str| {
+        console
+            .lines()
+            .find(|l| l.starts_with("far-init: boot: "))
+            .map(str::to_owned)
+            .unwrap_or_else(|| panic!("no boot timeline: {console}"))
+    };
+    assert!(!boot_line(&far).contains("modules"), "{far}");
+    assert!(boot_line(&debian).contains("modules +"), "{debian}");
 }
 
 /// A guest that reads the metadata service where Firecracker's MMDS answers (169.254.169.254)
