@@ -43,9 +43,9 @@ pub struct RunArgs {
     pub guest_dir: PathBuf,
     #[command(flatten)]
     pub images: ImageArgs,
-    /// Use KVM, or software emulation (tcg), or KVM only if a probe guest boots (auto).
-    #[arg(long, default_value = "auto", value_parser = ["auto", "kvm", "tcg"])]
-    pub accel: String,
+    /// The accelerator.
+    #[arg(long, value_enum, default_value_t)]
+    pub accel: Accel,
 }
 
 fn load_agent(path: &Path) -> Result<FarAgent> {
@@ -184,11 +184,7 @@ pub async fn run(args: RunArgs) -> Result<ExitCode> {
         .context("creating a working directory")?;
     let limits = Limits::default();
     let mut qemu = QemuConfig::new(images.clone(), state.path().join("run"));
-    qemu.accel = match args.accel.as_str() {
-        "kvm" => Accel::Kvm,
-        "tcg" => Accel::Tcg,
-        _ => Accel::Auto,
-    };
+    qemu.accel = args.accel;
     qemu.accel_verdict = Some(cache_dir().join("accel.json"));
     let host = Host::open(
         HostConfig {

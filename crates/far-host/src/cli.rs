@@ -23,16 +23,6 @@ enum ProviderName {
     Sim,
 }
 
-#[derive(Clone, Copy, Debug, ValueEnum)]
-enum AccelName {
-    /// KVM if a probe guest boots under it, else software emulation.
-    Auto,
-    /// KVM.
-    Kvm,
-    /// Software emulation.
-    Tcg,
-}
-
 /// Serve Flintlock's MicroVM gRPC API on this machine.
 #[derive(clap::Args, Debug)]
 pub struct ServeArgs {
@@ -60,8 +50,8 @@ pub struct ServeArgs {
     #[command(flatten)]
     images: ImageArgs,
     /// qemu: accelerator.
-    #[arg(long, value_enum, default_value_t = AccelName::Auto)]
-    accel: AccelName,
+    #[arg(long, value_enum, default_value_t)]
+    accel: Accel,
     /// qemu: the QEMU binary.
     #[arg(long, default_value = "qemu-system-x86_64")]
     qemu_binary: PathBuf,
@@ -127,11 +117,7 @@ pub async fn serve(args: ServeArgs) -> Result<()> {
             let mut qemu = QemuConfig::new(images, args.state_dir.join("run"));
             qemu.binary = args.qemu_binary.clone();
             qemu.accel_verdict = Some(args.state_dir.join("accel.json"));
-            qemu.accel = match args.accel {
-                AccelName::Auto => Accel::Auto,
-                AccelName::Kvm => Accel::Kvm,
-                AccelName::Tcg => Accel::Tcg,
-            };
+            qemu.accel = args.accel;
             run(&args, config, token, Qemu::new(qemu)).await
         }
     }

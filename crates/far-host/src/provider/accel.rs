@@ -18,10 +18,11 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
-/// Which accelerator QEMU uses.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Which accelerator QEMU uses (also the `--accel` flag of `far host` and `far run`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
 pub enum Accel {
-    /// KVM if a probe guest runs under it, else TCG.
+    /// KVM if a probe guest runs under it (the verdict kept), else software emulation.
+    #[default]
     Auto,
     /// Hardware virtualisation.
     Kvm,
