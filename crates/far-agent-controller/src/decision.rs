@@ -394,8 +394,8 @@ pub fn decide(o: &Observation<'_>) -> Decision {
 
     if !o.has_finalizer {
         // The finalizer, and with it the first attempt's binding when a host fits: one metadata
-        // write, which brings the agent back at once (its watch event); status is written from
-        // then on.
+        // write, after which the agent is decided on again at once (on the write's answer);
+        // status is written from then on.
         b.actions.push(Action::AddFinalizer);
         if let Some(Placement::Fits {
             host,

@@ -701,8 +701,35 @@ async fn tell_failures(ctx: &Context, agent: &FarAgent, result: &Result<Requeue,
     }
 }
 
+/// How a pass of a reconcile ended.
+enum Pass {
+    /// Done until the next event or the requeue.
+    Done(Requeue),
+    /// The agent's metadata was written and the decision wants it back at once: the write's
+    /// answer is the agent as the API server now has it, decided on again in the same reconcile
+    /// (rather than waiting for the watch to bring it, and reading it again before a create).
+    Again(FarAgent),
+}
+
 async fn reconcile_inner(agent: &Arc<FarAgent>, ctx: &Arc<Context>) -> Result<Requeue, Error> {
-    let agent = Arc::clone(agent);
+    match reconcile_pass(Arc::clone(agent), ctx, false).await? {
+        Pass::Done(requeue) => Ok(requeue),
+        // A second metadata write in a row is not expected; should one happen, its watch event
+        // brings the agent back.
+        Pass::Again(written) => match reconcile_pass(Arc::new(written), ctx, true).await? {
+            Pass::Done(requeue) => Ok(requeue),
+            Pass::Again(_) => Ok(Requeue::await_change()),
+        },
+    }
+}
+
+/// One observe-decide-act pass. `confirmed`: the copy of the agent is the API server's answer
+/// to a write of this reconcile, so it had no newer one an instant ago.
+async fn reconcile_pass(
+    agent: Arc<FarAgent>,
+    ctx: &Arc<Context>,
+    mut confirmed: bool,
+) -> Result<Pass, Error> {
     let ctx = Arc::clone(ctx);
     let namespace = agent.namespace().unwrap_or_default();
     let name = agent.name_any();
@@ -711,12 +738,15 @@ async fn reconcile_inner(agent: &Arc<FarAgent>, ctx: &Arc<Context>) -> Result<Re
         .lock()
         .unwrap_or_else(|e| e.into_inner())
         .insert(uid.clone(), ObjectRef::from_obj(agent.as_ref()));
-    if ctx
-        .superseded
-        .is_stale(&uid, agent.metadata.resource_version.as_deref())
+    // (A confirmed copy is current; checking it would also forget the versions it replaced,
+    // which the watch has yet to bring.)
+    if !confirmed
+        && ctx
+            .superseded
+            .is_stale(&uid, agent.metadata.resource_version.as_deref())
     {
         // Our own write replaced this copy; its watch event reconciles the agent again.
-        return Ok(Requeue::await_change());
+        return Ok(Pass::Done(Requeue::await_change()));
     }
     let api: Api<FarAgent> = Api::namespaced(ctx.client.clone(), &namespace);
     let status = agent.status.clone().unwrap_or_default();
@@ -835,6 +865,8 @@ async fn reconcile_inner(agent: &Arc<FarAgent>, ctx: &Arc<Context>) -> Result<Re
         .iter()
         .any(|a| matches!(a, Action::CreateVm { .. }));
     let wrote = new_status != status;
+    // The API server's answer to this pass's last write: the agent as it now is.
+    let mut last_written = None;
     if wrote && !creating {
         let written = api
             .patch_status(
@@ -850,6 +882,8 @@ async fn reconcile_inner(agent: &Arc<FarAgent>, ctx: &Arc<Context>) -> Result<Re
             .map_err(stale)?;
         ctx.superseded.wrote(&uid, resource_version);
         resource_version = written.resource_version();
+        confirmed = true;
+        last_written = Some(written);
     }
     if new_status.phase == Some(far_api::Phase::Running)
         && status.phase != Some(far_api::Phase::Running)
@@ -900,6 +934,8 @@ async fn reconcile_inner(agent: &Arc<FarAgent>, ctx: &Arc<Context>) -> Result<Re
             .map_err(stale)?;
         ctx.superseded.wrote(&uid, resource_version);
         resource_version = written.resource_version();
+        confirmed = true;
+        last_written = Some(written);
         if actions.iter().any(|a| matches!(a, Action::Bind(_))) {
             lock(&ctx.unsent).insert(id.clone());
         }
@@ -929,7 +965,7 @@ async fn reconcile_inner(agent: &Arc<FarAgent>, ctx: &Arc<Context>) -> Result<Re
                     .unwrap_or_else(|e| e.into_inner())
                     .remove(&uid);
                 info!(agent = %name, "released");
-                return Ok(Requeue::await_change());
+                return Ok(Pass::Done(Requeue::await_change()));
             }
             Action::CreateVm { attempt } => {
                 let Some((env, secrets)) = resolved.clone().and_then(Result::ok) else {
@@ -953,9 +989,9 @@ async fn reconcile_inner(agent: &Arc<FarAgent>, ctx: &Arc<Context>) -> Result<Re
                 })?;
                 let credentials = host_credentials(&ctx, &host).await?;
                 // The one call that cannot be repeated safely: act only if the agent we decided
-                // on is still the agent the API server has.
-                let fresh = api.get(&name).await?;
-                if fresh.resource_version() != resource_version {
+                // on is still the agent the API server has (known when a fenced write of this
+                // reconcile just said so, else read).
+                if !confirmed && api.get(&name).await?.resource_version() != resource_version {
                     return Err(Error::Stale);
                 }
                 let vm_name = planned.name.id().to_owned();
@@ -1010,7 +1046,7 @@ async fn reconcile_inner(agent: &Arc<FarAgent>, ctx: &Arc<Context>) -> Result<Re
                             decision::refusal(&host_name, &said),
                         )
                         .await;
-                        return Ok(Requeue::await_change());
+                        return Ok(Pass::Done(Requeue::await_change()));
                     }
                     Err(e) => return Err(e.into()),
                 };
@@ -1035,6 +1071,7 @@ async fn reconcile_inner(agent: &Arc<FarAgent>, ctx: &Arc<Context>) -> Result<Re
                     .await?;
                 ctx.superseded.wrote(&uid, resource_version);
                 resource_version = written.resource_version();
+                last_written = Some(written);
                 publish(
                     &ctx,
                     &agent,
@@ -1064,13 +1101,14 @@ async fn reconcile_inner(agent: &Arc<FarAgent>, ctx: &Arc<Context>) -> Result<Re
             } => publish(&ctx, &agent, warning, reason, message).await,
         }
     }
-    // A write comes back as a watch event, which reconciles the agent again with fresh data:
-    // an immediate requeue would only race it with a stale copy.
-    Ok(match decision.requeue {
-        Some(after) if !(wrote && after.is_zero()) => {
-            Requeue::requeue(after.max(Duration::from_millis(1)))
+    // Wanted back at once after a write: decided again on the write's answer. A requeue would
+    // only race the write's watch event with a stale copy.
+    Ok(match (decision.requeue, last_written) {
+        (Some(after), Some(written)) if after.is_zero() => Pass::Again(written),
+        (Some(after), _) if !(wrote && after.is_zero()) => {
+            Pass::Done(Requeue::requeue(after.max(Duration::from_millis(1))))
         }
-        _ => Requeue::await_change(),
+        _ => Pass::Done(Requeue::await_change()),
     })
 }
 
@@ -1116,9 +1154,51 @@ pub async fn persist_exit(ctx: &Context, report: far_channel::ExitReport) -> Res
         }
     };
     let api: Api<FarAgent> = Api::namespaced(ctx.client.clone(), &namespace);
-    let Some(agent) = api.get_opt(&name).await.map_err(|e| e.to_string())? else {
-        return Ok(());
+    // The cached copy unless the controller's own writes replaced it: usually current, and a
+    // request fewer than a read. A copy that is not is refused (409) and read afresh.
+    let cached = ctx
+        .agents
+        .get(&ObjectRef::new(&name).within(&namespace))
+        .filter(|a| {
+            !ctx.superseded.is_stale(
+                &a.uid().unwrap_or_default(),
+                a.metadata.resource_version.as_deref(),
+            )
+        });
+    let mut agent = match cached {
+        Some(agent) => agent,
+        None => match api.get_opt(&name).await.map_err(|e| e.to_string())? {
+            Some(agent) => Arc::new(agent),
+            None => return Ok(()),
+        },
     };
+    let mut tries = 0;
+    loop {
+        tries += 1;
+        match write_exit(ctx, &api, &agent, &report).await {
+            Err(kube::Error::Api(status)) if status.code == 409 && tries < EXIT_WRITE_TRIES => {
+                match api.get_opt(&name).await.map_err(|e| e.to_string())? {
+                    Some(fresh) => agent = Arc::new(fresh),
+                    None => return Ok(()),
+                }
+            }
+            result => return result.map_err(|e| e.to_string()),
+        }
+    }
+}
+
+/// Writes of an exit refused as stale before the guest is answered 503 (and reports again):
+/// a 409 means the agent changed meanwhile (its Running status landing, say), and a fresh
+/// copy almost always takes the write.
+const EXIT_WRITE_TRIES: u32 = 3;
+
+/// [`persist_exit`]'s write, decided on `agent` and fenced by its version.
+async fn write_exit(
+    ctx: &Context,
+    api: &Api<FarAgent>,
+    agent: &FarAgent,
+    report: &far_channel::ExitReport,
+) -> Result<(), kube::Error> {
     let status = agent.status.clone().unwrap_or_default();
     let attempt = report
         .id
@@ -1163,9 +1243,8 @@ pub async fn persist_exit(ctx: &Context, report: far_channel::ExitReport) -> Res
     } else {
         json!({"metadata": {"resourceVersion": agent.resource_version()}, "status": {"exitCode": report.exit.code}})
     };
-    api.patch_status(&name, &PatchParams::default(), &Patch::Merge(&patch))
-        .await
-        .map_err(|e| e.to_string())?;
+    api.patch_status(&agent.name_any(), &PatchParams::default(), &Patch::Merge(&patch))
+        .await?;
     if let Some(uid) = agent.uid() {
         ctx.superseded.wrote(&uid, agent.resource_version());
     }
@@ -1177,7 +1256,7 @@ pub async fn persist_exit(ctx: &Context, report: far_channel::ExitReport) -> Res
                 message,
             } = action
             {
-                publish(ctx, &agent, warning, reason, message).await;
+                publish(ctx, agent, warning, reason, message).await;
             }
         }
     }
