@@ -128,13 +128,24 @@ impl ApiServer {
 
     /// The API server's `apiserver_request_total`, every series of it.
     async fn series(&self) -> Result<BTreeMap<request_metrics::Series, u64>> {
+        Ok(request_metrics::parse(&self.metrics().await?))
+    }
+
+    /// CPU seconds the API server's process has used, from its `process_cpu_seconds_total`
+    /// (kube-apiserver has it; the in-repo fake, which shares this process, does not).
+    async fn cpu_seconds(&self) -> Result<Option<f64>> {
+        Ok(self.metrics().await?.lines().find_map(|line| {
+            line.strip_prefix("process_cpu_seconds_total ")
+                .and_then(|v| v.trim().parse().ok())
+        }))
+    }
+
+    async fn metrics(&self) -> Result<String> {
         let request = axum::http::Request::get("/metrics").body(Vec::new())?;
-        let text = self
-            .client
+        self.client
             .request_text(request)
             .await
-            .context("reading the API server's /metrics")?;
-        Ok(request_metrics::parse(&text))
+            .context("reading the API server's /metrics")
     }
 
     /// The benchmark's namespace, created unless it exists.
@@ -413,6 +424,7 @@ pub async fn run(args: BenchArgs) -> Result<()> {
         "far bench: creating {} FarAgents on {} sim hosts",
         args.agents, args.hosts
     );
+    let api_cpu_at_start = api.cpu_seconds().await?;
     let started = Instant::now();
     let run_seconds = args.run_seconds.to_string();
     // Created in a task of its own, so the watch below is read while agents are still being
@@ -470,6 +482,7 @@ pub async fn run(args: BenchArgs) -> Result<()> {
             .collect())
     };
     let mut all_running: Option<(Instant, BTreeMap<String, u64>)> = None;
+    let mut api_cpu_to_running = None;
     let mut steady: Option<(f64, BTreeMap<String, u64>)> = None;
     let deadline = started + Duration::from_secs(args.timeout_seconds);
     while gone.len() < args.agents {
@@ -504,6 +517,11 @@ pub async fn run(args: BenchArgs) -> Result<()> {
         }
         if all_running.is_none() && seen_running.len() == args.agents {
             all_running = Some((Instant::now(), writes_so_far(&api).await?));
+            api_cpu_to_running = api
+                .cpu_seconds()
+                .await?
+                .zip(api_cpu_at_start)
+                .map(|(now, then)| (now - then) / args.agents as f64);
         }
         if status.phase.is_some_and(Phase::is_terminal) {
             if let (Some((since, before)), None) = (&all_running, &steady) {
@@ -569,6 +587,7 @@ pub async fn run(args: BenchArgs) -> Result<()> {
         seen_running.len() as f64 / last_running.duration_since(started).as_secs_f64().max(1e-9);
 
     let vms = VmCount::of(&sims);
+    let cores = std::thread::available_parallelism().map_or(1, usize::from);
     let exit_acks: Vec<f64> = sims
         .iter()
         .flat_map(|host| host.provider().exit_acknowledgements())
@@ -665,12 +684,18 @@ pub async fn run(args: BenchArgs) -> Result<()> {
         "baseline_status_patches_per_second": {"1": patch_rate_1, "in_flight": in_flight, "n": patch_rate_n},
         "ceiling_agents_per_second": ceiling,
         "share_of_ceiling": running_rate / ceiling,
+        // The API server's own CPU from the first create until every agent had reached Running,
+        // per agent (every client's requests, the watches' too): on a machine it shares, the
+        // bound its CPU sets is this machine's cores ÷ it. Only from an API server that exports
+        // process_cpu_seconds_total.
+        "api_server_cpu_ms_per_agent_to_running": api_cpu_to_running.map(|s| s * 1000.0),
+        "api_server_cpu_bound_agents_per_second": api_cpu_to_running.map(|s| cores as f64 / s.max(1e-9)),
         "process_peak_rss_mib": rss_mib,
         // Only with --controller-binary: the controller's own process.
         "controller_peak_rss_mib": controller_usage.map(|(rss, _)| rss),
         "controller_cpu_seconds": controller_usage.map(|(_, cpu)| cpu),
         "process_cpu_seconds": cpu_seconds,
-        "machine": format!("{} cores", std::thread::available_parallelism().map_or(0, usize::from)),
+        "machine": format!("{cores} cores"),
     });
     print_table(&report);
     println!("{}", serde_json::to_string_pretty(&report)?);
@@ -860,6 +885,16 @@ fn print_table(r: &serde_json::Value) {
             .unwrap_or(0.0),
         r["share_of_ceiling"].as_f64().unwrap_or(0.0)
     );
+    if let Some(cpu_ms) = r["api_server_cpu_ms_per_agent_to_running"].as_f64() {
+        println!(
+            "{:<44} {cpu_ms:.1} ms per agent to Running: at most {:.1} agents/s on {}",
+            "API server CPU",
+            r["api_server_cpu_bound_agents_per_second"]
+                .as_f64()
+                .unwrap_or(0.0),
+            r["machine"].as_str().unwrap_or_default()
+        );
+    }
     if let Some(rss) = r["controller_peak_rss_mib"].as_f64() {
         println!(
             "{:<44} {:.1} MiB, {:.1} CPU s",
