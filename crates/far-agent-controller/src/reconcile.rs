@@ -705,10 +705,10 @@ async fn tell_failures(ctx: &Context, agent: &FarAgent, result: &Result<Requeue,
 enum Pass {
     /// Done until the next event or the requeue.
     Done(Requeue),
-    /// The agent's metadata was written and the decision wants it back at once: the write's
+    /// The agent was written and the decision wants it back at once: the write's
     /// answer is the agent as the API server now has it, decided on again in the same reconcile
     /// (rather than waiting for the watch to bring it, and reading it again before a create).
-    Again(FarAgent),
+    Again(Box<FarAgent>),
 }
 
 async fn reconcile_inner(agent: &Arc<FarAgent>, ctx: &Arc<Context>) -> Result<Requeue, Error> {
@@ -716,7 +716,7 @@ async fn reconcile_inner(agent: &Arc<FarAgent>, ctx: &Arc<Context>) -> Result<Re
         Pass::Done(requeue) => Ok(requeue),
         // A second metadata write in a row is not expected; should one happen, its watch event
         // brings the agent back.
-        Pass::Again(written) => match reconcile_pass(Arc::new(written), ctx, true).await? {
+        Pass::Again(written) => match reconcile_pass(Arc::from(written), ctx, true).await? {
             Pass::Done(requeue) => Ok(requeue),
             Pass::Again(_) => Ok(Requeue::await_change()),
         },
@@ -1104,7 +1104,7 @@ async fn reconcile_pass(
     // Wanted back at once after a write: decided again on the write's answer. A requeue would
     // only race the write's watch event with a stale copy.
     Ok(match (decision.requeue, last_written) {
-        (Some(after), Some(written)) if after.is_zero() => Pass::Again(written),
+        (Some(after), Some(written)) if after.is_zero() => Pass::Again(Box::new(written)),
         (Some(after), _) if !(wrote && after.is_zero()) => {
             Pass::Done(Requeue::requeue(after.max(Duration::from_millis(1))))
         }
@@ -1243,8 +1243,12 @@ async fn write_exit(
     } else {
         json!({"metadata": {"resourceVersion": agent.resource_version()}, "status": {"exitCode": report.exit.code}})
     };
-    api.patch_status(&agent.name_any(), &PatchParams::default(), &Patch::Merge(&patch))
-        .await?;
+    api.patch_status(
+        &agent.name_any(),
+        &PatchParams::default(),
+        &Patch::Merge(&patch),
+    )
+    .await?;
     if let Some(uid) = agent.uid() {
         ctx.superseded.wrote(&uid, agent.resource_version());
     }
