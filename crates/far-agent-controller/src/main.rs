@@ -98,7 +98,8 @@ async fn main() -> Result<()> {
     let listener = tokio::net::TcpListener::bind(args.channel_listen)
         .await
         .with_context(|| format!("binding --channel-listen {}", args.channel_listen))?;
-    tokio::spawn(far_channel::serve::serve(listener, channel.router()));
+    let router = channel.router();
+    tokio::spawn(async move { axum::serve(listener, router).await });
 
     let client = kube::Client::try_default()
         .await

@@ -68,7 +68,9 @@ async fn controller(
         }
     };
     let router = channel.router();
-    let server = tokio::spawn(far_channel::serve::serve(listener, router));
+    let server = tokio::spawn(async move {
+        let _ = axum::serve(listener, router).await;
+    });
     let config = Config {
         defaults: Defaults::local(),
         channel_url: format!("http://127.0.0.1:{channel_port}"),

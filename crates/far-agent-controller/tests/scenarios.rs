@@ -166,7 +166,7 @@ impl Stage {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let channel_url = format!("http://{}", listener.local_addr().unwrap());
         let router = channel.router();
-        tokio::spawn(far_channel::serve::serve(listener, router));
+        tokio::spawn(async move { axum::serve(listener, router).await });
         let controller_client = cluster.controller(&client, &namespace).await;
         let mut stage = Self {
             client,

@@ -9,7 +9,6 @@
 //! controller turns them into status (writing the API server only when state changes), and
 //! `far run` into terminal output.
 
-pub mod serve;
 pub mod token;
 
 use std::collections::{HashMap, VecDeque};

@@ -105,7 +105,7 @@ async fn thousands_of_hostile_requests_leave_the_heap_as_it_was() {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());
     let router = channel.router();
-    tokio::spawn(far_channel::serve::serve(listener, router));
+    tokio::spawn(async move { axum::serve(listener, router).await });
     let token = channel.token_for("a");
 
     // Warm up the runtime's and the allocator's own caches.

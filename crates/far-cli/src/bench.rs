@@ -348,7 +348,7 @@ pub async fn run(args: BenchArgs) -> Result<()> {
         None => {
             let channel = Channel::new(far_channel::Config::new(TokenKey::new(vec![7; 32])?));
             let router = channel.router();
-            tokio::spawn(far_channel::serve::serve(listener, router));
+            tokio::spawn(async move { axum::serve(listener, router).await });
             let config = ControllerConfig {
                 defaults: Defaults::local(),
                 channel_url,

@@ -176,7 +176,7 @@ pub async fn run(args: RunArgs) -> Result<ExitCode> {
     let channel_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let channel_port = channel_listener.local_addr()?.port();
     let router = channel.router();
-    tokio::spawn(far_channel::serve::serve(channel_listener, router));
+    tokio::spawn(async move { axum::serve(channel_listener, router).await });
 
     let state = tempfile::Builder::new()
         .prefix("far-run-")
