@@ -123,8 +123,6 @@ pub struct AgentView {
     pub since_heartbeat: Option<Duration>,
     /// The last heartbeat's figures.
     pub heartbeat: Option<Heartbeat>,
-    /// The newest log lines.
-    pub logs: Vec<LogLine>,
     /// The exit, once reported.
     pub exit: Option<Exit>,
 }
@@ -293,9 +291,16 @@ impl Channel {
         self.agents().get(uid).map(|a| AgentView {
             since_heartbeat: a.last_heartbeat.map(|(at, _)| at.elapsed()),
             heartbeat: a.last_heartbeat.map(|(_, h)| h),
-            logs: a.logs.iter().cloned().collect(),
             exit: a.exit.clone(),
         })
+    }
+
+    /// The agent's newest log lines (apart from [`Channel::view`], which every reconcile reads:
+    /// up to `log_lines_per_agent` lines are copied here).
+    pub fn logs(&self, uid: &str) -> Option<Vec<LogLine>> {
+        self.agents()
+            .get(uid)
+            .map(|a| a.logs.iter().cloned().collect())
     }
 
     /// Drops everything about an agent (it is gone).
@@ -566,12 +571,11 @@ async fn read_logs(
     };
     // Subscribe before reading the buffer, so no line falls between the two.
     let live = channel.subscribe();
-    let view = channel.view(&id);
-    let backlog: Vec<bytes::Bytes> = view
-        .as_ref()
-        .map(|v| v.logs.iter().map(render).collect())
+    let backlog: Vec<bytes::Bytes> = channel
+        .logs(&id)
+        .map(|lines| lines.iter().map(render).collect())
         .unwrap_or_default();
-    let exited = view.is_some_and(|v| v.exit.is_some());
+    let exited = channel.view(&id).is_some_and(|v| v.exit.is_some());
     let head =
         futures_util::stream::iter(backlog.into_iter().map(Ok::<_, std::convert::Infallible>));
     if !query.follow || exited {

@@ -126,9 +126,12 @@ async fn an_agent_reports_heartbeats_logs_and_exit_and_the_owner_hears_each_once
             },
         ]
     );
-    let view = channel.view("a").unwrap();
-    assert_eq!(view.logs, batch.lines, "the retried batch is kept once");
-    assert_eq!(view.exit, Some(exit));
+    assert_eq!(
+        channel.logs("a").unwrap(),
+        batch.lines,
+        "the retried batch is kept once"
+    );
+    assert_eq!(channel.view("a").unwrap().exit, Some(exit));
 }
 
 /// The run configuration (kept in the host's records) carries only an enrolment token: it is
@@ -348,9 +351,8 @@ async fn a_flooding_agent_is_slowed_and_its_log_buffer_stays_bounded() {
         3
     );
     let kept: Vec<String> = channel
-        .view("a")
+        .logs("a")
         .unwrap()
-        .logs
         .into_iter()
         .map(|l| l.text)
         .collect();
