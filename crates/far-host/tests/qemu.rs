@@ -131,16 +131,23 @@ async fn the_metadata_service_also_answers_at_the_mmds_address() {
     );
 }
 
-/// Without a static address the guest asks for DHCP, as flintlockd's network-config says, and
-/// QEMU's user-mode network (a real DHCP server) answers: address, router, name server.
+/// Network-config asking for DHCP (as flintlockd writes it for an interface without an
+/// address; a client may set it on the command line): QEMU's user-mode network, a real DHCP
+/// server, answers: address, router, name server.
 #[tokio::test]
-async fn without_a_static_address_the_guest_takes_its_address_by_dhcp() {
+async fn network_config_asking_for_dhcp_gets_the_address_by_dhcp() {
+    use base64::Engine as _;
     let state = tempfile::tempdir().unwrap();
     let host = qemu_host(state.path()).await;
     let console = runs_to_exit_code_3(&host, state.path(), |config| {
         let mut spec = vm_spec("dhcp", config);
-        spec.kernel.as_mut().unwrap().add_network_config = true;
-        spec.interfaces[0].guest_mac = Some("02:fa:00:00:00:33".into());
+        let kernel = spec.kernel.as_mut().unwrap();
+        kernel.add_network_config = false;
+        kernel.cmdline.insert(
+            "network-config".into(),
+            base64::engine::general_purpose::STANDARD
+                .encode(r#"{"version": 2, "ethernets": {"eth0": {"dhcp4": true}}}"#),
+        );
         spec
     })
     .await;
@@ -173,6 +180,29 @@ async fn a_stop_request_sigterms_the_agent_and_its_exit_is_reported() {
     .await;
     assert!(
         console.contains("far-init: the controller asks the agent to stop"),
+        "{console}"
+    );
+}
+
+/// Without an address, far-host gives the guest what QEMU's DHCP server would lease, as
+/// network-config: the same address, router and name server, and no DHCP exchange at boot.
+#[tokio::test]
+async fn without_an_address_the_guest_is_given_the_lease_statically() {
+    let state = tempfile::tempdir().unwrap();
+    let host = qemu_host(state.path()).await;
+    let console = runs_to_exit_code_3(&host, state.path(), |config| {
+        let mut spec = vm_spec("no-address", config);
+        spec.kernel.as_mut().unwrap().add_network_config = true;
+        spec.interfaces[0].guest_mac = Some("02:fa:00:00:00:33".into());
+        spec
+    })
+    .await;
+    assert!(
+        console.contains("far-init: network: eth0 169.254.0.15/16 (network-config)"),
+        "{console}"
+    );
+    assert!(
+        console.contains("far-init: network: 1 nameserver(s) in /etc/resolv.conf"),
         "{console}"
     );
 }
