@@ -714,8 +714,8 @@ enum Pass {
 async fn reconcile_inner(agent: &Arc<FarAgent>, ctx: &Arc<Context>) -> Result<Requeue, Error> {
     match reconcile_pass(Arc::clone(agent), ctx, false).await? {
         Pass::Done(requeue) => Ok(requeue),
-        // A second metadata write in a row is not expected; should one happen, its watch event
-        // brings the agent back.
+        // A second pass wanting the agent back at once is not expected; should one, the watch
+        // event of its write brings the agent back.
         Pass::Again(written) => match reconcile_pass(Arc::from(written), ctx, true).await? {
             Pass::Done(requeue) => Ok(requeue),
             Pass::Again(_) => Ok(Requeue::await_change()),
@@ -989,8 +989,8 @@ async fn reconcile_pass(
                 })?;
                 let credentials = host_credentials(&ctx, &host).await?;
                 // The one call that cannot be repeated safely: act only if the agent we decided
-                // on is still the agent the API server has (known when a fenced write of this
-                // reconcile just said so, else read).
+                // on is still the agent the API server has (known when the copy is the answer to
+                // a write of this reconcile, else read).
                 if !confirmed && api.get(&name).await?.resource_version() != resource_version {
                     return Err(Error::Stale);
                 }
