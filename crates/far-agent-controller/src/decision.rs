@@ -130,6 +130,10 @@ pub struct Observation<'a> {
     pub vm: Option<Vm>,
     /// The guest's reports for the current attempt.
     pub guest: Guest,
+    /// Whether what it runs, and in what VM, could be decided (`far_api::workload`): `Err`
+    /// gives the reason (`PoolNotFound` waits for the pool; `InvalidSpec`, an agent that would
+    /// reshape its pool's VM, fails) and a message naming the pool or field.
+    pub workload: Result<(), (AgentReason, String)>,
     /// Where it could go (only looked at while it has no host).
     pub placement: Option<Placement>,
     /// Whether a VM can be configured for it: every Secret and ConfigMap value it needs is
@@ -465,6 +469,18 @@ pub fn decide(o: &Observation<'_>) -> Decision {
             why,
             o.guest.exit.as_ref().map(|(code, _)| *code),
         );
+    }
+
+    // Before the VM exists: what it is made of must be decided.
+    if b.status.vm_uid.is_none()
+        && let Err((reason, message)) = &o.workload
+    {
+        if *reason == AgentReason::InvalidSpec {
+            return b.fail(AgentReason::InvalidSpec, message.clone(), None);
+        }
+        b.condition(agent_condition::SCHEDULED, false, *reason, message);
+        b.phase(Phase::Pending, *reason, message.clone());
+        return b.done(Some(RECHECK));
     }
 
     // Placement: bound (recorded on the agent, fenced) before any VM exists; in status with
@@ -809,18 +825,31 @@ pub fn refusal(host: &str, said: &str) -> String {
 
 /// The status right after the shell created (or adopted) the agent's VM, written at once with
 /// the VM's uid: Flintlock's create is not idempotent, so the uid must land before anything else.
+///
+/// `pool`: the FarAgentPool the agent claims from, when the VM was booted for it because the
+/// pool had no idle VM (a cold start, said in the VMCreated condition).
 pub fn vm_created(
     status: &FarAgentStatus,
     uid: &str,
     state: VmState,
+    pool: Option<&str>,
     generation: Option<i64>,
     now: Timestamp,
 ) -> FarAgentStatus {
     let mut s = status.clone();
     s.vm_uid = Some(uid.to_owned());
     s.vm_state = Some(state.as_str().to_owned());
-    let condition = (agent_condition::VM_CREATED, true, AgentReason::Booting);
-    let message = vm_on_host(uid, &s);
+    let (reason, message) = match pool {
+        Some(pool) => (
+            AgentReason::ColdStart,
+            format!(
+                "pool {pool} had no idle VM: {} (cold start)",
+                vm_on_host(uid, &s)
+            ),
+        ),
+        None => (AgentReason::Booting, vm_on_host(uid, &s)),
+    };
+    let condition = (agent_condition::VM_CREATED, true, reason);
     set_condition(&mut s, condition, &message, generation, now);
     s.phase = Some(Phase::Pending);
     s.reason = Some(AgentReason::Booting);

@@ -43,6 +43,13 @@ pub struct PhaseLabels {
     pub phase: &'static str,
 }
 
+/// Labels of a claim on a FarAgentPool.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ClaimLabels {
+    /// `warm` (an idle VM of the pool) or `cold` (none was idle: a VM booted for the agent).
+    pub outcome: &'static str,
+}
+
 /// Every metric the controller keeps.
 pub struct Metrics {
     registry: Registry,
@@ -64,6 +71,8 @@ pub struct Metrics {
     pub guest_memory: Histogram,
     /// Heartbeats received.
     pub heartbeats: Counter,
+    /// Agents with a poolRef given a VM, by whether it was an idle one.
+    pub pool_claims: Family<ClaimLabels, Counter>,
     ready: AtomicBool,
 }
 
@@ -112,6 +121,12 @@ impl Default for Metrics {
             "Guests' time from kernel start to the agent's entrypoint",
             guest_boot.clone(),
         );
+        let pool_claims = Family::<ClaimLabels, Counter>::default();
+        registry.register(
+            "pool_claims",
+            "FarAgents with a poolRef given a VM: warm (an idle VM of the pool) or cold (booted for the agent)",
+            pool_claims.clone(),
+        );
         let guest_memory = Histogram::new(exponential_buckets(16.0 * 1024.0 * 1024.0, 2.0, 12));
         registry.register(
             "guest_memory_used_bytes",
@@ -135,6 +150,7 @@ impl Default for Metrics {
             guest_boot,
             guest_memory,
             heartbeats,
+            pool_claims,
             ready: AtomicBool::new(false),
         }
     }

@@ -9,7 +9,8 @@
 use std::collections::{BTreeMap, HashMap};
 
 use far_api::sizing::size_vm;
-use far_api::{Binding, FarAgent, FarAgentSpec, VmLimits};
+use far_api::workload::ResolvedWorkload;
+use far_api::{Binding, FarAgent, VmLimits};
 
 use crate::decision::Placement;
 
@@ -67,11 +68,11 @@ pub fn held<'a>(agents: impl IntoIterator<Item = &'a FarAgent>) -> HashMap<Strin
 }
 
 /// The placement an attempt already has: its binding, described as when it was made.
-pub fn bound(spec: &FarAgentSpec, binding: &Binding, hosts: &[HostView]) -> Placement {
+pub fn bound(workload: &ResolvedWorkload, binding: &Binding, hosts: &[HostView]) -> Placement {
     let message = hosts
         .iter()
         .find(|h| h.name == binding.host)
-        .and_then(|h| size_vm(spec, &h.name, &h.limits).ok())
+        .and_then(|h| size_vm(workload, &h.name, &h.limits).ok())
         .filter(|sizing| sizing.vm == binding.vm)
         .map_or_else(
             || {
@@ -93,7 +94,7 @@ pub fn bound(spec: &FarAgentSpec, binding: &Binding, hosts: &[HostView]) -> Plac
 /// Places an agent. Hosts in `refused` turned this attempt's VM down (host -> what it said):
 /// they are passed over, and when nothing else fits the placement says so.
 pub fn place(
-    spec: &FarAgentSpec,
+    workload: &ResolvedWorkload,
     hosts: &[HostView],
     held: &HashMap<String, Held>,
     refused: &BTreeMap<String, String>,
@@ -109,14 +110,14 @@ pub fn place(
             Some("not Ready".to_owned())
         } else if host.unschedulable {
             Some("cordoned".to_owned())
-        } else if let Some((k, v)) = spec
+        } else if let Some((k, v)) = workload
             .host_selector
             .iter()
             .find(|(k, v)| host.labels.get(*k) != Some(*v))
         {
             Some(format!("lacks label {k}={v}"))
         } else {
-            match size_vm(spec, &host.name, &host.limits) {
+            match size_vm(workload, &host.name, &host.limits) {
                 Err(e) => Some(e.to_string()),
                 Ok(sizing) => {
                     let used = held.get(&host.name).copied().unwrap_or_default();
@@ -165,21 +166,21 @@ pub fn place(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use far_api::{FarAgentStatus, Heartbeat, Phase, RestartPolicy, VmSize};
+    use far_api::{
+        FarAgentSpec, FarAgentStatus, Heartbeat, Phase, RestartPolicy, VmSize, Workload,
+    };
     use proptest::prelude::*;
 
     fn spec(memory: &str, cpu: u32) -> FarAgentSpec {
         FarAgentSpec {
-            image: "busybox:1".into(),
-            memory: memory.into(),
-            cpu,
-            entrypoint: "/bin/agent".into(),
-            args: vec![],
-            env: vec![],
-            secret_files: vec![],
-            volumes: vec![],
-            kernel: None,
-            host_selector: Default::default(),
+            workload: Workload {
+                image: Some("busybox:1".into()),
+                memory: Some(memory.into()),
+                cpu: Some(cpu),
+                entrypoint: Some("/bin/agent".into()),
+                ..Workload::default()
+            },
+            pool_ref: None,
             restart_policy: RestartPolicy::Never,
             backoff_limit: 3,
             active_deadline_seconds: None,
@@ -187,6 +188,10 @@ mod tests {
             heartbeat: Heartbeat::default(),
             network: None,
         }
+    }
+
+    fn workload(memory: &str, cpu: u32) -> ResolvedWorkload {
+        far_api::workload::resolve(&spec(memory, cpu).workload, None).unwrap()
     }
 
     fn host(name: &str, cpu: u64, memory_mib: u64) -> HostView {
@@ -206,7 +211,12 @@ mod tests {
         let hosts = [host("a", 8, 4096), host("b", 8, 8192)];
         let Placement::Fits {
             host, vm, message, ..
-        } = place(&spec("512Mi", 1), &hosts, &HashMap::new(), &BTreeMap::new())
+        } = place(
+            &workload("512Mi", 1),
+            &hosts,
+            &HashMap::new(),
+            &BTreeMap::new(),
+        )
         else {
             panic!()
         };
@@ -225,7 +235,7 @@ mod tests {
 
     #[test]
     fn unschedulable_says_why_each_host_was_passed_over() {
-        let mut sel = spec("512Mi", 2);
+        let mut sel = workload("512Mi", 2);
         sel.host_selector.insert("zone".into(), "a".into());
         let mut cordoned = host("b", 8, 8192);
         cordoned.unschedulable = true;
@@ -261,13 +271,18 @@ mod tests {
             "INVALID_ARGUMENT: provider qemu not served".to_owned(),
         )]);
         let Placement::Fits { host, .. } =
-            place(&spec("512Mi", 1), &hosts, &HashMap::new(), &refused)
+            place(&workload("512Mi", 1), &hosts, &HashMap::new(), &refused)
         else {
             panic!()
         };
         assert_eq!(host, "b", "the other host, though it has less memory left");
         assert_eq!(
-            place(&spec("512Mi", 1), &hosts[..1], &HashMap::new(), &refused),
+            place(
+                &workload("512Mi", 1),
+                &hosts[..1],
+                &HashMap::new(),
+                &refused
+            ),
             Placement::Refused(
                 "0/1 hosts fit: a: refused the VM: INVALID_ARGUMENT: provider qemu not served"
                     .into()
@@ -347,7 +362,7 @@ mod tests {
             }).collect();
             let held: HashMap<String, Held> = caps.iter().enumerate()
                 .map(|(i, (_, _, c, m, _))| (format!("h{i}"), Held { cpu: *c, memory_mib: *m, agents: 1 })).collect();
-            if let Placement::Fits { host, vm, .. } = place(&spec(&format!("{mem}Mi"), cpu), &hosts, &held, &BTreeMap::new()) {
+            if let Placement::Fits { host, vm, .. } = place(&workload(&format!("{mem}Mi"), cpu), &hosts, &held, &BTreeMap::new()) {
                 let h = hosts.iter().find(|h| h.name == host).unwrap();
                 prop_assert!(h.ready);
                 prop_assert!(held[&host].cpu + u64::from(vm.vcpu) <= h.cpu);

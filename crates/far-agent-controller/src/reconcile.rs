@@ -7,8 +7,10 @@ use std::time::Duration;
 
 use base64::Engine as _;
 use far_agent_protocol::{ChannelConfig, EnvVar, RUN_CONFIG_KEY, SecretFile, Secrets, channel_id};
+use far_api::workload::{ResolvedWorkload, Template};
 use far_api::{
-    AgentReason, FINALIZER, FarAgent, FarAgentStatus, FlintlockHost, GuestUsage, host_condition,
+    AgentReason, FINALIZER, FarAgent, FarAgentPool, FarAgentStatus, FlintlockHost, GuestUsage,
+    host_condition,
 };
 use far_vmspec::{Defaults, VmName, VmPlan, plan};
 use flintlock_proto::far_host::EndedGuest;
@@ -75,6 +77,8 @@ pub struct Context {
     pub hosts: Store<FlintlockHost>,
     /// FarAgents, from the controller's reflector.
     pub agents: Store<FarAgent>,
+    /// FarAgentPools, from a reflector: the templates agents with a poolRef run on.
+    pub pools: Store<FarAgentPool>,
     /// Flintlock clients.
     pub flintlock: Pool,
     /// Hosts that stopped answering, and since when.
@@ -222,6 +226,12 @@ impl Context {
         self.agents_ready.load(std::sync::atomic::Ordering::Relaxed)
     }
 
+    /// Whether the FarAgentPool cache has been filled.
+    pub fn pools_ready(&self) -> bool {
+        use futures::FutureExt as _;
+        self.pools.wait_until_ready().now_or_never().is_some()
+    }
+
     /// The cached FarAgent with this UID: through the index reconciles keep, else looked for
     /// in the cache (an agent this process has not reconciled yet).
     pub fn agent_by_uid(&self, uid: &str) -> Option<Arc<FarAgent>> {
@@ -261,6 +271,9 @@ pub enum Error {
     /// The decision was made on a stale copy of the agent; it is made again on a fresh one.
     #[error("the agent changed since it was read")]
     Stale,
+    /// A cache the decision needs (FarAgentPools) is not filled yet, just after start.
+    #[error("the FarAgentPool cache is not filled yet")]
+    CachesNotReady,
 }
 
 /// A 409 on a fenced write means our copy was stale.
@@ -272,6 +285,12 @@ fn stale(error: kube::Error) -> Error {
 }
 
 impl Error {
+    /// Whether the reconcile failed, rather than waits on something on its way (a newer copy
+    /// of the agent, a cache being filled): only failures are counted and told on the agent.
+    pub fn is_failure(&self) -> bool {
+        !matches!(self, Error::Stale | Error::CachesNotReady)
+    }
+
     /// The label for metrics: a closed set, never object names.
     pub fn metric_label(&self) -> &'static str {
         match self {
@@ -280,6 +299,7 @@ impl Error {
             Error::Plan(_) => "plan",
             Error::NoHost(_) => "no_host",
             Error::Stale => "stale",
+            Error::CachesNotReady => "caches_not_ready",
         }
     }
 }
@@ -471,10 +491,45 @@ fn host_views(ctx: &Context) -> Vec<HostView> {
         .collect()
 }
 
+/// What the agent runs and in what VM: its spec over its pool's template (`Ok(Err)` gives the
+/// reason and message when that cannot be decided). `Err` while the pool cache is not yet
+/// filled, so a pool is never called missing for having not been read yet.
+fn workload(
+    ctx: &Context,
+    agent: &FarAgent,
+) -> Result<Result<ResolvedWorkload, (AgentReason, String)>, Error> {
+    let pool = match &agent.spec.pool_ref {
+        None => None,
+        Some(r) => {
+            let namespace = agent.namespace().unwrap_or_default();
+            match ctx.pools.get(&ObjectRef::new(&r.name).within(&namespace)) {
+                Some(pool) => Some(pool),
+                None if !ctx.pools_ready() => return Err(Error::CachesNotReady),
+                None => {
+                    return Ok(Err((
+                        AgentReason::PoolNotFound,
+                        format!(
+                            "spec.poolRef: no FarAgentPool {:?} in namespace {namespace:?}: create it, or correct spec.poolRef.name",
+                            r.name
+                        ),
+                    )));
+                }
+            }
+        }
+    };
+    let template = pool.as_ref().map(|p| Template {
+        pool: p.metadata.name.as_deref().unwrap_or_default(),
+        workload: &p.spec.template,
+    });
+    Ok(far_api::workload::resolve(&agent.spec.workload, template)
+        .map_err(|e| (AgentReason::InvalidSpec, e.to_string())))
+}
+
 /// What the guest of one attempt reads from the metadata service: its run configuration.
 fn guest_metadata(
     ctx: &Context,
     agent: &FarAgent,
+    workload: &ResolvedWorkload,
     attempt: u32,
     env: Vec<EnvVar>,
     has_secrets: bool,
@@ -487,6 +542,7 @@ fn guest_metadata(
     };
     let run = far_vmspec::run_config(
         agent,
+        workload,
         attempt,
         env,
         has_secrets,
@@ -505,13 +561,14 @@ fn guest_metadata(
 async fn resolve(
     ctx: &Context,
     agent: &FarAgent,
+    workload: &ResolvedWorkload,
 ) -> Result<Result<(Vec<EnvVar>, Secrets), String>, Error> {
     let namespace = agent.namespace().unwrap_or_default();
     let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &namespace);
     let config_maps: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), &namespace);
     let mut env = Vec::new();
     let mut secret_values = Secrets::default();
-    for var in &agent.spec.env {
+    for var in &workload.env {
         let Some(from) = &var.value_from else {
             env.push(EnvVar {
                 name: var.name.clone(),
@@ -562,7 +619,7 @@ async fn resolve(
             }
         }
     }
-    for (i, file) in agent.spec.secret_files.iter().enumerate() {
+    for (i, file) in workload.secret_files.iter().enumerate() {
         let Some(data) = secrets
             .get_opt(&file.secret_name)
             .await?
@@ -677,7 +734,7 @@ async fn tell_failures(ctx: &Context, agent: &FarAgent, result: &Result<Requeue,
         return;
     };
     let error = match result {
-        Err(error) if !matches!(error, Error::Stale) => error,
+        Err(error) if error.is_failure() => error,
         _ => {
             lock(&ctx.failures).remove(&uid);
             return;
@@ -803,14 +860,21 @@ async fn reconcile_pass(
                     .map(|code| (code, None))
             }),
     };
-    let placement = (status.host.is_none() && !terminal && deleting_since.is_none()).then(|| {
+    let needs_config = status.vm_uid.is_none() && !terminal && deleting_since.is_none();
+    let workload = if needs_config {
+        Some(workload(&ctx, &agent)?)
+    } else {
+        None
+    };
+    let decided = workload.as_ref().and_then(|w| w.as_ref().ok());
+    let placement = decided.filter(|_| status.host.is_none()).map(|workload| {
         let hosts = host_views(&ctx);
         match &binding {
-            Some(binding) => bound(&agent.spec, binding, &hosts),
+            Some(binding) => bound(workload, binding, &hosts),
             None => {
                 let agents = ctx.agents.state();
                 place(
-                    &agent.spec,
+                    workload,
                     &hosts,
                     &held(agents.iter().map(AsRef::as_ref)),
                     &refused,
@@ -818,20 +882,19 @@ async fn reconcile_pass(
             }
         }
     });
-    let needs_config = status.vm_uid.is_none() && !terminal && deleting_since.is_none();
-    let resolved = if needs_config {
-        Some(resolve(&ctx, &agent).await?)
-    } else {
-        None
+    let resolved = match decided {
+        Some(workload) => Some(resolve(&ctx, &agent, workload).await?),
+        None => None,
     };
-    let config = match &resolved {
-        Some(Err(missing)) => Err((AgentReason::ConfigMissing, missing.clone())),
+    let config = match (&resolved, decided) {
+        (Some(Err(missing)), _) => Err((AgentReason::ConfigMissing, missing.clone())),
         // Checked before any host is asked: under Firecracker a run configuration past the
         // metadata service's limit would only fail as the VM starts.
-        Some(Ok((env, secrets))) => {
+        (Some(Ok((env, secrets))), Some(workload)) => {
             let metadata = guest_metadata(
                 &ctx,
                 &agent,
+                workload,
                 status.restart_count,
                 env.clone(),
                 !secrets.is_empty(),
@@ -839,7 +902,7 @@ async fn reconcile_pass(
             far_vmspec::check_metadata(&metadata)
                 .map_err(|e| (AgentReason::ConfigTooLarge, e.to_string()))
         }
-        None => Ok(()),
+        _ => Ok(()),
     };
 
     let decision = decision::decide(&Observation {
@@ -850,6 +913,10 @@ async fn reconcile_pass(
         deleting_since,
         vm,
         guest,
+        workload: match &workload {
+            Some(Err(problem)) => Err(problem.clone()),
+            _ => Ok(()),
+        },
         placement,
         config,
         grace_period: Duration::from_secs(ctx.config.grace_period_seconds.into()),
@@ -968,7 +1035,9 @@ async fn reconcile_pass(
                 return Ok(Pass::Done(Requeue::await_change()));
             }
             Action::CreateVm { attempt } => {
-                let Some((env, secrets)) = resolved.clone().and_then(Result::ok) else {
+                let (Some((env, secrets)), Some(workload)) =
+                    (resolved.clone().and_then(Result::ok), decided)
+                else {
                     continue;
                 };
                 let host_name = new_status.host.clone().unwrap_or_default();
@@ -979,9 +1048,10 @@ async fn reconcile_pass(
                     ctx.channel
                         .provide_secrets(&channel_id(&uid, attempt), secrets);
                 }
-                let metadata = guest_metadata(&ctx, &agent, attempt, env, has_secrets)?;
+                let metadata = guest_metadata(&ctx, &agent, workload, attempt, env, has_secrets)?;
                 let planned = plan(&VmPlan {
                     agent: &agent,
+                    workload,
                     host: &host,
                     defaults: &ctx.config.defaults,
                     attempt,
@@ -1052,10 +1122,19 @@ async fn reconcile_pass(
                 };
                 let vm_uid = vm_uid(&vm).unwrap_or_default();
                 info!(agent = %name, vm = %vm_uid, host = %host_name, attempt, "VM created");
+                // No pool keeps idle VMs yet: a claim is always served cold.
+                let pool = agent.spec.pool_ref.as_ref().map(|r| r.name.as_str());
+                if pool.is_some() {
+                    ctx.metrics
+                        .pool_claims
+                        .get_or_create(&crate::metrics::ClaimLabels { outcome: "cold" })
+                        .inc();
+                }
                 new_status = decision::vm_created(
                     &new_status,
                     &vm_uid,
                     vm_state(&vm),
+                    pool,
                     agent.metadata.generation,
                     now(),
                 );
@@ -1114,11 +1193,14 @@ async fn reconcile_pass(
 
 /// What to do after a failed reconcile: try again soon.
 pub fn error_policy(agent: Arc<FarAgent>, error: &Error, ctx: Arc<Context>) -> Requeue {
-    if matches!(error, Error::Stale) {
-        // Not a failure: the newer copy is on its way through the watch, and its arrival
-        // reconciles the agent again. The timer is only a safety net (a watch event lost, or a
-        // 409 from something in between that changed nothing).
-        return Requeue::requeue(STALE_RECHECK);
+    match error {
+        // The newer copy is on its way through the watch, and its arrival reconciles the agent
+        // again. The timer is only a safety net (a watch event lost, or a 409 from something in
+        // between that changed nothing).
+        Error::Stale => return Requeue::requeue(STALE_RECHECK),
+        // The cache fills within moments of the start.
+        Error::CachesNotReady => return Requeue::requeue(Duration::from_millis(200)),
+        _ => {}
     }
     ctx.metrics
         .reconcile_errors
@@ -1225,6 +1307,8 @@ async fn write_exit(
             usage: None,
             exit: Some((report.exit.code, report.exit.start_error.clone())),
         },
+        // An agent that reports an exit has a VM: what it is made of was decided.
+        workload: Ok(()),
         placement: None,
         config: Ok(()),
         grace_period: Duration::from_secs(ctx.config.grace_period_seconds.into()),

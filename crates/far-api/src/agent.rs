@@ -34,29 +34,100 @@ use crate::patterns;
 #[x_kube(validation = kube::core::Rule::new("self == oldSelf").message(
     "spec is immutable: a microVM cannot be reshaped; delete the FarAgent and create a new one"
 ))]
+#[x_kube(validation = kube::core::Rule::new("has(self.poolRef) || has(self.image)").message(
+    "image is required unless poolRef names a FarAgentPool, whose template then supplies it"
+))]
+#[x_kube(validation = kube::core::Rule::new("has(self.poolRef) || has(self.memory)").message(
+    "memory is required unless poolRef names a FarAgentPool, whose template then supplies it"
+))]
+#[x_kube(validation = kube::core::Rule::new("has(self.poolRef) || has(self.cpu)").message(
+    "cpu is required unless poolRef names a FarAgentPool, whose template then supplies it"
+))]
+#[x_kube(validation = kube::core::Rule::new("has(self.poolRef) || has(self.entrypoint)").message(
+    "entrypoint is required unless poolRef names a FarAgentPool, whose template then supplies it"
+))]
+#[x_kube(validation = kube::core::Rule::new("!has(self.poolRef) || !has(self.network)").message(
+    "network cannot be set with poolRef: a pool's VMs are networked when they boot, before any claim"
+))]
 #[serde(rename_all = "camelCase")]
 pub struct FarAgentSpec {
+    /// What runs, and in what VM.
+    #[serde(flatten)]
+    pub workload: Workload,
+
+    /// Claim an idle, already booted VM of this FarAgentPool (in the agent's namespace) instead
+    /// of booting one. The pool's template supplies what the agent leaves out; the VM's shape
+    /// (image, memory, cpu, volumes, kernel, hostSelector) must match the pool's if given. No
+    /// idle VM: the agent boots cold on the pool's template (condition reason ColdStart).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pool_ref: Option<PoolRef>,
+
+    /// Whether a failed agent is run again in a fresh VM: `Never` (the default) or `OnFailure`.
+    #[serde(default)]
+    pub restart_policy: RestartPolicy,
+
+    /// How many times an agent with `restartPolicy: OnFailure` is restarted before it is marked
+    /// Failed for good. Restarts back off exponentially from 10 s up to 5 minutes.
+    #[serde(default = "default_backoff_limit")]
+    #[schemars(range(min = 0, max = 100))]
+    pub backoff_limit: u32,
+
+    /// Seconds the agent may run, counted from its first start, before it is stopped and marked
+    /// Failed with reason DeadlineExceeded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub active_deadline_seconds: Option<i64>,
+
+    /// Seconds after the agent finishes (Completed or Failed) before the FarAgent deletes itself.
+    /// Unset keeps it until someone deletes it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0))]
+    pub ttl_seconds_after_finished: Option<i64>,
+
+    /// How often the agent's init reports in, and how long silence is tolerated.
+    #[serde(default)]
+    pub heartbeat: Heartbeat,
+
+    /// The VM's network interface. Unset: one interface that far-init configures by DHCP
+    /// (from the DHCP server on the host's bridge; under far-host, QEMU's user-mode network).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network: Option<Network>,
+}
+
+fn default_backoff_limit() -> u32 {
+    3
+}
+
+/// What runs and in what VM: the part of a FarAgent's spec a FarAgentPool's template can
+/// supply. One type for both, so an agent and a pool are validated by the same rules.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Workload {
     /// OCI image whose filesystem becomes the VM's root volume, e.g.
     /// `ghcr.io/microscaler/tiffany-vm:v0.3.1`. The image is used unchanged: FAR's init is
     /// delivered separately, as the VM's initrd.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 512), regex(pattern = patterns::IMAGE_REFERENCE))]
-    pub image: String,
+    pub image: Option<String>,
 
     /// Memory for the agent, as a Kubernetes quantity (`512Mi`, `2Gi`). The VM gets at least
     /// this much: a host whose smallest VM is larger sizes the VM up to its minimum, and
     /// `status.vm.memoryMiB` reports the size actually used.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 32), regex(pattern = patterns::MEMORY_QUANTITY))]
-    pub memory: String,
+    pub memory: Option<String>,
 
     /// Whole virtual CPUs for the VM, from 1 to 64.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 64))]
-    pub cpu: u32,
+    pub cpu: Option<u32>,
 
     /// Absolute path, inside the image, of the program to run as the agent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 2, max = 4096))]
     #[x_kube(validation = kube::core::Rule::new("self.startsWith('/')")
         .message("must be an absolute path inside the image, e.g. /usr/local/bin/tiffany"))]
-    pub entrypoint: String,
+    pub entrypoint: Option<String>,
 
     /// Arguments passed to the entrypoint, in order.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -99,41 +170,6 @@ pub struct FarAgentSpec {
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     #[schemars(extend("maxProperties" = 16))]
     pub host_selector: BTreeMap<String, String>,
-
-    /// Whether a failed agent is run again in a fresh VM: `Never` (the default) or `OnFailure`.
-    #[serde(default)]
-    pub restart_policy: RestartPolicy,
-
-    /// How many times an agent with `restartPolicy: OnFailure` is restarted before it is marked
-    /// Failed for good. Restarts back off exponentially from 10 s up to 5 minutes.
-    #[serde(default = "default_backoff_limit")]
-    #[schemars(range(min = 0, max = 100))]
-    pub backoff_limit: u32,
-
-    /// Seconds the agent may run, counted from its first start, before it is stopped and marked
-    /// Failed with reason DeadlineExceeded.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(range(min = 1))]
-    pub active_deadline_seconds: Option<i64>,
-
-    /// Seconds after the agent finishes (Completed or Failed) before the FarAgent deletes itself.
-    /// Unset keeps it until someone deletes it.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(range(min = 0))]
-    pub ttl_seconds_after_finished: Option<i64>,
-
-    /// How often the agent's init reports in, and how long silence is tolerated.
-    #[serde(default)]
-    pub heartbeat: Heartbeat,
-
-    /// The VM's network interface. Unset: one interface that far-init configures by DHCP
-    /// (from the DHCP server on the host's bridge; under far-host, QEMU's user-mode network).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub network: Option<Network>,
-}
-
-fn default_backoff_limit() -> u32 {
-    3
 }
 
 /// One environment variable of the agent.
@@ -261,6 +297,15 @@ pub struct KernelOverride {
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     #[schemars(extend("maxProperties" = 64))]
     pub cmdline: BTreeMap<String, String>,
+}
+
+/// A FarAgentPool to claim a VM of.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct PoolRef {
+    /// Name of the FarAgentPool, in the agent's namespace.
+    #[schemars(length(min = 1, max = 253), regex(pattern = patterns::DNS_SUBDOMAIN))]
+    pub name: String,
 }
 
 /// What happens when an agent fails.
@@ -513,6 +558,11 @@ pub enum AgentReason {
     InvalidSpec,
     /// The FarAgent is being deleted and its VM torn down.
     Terminating,
+    /// spec.poolRef names no FarAgentPool in the agent's namespace; the agent waits for it.
+    PoolNotFound,
+    /// The agent's pool had no idle VM, so one was booted for it (the VMCreated condition's
+    /// reason).
+    ColdStart,
 }
 
 impl AgentReason {
@@ -537,6 +587,8 @@ impl AgentReason {
             AgentReason::CreateRefused => "CreateRefused",
             AgentReason::InvalidSpec => "InvalidSpec",
             AgentReason::Terminating => "Terminating",
+            AgentReason::PoolNotFound => "PoolNotFound",
+            AgentReason::ColdStart => "ColdStart",
         }
     }
 }

@@ -6,7 +6,7 @@ use kube::Resource as _;
 use serde_json::Value;
 
 use crate::admission::{Admission, Admitted, Rejected, SchemaError};
-use crate::{FarAgent, FlintlockHost};
+use crate::{FarAgent, FarAgentPool, FlintlockHost};
 
 /// An admitted FAR object.
 #[derive(Debug, Clone)]
@@ -15,6 +15,8 @@ pub enum Object {
     FarAgent(Box<FarAgent>),
     /// A FlintlockHost.
     FlintlockHost(Box<FlintlockHost>),
+    /// A FarAgentPool.
+    FarAgentPool(Box<FarAgentPool>),
 }
 
 /// Why a manifest could not be read or admitted.
@@ -25,7 +27,7 @@ pub enum ManifestError {
     Yaml(#[from] serde_saphyr::Error),
     /// A document is not one of FAR's kinds.
     #[error(
-        "document {index}: apiVersion {api_version:?}, kind {kind:?} is not a FAR resource: use apiVersion tiffany.dev/v1 with kind FarAgent or FlintlockHost"
+        "document {index}: apiVersion {api_version:?}, kind {kind:?} is not a FAR resource: use apiVersion tiffany.dev/v1 with kind FarAgent, FarAgentPool or FlintlockHost"
     )]
     UnknownKind {
         /// Position of the document in the stream, from 0.
@@ -55,15 +57,16 @@ pub fn documents(yaml: &str) -> Result<Vec<Value>, ManifestError> {
     Ok(docs.into_iter().filter(|d| !d.is_null()).collect())
 }
 
-/// The admission rules of our two CRDs, prepared once per process.
-fn admissions() -> Result<&'static (Admission, Admission), ManifestError> {
-    static RULES: OnceLock<Result<(Admission, Admission), String>> = OnceLock::new();
+/// The admission rules of our CRDs, in [`crate::crds`]'s order, prepared once per process.
+fn admissions() -> Result<&'static [Admission; 3], ManifestError> {
+    static RULES: OnceLock<Result<[Admission; 3], String>> = OnceLock::new();
     let rules = RULES.get_or_init(|| {
-        let [agent, host] = crate::crds();
-        Ok((
+        let [agent, host, pool] = crate::crds();
+        Ok([
             Admission::for_crd(&agent).map_err(|e| e.to_string())?,
             Admission::for_crd(&host).map_err(|e| e.to_string())?,
-        ))
+            Admission::for_crd(&pool).map_err(|e| e.to_string())?,
+        ])
     });
     rules.as_ref().map_err(|e| {
         ManifestError::Schema(SchemaError::Missing(format!(
@@ -77,11 +80,12 @@ pub fn admission_for(
     api_version: &str,
     kind: &str,
 ) -> Result<Option<&'static Admission>, ManifestError> {
-    let (agent, host) = admissions()?;
+    let [agent, host, pool] = admissions()?;
     let ours = api_version == FarAgent::api_version(&());
     Ok(match kind {
         "FarAgent" if ours => Some(agent),
         "FlintlockHost" if ours => Some(host),
+        "FarAgentPool" if ours => Some(pool),
         _ => None,
     })
 }
@@ -107,6 +111,7 @@ pub fn admit(index: usize, doc: &Value) -> Result<(Object, Vec<String>), Manifes
     let Admitted { object, warnings } = admission.admit(doc, None)?;
     let object = match kind.as_str() {
         "FarAgent" => Object::FarAgent(Box::new(serde_json::from_value(object)?)),
+        "FarAgentPool" => Object::FarAgentPool(Box::new(serde_json::from_value(object)?)),
         _ => Object::FlintlockHost(Box::new(serde_json::from_value(object)?)),
     };
     Ok((object, warnings))

@@ -8,8 +8,9 @@
 //! condition's message: an agent is never silently given something other than it asked for.
 
 use crate::{
-    FarAgentSpec, VmLimits, VmSize,
+    VmLimits, VmSize,
     quantity::{Memory, QuantityError},
+    workload::ResolvedWorkload,
 };
 
 /// The VM size chosen for an agent on one host.
@@ -86,7 +87,11 @@ pub enum SizingError {
 ///
 /// # Errors
 /// [`SizingError`] when the agent does not fit the host, or a quantity does not parse.
-pub fn size_vm(spec: &FarAgentSpec, host: &str, limits: &VmLimits) -> Result<Sizing, SizingError> {
+pub fn size_vm(
+    spec: &ResolvedWorkload,
+    host: &str,
+    limits: &VmLimits,
+) -> Result<Sizing, SizingError> {
     let requested = Memory::parse(&spec.memory).map_err(SizingError::AgentMemory)?;
     let host_limit = |field, text: &str| {
         Memory::parse(text).map_err(|source| SizingError::HostLimits {
@@ -127,7 +132,7 @@ pub fn size_vm(spec: &FarAgentSpec, host: &str, limits: &VmLimits) -> Result<Siz
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::test_support::embedder_spec;
+    use crate::test_support::embedder_workload;
     use proptest::prelude::*;
 
     fn limits(min: &str, max: &str, cpu: u32) -> VmLimits {
@@ -140,7 +145,7 @@ mod tests {
 
     #[test]
     fn small_request_is_raised_to_the_hosts_minimum_and_says_so() {
-        let sizing = size_vm(&embedder_spec(), "blade-1", &VmLimits::default()).unwrap();
+        let sizing = size_vm(&embedder_workload(), "blade-1", &VmLimits::default()).unwrap();
         assert_eq!(
             sizing.vm,
             VmSize {
@@ -157,14 +162,14 @@ mod tests {
 
     #[test]
     fn request_within_bounds_is_used_as_is() {
-        let sizing = size_vm(&embedder_spec(), "dev", &limits("128Mi", "4Gi", 4)).unwrap();
+        let sizing = size_vm(&embedder_workload(), "dev", &limits("128Mi", "4Gi", 4)).unwrap();
         assert_eq!(sizing.vm.memory_mib, 512);
         assert!(!sizing.raised());
     }
 
     #[test]
     fn request_over_the_hosts_largest_vm_does_not_fit() {
-        let mut spec = embedder_spec();
+        let mut spec = embedder_workload();
         spec.memory = "64Gi".into();
         let err = size_vm(&spec, "blade-1", &VmLimits::default()).unwrap_err();
         assert_eq!(
@@ -186,7 +191,7 @@ mod tests {
 
     #[test]
     fn a_bad_host_limit_names_the_host_and_field() {
-        let err = size_vm(&embedder_spec(), "h", &limits("lots", "2Gi", 4)).unwrap_err();
+        let err = size_vm(&embedder_workload(), "h", &limits("lots", "2Gi", 4)).unwrap_err();
         assert!(
             err.to_string()
                 .starts_with("host h: spec.vmLimits.minMemory:"),
@@ -199,7 +204,7 @@ mod tests {
         fn a_fitting_vm_is_never_smaller_than_asked_nor_outside_the_host_bounds(
             asked in 1u64..70_000, min in 1u64..4096, span in 0u64..40_000, cpu in 1u32..8,
         ) {
-            let mut spec = embedder_spec();
+            let mut spec = embedder_workload();
             spec.memory = format!("{asked}Mi");
             spec.cpu = cpu;
             let max = min + span;

@@ -80,7 +80,7 @@ fn the_mission_example_gets_the_documented_defaults() {
     let Object::FarAgent(agent) = manifest::admit(0, doc).unwrap().0 else {
         panic!("not a FarAgent")
     };
-    assert_eq!(agent.spec.args, ["--task", "embedder"]);
+    assert_eq!(agent.spec.workload.args, ["--task", "embedder"]);
     assert_eq!(agent.spec.backoff_limit, 3);
     assert_eq!(agent.spec.heartbeat.interval_seconds, 10);
     assert_eq!(agent.spec.heartbeat.timeout_seconds, 60);
@@ -124,8 +124,13 @@ fn unknown_fields_are_pruned_with_a_warning_as_the_api_server_does() {
     let ManifestError::Rejected(rejected) = err else {
         panic!("{err}")
     };
-    assert_eq!(rejected.causes[0].field, "spec.entrypoint");
-    assert_eq!(rejected.causes[0].message, "Required value");
+    assert_eq!(rejected.causes[0].field, "spec");
+    assert!(
+        rejected.causes[0]
+            .message
+            .contains("entrypoint is required unless poolRef"),
+        "{rejected}"
+    );
 
     let mut fixed = doc.clone();
     fixed["spec"]["entrypoint"] = json!("/bin/sh");
@@ -161,6 +166,6 @@ fn other_kinds_are_refused_with_the_fix() {
     let err = manifest::admit(2, &doc).unwrap_err();
     assert_eq!(
         err.to_string(),
-        "document 2: apiVersion \"v1\", kind \"Pod\" is not a FAR resource: use apiVersion tiffany.dev/v1 with kind FarAgent or FlintlockHost"
+        "document 2: apiVersion \"v1\", kind \"Pod\" is not a FAR resource: use apiVersion tiffany.dev/v1 with kind FarAgent, FarAgentPool or FlintlockHost"
     );
 }

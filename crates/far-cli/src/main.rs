@@ -168,6 +168,7 @@ fn validate(files: &[PathBuf]) -> Result<ExitCode> {
                     let (kind, name) = match &object {
                         Object::FarAgent(a) => ("FarAgent", a.name_any()),
                         Object::FlintlockHost(h) => ("FlintlockHost", h.name_any()),
+                        Object::FarAgentPool(p) => ("FarAgentPool", p.name_any()),
                     };
                     println!("{}: {kind} {name:?} is valid", file.display());
                     for warning in warnings {

@@ -16,6 +16,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use far_agent_protocol::{ChannelConfig, EnvVar, RUN_CONFIG_KEY, Stream};
 use far_api::manifest::{self, Object};
+use far_api::workload::{ResolvedWorkload, Template};
 use far_api::{FarAgent, FlintlockHost, FlintlockHostSpec, HostCapacity, VmLimits};
 use far_channel::{Channel, Config, Event, TokenKey};
 use far_host::images::{Fetch, ImageArgs, Images};
@@ -48,39 +49,63 @@ pub struct RunArgs {
     pub accel: Accel,
 }
 
-fn load_agent(path: &Path) -> Result<FarAgent> {
+/// The manifest's FarAgent and what it runs: its own spec, over the template of the
+/// FarAgentPool it names when that pool is in the same file (without a cluster there is no
+/// other place to find it; the VM is booted from the template, as a cold claim would be).
+fn load_agent(path: &Path) -> Result<(FarAgent, ResolvedWorkload)> {
     let text =
         std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     let docs = manifest::documents(&text).with_context(|| path.display().to_string())?;
-    let [doc] = docs.as_slice() else {
-        bail!(
-            "{}: holds {} documents; far run takes exactly one FarAgent",
+    let (mut agents, mut pools) = (Vec::new(), Vec::new());
+    for (i, doc) in docs.iter().enumerate() {
+        let (object, warnings) =
+            manifest::admit(i, doc).with_context(|| path.display().to_string())?;
+        for warning in warnings {
+            say(format!("warning: {}: {warning}", path.display()));
+        }
+        match object {
+            Object::FarAgent(agent) => agents.push(*agent),
+            Object::FarAgentPool(pool) => pools.push(*pool),
+            Object::FlintlockHost(_) => bail!(
+                "{}: document {i} is a FlintlockHost; far run takes one FarAgent (and the FarAgentPool it names, if any)",
+                path.display()
+            ),
+        }
+    }
+    let [agent] = <[FarAgent; 1]>::try_from(agents).map_err(|agents| {
+        anyhow::anyhow!(
+            "{}: holds {} FarAgents; far run takes exactly one",
             path.display(),
-            docs.len()
-        );
+            agents.len()
+        )
+    })?;
+    let pool = match &agent.spec.pool_ref {
+        None => None,
+        Some(r) => Some(pools.iter().find(|p| p.name_any() == r.name).ok_or_else(|| {
+            anyhow::anyhow!(
+                "{}: spec.poolRef names FarAgentPool {:?}, which is not in the file: far run has no cluster to find it in; add the pool to the same file",
+                path.display(),
+                r.name
+            )
+        })?),
     };
-    let (object, warnings) = manifest::admit(0, doc).with_context(|| path.display().to_string())?;
-    for warning in warnings {
-        say(format!("warning: {}: {warning}", path.display()));
-    }
-    match object {
-        Object::FarAgent(agent) => Ok(*agent),
-        Object::FlintlockHost(_) => bail!(
-            "{}: is a FlintlockHost; far run takes a FarAgent",
-            path.display()
-        ),
-    }
+    let template = pool.map(|p| Template {
+        pool: p.metadata.name.as_deref().unwrap_or_default(),
+        workload: &p.spec.template,
+    });
+    let workload = far_api::workload::resolve(&agent.spec.workload, template)
+        .with_context(|| path.display().to_string())?;
+    Ok((agent, workload))
 }
 
 /// Without a cluster there are no Secrets or ConfigMaps to read values from.
-fn literal_env(agent: &FarAgent) -> Result<Vec<EnvVar>> {
-    if let Some(i) = agent.spec.secret_files.first().map(|_| 0) {
+fn literal_env(workload: &ResolvedWorkload) -> Result<Vec<EnvVar>> {
+    if let Some(i) = workload.secret_files.first().map(|_| 0) {
         bail!(
             "spec.secretFiles[{i}]: far run has no cluster to read Secrets from; run this agent through the controller"
         );
     }
-    agent
-        .spec
+    workload
         .env
         .iter()
         .enumerate()
@@ -161,8 +186,8 @@ pub async fn run(args: RunArgs) -> Result<ExitCode> {
     let started = Instant::now();
     // Taken over before any VM exists, so an interrupt at any moment still deletes it.
     let mut stop = Stop::listen()?;
-    let mut agent = load_agent(&args.manifest)?;
-    let env = literal_env(&agent)?;
+    let (mut agent, workload) = load_agent(&args.manifest)?;
+    let env = literal_env(&workload)?;
     let images = images(&args)?;
     agent
         .metadata
@@ -205,12 +230,13 @@ pub async fn run(args: RunArgs) -> Result<ExitCode> {
         id: channel_id.clone(),
         enrolment_token: channel.enrolment_token_for(&channel_id),
     };
-    let run_config = far_vmspec::run_config(&agent, 0, env, false, channel_config, 30)?;
+    let run_config = far_vmspec::run_config(&agent, &workload, 0, env, false, channel_config, 30)?;
     let defaults = Defaults::local();
     let metadata = BTreeMap::from([(RUN_CONFIG_KEY.to_owned(), run_config.to_bytes())]);
     let local = local_host(&endpoint, &limits);
     let planned = plan(&VmPlan {
         agent: &agent,
+        workload: &workload,
         host: &local,
         defaults: &defaults,
         attempt: 0,
@@ -219,8 +245,8 @@ pub async fn run(args: RunArgs) -> Result<ExitCode> {
     say(format!("{name}: {}", planned.sizing.describe("local")));
 
     // Pulled here rather than inside the VM's start, so the user sees it happen.
-    let volumes = agent.spec.volumes.iter().enumerate();
-    let wanted = std::iter::once(("spec.image".to_owned(), agent.spec.image.clone()))
+    let volumes = workload.volumes.iter().enumerate();
+    let wanted = std::iter::once(("spec.image".to_owned(), workload.image.clone()))
         .chain(volumes.map(|(i, v)| (format!("spec.volumes[{i}].image"), v.image.clone())));
     for (field, image) in wanted {
         let preparing = Instant::now();

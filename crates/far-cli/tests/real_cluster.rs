@@ -24,7 +24,7 @@ async fn client() -> Option<Client> {
 fn api_for(client: &Client, doc: &serde_json::Value, namespace: &str) -> Api<DynamicObject> {
     let kind = doc["kind"].as_str().unwrap_or_default();
     let resource = ApiResource::from_gvk(&GroupVersionKind::gvk("tiffany.dev", "v1", kind));
-    if kind == "FarAgent" {
+    if kind != "FlintlockHost" {
         Api::namespaced_with(client.clone(), namespace, &resource)
     } else {
         Api::all_with(client.clone(), &resource)

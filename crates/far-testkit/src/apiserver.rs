@@ -50,6 +50,14 @@ const KINDS: &[Kind] = &[
     Kind {
         group: "tiffany.dev",
         version: "v1",
+        plural: "faragentpools",
+        kind: "FarAgentPool",
+        namespaced: true,
+        status: true,
+    },
+    Kind {
+        group: "tiffany.dev",
+        version: "v1",
         plural: "flintlockhosts",
         kind: "FlintlockHost",
         namespaced: false,

@@ -38,7 +38,7 @@ async fn create_get_list_and_admission_behave_as_the_api_server() {
         "{err:?}"
     );
     let mut bad = agent("b");
-    bad.spec.cpu = 0;
+    bad.spec.workload.cpu = Some(0);
     let err = api.create(&PostParams::default(), &bad).await.unwrap_err();
     match err {
         kube::Error::Api(s) => {
@@ -66,7 +66,8 @@ async fn status_writes_touch_only_status_and_stale_writes_conflict() {
         .unwrap();
     assert_eq!(patched.status.unwrap().phase, Some(Phase::Running));
     assert_eq!(
-        patched.spec.cpu, 1,
+        patched.spec.workload.cpu,
+        Some(1),
         "spec is ignored on the status subresource"
     );
     assert_eq!(patched.metadata.generation, Some(1));

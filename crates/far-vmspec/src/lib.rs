@@ -17,6 +17,7 @@ use std::collections::BTreeMap;
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD;
 use far_api::sizing::{Sizing, SizingError, size_vm};
+use far_api::workload::ResolvedWorkload;
 use far_api::{FarAgent, FlintlockHost};
 use flintlock_proto::types::{
     Initrd, Kernel, MicroVmSpec, NetworkInterface, NetworkOverrides, StaticAddress, Volume,
@@ -75,6 +76,7 @@ pub struct Defaults {
 /// [`VmNameError`] when the FarAgent has no namespace or uid.
 pub fn run_config(
     agent: &FarAgent,
+    workload: &ResolvedWorkload,
     attempt: u32,
     env: Vec<far_agent_protocol::EnvVar>,
     has_secrets: bool,
@@ -91,12 +93,12 @@ pub fn run_config(
             attempt,
         },
         hostname: name.name().to_owned(),
-        entrypoint: agent.spec.entrypoint.clone(),
-        args: agent.spec.args.clone(),
+        entrypoint: workload.entrypoint.clone(),
+        args: workload.args.clone(),
         env,
         has_secrets,
         mounts: (0u32..)
-            .zip(&agent.spec.volumes)
+            .zip(&workload.volumes)
             .map(|(index, v)| far_agent_protocol::Mount {
                 index,
                 mount_path: v.mount_path.clone(),
@@ -184,6 +186,8 @@ pub fn check_metadata(metadata: &BTreeMap<String, Vec<u8>>) -> Result<(), PlanEr
 pub struct VmPlan<'a> {
     /// The agent.
     pub agent: &'a FarAgent,
+    /// What it runs and in what VM, its pool's template applied.
+    pub workload: &'a ResolvedWorkload,
     /// The host it is placed on.
     pub host: &'a FlintlockHost,
     /// The controller's defaults.
@@ -213,7 +217,7 @@ pub struct Planned {
 /// metadata would not fit Firecracker's metadata service.
 pub fn plan(p: &VmPlan<'_>) -> Result<Planned, PlanError> {
     check_metadata(p.guest_metadata)?;
-    let spec = &p.agent.spec;
+    let spec = p.workload;
     let host_name = p.host.name_any();
     let sizing = size_vm(spec, &host_name, &p.host.spec.vm_limits)?;
     let name = VmName::for_agent(p.agent, p.attempt)?;
@@ -244,7 +248,9 @@ pub fn plan(p: &VmPlan<'_>) -> Result<Planned, PlanError> {
         })
         .collect();
 
-    let address = spec
+    let address = p
+        .agent
+        .spec
         .network
         .as_ref()
         .and_then(|n| n.address.as_ref())

@@ -31,6 +31,11 @@ fn agent(file: &str) -> FarAgent {
     agent
 }
 
+/// The agent's own workload (no pool).
+fn own(agent: &FarAgent) -> ResolvedWorkload {
+    far_api::workload::resolve(&agent.spec.workload, None).unwrap()
+}
+
 fn defaults() -> Defaults {
     Defaults {
         namespace: "far".into(),
@@ -63,6 +68,7 @@ fn the_mission_example_becomes_the_request_flintlockd_needs() {
     );
     let planned = plan(&VmPlan {
         agent: &agent,
+        workload: &own(&agent),
         host: &host,
         defaults: &defaults,
         attempt: 0,
@@ -141,6 +147,7 @@ fn every_field_of_a_full_agent_reaches_the_request() {
     );
     let planned = plan(&VmPlan {
         agent: &agent,
+        workload: &own(&agent),
         host: &host,
         defaults: &defaults,
         attempt: 2,
@@ -192,11 +199,12 @@ fn every_field_of_a_full_agent_reaches_the_request() {
 #[test]
 fn an_agent_larger_than_the_hosts_largest_vm_is_not_planned() {
     let mut agent = agent("embedder-worker-01.yaml");
-    agent.spec.memory = "16Gi".into();
+    agent.spec.workload.memory = Some("16Gi".into());
     let host: FlintlockHost = load("flintlockhost-local.yaml");
     let (defaults, md) = (defaults(), metadata());
     let err = plan(&VmPlan {
         agent: &agent,
+        workload: &own(&agent),
         host: &host,
         defaults: &defaults,
         attempt: 0,
@@ -217,6 +225,7 @@ fn an_agent_without_uid_is_not_planned() {
     let (defaults, md) = (defaults(), metadata());
     let err = plan(&VmPlan {
         agent: &agent,
+        workload: &own(&agent),
         host: &host,
         defaults: &defaults,
         attempt: 0,
@@ -290,7 +299,7 @@ fn the_run_configuration_carries_the_spec_and_parses_back() {
         name: "RUST_LOG".into(),
         value: "info".into(),
     }];
-    let config = run_config(&agent, 2, env, true, channel, 30).unwrap();
+    let config = run_config(&agent, &own(&agent), 2, env, true, channel, 30).unwrap();
     assert_eq!(
         (
             config.agent.namespace.as_str(),
@@ -331,6 +340,7 @@ fn metadata_past_firecrackers_limit_is_refused_naming_the_fields() {
         let md = BTreeMap::from([("far-run".to_owned(), vec![b'x'; value_bytes])]);
         plan(&VmPlan {
             agent: &agent,
+            workload: &own(&agent),
             host: &host,
             defaults: &defaults,
             attempt: 0,
@@ -355,4 +365,48 @@ fn metadata_past_firecrackers_limit_is_refused_naming_the_fields() {
         check_metadata(&quotes).is_err(),
         "26,000 quotes are 52,000 bytes escaped"
     );
+}
+
+/// An agent claiming a pool says only its task: its VM is the pool's template, its run the
+/// agent's arguments.
+#[test]
+fn an_agent_of_a_pool_gets_the_templates_vm_and_its_own_task() {
+    let agent = agent("embedder-from-pool.yaml");
+    let pool: far_api::FarAgentPool = load("pool-embedders.yaml");
+    let workload = far_api::workload::resolve(
+        &agent.spec.workload,
+        Some(far_api::workload::Template {
+            pool: "embedders",
+            workload: &pool.spec.template,
+        }),
+    )
+    .unwrap();
+    let (host, defaults, md) = (
+        load::<FlintlockHost>("flintlockhost-blade.yaml"),
+        defaults(),
+        metadata(),
+    );
+    let planned = plan(&VmPlan {
+        agent: &agent,
+        workload: &workload,
+        host: &host,
+        defaults: &defaults,
+        attempt: 0,
+        guest_metadata: &md,
+    })
+    .unwrap();
+    let vm = planned.request.microvm.unwrap();
+    assert_eq!(
+        vm.root_volume.unwrap().source.unwrap().container_source,
+        Some("ghcr.io/microscaler/tiffany-vm:v0.3.1".into())
+    );
+    assert_eq!(planned.sizing.requested_memory_mib, 512);
+    let channel = far_agent_protocol::ChannelConfig {
+        url: "http://10.0.2.2:8443".into(),
+        id: format!("{UID}.0"),
+        enrolment_token: "t".into(),
+    };
+    let run = run_config(&agent, &workload, 0, vec![], false, channel, 30).unwrap();
+    assert_eq!(run.entrypoint, "/usr/local/bin/tiffany");
+    assert_eq!(run.args, ["--task", "embedder", "--shard", "7"]);
 }

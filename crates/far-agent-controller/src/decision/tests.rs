@@ -1,20 +1,18 @@
 use proptest::prelude::*;
 
 use super::*;
-use far_api::{Heartbeat, RestartPolicy};
+use far_api::{Heartbeat, RestartPolicy, Workload};
 
 fn spec() -> FarAgentSpec {
     FarAgentSpec {
-        image: "busybox:1".into(),
-        memory: "512Mi".into(),
-        cpu: 1,
-        entrypoint: "/bin/agent".into(),
-        args: vec![],
-        env: vec![],
-        secret_files: vec![],
-        volumes: vec![],
-        kernel: None,
-        host_selector: Default::default(),
+        workload: Workload {
+            image: Some("busybox:1".into()),
+            memory: Some("512Mi".into()),
+            cpu: Some(1),
+            entrypoint: Some("/bin/agent".into()),
+            ..Workload::default()
+        },
+        pool_ref: None,
         restart_policy: RestartPolicy::Never,
         backoff_limit: 2,
         active_deadline_seconds: None,
@@ -40,6 +38,7 @@ fn observe<'a>(spec: &'a FarAgentSpec, status: &'a FarAgentStatus, now: i64) -> 
         deleting_since: None,
         vm: None,
         guest: Guest::default(),
+        workload: Ok(()),
         placement: None,
         config: Ok(()),
         grace_period: Duration::from_secs(5),
@@ -118,7 +117,7 @@ fn an_agent_goes_from_accepted_to_completed_with_one_vm() {
 
     // The shell records the VM at once; the next decision, while Flintlock still says PENDING
     // and then CREATED, has nothing new to write.
-    let status = vm_created(&d.status, "vm1", VmState::Pending, Some(1), t(2));
+    let status = vm_created(&d.status, "vm1", VmState::Pending, None, Some(1), t(2));
     let mut o = observe(&spec, &status, 3);
     o.vm = present(VmState::Pending);
     let d = decide(&o);
@@ -574,11 +573,12 @@ prop_compose! {
         exit in proptest::option::of((-1i32..4, proptest::option::of(Just("no entrypoint".to_owned())))),
         placement in proptest::option::of(0u8..4),
         config_ok in any::<bool>(),
+        workload in 0u8..3,
         ttl in proptest::option::of(0i64..100),
         deadline in proptest::option::of(1i64..100),
         started in proptest::option::of(0i64..300),
         now in 0i64..400,
-    ) -> (FarAgentSpec, FarAgentStatus, bool, Option<i64>, Option<Vm>, Guest, Option<Placement>, bool, i64) {
+    ) -> (FarAgentSpec, FarAgentStatus, bool, Option<i64>, Option<Vm>, Guest, Option<Placement>, (bool, u8), i64) {
         let mut s = spec();
         s.restart_policy = if on_failure { RestartPolicy::OnFailure } else { RestartPolicy::Never };
         s.ttl_seconds_after_finished = ttl;
@@ -600,7 +600,7 @@ prop_compose! {
             2 => Placement::Refused("h1 refused".into()),
             _ => Placement::Unschedulable("no host".into()),
         });
-        (s, status, has_finalizer, deleting, vm, guest, placement, config_ok, now)
+        (s, status, has_finalizer, deleting, vm, guest, placement, (config_ok, workload), now)
     }
 }
 
@@ -608,7 +608,7 @@ proptest! {
     #![proptest_config(ProptestConfig::with_cases(2000))]
 
     #[test]
-    fn the_decision_keeps_its_promises((spec, status, has_finalizer, deleting, vm, guest, placement, config_ok, now) in observations()) {
+    fn the_decision_keeps_its_promises((spec, status, has_finalizer, deleting, vm, guest, placement, (config_ok, workload), now) in observations()) {
         let o = Observation {
             spec: &spec,
             status: &status,
@@ -617,6 +617,11 @@ proptest! {
             deleting_since: deleting.map(t),
             vm,
             guest,
+            workload: match workload {
+                0 => Ok(()),
+                1 => Err((AgentReason::PoolNotFound, "no pool".into())),
+                _ => Err((AgentReason::InvalidSpec, "reshapes the pool's VM".into())),
+            },
             placement,
             config: if config_ok {
                 Ok(())
@@ -634,11 +639,11 @@ proptest! {
             prop_assert_eq!(d.status.phase, status.phase);
             prop_assert_eq!(creates, 0);
         }
-        // At most one VM per decision, only with a host, a finalizer and resolved configuration,
-        // and never while deleting.
+        // At most one VM per decision, only with a host, a finalizer, a decided workload and
+        // resolved configuration, and never while deleting.
         prop_assert!(creates <= 1);
         if creates == 1 {
-            prop_assert!(d.status.host.is_some() && has_finalizer && deleting.is_none() && config_ok);
+            prop_assert!(d.status.host.is_some() && has_finalizer && deleting.is_none() && config_ok && workload == 0);
             prop_assert!(status.vm_uid.is_none());
             // The attempt's host is on record before its VM is made: in status already, bound
             // earlier, or bound by this decision ahead of the create.
@@ -710,7 +715,7 @@ fn conditions_are_listed_in_the_order_of_a_life_and_say_what_happened() {
     for kind in [agent_condition::FINISHED, agent_condition::SCHEDULED] {
         conditions::set(&mut status.conditions, kind, false, "X", "", Some(1), t(0));
     }
-    let created = vm_created(&status, "vm1", VmState::Pending, Some(1), t(1));
+    let created = vm_created(&status, "vm1", VmState::Pending, None, Some(1), t(1));
     let kinds: Vec<&str> = created
         .conditions
         .iter()
@@ -725,4 +730,56 @@ fn conditions_are_listed_in_the_order_of_a_life_and_say_what_happened() {
         ]
     );
     assert_eq!(created.conditions[1].message, "VM vm1 created on host h1");
+}
+
+/// An agent naming a pool that does not exist waits for it, saying so; one that would reshape
+/// its pool's VM fails at once, with the message naming the field.
+#[test]
+fn a_missing_pool_waits_and_a_reshaping_claim_fails() {
+    let spec = spec();
+    let status = FarAgentStatus::default();
+    let mut o = observe(&spec, &status, 1);
+    o.workload = Err((
+        AgentReason::PoolNotFound,
+        "spec.poolRef: no FarAgentPool \"warm\"".into(),
+    ));
+    o.placement = None;
+    let d = decide(&o);
+    assert_eq!(d.status.phase, Some(Phase::Pending));
+    assert_eq!(d.status.reason, Some(AgentReason::PoolNotFound));
+    assert!(d.requeue.is_some());
+    assert!(d.actions.is_empty());
+
+    o.workload = Err((AgentReason::InvalidSpec, "spec.cpu is 2 but pool".into()));
+    let d = decide(&o);
+    assert_eq!(d.status.phase, Some(Phase::Failed));
+    assert_eq!(d.status.reason, Some(AgentReason::InvalidSpec));
+    assert!(d.status.message.unwrap().contains("spec.cpu"));
+}
+
+#[test]
+fn a_cold_start_says_so_in_the_vm_created_condition() {
+    let status = FarAgentStatus {
+        host: Some("h1".into()),
+        ..Default::default()
+    };
+    let s = vm_created(
+        &status,
+        "vm1",
+        VmState::Pending,
+        Some("warm"),
+        Some(1),
+        t(1),
+    );
+    let c = s
+        .conditions
+        .iter()
+        .find(|c| c.type_ == agent_condition::VM_CREATED)
+        .unwrap();
+    assert_eq!(c.reason, "ColdStart");
+    assert_eq!(
+        c.message,
+        "pool warm had no idle VM: VM vm1 created on host h1 (cold start)"
+    );
+    assert_eq!(s.reason, Some(AgentReason::Booting));
 }
