@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use far_agent_controller::reconcile::{Config, DEFAULT_CONCURRENCY, EventPolicy};
-use far_api::{FarAgent, FlintlockHost, Phase};
+use far_api::{FarAgent, FarAgentPool, FlintlockHost, Phase};
 use far_channel::{Channel, TokenKey};
 use far_host::provider::sim::{Sim, SimConfig};
 use far_host::{Host, HostConfig};
@@ -229,8 +229,14 @@ impl Stage {
 
     async fn create(&self, name: &str, spec: serde_json::Value) {
         let mut full = json!({"image": "busybox:1", "memory": "256Mi", "cpu": 1,
-            "entrypoint": "/usr/local/bin/tiffany", "hostSelector": {"far-test": self.run},
-            "heartbeat": {"intervalSeconds": 1, "timeoutSeconds": 10}});
+            "entrypoint": "/usr/local/bin/tiffany", "hostSelector": {"far-test": self.run}});
+        json_patch::merge(&mut full, &spec);
+        self.create_as_given(name, full).await;
+    }
+
+    /// Creates an agent with `spec` and nothing else (but a quick heartbeat).
+    async fn create_as_given(&self, name: &str, spec: serde_json::Value) {
+        let mut full = json!({"heartbeat": {"intervalSeconds": 1, "timeoutSeconds": 10}});
         json_patch::merge(&mut full, &spec);
         let agent: FarAgent = serde_json::from_value(json!({
             "apiVersion": "tiffany.dev/v1", "kind": "FarAgent", "metadata": {"name": name}, "spec": full
@@ -379,7 +385,68 @@ async fn scenarios(stage: &Stage) {
     stage
         .wait_for("long", "Running", |a| phase(a) == Some(Phase::Running))
         .await;
-    for name in ["long", "ok", "bad", "retry", "huge"] {
+
+    // An agent naming a pool that does not exist waits for it; once the pool exists the agent
+    // boots cold on the pool's template (no pool keeps idle VMs yet) and runs its own args.
+    stage
+        .create_as_given(
+            "pooled",
+            json!({"poolRef": {"name": "warm"}, "args": ["--seconds", "0.3"]}),
+        )
+        .await;
+    let waiting = stage
+        .wait_for("pooled", "PoolNotFound", |a| {
+            a.status
+                .as_ref()
+                .is_some_and(|s| s.reason == Some(far_api::AgentReason::PoolNotFound))
+        })
+        .await;
+    assert_eq!(phase(&waiting), Some(Phase::Pending));
+    assert!(
+        waiting
+            .status
+            .unwrap()
+            .message
+            .unwrap()
+            .contains("\"warm\""),
+        "the message names the pool"
+    );
+    let pool: FarAgentPool = serde_json::from_value(json!({
+        "apiVersion": "tiffany.dev/v1", "kind": "FarAgentPool", "metadata": {"name": "warm"},
+        "spec": {"maxSize": 4, "template": {"image": "busybox:1", "memory": "256Mi", "cpu": 1,
+            "entrypoint": "/usr/local/bin/tiffany", "hostSelector": {"far-test": stage.run}}}
+    }))
+    .unwrap();
+    Api::<FarAgentPool>::namespaced(stage.client.clone(), &stage.namespace)
+        .create(&PostParams::default(), &pool)
+        .await
+        .expect("FarAgentPool");
+    let pooled = stage
+        .wait_for("pooled", "Completed", |a| {
+            phase(a) == Some(Phase::Completed)
+        })
+        .await;
+    let created = pooled
+        .status
+        .unwrap()
+        .conditions
+        .into_iter()
+        .find(|c| c.type_ == "VMCreated")
+        .expect("VMCreated condition");
+    assert_eq!(created.reason, "ColdStart", "{created:?}");
+    // An agent asking its pool's VM for another shape fails, naming the field.
+    stage
+        .create_as_given("reshaped", json!({"poolRef": {"name": "warm"}, "cpu": 2}))
+        .await;
+    let reshaped = stage
+        .wait_for("reshaped", "Failed", |a| phase(a) == Some(Phase::Failed))
+        .await
+        .status
+        .unwrap();
+    assert_eq!(reshaped.reason, Some(far_api::AgentReason::InvalidSpec));
+    assert!(reshaped.message.unwrap().contains("spec.cpu is 2"));
+
+    for name in ["long", "ok", "bad", "retry", "huge", "pooled", "reshaped"] {
         stage.delete_and_wait_gone(name).await;
     }
     stage.wait_no_vms().await;
