@@ -468,3 +468,68 @@ fn show_console(log: &Path) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn manifest(text: &str) -> (tempfile::TempDir, PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("agent.yaml");
+        std::fs::write(&path, text).unwrap();
+        (dir, path)
+    }
+
+    fn examples(files: &[&str]) -> String {
+        files
+            .iter()
+            .map(|f| {
+                std::fs::read_to_string(
+                    Path::new(env!("CARGO_MANIFEST_DIR"))
+                        .join("../../examples")
+                        .join(f),
+                )
+                .unwrap()
+            })
+            .collect::<Vec<_>>()
+            .join("---\n")
+    }
+
+    #[test]
+    fn an_agent_of_a_pool_in_the_same_file_runs_on_the_template() {
+        let (_dir, path) = manifest(&examples(&[
+            "pool-embedders.yaml",
+            "embedder-from-pool.yaml",
+        ]));
+        let (agent, workload) = load_agent(&path).unwrap();
+        assert_eq!(agent.name_any(), "embedder-from-pool");
+        assert_eq!(workload.image, "ghcr.io/microscaler/tiffany-vm:v0.3.1");
+        assert_eq!(workload.entrypoint, "/usr/local/bin/tiffany");
+        assert_eq!(workload.args, ["--task", "embedder", "--shard", "7"]);
+    }
+
+    #[test]
+    fn a_pool_that_is_not_in_the_file_is_named_with_the_fix() {
+        let (_dir, path) = manifest(&examples(&["embedder-from-pool.yaml"]));
+        let err = load_agent(&path).unwrap_err().to_string();
+        assert!(
+            err.ends_with(
+                "spec.poolRef names FarAgentPool \"embedders\", which is not in the file: far run has no cluster to find it in; add the pool to the same file"
+            ),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn two_agents_are_refused() {
+        let (_dir, path) = manifest(&examples(&[
+            "embedder-worker-01.yaml",
+            "embedder-worker-01.yaml",
+        ]));
+        let err = load_agent(&path).unwrap_err().to_string();
+        assert!(
+            err.ends_with("holds 2 FarAgents; far run takes exactly one"),
+            "{err}"
+        );
+    }
+}

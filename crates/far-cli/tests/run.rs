@@ -46,14 +46,15 @@ impl Fixture {
     }
 
     fn far_run_image(&self, image: &str, args: &str) -> Command {
+        self.far_run_manifest(&format!(
+            "apiVersion: tiffany.dev/v1\nkind: FarAgent\nmetadata:\n  name: test-agent\nspec:\n  image: {image}\n  memory: 256Mi\n  cpu: 1\n  entrypoint: /usr/local/bin/tiffany\n  args: [{args}]\n  env:\n    - {{name: MODE, value: test}}\n"
+        ))
+    }
+
+    /// `far run` of the manifest `text`.
+    fn far_run_manifest(&self, text: &str) -> Command {
         let path = self.dir.path().join("agent.yaml");
-        std::fs::write(
-            &path,
-            format!(
-                "apiVersion: tiffany.dev/v1\nkind: FarAgent\nmetadata:\n  name: test-agent\nspec:\n  image: {image}\n  memory: 256Mi\n  cpu: 1\n  entrypoint: /usr/local/bin/tiffany\n  args: [{args}]\n  env:\n    - {{name: MODE, value: test}}\n"
-            ),
-        )
-        .unwrap();
+        std::fs::write(&path, text).unwrap();
         let mut command = Command::new(env!("CARGO_BIN_EXE_far"));
         command
             .current_dir(repo())
@@ -156,6 +157,29 @@ fn the_agents_output_and_exit_code_become_fars() {
     assert!(
         stdout.lines().all(|l| l.starts_with("embedding ")),
         "{stdout}"
+    );
+}
+
+/// An agent naming a pool, with the pool in the same file: the VM is the pool's template (its
+/// image, size and entrypoint), the task the agent's own arguments.
+#[test]
+fn an_agent_of_a_pool_boots_the_pools_template_with_its_own_task() {
+    let fixture = Fixture::new();
+    let out = fixture
+        .far_run_manifest(
+            "apiVersion: tiffany.dev/v1\nkind: FarAgentPool\nmetadata:\n  name: warm\nspec:\n  maxSize: 2\n  template:\n    image: far.test/tiffany:dev\n    memory: 192Mi\n    cpu: 1\n    entrypoint: /usr/local/bin/tiffany\n    args: [--task, fail, --exit-code, '5']\n---\napiVersion: tiffany.dev/v1\nkind: FarAgent\nmetadata:\n  name: pooled\nspec:\n  poolRef: {name: warm}\n  args: [--task, fail, --exit-code, '4']\n",
+        )
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(4), "{stderr}");
+    assert!(
+        stderr.contains("far: pooled: VM of 192 MiB and 1 vCPU on host local"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("far: pooled: far.test/tiffany:dev ready after"),
+        "{stderr}"
     );
 }
 
