@@ -21,7 +21,7 @@ use serde::{Deserialize, Serialize};
 pub const RUN_CONFIG_KEY: &str = "far-run";
 
 /// The run configuration version this build reads and writes.
-pub const RUN_CONFIG_VERSION: u32 = 2;
+pub const RUN_CONFIG_VERSION: u32 = 3;
 
 /// Size bounds for everything crossing the channel.
 pub mod limits {
@@ -35,6 +35,8 @@ pub mod limits {
     pub const LOG_LINE_BYTES: usize = 16 * 1024;
     /// Longest failure message kept.
     pub const MESSAGE_BYTES: usize = 1024;
+    /// How long the channel holds an idle VM's request for a claim before answering 204.
+    pub const CLAIM_WAIT_SECONDS: u64 = 25;
 }
 
 /// An agent's id on the channel: its UID and attempt, so the reports of an earlier run's VM
@@ -56,6 +58,10 @@ pub mod paths {
     pub const EXIT: &str = "/v1/agents/{id}/exit";
     /// GET the agent's [`super::Secrets`].
     pub const SECRETS: &str = "/v1/agents/{id}/secrets";
+    /// GET, by an idle VM (a run configuration without a task): waits up to
+    /// [`super::limits::CLAIM_WAIT_SECONDS`] for a [`super::Claim`]; answers 204 No Content when
+    /// none came, and the guest asks again.
+    pub const CLAIM: &str = "/v1/agents/{id}/claim";
 
     /// A route for one agent.
     pub fn for_agent(route: &str, id: &str) -> String {
@@ -134,13 +140,32 @@ impl std::fmt::Debug for Enrolment {
     }
 }
 
-/// Everything far-init needs to run the agent.
+/// Everything far-init needs to boot the VM and, with a task, to run the agent.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct RunConfig {
     /// Always [`RUN_CONFIG_VERSION`] for this shape.
     pub version: u32,
-    /// The agent this VM runs.
+    /// What to run. Unset: the VM is a pool's idle VM, which boots, enrols and waits on the
+    /// channel ([`paths::CLAIM`]) for the task of the agent that claims it.
+    #[serde(default)]
+    pub task: Option<Task>,
+    /// Read-only volumes to mount (the VM's, so known before any task).
+    #[serde(default)]
+    pub mounts: Vec<Mount>,
+    /// The status channel.
+    pub channel: ChannelConfig,
+    /// Seconds between heartbeats.
+    pub heartbeat_interval_seconds: u32,
+    /// Seconds the agent gets between SIGTERM and SIGKILL.
+    pub grace_period_seconds: u32,
+}
+
+/// One run of an agent: which FarAgent, and what to start.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct Task {
+    /// The agent this run is of.
     pub agent: AgentRef,
     /// Host name to set.
     pub hostname: String,
@@ -153,18 +178,22 @@ pub struct RunConfig {
     /// channel). The agent sees exactly these plus the secret ones.
     #[serde(default)]
     pub env: Vec<EnvVar>,
-    /// Whether secret env or files must be fetched from the channel before starting.
+    /// Whether secret env or files must be fetched from the channel before starting (a claim
+    /// carries its secrets itself).
     #[serde(default)]
     pub has_secrets: bool,
-    /// Read-only volumes to mount.
+}
+
+/// What an idle VM receives when an agent claims it: the task, and its secret values, in one
+/// answer.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Claim {
+    /// What to run.
+    pub task: Task,
+    /// The secret env and files, written before the task starts.
     #[serde(default)]
-    pub mounts: Vec<Mount>,
-    /// The status channel.
-    pub channel: ChannelConfig,
-    /// Seconds between heartbeats.
-    pub heartbeat_interval_seconds: u32,
-    /// Seconds the agent gets between SIGTERM and SIGKILL.
-    pub grace_period_seconds: u32,
+    pub secrets: Secrets,
 }
 
 /// Why a run configuration was refused.
@@ -215,11 +244,8 @@ impl RunConfig {
 
     fn check(&self) -> Result<(), RunConfigError> {
         let invalid = |field, problem| Err(RunConfigError::Invalid { field, problem });
-        if !self.entrypoint.starts_with('/') {
-            return invalid("entrypoint", "must be an absolute path");
-        }
-        if self.agent.uid.is_empty() {
-            return invalid("agent.uid", "must not be empty");
+        if let Some(task) = &self.task {
+            task.check()?;
         }
         if self.channel.id.is_empty() || self.channel.id.contains(['/', '?', '#']) {
             return invalid("channel.id", "must be non-empty, without '/', '?' or '#'");
@@ -229,13 +255,6 @@ impl RunConfig {
         }
         if self.heartbeat_interval_seconds == 0 {
             return invalid("heartbeatIntervalSeconds", "must be at least 1");
-        }
-        if self
-            .env
-            .iter()
-            .any(|e| e.name.is_empty() || e.name.contains('=') || e.name.contains('\0'))
-        {
-            return invalid("env", "names must be non-empty, without '=' or NUL");
         }
         if self
             .mounts
@@ -251,6 +270,31 @@ impl RunConfig {
     pub fn to_bytes(&self) -> Vec<u8> {
         // A struct of strings, numbers and vectors always serializes.
         serde_json::to_vec(self).unwrap_or_default()
+    }
+}
+
+impl Task {
+    /// Checks what far-init needs of a task, whether it came in the run configuration or in a
+    /// claim.
+    ///
+    /// # Errors
+    /// [`RunConfigError::Invalid`] naming the field (under `task.`).
+    pub fn check(&self) -> Result<(), RunConfigError> {
+        let invalid = |field, problem| Err(RunConfigError::Invalid { field, problem });
+        if !self.entrypoint.starts_with('/') {
+            return invalid("task.entrypoint", "must be an absolute path");
+        }
+        if self.agent.uid.is_empty() {
+            return invalid("task.agent.uid", "must not be empty");
+        }
+        if self
+            .env
+            .iter()
+            .any(|e| e.name.is_empty() || e.name.contains('=') || e.name.contains('\0'))
+        {
+            return invalid("task.env", "names must be non-empty, without '=' or NUL");
+        }
+        Ok(())
     }
 }
 

@@ -5,20 +5,22 @@ use super::*;
 fn config() -> RunConfig {
     RunConfig {
         version: RUN_CONFIG_VERSION,
-        agent: AgentRef {
-            namespace: "default".into(),
-            name: "embedder-worker-01".into(),
-            uid: "u-1".into(),
-            attempt: 0,
-        },
-        hostname: "embedder-worker-01".into(),
-        entrypoint: "/usr/local/bin/tiffany".into(),
-        args: vec!["--task".into(), "embedder".into()],
-        env: vec![EnvVar {
-            name: "RUST_LOG".into(),
-            value: "info".into(),
-        }],
-        has_secrets: false,
+        task: Some(Task {
+            agent: AgentRef {
+                namespace: "default".into(),
+                name: "embedder-worker-01".into(),
+                uid: "u-1".into(),
+                attempt: 0,
+            },
+            hostname: "embedder-worker-01".into(),
+            entrypoint: "/usr/local/bin/tiffany".into(),
+            args: vec!["--task".into(), "embedder".into()],
+            env: vec![EnvVar {
+                name: "RUST_LOG".into(),
+                value: "info".into(),
+            }],
+            has_secrets: false,
+        }),
         mounts: vec![Mount {
             index: 0,
             mount_path: "/models".into(),
@@ -45,7 +47,7 @@ fn other_versions_are_refused_by_number() {
     let err = RunConfig::parse(value.to_string().as_bytes()).unwrap_err();
     assert_eq!(
         err.to_string(),
-        "run configuration version 1 is not supported (this far-init reads version 2)"
+        "run configuration version 1 is not supported (this far-init reads version 3)"
     );
 }
 
@@ -59,11 +61,11 @@ fn unknown_fields_and_bad_values_are_refused_by_name() {
     ));
 
     let mut relative = config();
-    relative.entrypoint = "tiffany".into();
+    relative.task.as_mut().unwrap().entrypoint = "tiffany".into();
     let err = RunConfig::parse(&relative.to_bytes()).unwrap_err();
     assert_eq!(
         err.to_string(),
-        "run configuration field entrypoint: must be an absolute path"
+        "run configuration field task.entrypoint: must be an absolute path"
     );
 
     let mut escape = config();
@@ -75,6 +77,29 @@ fn unknown_fields_and_bad_values_are_refused_by_name() {
             ..
         })
     ));
+}
+
+/// A pool's idle VM boots without a task; the task comes later, in a claim, and is checked by
+/// the same rules.
+#[test]
+fn an_idle_vms_config_has_no_task_and_a_claims_task_is_checked_alike() {
+    let mut idle = config();
+    let task = idle.task.take().unwrap();
+    assert_eq!(RunConfig::parse(&idle.to_bytes()).unwrap(), idle);
+    let claim = Claim {
+        task: task.clone(),
+        secrets: Secrets::default(),
+    };
+    let text = serde_json::to_string(&claim).unwrap();
+    let back: Claim = serde_json::from_str(&text).unwrap();
+    assert_eq!(back, claim);
+    back.task.check().unwrap();
+    let mut bad = task;
+    bad.env[0].name = "A=B".into();
+    assert_eq!(
+        bad.check().unwrap_err().to_string(),
+        "run configuration field task.env: names must be non-empty, without '=' or NUL"
+    );
 }
 
 #[test]
@@ -134,8 +159,9 @@ proptest! {
         interval in 1u32..3600,
     ) {
         let mut c = config();
-        c.args = args;
-        c.env = env.into_iter().map(|(name, value)| EnvVar { name, value }).collect();
+        let task = c.task.as_mut().unwrap();
+        task.args = args;
+        task.env = env.into_iter().map(|(name, value)| EnvVar { name, value }).collect();
         c.heartbeat_interval_seconds = interval;
         prop_assert_eq!(RunConfig::parse(&c.to_bytes()).unwrap(), c);
     }

@@ -1,7 +1,7 @@
 //! The agent status channel: what far-init tells FAR about the agent it runs.
 //!
-//! HTTP routes ([`far_agent_protocol::paths`]) for heartbeats, log batches, the exit code and the
-//! one-time fetch of secret values. Every request carries the agent's own bearer token, an HMAC
+//! HTTP routes ([`far_agent_protocol::paths`]) for heartbeats, log batches, the exit code, the
+//! one-time fetch of secret values, and an idle VM's wait for the claim that gives it its task. Every request carries the agent's own bearer token, an HMAC
 //! of its UID ([`token`]): a token opens only its own agent's routes. Bodies are bounded, each
 //! agent's request rate is bounded, each agent's log buffer is bounded.
 //!
@@ -21,7 +21,7 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use far_agent_protocol::{
-    Enrolment, Exit, Heartbeat, HeartbeatReply, LogBatch, LogLine, Secrets, limits,
+    Claim, Enrolment, Exit, Heartbeat, HeartbeatReply, LogBatch, LogLine, Secrets, limits,
 };
 use tokio::sync::broadcast;
 use tokio::time::Instant;
@@ -107,6 +107,11 @@ pub enum Event {
         /// The lines, in order.
         lines: Vec<LogLine>,
     },
+    /// A pool's idle VM is booted, enrolled and waiting for a claim (said once per VM).
+    Idle {
+        /// The VM's channel id.
+        uid: String,
+    },
     /// The agent exited (said once, however often far-init retries).
     Exited {
         /// The agent's UID.
@@ -125,6 +130,8 @@ pub struct AgentView {
     pub heartbeat: Option<Heartbeat>,
     /// The exit, once reported.
     pub exit: Option<Exit>,
+    /// A pool's idle VM waiting for a claim, none offered yet.
+    pub idle: bool,
 }
 
 #[derive(Default)]
@@ -140,6 +147,13 @@ struct Agent {
     enrolled: bool,
     /// The next heartbeat is answered "stop".
     stop: bool,
+    /// An idle VM has asked for a claim.
+    idle: bool,
+    /// The claim offered to this idle VM: answered to every request for one until the task's
+    /// first heartbeat shows it arrived (an answer lost on the way is answered again).
+    claim: Option<Claim>,
+    /// Wakes this VM's requests waiting for a claim.
+    offered: Arc<tokio::sync::Notify>,
 }
 
 /// Which token a route takes.
@@ -248,6 +262,7 @@ impl Channel {
             .route("/v1/agents/{uid}/logs", post(logs))
             .route("/v1/agents/{uid}/exit", post(exit))
             .route("/v1/agents/{uid}/secrets", get(secrets))
+            .route("/v1/agents/{uid}/claim", get(claim))
             .layer(DefaultBodyLimit::max(limits::REQUEST_BYTES))
             .with_state(self.clone())
     }
@@ -286,12 +301,23 @@ impl Channel {
         self.agents().entry(uid.to_owned()).or_default().secrets = Some(secrets);
     }
 
+    /// Gives the idle VM with channel id `uid` its task: its wait for a claim is answered with
+    /// `claim` at once (or at its next request), and again should it ask again before the
+    /// task's first heartbeat.
+    pub fn offer_claim(&self, uid: &str, claim: Claim) {
+        let mut agents = self.agents();
+        let agent = agents.entry(uid.to_owned()).or_default();
+        agent.claim = Some(claim);
+        agent.offered.notify_waiters();
+    }
+
     /// What is known of an agent.
     pub fn view(&self, uid: &str) -> Option<AgentView> {
         self.agents().get(uid).map(|a| AgentView {
             since_heartbeat: a.last_heartbeat.map(|(at, _)| at.elapsed()),
             heartbeat: a.last_heartbeat.map(|(_, h)| h),
             exit: a.exit.clone(),
+            idle: a.idle && a.claim.is_none(),
         })
     }
 
@@ -417,6 +443,9 @@ async fn heartbeat(
 ) -> Result<Json<HeartbeatReply>, Refusal> {
     let beat = body(parsed)?;
     let (first, stop) = channel.with_agent(&uid, &headers, Credential::Agent, |a| {
+        // A claimed VM's task runs: its claim (and the secret values in it) is not needed again.
+        a.claim = None;
+        a.idle = false;
         (
             a.last_heartbeat.replace((Instant::now(), beat)).is_none(),
             a.stop,
@@ -537,6 +566,39 @@ async fn secrets(
         .with_agent(&uid, &headers, Credential::Agent, |a| a.secrets.take())?
         .map(Json)
         .ok_or(Refusal::NotFound)
+}
+
+/// An idle VM's wait for its claim: answered with the claim as soon as one is offered, or with
+/// 204 after [`limits::CLAIM_WAIT_SECONDS`], and the VM asks again.
+async fn claim(
+    State(channel): State<Channel>,
+    Path(uid): Path<String>,
+    headers: HeaderMap,
+) -> Result<axum::response::Response, Refusal> {
+    use axum::response::IntoResponse;
+    let (first, offered) = channel.with_agent(&uid, &headers, Credential::Agent, |a| {
+        (
+            !std::mem::replace(&mut a.idle, true) && a.claim.is_none(),
+            Arc::clone(&a.offered),
+        )
+    })?;
+    if first {
+        channel.emit(Event::Idle { uid: uid.clone() });
+    }
+    let deadline = Instant::now() + Duration::from_secs(limits::CLAIM_WAIT_SECONDS);
+    loop {
+        // Registered before the claim is looked for, so an offer in between is not missed.
+        let woken = offered.notified();
+        tokio::pin!(woken);
+        woken.as_mut().enable();
+        if let Some(claim) = channel.agents().get(&uid).and_then(|a| a.claim.clone()) {
+            return Ok(Json(claim).into_response());
+        }
+        tokio::select! {
+            () = woken => {}
+            () = tokio::time::sleep_until(deadline) => return Ok(StatusCode::NO_CONTENT.into_response()),
+        }
+    }
 }
 
 #[derive(serde::Deserialize)]

@@ -4,7 +4,8 @@
 use std::time::Duration;
 
 use far_agent_protocol::{
-    Enrolment, EnvVar, Exit, Heartbeat, HeartbeatReply, LogBatch, LogLine, Secrets, Stream, limits,
+    AgentRef, Claim, Enrolment, EnvVar, Exit, Heartbeat, HeartbeatReply, LogBatch, LogLine,
+    Secrets, Stream, Task, limits,
 };
 use far_channel::{Channel, Config, Event, TokenKey};
 use reqwest::StatusCode;
@@ -203,6 +204,93 @@ async fn a_stop_request_is_the_answer_to_the_next_heartbeat() {
         beat_answer().await,
         HeartbeatReply { stop: true },
         "until it stops"
+    );
+}
+
+fn task_claim() -> Claim {
+    Claim {
+        task: Task {
+            agent: AgentRef {
+                namespace: "n".into(),
+                name: "pooled".into(),
+                uid: "agent-uid".into(),
+                attempt: 0,
+            },
+            hostname: "pooled".into(),
+            entrypoint: "/bin/agent".into(),
+            args: vec!["--go".into()],
+            env: vec![],
+            has_secrets: false,
+        },
+        secrets: Secrets {
+            env: vec![EnvVar {
+                name: "API_KEY".into(),
+                value: "sk-1".into(),
+            }],
+            files: vec![],
+        },
+    }
+}
+
+/// An idle VM waits on the channel for its task: it is said to be idle once, its waiting
+/// request is answered the moment a claim is offered, the same claim again if it asks again
+/// before its task reports in, and no longer after; another VM's token gets nothing.
+#[tokio::test]
+async fn an_idle_vm_gets_its_claim_the_moment_it_is_offered_and_only_it() {
+    let (channel, base) = serve(config()).await;
+    let mut events = channel.subscribe();
+    let token = channel.token_for("vm-1");
+    let ask = |token: String| {
+        let url = format!("{base}/v1/agents/vm-1/claim");
+        async move { client().get(url).bearer_auth(token).send().await.unwrap() }
+    };
+    let waiting = tokio::spawn(ask(token.clone()));
+    assert_eq!(
+        tokio::time::timeout(Duration::from_secs(5), events.recv())
+            .await
+            .unwrap()
+            .unwrap(),
+        Event::Idle { uid: "vm-1".into() }
+    );
+    assert!(channel.view("vm-1").unwrap().idle);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(!waiting.is_finished(), "held until a claim comes");
+
+    let offered = std::time::Instant::now();
+    channel.offer_claim("vm-1", task_claim());
+    let answer = tokio::time::timeout(Duration::from_secs(5), waiting)
+        .await
+        .unwrap()
+        .unwrap();
+    println!(
+        "claim offered -> answered: {:.1} ms",
+        offered.elapsed().as_secs_f64() * 1000.0
+    );
+    assert_eq!(answer.status(), StatusCode::OK);
+    assert_eq!(answer.json::<Claim>().await.unwrap(), task_claim());
+    assert!(!channel.view("vm-1").unwrap().idle);
+
+    // The answer lost on its way: asked again, the same claim.
+    let again = ask(token.clone()).await;
+    assert_eq!(again.json::<Claim>().await.unwrap(), task_claim());
+    // Someone else's token: refused, and nothing is said.
+    let foreign = ask(channel.token_for("vm-2")).await;
+    assert_eq!(foreign.status(), StatusCode::UNAUTHORIZED);
+
+    // Its task reports in: the claim (with its secret values) is gone from the channel.
+    assert_eq!(
+        post(&base, "vm-1", "heartbeat", &token, &beat()).await,
+        StatusCode::OK
+    );
+    let next = events.recv().await.unwrap();
+    assert!(
+        matches!(next, Event::Heartbeat { first: true, .. }),
+        "{next:?}"
+    );
+    let later = tokio::time::timeout(Duration::from_millis(300), ask(token)).await;
+    assert!(
+        later.is_err(),
+        "no claim is handed out twice after the task ran"
     );
 }
 

@@ -512,3 +512,135 @@ async fn image_failures_name_their_cause_at_create_or_in_the_failed_vm() {
     let err = host.create(kernel_from("e")).await.unwrap_err();
     assert_eq!(err.to_string(), expected);
 }
+
+/// A pool's idle VM: booted with a run configuration without a task, far-init mounts, brings up
+/// the network, enrols with a real status channel and waits on it. The claim arrives and the
+/// agent starts at once with the claim's task, environment and secret files (the stand-in
+/// embeds the secret file it is given as input).
+#[tokio::test]
+async fn an_idle_vm_runs_the_task_of_the_claim_it_receives() {
+    use base64::Engine as _;
+    use far_agent_protocol::{ChannelConfig, Claim, EnvVar, SecretFile, Secrets};
+    use far_channel::Event;
+
+    let state = tempfile::tempdir().unwrap();
+    let host = qemu_host(state.path()).await;
+    let channel = far_channel::Channel::new(far_channel::Config::new(
+        far_channel::TokenKey::new(vec![7; 32]).unwrap(),
+    ));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    let port = address.port();
+    let router = channel.router();
+    tokio::spawn(async move { axum::serve(listener, router).await });
+    let mut events = channel.subscribe();
+
+    let id = "pool-vm-1";
+    let mut config = run_config(address, &[]);
+    config.task = None;
+    config.channel = ChannelConfig {
+        url: format!("http://169.254.0.2:{port}"),
+        id: id.into(),
+        enrolment_token: channel.enrolment_token_for(id),
+    };
+    let uid = host
+        .create(vm_spec("idle", &config))
+        .await
+        .unwrap()
+        .spec
+        .unwrap()
+        .uid
+        .unwrap();
+    let console = || {
+        std::fs::read_to_string(state.path().join(format!("run/{uid}/console.log")))
+            .unwrap_or_default()
+    };
+    let idle = tokio::time::timeout(Duration::from_secs(120), async {
+        loop {
+            if let Ok(Event::Idle { uid }) = events.recv().await
+                && uid == id
+            {
+                return;
+            }
+        }
+    })
+    .await;
+    assert!(
+        idle.is_ok(),
+        "the VM never waited for a claim: {}",
+        console()
+    );
+    // Idle is idle: nothing runs until a claim comes.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(channel.view(id).unwrap().idle);
+    assert!(channel.view(id).unwrap().heartbeat.is_none());
+
+    let input = "warm claims start at once";
+    let offered = std::time::Instant::now();
+    channel.offer_claim(
+        id,
+        Claim {
+            task: common::task(&["--task", "embedder", "--input", "/run/far-test/input"]),
+            secrets: Secrets {
+                env: vec![EnvVar {
+                    name: "API_KEY".into(),
+                    value: "sk-test".into(),
+                }],
+                files: vec![SecretFile {
+                    path: "/run/far-test/input".into(),
+                    content: base64::engine::general_purpose::STANDARD.encode(input),
+                }],
+            },
+        },
+    );
+    let (mut first_heartbeat, mut embedded, mut exit) = (None, false, None);
+    let followed = tokio::time::timeout(Duration::from_secs(60), async {
+        while exit.is_none() {
+            match events.recv().await {
+                Ok(Event::Heartbeat { uid, .. }) if uid == id => {
+                    first_heartbeat.get_or_insert_with(|| offered.elapsed());
+                }
+                Ok(Event::Logs { uid, lines }) if uid == id => {
+                    embedded |= lines
+                        .iter()
+                        .any(|l| l.text.starts_with("embedding 0 ") && l.text.ends_with(input));
+                }
+                Ok(Event::Exited { uid, exit: e }) if uid == id => exit = Some(e.code),
+                _ => {}
+            }
+        }
+    })
+    .await;
+    assert!(
+        followed.is_ok(),
+        "the claimed task never ended: {}",
+        console()
+    );
+    let first_heartbeat = first_heartbeat.expect("the task reported in");
+    println!(
+        "claim offered -> the task's first heartbeat: {} ms (under QEMU software emulation)",
+        first_heartbeat.as_millis()
+    );
+    assert_eq!(exit, Some(0), "{}", console());
+    assert!(embedded, "the secret file reached the task: {}", console());
+    let console = console();
+    assert!(
+        console.contains("far-init: idle: ") && console.contains("waiting for a claim"),
+        "{console}"
+    );
+    assert!(
+        console.contains("far-init: running agent default/sleeper (attempt 0)"),
+        "{console}"
+    );
+    assert!(
+        !console.contains("sk-test"),
+        "a secret on the console: {console}"
+    );
+    for line in console
+        .lines()
+        .filter(|l| l.starts_with("far-init: boot:") || l.contains("entrypoint started"))
+    {
+        println!("{line}");
+    }
+    host.delete(&uid).unwrap();
+}

@@ -3,7 +3,7 @@
 use std::time::{Duration, Instant};
 
 use far_agent_protocol::{
-    Enrolment, Exit, Heartbeat, HeartbeatReply, RunConfig, Secrets, limits, paths,
+    Claim, Enrolment, Exit, Heartbeat, HeartbeatReply, RunConfig, Secrets, limits, paths,
 };
 use serde::Serialize;
 use ureq::Agent;
@@ -136,6 +136,60 @@ impl Channel {
     /// [`ChannelError`] when unreachable, refused or malformed.
     pub fn secrets(&self) -> Result<Secrets, ChannelError> {
         self.call(paths::SECRETS, None)
+    }
+
+    /// Waits, as a pool's idle VM, for an agent to claim it: asks the channel, which holds the
+    /// request until a claim comes or answers "none yet" (204), and asks again. An unreachable
+    /// channel is asked again after a pause: an idle VM waits until it is claimed or destroyed.
+    ///
+    /// # Errors
+    /// [`ChannelError`] when the channel refuses (4xx) or answers something else than a claim.
+    pub fn wait_for_claim(&self) -> Result<Claim, ChannelError> {
+        let route = paths::CLAIM;
+        let mut delay = Duration::from_millis(100);
+        loop {
+            let sent = self
+                .agent
+                .get(self.url(route))
+                .header("Authorization", &self.authorization)
+                .config()
+                .timeout_global(Some(Duration::from_secs(limits::CLAIM_WAIT_SECONDS + 10)))
+                .build()
+                .call();
+            let mut response = match sent {
+                Ok(response) => response,
+                Err(_) => {
+                    std::thread::sleep(delay);
+                    delay = (delay * 2).min(Duration::from_secs(2));
+                    continue;
+                }
+            };
+            match response.status().as_u16() {
+                200 => {
+                    let body = response
+                        .body_mut()
+                        .with_config()
+                        .limit(limits::REQUEST_BYTES as u64)
+                        .read_to_vec()
+                        .map_err(|source| ChannelError::Transport {
+                            route: route.to_owned(),
+                            source,
+                        })?;
+                    return serde_json::from_slice(&body).map_err(|e| ChannelError::Malformed {
+                        route: route.to_owned(),
+                        detail: e.to_string(),
+                    });
+                }
+                204 => delay = Duration::from_millis(100),
+                status if (400..500).contains(&status) && status != 429 => {
+                    return Err(self.refused(route, status));
+                }
+                _ => {
+                    std::thread::sleep(delay);
+                    delay = (delay * 2).min(Duration::from_secs(2));
+                }
+            }
+        }
     }
 
     /// A GET, or a POST of `body`, whose JSON answer is read within the channel's size bound.

@@ -64,6 +64,9 @@ pub enum Fatal {
     /// Secret values could not be fetched or written.
     #[error("secrets: {0}")]
     Secrets(String),
+    /// An idle VM's wait for a claim failed, or the claim is unusable.
+    #[error("claim: {0}")]
+    Claim(String),
     /// The entrypoint could not be started.
     #[error("starting {entrypoint}: {reason}")]
     Start {
@@ -169,29 +172,42 @@ fn init(channel_out: &mut Option<Arc<Channel>>) -> Result<i32, Fatal> {
     );
     timeline.mark("enrolment");
     *channel_out = Some(Arc::clone(&channel));
+    boot::mount_volumes(&config.mounts).map_err(Fatal::Boot)?;
+
+    let (task, secrets) = match &config.task {
+        Some(task) => {
+            let secrets = if task.has_secrets {
+                channel
+                    .secrets()
+                    .map_err(|e| Fatal::Secrets(e.to_string()))?
+            } else {
+                Secrets::default()
+            };
+            (task.clone(), secrets)
+        }
+        None => {
+            say!("idle: {}; waiting for a claim", timeline.summary());
+            let claim = channel
+                .wait_for_claim()
+                .map_err(|e| Fatal::Claim(e.to_string()))?;
+            claim.task.check()?;
+            timeline.mark("claimed");
+            (claim.task, claim.secrets)
+        }
+    };
     say!(
         "running agent {}/{} (attempt {})",
-        config.agent.namespace,
-        config.agent.name,
-        config.agent.attempt
+        task.agent.namespace,
+        task.agent.name,
+        task.agent.attempt
     );
-
-    if let Err(e) = rustix::system::sethostname(config.hostname.as_bytes()) {
-        say!("cannot set hostname {:?}: {e}", config.hostname);
+    if let Err(e) = rustix::system::sethostname(task.hostname.as_bytes()) {
+        say!("cannot set hostname {:?}: {e}", task.hostname);
     }
-    boot::mount_volumes(&config.mounts).map_err(Fatal::Boot)?;
-    let secrets = if config.has_secrets {
-        let secrets = channel
-            .secrets()
-            .map_err(|e| Fatal::Secrets(e.to_string()))?;
-        boot::write_secret_files(&secrets).map_err(Fatal::Secrets)?;
-        secrets
-    } else {
-        Secrets::default()
-    };
+    boot::write_secret_files(&secrets).map_err(Fatal::Secrets)?;
     timeline.mark("volumes and secrets");
     say!("boot: {}", timeline.summary());
-    run::run_agent(&config, secrets, channel)
+    run::run_agent(&config, &task, secrets, channel)
 }
 
 #[cfg(test)]

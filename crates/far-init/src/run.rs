@@ -9,7 +9,7 @@ use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError, sync
 use std::thread;
 use std::time::{Duration, Instant};
 
-use far_agent_protocol::{LogBatch, LogLine, RunConfig, Secrets, Stream, limits, paths};
+use far_agent_protocol::{LogBatch, LogLine, RunConfig, Secrets, Stream, Task, limits, paths};
 use rustix::process::{Pid, Signal, WaitOptions, kill_process, wait};
 
 use crate::channel::Channel;
@@ -29,6 +29,7 @@ const LOG_DRAIN: Duration = Duration::from_secs(2);
 /// [`Fatal::Start`] when the entrypoint cannot be started.
 pub fn run_agent(
     config: &RunConfig,
+    task: &Task,
     secrets: Secrets,
     channel: Arc<Channel>,
 ) -> Result<i32, Fatal> {
@@ -39,13 +40,12 @@ pub fn run_agent(
         }
     }
 
-    let mut command = Command::new(&config.entrypoint);
+    let mut command = Command::new(&task.entrypoint);
     command
-        .args(&config.args)
+        .args(&task.args)
         .env_clear()
         .envs(
-            config
-                .env
+            task.env
                 .iter()
                 .chain(&secrets.env)
                 .map(|e| (&e.name, &e.value)),
@@ -56,7 +56,7 @@ pub fn run_agent(
         .stderr(Stdio::piped());
     let boot_to_entrypoint_ms = sysinfo::uptime_ms(Path::new("/proc"));
     let mut child = command.spawn().map_err(|e| Fatal::Start {
-        entrypoint: config.entrypoint.clone(),
+        entrypoint: task.entrypoint.clone(),
         reason: e.to_string(),
     })?;
     drop(secrets);
@@ -67,7 +67,7 @@ pub fn run_agent(
         .ok()
         .and_then(Pid::from_raw)
         .ok_or_else(|| Fatal::Start {
-            entrypoint: config.entrypoint.clone(),
+            entrypoint: task.entrypoint.clone(),
             reason: format!("unusable pid {}", child.id()),
         })?;
 

@@ -86,17 +86,19 @@ pub fn run_config(
     let name = VmName::for_agent(agent, attempt)?;
     Ok(far_agent_protocol::RunConfig {
         version: far_agent_protocol::RUN_CONFIG_VERSION,
-        agent: far_agent_protocol::AgentRef {
-            namespace: name.namespace().to_owned(),
-            name: name.name().to_owned(),
-            uid: name.uid().to_owned(),
-            attempt,
-        },
-        hostname: name.name().to_owned(),
-        entrypoint: workload.entrypoint.clone(),
-        args: workload.args.clone(),
-        env,
-        has_secrets,
+        task: Some(far_agent_protocol::Task {
+            agent: far_agent_protocol::AgentRef {
+                namespace: name.namespace().to_owned(),
+                name: name.name().to_owned(),
+                uid: name.uid().to_owned(),
+                attempt,
+            },
+            hostname: name.name().to_owned(),
+            entrypoint: workload.entrypoint.clone(),
+            args: workload.args.clone(),
+            env,
+            has_secrets,
+        }),
         mounts: (0u32..)
             .zip(&workload.volumes)
             .map(|(index, v)| far_agent_protocol::Mount {

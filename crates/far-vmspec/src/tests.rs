@@ -300,16 +300,17 @@ fn the_run_configuration_carries_the_spec_and_parses_back() {
         value: "info".into(),
     }];
     let config = run_config(&agent, &own(&agent), 2, env, true, channel, 30).unwrap();
+    let task = config.task.as_ref().unwrap();
     assert_eq!(
         (
-            config.agent.namespace.as_str(),
-            config.agent.name.as_str(),
-            config.agent.attempt
+            task.agent.namespace.as_str(),
+            task.agent.name.as_str(),
+            task.agent.attempt
         ),
         ("agents", "researcher-02", 2)
     );
     assert_eq!(
-        config.args,
+        task.args,
         ["--task", "research", "--topic", "microvm schedulers"]
     );
     assert_eq!(
@@ -320,7 +321,7 @@ fn the_run_configuration_carries_the_spec_and_parses_back() {
         }]
     );
     assert_eq!(config.heartbeat_interval_seconds, 5);
-    assert!(config.has_secrets);
+    assert!(task.has_secrets);
     assert_eq!(
         far_agent_protocol::RunConfig::parse(&config.to_bytes()).unwrap(),
         config
@@ -407,6 +408,7 @@ fn an_agent_of_a_pool_gets_the_templates_vm_and_its_own_task() {
         enrolment_token: "t".into(),
     };
     let run = run_config(&agent, &workload, 0, vec![], false, channel, 30).unwrap();
-    assert_eq!(run.entrypoint, "/usr/local/bin/tiffany");
-    assert_eq!(run.args, ["--task", "embedder", "--shard", "7"]);
+    let task = run.task.unwrap();
+    assert_eq!(task.entrypoint, "/usr/local/bin/tiffany");
+    assert_eq!(task.args, ["--task", "embedder", "--shard", "7"]);
 }

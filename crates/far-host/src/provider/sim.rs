@@ -22,8 +22,8 @@ use std::time::Duration;
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD;
 use far_agent_protocol::{
-    Enrolment, Exit, Heartbeat, HeartbeatReply, LogBatch, LogLine, RUN_CONFIG_KEY, RunConfig,
-    Secrets, Stream, paths,
+    Claim, Enrolment, Exit, Heartbeat, HeartbeatReply, LogBatch, LogLine, RUN_CONFIG_KEY,
+    RunConfig, Secrets, Stream, limits, paths,
 };
 use flintlock_proto::types::MicroVmSpec;
 use tokio::task::JoinHandle;
@@ -253,9 +253,10 @@ impl Guest {
                 return;
             }
         };
-        let behaviour = Behaviour::from_args(&config.args);
         tokio::time::sleep(boot_delay).await;
-        if behaviour.silent {
+        if let Some(task) = &config.task
+            && Behaviour::from_args(&task.args).silent
+        {
             std::future::pending::<()>().await;
         }
         let Some(token) = enrol(&client, &config).await else {
@@ -268,13 +269,27 @@ impl Guest {
             config: &config,
             token,
         };
-        if config.has_secrets && !channel.fetch_secrets().await {
-            warn!(vm = %self.id, "sim guest: no secret values from the channel; powering off");
-            return;
-        }
+        let task = match &config.task {
+            Some(task) => {
+                if task.has_secrets && !channel.fetch_secrets().await {
+                    warn!(vm = %self.id, "sim guest: no secret values from the channel; powering off");
+                    return;
+                }
+                task.clone()
+            }
+            // A pool's idle VM: booted and enrolled, it waits for a claim as far-init does.
+            None => match channel.wait_for_claim().await {
+                Some(claim) => claim.task,
+                None => {
+                    warn!(vm = %self.id, "sim guest: the channel refused the wait for a claim; powering off");
+                    return;
+                }
+            },
+        };
+        let behaviour = Behaviour::from_args(&task.args);
         let interval = Duration::from_secs(config.heartbeat_interval_seconds.into());
         channel.heartbeat().await;
-        let line = format!("sim: {} {}", config.entrypoint, config.args.join(" "));
+        let line = format!("sim: {} {}", task.entrypoint, task.args.join(" "));
         channel
             .post(
                 paths::LOGS,
@@ -399,6 +414,37 @@ impl Channel<'_> {
         }
     }
 
+    /// Waits for an agent to claim this idle VM, asking again after each empty answer, as
+    /// far-init does; `None` when the channel refuses.
+    async fn wait_for_claim(&self) -> Option<Claim> {
+        let url = format!(
+            "{}{}",
+            self.config.channel.url.trim_end_matches('/'),
+            paths::for_agent(paths::CLAIM, &self.config.channel.id)
+        );
+        loop {
+            let sent = self
+                .client
+                .get(&url)
+                .bearer_auth(&self.token)
+                .timeout(Duration::from_secs(limits::CLAIM_WAIT_SECONDS + 10))
+                .send()
+                .await;
+            match sent {
+                Ok(response) if response.status() == reqwest::StatusCode::OK => {
+                    return response.json::<Claim>().await.ok();
+                }
+                Ok(response) if response.status().is_client_error() => {
+                    debug!(%url, status = %response.status(), "sim guest: claim refused");
+                    return None;
+                }
+                // No claim yet (204), or the channel unreachable for a moment.
+                Ok(_) => {}
+                Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+            }
+        }
+    }
+
     /// Sends a heartbeat; whether the channel asks the agent to stop.
     async fn heartbeat(&self) -> bool {
         let beat = Heartbeat {
@@ -430,7 +476,7 @@ impl Channel<'_> {
             }
             tokio::time::sleep(Duration::from_millis(100 * u64::from(attempt.min(10) + 1))).await;
         }
-        warn!(agent = %self.config.agent.uid, "sim guest: exit never acknowledged");
+        warn!(agent = %self.config.channel.id, "sim guest: exit never acknowledged");
         None
     }
 }

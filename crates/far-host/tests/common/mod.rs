@@ -13,7 +13,7 @@ use axum::routing::post;
 use base64::Engine as _;
 use far_agent_protocol::{
     AgentRef, ChannelConfig, Enrolment, Exit, Heartbeat, HeartbeatReply, LogBatch, RUN_CONFIG_KEY,
-    RunConfig,
+    RunConfig, Task,
 };
 use flintlock_proto::types::{
     Kernel, MicroVmSpec, NetworkInterface, Volume, VolumeSource, network_interface::IfaceType,
@@ -112,9 +112,9 @@ pub async fn channel() -> (SocketAddr, Received) {
     (address, received)
 }
 
-pub fn run_config(channel: SocketAddr, args: &[&str]) -> RunConfig {
-    RunConfig {
-        version: far_agent_protocol::RUN_CONFIG_VERSION,
+/// The stand-in agent with these arguments, as the FarAgent `default/sleeper`.
+pub fn task(args: &[&str]) -> Task {
+    Task {
         agent: AgentRef {
             namespace: "default".into(),
             name: "sleeper".into(),
@@ -126,6 +126,13 @@ pub fn run_config(channel: SocketAddr, args: &[&str]) -> RunConfig {
         args: args.iter().map(|a| (*a).to_owned()).collect(),
         env: vec![],
         has_secrets: false,
+    }
+}
+
+pub fn run_config(channel: SocketAddr, args: &[&str]) -> RunConfig {
+    RunConfig {
+        version: far_agent_protocol::RUN_CONFIG_VERSION,
+        task: Some(task(args)),
         mounts: vec![],
         channel: ChannelConfig {
             url: format!("http://{channel}"),
