@@ -555,18 +555,26 @@ async fn an_idle_vm_runs_the_task_of_the_claim_it_receives() {
         std::fs::read_to_string(state.path().join(format!("run/{uid}/console.log")))
             .unwrap_or_default()
     };
+    // Waits for the VM to say it is idle, or to power off without a word (far-init refused
+    // something: its console says what).
     let idle = tokio::time::timeout(Duration::from_secs(120), async {
         loop {
-            if let Ok(Event::Idle { uid }) = events.recv().await
-                && uid == id
-            {
-                return;
+            tokio::select! {
+                event = events.recv() => if let Ok(Event::Idle { uid }) = event && uid == id {
+                    return true;
+                },
+                () = tokio::time::sleep(Duration::from_millis(500)) => {
+                    let _ = host.get(&uid);
+                    if host_guest_exited(state.path(), &uid) {
+                        return false;
+                    }
+                }
             }
         }
     })
     .await;
     assert!(
-        idle.is_ok(),
+        idle == Ok(true),
         "the VM never waited for a claim: {}",
         console()
     );
