@@ -31,14 +31,14 @@ use crate::Workload;
     ),
     printcolumn = r#"{"name":"Idle","type":"integer","jsonPath":".status.idle","description":"VMs booted and waiting for a claim."}"#,
     printcolumn = r#"{"name":"Busy","type":"integer","jsonPath":".status.busy","description":"VMs running a claimed agent."}"#,
-    printcolumn = r#"{"name":"Desired","type":"integer","jsonPath":".status.desiredIdle","description":"Idle VMs the pool is keeping: spec.replicas if set, else what the autoscaler chose."}"#,
+    printcolumn = r#"{"name":"Desired","type":"integer","jsonPath":".status.desiredIdle","description":"Idle VMs the pool is keeping: the largest of minIdle, spec.replicas and the autoscaler's measure of demand, within maxSize."}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
 #[x_kube(validation = kube::core::Rule::new("self.minIdle <= self.maxSize").message(
     "minIdle must not be greater than maxSize: the pool could never hold that many idle VMs"
 ))]
-#[x_kube(validation = kube::core::Rule::new("!has(self.replicas) || self.replicas <= self.maxSize").message(
-    "replicas (the desired idle VMs) must not be greater than maxSize"
+#[x_kube(validation = kube::core::Rule::new("self.replicas <= self.maxSize").message(
+    "replicas (idle VMs asked for) must not be greater than maxSize"
 ))]
 #[x_kube(validation = kube::core::Rule::new("has(self.template.image) && has(self.template.memory) && has(self.template.cpu)").message(
     "template needs image, memory and cpu: every VM of the pool is booted from them before any agent claims it"
@@ -49,14 +49,15 @@ pub struct FarAgentPoolSpec {
     /// an agent leaves out what the template says, or says the same for the VM's shape.
     pub template: Workload,
 
-    /// Idle VMs to keep, exactly (within maxSize). Written by `kubectl scale`, a
-    /// HorizontalPodAutoscaler or KEDA through the scale subresource; when set, it replaces
-    /// minIdle and the built-in autoscaler. Unset: the built-in autoscaler decides.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// Idle VMs asked for from outside: what `kubectl scale`, a HorizontalPodAutoscaler or
+    /// KEDA write through the scale subresource. The pool keeps the largest of minIdle, this
+    /// and what its own autoscaler measures demand to be, within maxSize. Defaults to 0, so
+    /// the scale subresource always has a value to read.
+    #[serde(default)]
     #[schemars(range(max = 10000))]
-    pub replicas: Option<u32>,
+    pub replicas: u32,
 
-    /// Idle VMs the built-in autoscaler keeps at the least, however few claims arrive.
+    /// Idle VMs kept at the least, however few claims arrive.
     #[serde(default)]
     #[schemars(range(max = 10000))]
     pub min_idle: u32,
@@ -117,7 +118,8 @@ pub struct FarAgentPoolStatus {
     #[serde(default)]
     pub busy: u32,
 
-    /// Idle VMs the pool is keeping now: spec.replicas if set, else the autoscaler's choice.
+    /// Idle VMs the pool is keeping now: the largest of minIdle, spec.replicas and the
+    /// autoscaler's measure of demand, within maxSize.
     #[serde(default)]
     pub desired_idle: u32,
 

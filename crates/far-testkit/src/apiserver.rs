@@ -856,6 +856,9 @@ fn answer(
         manager: managed_fields::manager(q.get("fieldManager").map(String::as_str), headers),
         operation: if is_apply(headers) { "Apply" } else { "Update" },
     };
+    if target.subresource.as_deref() == Some("scale") {
+        return scale(shared, verb, target, q, headers, body, &writer());
+    }
     match verb {
         "list" => list(shared, target, q),
         "watch" => watch(shared, target, q),
@@ -1432,6 +1435,170 @@ fn write(
     );
     let stored = commit(inner, shared, target, &name, next, "MODIFIED");
     warned(ok(StatusCode::OK, &stored), &warnings)
+}
+
+/// Where a custom resource's scale subresource reads and writes, from its CRD (as
+/// kube-apiserver reads them): spec replicas, status replicas and label selector, as JSON
+/// pointers. `None`: the kind has no scale subresource.
+fn scale_paths(kind: &Kind) -> Option<[Option<String>; 3]> {
+    let pointer = |path: &str| path.replace('.', "/");
+    far_api::crds().into_iter().find_map(|crd| {
+        let scale = crd
+            .spec
+            .versions
+            .iter()
+            .find(|v| v.name == kind.version)?
+            .subresources
+            .as_ref()?
+            .scale
+            .clone()?;
+        (crd.spec.group == kind.group && crd.spec.names.plural == kind.plural).then(|| {
+            [
+                Some(pointer(&scale.spec_replicas_path)),
+                Some(pointer(&scale.status_replicas_path)),
+                scale.label_selector_path.as_deref().map(pointer),
+            ]
+        })
+    })
+}
+
+/// The `autoscaling/v1` Scale of `object`, as kube-apiserver builds it: 500 while the spec
+/// replicas field is unset.
+fn scale_of(object: &Value, paths: &[Option<String>; 3]) -> Result<Value, Box<Response>> {
+    let [spec, status_replicas, selector] = paths;
+    let spec_path = spec.clone().unwrap_or_default();
+    let Some(replicas) = object.pointer(&spec_path).and_then(Value::as_i64) else {
+        return Err(Box::new(status(
+            500,
+            "InternalError",
+            format!(
+                "Internal error occurred: the spec replicas field {:?} does not exist",
+                spec_path.replace('/', ".")
+            ),
+            json!({"causes": [{"message": format!("the spec replicas field {:?} does not exist", spec_path.replace('/', "."))}]}),
+        )));
+    };
+    let meta = &object["metadata"];
+    let mut scale = json!({
+        "kind": "Scale", "apiVersion": "autoscaling/v1",
+        "metadata": {"name": meta["name"], "namespace": meta["namespace"], "uid": meta["uid"],
+            "resourceVersion": meta["resourceVersion"], "creationTimestamp": meta["creationTimestamp"]},
+        "spec": {},
+        "status": {"replicas": status_replicas.as_deref().and_then(|p| object.pointer(p)).and_then(Value::as_i64).unwrap_or(0)},
+    });
+    // autoscaling/v1 omits zero replicas in spec.
+    if replicas != 0 {
+        scale["spec"]["replicas"] = json!(replicas);
+    }
+    if let Some(sel) = selector.as_deref().and_then(|p| object.pointer(p)) {
+        scale["status"]["selector"] = sel.clone();
+    }
+    Ok(scale)
+}
+
+/// The scale subresource: GET answers the Scale; a merge patch or an update of the Scale sets
+/// the object's spec replicas through the object's own admission (so its CEL rules refuse
+/// what they refuse), and answers the new Scale.
+fn scale(
+    shared: &Shared,
+    verb: &str,
+    target: &Target,
+    q: &HashMap<String, String>,
+    headers: &HeaderMap,
+    body: &[u8],
+    writer: &Writer,
+) -> Response {
+    let Some(paths) = scale_paths(target.kind) else {
+        return (StatusCode::NOT_FOUND, "404 page not found").into_response();
+    };
+    let name = target.name.clone().unwrap_or_default();
+    let mut inner = lock(shared);
+    let Some(current) = inner.objects.get(&key(target, &name)).cloned() else {
+        return not_found(target.kind, &name);
+    };
+    let mut scale = match scale_of(&current, &paths) {
+        Ok(scale) => scale,
+        Err(response) => return *response,
+    };
+    let sent: Value = match verb {
+        "get" => return ok(StatusCode::OK, &scale),
+        "patch" | "update" => match serde_json::from_slice(body) {
+            Ok(sent) => sent,
+            Err(_) => {
+                return status(
+                    400,
+                    "BadRequest",
+                    "the object provided is not JSON".into(),
+                    Value::Null,
+                );
+            }
+        },
+        _ => {
+            return status(
+                405,
+                "MethodNotAllowed",
+                format!("{verb} is not supported on the scale subresource"),
+                Value::Null,
+            );
+        }
+    };
+    let merge = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|t| t.starts_with("application/merge-patch+json"));
+    if verb == "patch" && !merge {
+        return status(
+            415,
+            "UnsupportedMediaType",
+            "the fake serves merge patches of the scale subresource only".into(),
+            Value::Null,
+        );
+    }
+    if let Some(rv) = sent
+        .pointer("/metadata/resourceVersion")
+        .and_then(Value::as_str)
+        .filter(|rv| !rv.is_empty())
+        && Some(rv)
+            != current
+                .pointer("/metadata/resourceVersion")
+                .and_then(Value::as_str)
+    {
+        return conflict(target.kind, &name);
+    }
+    if verb == "patch" {
+        json_patch::merge(&mut scale, &sent);
+    } else {
+        scale = sent;
+    }
+    let replicas = scale
+        .pointer("/spec/replicas")
+        .and_then(Value::as_i64)
+        .unwrap_or(0);
+    let mut candidate = current.clone();
+    if let Some(slot) = paths[0].as_deref().and_then(|p| candidate.pointer_mut(p)) {
+        *slot = json!(replicas);
+    }
+    let written = write(
+        shared,
+        &mut inner,
+        target,
+        &current,
+        candidate,
+        writer,
+        FieldValidation::new(q, false),
+    );
+    if !written.status().is_success() {
+        return written;
+    }
+    match inner
+        .objects
+        .get(&key(target, &name))
+        .map(|stored| scale_of(stored, &paths))
+    {
+        Some(Ok(scale)) => ok(StatusCode::OK, &scale),
+        Some(Err(response)) => *response,
+        None => not_found(target.kind, &name),
+    }
 }
 
 fn update(

@@ -67,6 +67,7 @@ pub const EXCLUDED: &[(&str, &str)] = &[
 
 const AGENTS: &str = "/apis/tiffany.dev/v1/namespaces/{ns}/faragents";
 const HOSTS: &str = "/apis/tiffany.dev/v1/flintlockhosts";
+const POOLS: &str = "/apis/tiffany.dev/v1/namespaces/{ns}/faragentpools";
 const LEASES: &str = "/apis/coordination.k8s.io/v1/namespaces/{ns}/leases";
 const EVENTS: &str = "/apis/events.k8s.io/v1/namespaces/{ns}/events";
 const JSON: &str = "application/json";
@@ -212,6 +213,8 @@ pub fn script() -> Vec<Step> {
     let host = "far-conformance-{run}-h1";
     let host_path = &format!("{HOSTS}/{host}");
     let lease_path = &format!("{LEASES}/far-agent-controller");
+    let pool = &format!("{POOLS}/p1");
+    let pool_scale = &format!("{pool}/scale");
     let mut bad_agent = agent("bad");
     bad_agent["spec"]["cpu"] = json!(0);
     bad_agent["spec"]["entrypoint"] = json!("bin/sh");
@@ -464,6 +467,43 @@ pub fn script() -> Vec<Step> {
             &json!({"preconditions": {"uid": "{uid:create-a3}", "resourceVersion": "{rv:create-a3}"}}),
         ),
         delete("delete-missing", a3, &json!({})),
+        // A FarAgentPool's scale subresource, as kubectl scale and autoscalers use it: read,
+        // written, refused by the pool's own CEL rules, fenced by resourceVersion.
+        post(
+            "create-pool",
+            POOLS,
+            &json!({"apiVersion": "tiffany.dev/v1", "kind": "FarAgentPool",
+                "metadata": {"name": "p1"},
+                "spec": {"maxSize": 5, "template": {"image": "busybox:1", "memory": "512Mi", "cpu": 1}}}),
+        )
+        .keep(&["/spec/replicas", "/spec/minIdle", "/spec/idleTimeoutSeconds", "/spec/reuse"]),
+        get("pool-scale", pool_scale).keep(&[
+            "/kind",
+            "/apiVersion",
+            "/metadata/name",
+            "/metadata/resourceVersion",
+            "/spec",
+            "/status",
+        ]),
+        merge("pool-scale-up", pool_scale, &json!({"spec": {"replicas": 3}}))
+            .keep(&["/spec", "/status", "/metadata/resourceVersion"]),
+        get("pool-after-scale", pool).keep(&["/spec/replicas", "/metadata/generation"]),
+        merge("pool-scale-past-max", pool_scale, &json!({"spec": {"replicas": 40}})),
+        put(
+            "pool-scale-stale",
+            pool_scale,
+            &json!({"apiVersion": "autoscaling/v1", "kind": "Scale",
+                "metadata": {"name": "p1", "namespace": "{ns}", "resourceVersion": "{rv:create-pool}"},
+                "spec": {"replicas": 1}}),
+        ),
+        put(
+            "pool-scale-put",
+            pool_scale,
+            &json!({"apiVersion": "autoscaling/v1", "kind": "Scale",
+                "metadata": {"name": "p1", "namespace": "{ns}", "resourceVersion": "{rv:pool-scale-up}"},
+                "spec": {"replicas": 0}}),
+        )
+        .keep(&["/spec", "/status"]),
         // Leader election on a Lease.
         get("lease-get-missing", lease_path),
         post(
