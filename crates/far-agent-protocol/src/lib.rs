@@ -37,6 +37,9 @@ pub mod limits {
     pub const MESSAGE_BYTES: usize = 1024;
     /// How long the channel holds an idle VM's request for a claim before answering 204.
     pub const CLAIM_WAIT_SECONDS: u64 = 25;
+    /// How long a guest keeps trying to enrol while the channel cannot be reached (a controller
+    /// restarting, under load, may take that long to serve it again).
+    pub const ENROL_SECONDS: u64 = 30;
 }
 
 /// An agent's id on the channel: its UID and attempt, so the reports of an earlier run's VM

@@ -23,7 +23,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use far_agent_protocol::{Exit, RUN_CONFIG_KEY, RunConfig, Secrets};
+use far_agent_protocol::{Exit, RUN_CONFIG_KEY, RunConfig, Secrets, limits};
 
 use crate::channel::Channel;
 use crate::metadata::Metadata;
@@ -167,7 +167,7 @@ fn init(channel_out: &mut Option<Arc<Channel>>) -> Result<i32, Fatal> {
     let config = RunConfig::parse(&bytes)?;
     timeline.mark("metadata");
     let channel = Arc::new(
-        Channel::enrol(&config, Duration::from_secs(30))
+        Channel::enrol(&config, Duration::from_secs(limits::ENROL_SECONDS))
             .map_err(|e| Fatal::Enrol(e.to_string()))?,
     );
     timeline.mark("enrolment");

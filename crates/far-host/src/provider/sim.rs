@@ -334,14 +334,16 @@ impl Guest {
 }
 
 /// Exchanges the run configuration's enrolment token for the agent's token, as far-init does:
-/// retried while the channel cannot be reached, given up when it refuses.
+/// retried while the channel cannot be reached (as long as far-init tries), given up when it
+/// refuses.
 async fn enrol(client: &reqwest::Client, config: &RunConfig) -> Option<String> {
     let url = format!(
         "{}{}",
         config.channel.url.trim_end_matches('/'),
         paths::for_agent(paths::ENROL, &config.channel.id)
     );
-    for _ in 0..50 {
+    let tries = far_agent_protocol::limits::ENROL_SECONDS * 1000 / 200;
+    for _ in 0..tries {
         let sent = client
             .post(&url)
             .bearer_auth(&config.channel.enrolment_token)
