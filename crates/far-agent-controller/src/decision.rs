@@ -106,6 +106,9 @@ pub enum Placement {
         message: String,
         /// Already recorded on the agent (its binding): its VM may exist there.
         bound: bool,
+        /// The idle VM of the agent's pool taken for it (its Flintlock name), reserved so no
+        /// other agent can take it; none: the agent boots its own VM.
+        claimed: Option<String>,
     },
     /// No host fits; why, for each.
     Unschedulable(String),
@@ -128,6 +131,9 @@ pub struct Observation<'a> {
     pub deleting_since: Option<Timestamp>,
     /// The current VM, when the agent has one or a host to ask.
     pub vm: Option<Vm>,
+    /// The idle VM of its pool the current attempt claimed (its binding says so): the agent's
+    /// VM, which is never created for it, and whose guest is offered the task.
+    pub claimed: Option<&'a str>,
     /// The guest's reports for the current attempt.
     pub guest: Guest,
     /// Whether what it runs, and in what VM, could be decided (`far_api::workload`): `Err`
@@ -182,6 +188,9 @@ pub enum Action {
         /// The attempt, from 0.
         attempt: u32,
     },
+    /// Offer the agent's task to the idle VM it claimed (the channel answers the VM's wait for
+    /// a claim with it, and again until the task's first heartbeat).
+    OfferClaim,
     /// Ask the current attempt's guest to stop its agent (the answer to its next heartbeat).
     StopGuest,
     /// Delete the VM with this Flintlock uid.
@@ -405,6 +414,7 @@ pub fn decide(o: &Observation<'_>) -> Decision {
             host,
             vm,
             bound: false,
+            claimed,
             ..
         }) = &o.placement
         {
@@ -412,6 +422,7 @@ pub fn decide(o: &Observation<'_>) -> Decision {
                 attempt: o.status.restart_count,
                 host: host.clone(),
                 vm: *vm,
+                claimed: claimed.clone(),
             }));
         }
         b.status = o.status.clone();
@@ -493,12 +504,14 @@ pub fn decide(o: &Observation<'_>) -> Decision {
                 vm,
                 message,
                 bound,
+                claimed,
             }) => {
                 if !bound {
                     unbound = Some(Binding {
                         attempt: b.status.restart_count,
                         host: host.clone(),
                         vm: *vm,
+                        claimed: claimed.clone(),
                     });
                 }
                 b.status.host = Some(host.clone());
@@ -616,6 +629,25 @@ pub fn decide(o: &Observation<'_>) -> Decision {
                     None,
                 );
             }
+            if let Some(claim) = unbound.as_ref().and_then(|u| u.claimed.clone()) {
+                // The claim goes on record first; the next pass finds the VM and offers it
+                // the task.
+                b.actions.extend(unbound.map(Action::Bind));
+                b.phase(
+                    Phase::Pending,
+                    AgentReason::Provisioning,
+                    format!("claiming idle VM {claim} of pool {}", pool_name(o.spec)),
+                );
+                return b.done(Some(Duration::ZERO));
+            }
+            if let Some(claim) = o.claimed {
+                let message = format!(
+                    "idle VM {claim} of pool {} is gone from host {}; it never took the claim",
+                    pool_name(o.spec),
+                    b.status.host.as_deref().unwrap_or("?")
+                );
+                return b.fail(AgentReason::VMFailed, message, None);
+            }
             let attempt = b.status.restart_count;
             b.actions.extend(unbound.map(Action::Bind));
             b.actions.push(Action::CreateVm { attempt });
@@ -677,13 +709,18 @@ pub fn decide(o: &Observation<'_>) -> Decision {
                 b.status.vm_state = Some(state.as_str().to_owned());
             }
             if first_sight {
-                let message = vm_on_host(uid, &b.status);
-                b.condition(
-                    agent_condition::VM_CREATED,
-                    true,
-                    AgentReason::Booting,
-                    &message,
-                );
+                let (reason, message) = match o.claimed {
+                    Some(_) => (
+                        AgentReason::WarmStart,
+                        format!(
+                            "claimed idle VM {uid} of pool {} on host {}",
+                            pool_name(o.spec),
+                            b.status.host.as_deref().unwrap_or("?")
+                        ),
+                    ),
+                    None => (AgentReason::Booting, vm_on_host(uid, &b.status)),
+                };
+                b.condition(agent_condition::VM_CREATED, true, reason, &message);
                 b.event(false, "VMCreated", message);
             }
             match state {
@@ -753,6 +790,9 @@ pub fn decide(o: &Observation<'_>) -> Decision {
                         if waited >= timeout {
                             return b.fail(AgentReason::BootTimeout, format!("the agent's init did not report in within {} s of the VM's creation", timeout.as_secs()), None);
                         }
+                        if o.claimed.is_some() {
+                            b.actions.push(Action::OfferClaim);
+                        }
                         b.phase(Phase::Pending, AgentReason::Booting, booting(uid));
                         b.done(Some((timeout - waited).min(Duration::from_secs(5))))
                     }
@@ -760,6 +800,11 @@ pub fn decide(o: &Observation<'_>) -> Decision {
             }
         }
     }
+}
+
+/// The pool an agent claims from, for messages.
+fn pool_name(spec: &FarAgentSpec) -> &str {
+    spec.pool_ref.as_ref().map_or("?", |r| r.name.as_str())
 }
 
 /// The message of an agent whose VM exists and whose init has not reported in yet.

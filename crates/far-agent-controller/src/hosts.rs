@@ -2,15 +2,17 @@
 //! placed on them, and their VMs checked for orphans.
 //!
 //! One pass every [`PROBE_INTERVAL`]: each host is asked for every VM in FAR's Flintlock
-//! namespace. An answer makes it Ready; silence makes it not Ready. Any VM whose owner (read
-//! from its name, [`far_vmspec::VmName`]) is no FarAgent, or is an earlier attempt of one, is
-//! deleted. Host status is written only when it changes, plus `lastProbeTime` once a minute.
+//! namespace. An answer makes it Ready; silence makes it not Ready. The VMs of live
+//! FarAgentPools are handed to the pool manager ([`crate::pools`]), and so are those agents
+//! claimed; of the rest, any VM whose owner (read from its name, [`far_vmspec::VmName`]) is no
+//! FarAgent, or is an earlier attempt of one, is deleted. Host status is written only when it
+//! changes, plus `lastProbeTime` once a minute.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use far_api::{Allocated, FlintlockHost, FlintlockHostStatus, host_condition};
+use far_api::{Allocated, FlintlockHost, FlintlockHostStatus, VmSize, host_condition};
 use far_vmspec::VmName;
 use flintlock_proto::types::micro_vm_status::MicroVmState;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
@@ -22,7 +24,6 @@ use serde_json::json;
 use tracing::{info, warn};
 
 use crate::conditions;
-use crate::placement::held;
 use crate::reconcile::Context;
 
 /// How often hosts are probed.
@@ -57,12 +58,14 @@ pub async fn probe_all(ctx: &Context) {
             })
             .set(i64::try_from(count).unwrap_or(i64::MAX));
     }
-    let held = held(agents.iter().map(AsRef::as_ref));
+    let held = ctx.held();
+    let pools: HashSet<String> = ctx.pools.state().iter().filter_map(|p| p.uid()).collect();
     for host in ctx.hosts.state() {
         let name = host.name_any();
         let credentials = crate::reconcile::host_credentials(ctx, &host)
             .await
             .unwrap_or_default();
+        let asked = std::time::Instant::now();
         let probe = ctx
             .flintlock
             .list(&host, &credentials, &ctx.config.defaults.namespace, None)
@@ -79,9 +82,12 @@ pub async fn probe_all(ctx: &Context) {
                 // reconcile of an agent already in the cache, so no VM is younger than its owner here.
                 let owners = owners(ctx);
                 note_ended(ctx, &host, &credentials).await;
-                if ctx.agents_ready() {
-                    let listed: Vec<Listed> = vms.iter().filter_map(Listed::of).collect();
-                    for (vm, why) in surplus(&listed, &owners) {
+                let listed: Vec<Listed> = vms.iter().filter_map(Listed::of).collect();
+                // Pools' VMs too only once the pools are known: a live pool's VMs are not orphans.
+                if ctx.agents_ready() && ctx.pools_ready() {
+                    ctx.pool_vms.listed(&name, &listed, &pools, asked);
+                    let claimed = ctx.pool_vms.claimed();
+                    for (vm, why) in surplus(&listed, &owners, &pools, &claimed) {
                         info!(host = %name, vm = %vm.uid, id = %vm.id, why = why.as_str(), "deleting a VM no agent keeps");
                         if let Surplus::Duplicate(kept) = &why {
                             tell_duplicate(ctx, vm, kept, &name).await;
@@ -155,7 +161,7 @@ pub async fn note_ended(
         let Some(owner) = VmName::parse(&guest.id) else {
             continue;
         };
-        if let Some(agent) = ctx.agent_by_uid(&owner.uid)
+        if let Some(agent) = ctx.agent_by_run(&owner.channel_id())
             && !agent
                 .status
                 .as_ref()
@@ -245,6 +251,8 @@ pub struct Listed {
     pub id: String,
     /// Already being deleted.
     pub deleting: bool,
+    /// Its size.
+    pub size: VmSize,
 }
 
 impl Listed {
@@ -257,6 +265,10 @@ impl Listed {
                 .status
                 .as_ref()
                 .is_some_and(|s| s.state == MicroVmState::Deleting as i32),
+            size: VmSize {
+                vcpu: u32::try_from(spec.vcpu).unwrap_or_default(),
+                memory_mib: u32::try_from(spec.memory_in_mb).unwrap_or_default(),
+            },
         })
     }
 }
@@ -299,7 +311,9 @@ impl Surplus {
     }
 }
 
-/// The VMs of one host's list that no agent keeps, and why: a finished agent keeps none; an
+/// The VMs of one host's list that no agent keeps, and why. The VMs of live pools (`pools`,
+/// UIDs) are the pool manager's, and a pool's VM that an agent claimed (`claimed`, channel ids)
+/// is that agent's until its reconcile deletes it. Otherwise a finished agent keeps none; an
 /// unfinished one keeps the VM of its current attempt that its status records, or, before status records one, the oldest of that
 /// name on the host (the one a reconcile adopts). Every other VM of the attempt is a duplicate,
 /// on this host or any other. VMs of attempts later than the cache knows are left alone (the
@@ -307,6 +321,8 @@ impl Surplus {
 pub fn surplus<'a>(
     vms: &'a [Listed],
     owners: &HashMap<String, Owner>,
+    pools: &HashSet<String>,
+    claimed: &HashSet<String>,
 ) -> Vec<(&'a Listed, Surplus)> {
     let mut oldest: HashMap<&str, &str> = HashMap::new();
     for vm in vms.iter().filter(|vm| !vm.deleting) {
@@ -319,6 +335,9 @@ pub fn surplus<'a>(
         .filter(|vm| !vm.deleting)
         .filter_map(|vm| {
             let name = VmName::parse(&vm.id)?;
+            if pools.contains(&name.uid) || claimed.contains(&name.channel_id()) {
+                return None;
+            }
             let why = match owners.get(&name.uid) {
                 None => Surplus::Orphan,
                 Some(owner) if owner.finished => Surplus::Finished,
@@ -346,7 +365,7 @@ async fn tell_duplicate(ctx: &Context, vm: &Listed, kept: &Option<String>, host:
     let Some(owner) = VmName::parse(&vm.id) else {
         return;
     };
-    let Some(agent) = ctx.agent_by_uid(&owner.uid) else {
+    let Some(agent) = ctx.agent_by_run(&owner.channel_id()) else {
         return;
     };
     let kept = kept.as_deref().unwrap_or("another");
@@ -369,6 +388,9 @@ pub async fn run(ctx: Arc<Context>) {
     loop {
         ticks.tick().await;
         probe_all(&ctx).await;
+        if ctx.pools_ready() {
+            ctx.pool_vms.mark_listed();
+        }
     }
 }
 
@@ -383,6 +405,10 @@ mod tests {
             uid: uid.into(),
             id: format!("ns.agent.{attempt}.{A}"),
             deleting: false,
+            size: VmSize {
+                vcpu: 1,
+                memory_mib: 512,
+            },
         }
     }
 
@@ -398,7 +424,7 @@ mod tests {
     }
 
     fn judged(vms: &[Listed], owners: &HashMap<String, Owner>) -> Vec<(String, Surplus)> {
-        surplus(vms, owners)
+        surplus(vms, owners, &HashSet::new(), &HashSet::new())
             .into_iter()
             .map(|(vm, why)| (vm.uid.clone(), why))
             .collect()
@@ -453,6 +479,30 @@ mod tests {
         assert_eq!(
             judged(&[vm("01A", 0)], &finished),
             [("01A".to_owned(), Surplus::Finished)]
+        );
+    }
+
+    /// A live pool's VMs are the pool manager's; a dead pool's are orphans unless an agent
+    /// claimed them, and then they are that agent's.
+    #[test]
+    fn pool_vms_are_left_to_their_pool_or_their_claimant() {
+        const P: &str = "0123abcd-0000-4000-8000-00000000000p";
+        let pool_vm = |serial: u32| Listed {
+            id: format!("ns.warm.{serial}.{P}"),
+            uid: format!("01P{serial}"),
+            ..vm("x", 0)
+        };
+        let vms = [pool_vm(1), pool_vm(2)];
+        let live = HashSet::from([P.to_owned()]);
+        let none = HashSet::new();
+        assert!(surplus(&vms, &HashMap::new(), &live, &none).is_empty());
+        let claimed = HashSet::from([format!("{P}.2")]);
+        assert_eq!(
+            surplus(&vms, &HashMap::new(), &none, &claimed)
+                .into_iter()
+                .map(|(vm, why)| (vm.uid.clone(), why))
+                .collect::<Vec<_>>(),
+            [("01P1".to_owned(), Surplus::Orphan)]
         );
     }
 }

@@ -2,6 +2,7 @@
 //!
 //! - [`decision`]: the pure reconcile decision, property-tested;
 //! - [`placement`]: which FlintlockHost an agent goes to;
+//! - [`pools`]: the idle VMs of FarAgentPools, and the claims that take them;
 //! - [`conditions`]: standard conditions merged by type;
 //! - [`reconcile`]: the shell that observes, decides and acts;
 //! - [`flintlock`]: per-host Flintlock clients with deadlines and retries;
@@ -19,5 +20,6 @@ pub mod leader;
 pub mod logs;
 pub mod metrics;
 pub mod placement;
+pub mod pools;
 pub mod reconcile;
 pub mod run;

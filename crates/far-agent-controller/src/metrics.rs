@@ -73,6 +73,8 @@ pub struct Metrics {
     pub heartbeats: Counter,
     /// Agents with a poolRef given a VM, by whether it was an idle one.
     pub pool_claims: Family<ClaimLabels, Counter>,
+    /// VMs of every FarAgentPool (idle, booting and claimed) the controller knows.
+    pub pool_vms: Gauge,
     ready: AtomicBool,
 }
 
@@ -127,6 +129,12 @@ impl Default for Metrics {
             "FarAgents with a poolRef given a VM: warm (an idle VM of the pool) or cold (booted for the agent)",
             pool_claims.clone(),
         );
+        let pool_vms = Gauge::default();
+        registry.register(
+            "pool_vms",
+            "VMs of every FarAgentPool the controller knows: idle, booting and claimed",
+            pool_vms.clone(),
+        );
         let guest_memory = Histogram::new(exponential_buckets(16.0 * 1024.0 * 1024.0, 2.0, 12));
         registry.register(
             "guest_memory_used_bytes",
@@ -151,6 +159,7 @@ impl Default for Metrics {
             guest_memory,
             heartbeats,
             pool_claims,
+            pool_vms,
             ready: AtomicBool::new(false),
         }
     }

@@ -88,6 +88,7 @@ pub fn bound(workload: &ResolvedWorkload, binding: &Binding, hosts: &[HostView])
         vm: binding.vm,
         message,
         bound: true,
+        claimed: binding.claimed.clone(),
     }
 }
 
@@ -150,6 +151,7 @@ pub fn place(
             vm: sizing.vm,
             message: sizing.describe(&host.name),
             bound: false,
+            claimed: None,
         },
         None if hosts.is_empty() => Placement::Unschedulable("no FlintlockHost exists".into()),
         None => {
@@ -302,6 +304,7 @@ mod tests {
                     vcpu: 1,
                     memory_mib: 1024,
                 },
+                claimed: None,
             }
             .to_annotation(),
         )]));

@@ -6,7 +6,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use base64::Engine as _;
-use far_agent_protocol::{ChannelConfig, EnvVar, RUN_CONFIG_KEY, SecretFile, Secrets, channel_id};
+use far_agent_protocol::{
+    ChannelConfig, Claim, EnvVar, RUN_CONFIG_KEY, SecretFile, Secrets, channel_id,
+};
 use far_api::workload::{ResolvedWorkload, Template};
 use far_api::{
     AgentReason, FINALIZER, FarAgent, FarAgentPool, FarAgentStatus, FlintlockHost, GuestUsage,
@@ -27,7 +29,7 @@ use tracing::{info, warn};
 
 use crate::decision::{self, Action, Guest, Observation, Vm, VmState};
 use crate::flintlock::{Credentials, FlintlockError, Pool};
-use crate::placement::{HostView, bound, held, place};
+use crate::placement::{Held, HostView, bound, held, place};
 
 /// What the controller decides for every agent.
 #[derive(Clone, Debug)]
@@ -106,6 +108,8 @@ pub struct Context {
     pub unsent: Mutex<std::collections::HashSet<String>>,
     /// Reconciles failed in a row, by agent UID.
     pub failures: Mutex<HashMap<String, u32>>,
+    /// The pools' VMs, and which agents hold them.
+    pub pool_vms: crate::pools::PoolVms,
 }
 
 /// How long a host's refusal to create an attempt's VM keeps the attempt off that host. Then
@@ -230,6 +234,31 @@ impl Context {
     pub fn pools_ready(&self) -> bool {
         use futures::FutureExt as _;
         self.pools.wait_until_ready().now_or_never().is_some()
+    }
+
+    /// The UID of the agent whose run has channel id `id`: the holder of a claimed pool VM,
+    /// else the UID the id starts with ([`channel_id`]).
+    pub fn run_owner(&self, id: &str) -> String {
+        self.pool_vms
+            .holder(id)
+            .unwrap_or_else(|| id.rsplit_once('.').map_or(id, |(uid, _)| uid).to_owned())
+    }
+
+    /// The cached FarAgent whose run has channel id `id`.
+    pub fn agent_by_run(&self, id: &str) -> Option<Arc<FarAgent>> {
+        self.agent_by_uid(&self.run_owner(id))
+    }
+
+    /// What every host holds: its agents' VMs, and the pools' VMs no agent holds.
+    pub fn held(&self) -> HashMap<String, Held> {
+        let agents = self.agents.state();
+        let mut by_host = held(agents.iter().map(AsRef::as_ref));
+        for (host, pool) in self.pool_vms.held_by_host() {
+            let h = by_host.entry(host).or_default();
+            h.cpu += pool.cpu;
+            h.memory_mib += pool.memory_mib;
+        }
+        by_host
     }
 
     /// The cached FarAgent with this UID: through the index reconciles keep, else looked for
@@ -394,17 +423,35 @@ fn vm_state(vm: &flintlock_proto::types::MicroVm) -> VmState {
     }
 }
 
+/// The channel id of the agent's current run: the claimed VM's own when the attempt claimed an
+/// idle VM of its pool (the guest enrolled under it before it had a task), else the agent's
+/// UID and attempt.
+pub fn run_id(agent: &FarAgent) -> String {
+    let claimed = agent
+        .binding()
+        .and_then(|b| b.claimed)
+        .and_then(|vm| VmName::parse(&vm));
+    match claimed {
+        Some(owner) => owner.channel_id(),
+        None => channel_id(
+            &agent.uid().unwrap_or_default(),
+            agent.status.as_ref().map_or(0, |s| s.restart_count),
+        ),
+    }
+}
+
 fn vm_uid(vm: &flintlock_proto::types::MicroVm) -> Option<String> {
     vm.spec.as_ref().and_then(|s| s.uid.clone())
 }
 
-/// Asks the agent's host about its current VM: by uid when recorded, else by name (adopting a
-/// VM created by a reconcile whose status write was lost).
+/// Asks the agent's host about its current VM: by uid when recorded, else by name (the idle VM
+/// it claimed, or one created by a reconcile whose status write was lost).
 async fn observe_vm(
     ctx: &Context,
     agent: &FarAgent,
     status: &FarAgentStatus,
     host_name: &str,
+    claimed: Option<&str>,
 ) -> Result<Vm, Error> {
     let Some(host) = host_object(ctx, host_name) else {
         return Ok(Vm::Unknown {
@@ -419,14 +466,19 @@ async fn observe_vm(
             .await
             .map(|vm| vm.map(|v| (uid.clone(), v))),
         None => {
-            let name = VmName::for_agent(agent, status.restart_count)
-                .map_err(far_vmspec::PlanError::from)?;
+            let name = match claimed {
+                Some(claimed) => claimed.to_owned(),
+                None => VmName::for_agent(agent, status.restart_count)
+                    .map_err(far_vmspec::PlanError::from)?
+                    .id()
+                    .to_owned(),
+            };
             ctx.flintlock
                 .list(
                     &host,
                     &credentials,
                     &ctx.config.defaults.namespace,
-                    Some(name.id()),
+                    Some(&name),
                 )
                 .await
                 // The oldest, should there be several: the one the host probe keeps.
@@ -468,7 +520,8 @@ async fn observe_vm(
     }
 }
 
-fn host_views(ctx: &Context) -> Vec<HostView> {
+/// What placement needs of every host.
+pub fn host_views(ctx: &Context) -> Vec<HostView> {
     let unreachable = lock(&ctx.unreachable).clone();
     ctx.hosts
         .state()
@@ -525,6 +578,82 @@ fn workload(
         .map_err(|e| (AgentReason::InvalidSpec, e.to_string())))
 }
 
+/// The FarAgentPool an agent names, if it exists.
+fn pool_of(ctx: &Context, agent: &FarAgent) -> Option<Arc<FarAgentPool>> {
+    let name = &agent.spec.pool_ref.as_ref()?.name;
+    ctx.pools
+        .get(&ObjectRef::new(name).within(&agent.namespace().unwrap_or_default()))
+}
+
+/// Counts a claim on the pool with UID `pool`, warm (an idle VM) or cold (a VM booted for it).
+fn count_claim(ctx: &Context, pool: &str, warm: bool) {
+    let outcome = if warm { "warm" } else { "cold" };
+    ctx.metrics
+        .pool_claims
+        .get_or_create(&crate::metrics::ClaimLabels { outcome })
+        .inc();
+    ctx.pool_vms.count_claim(pool, warm);
+}
+
+/// An idle VM of a pool that a reconcile reserved for its agent.
+struct Reservation {
+    agent: String,
+    pool: String,
+    name: String,
+    vm: crate::pools::PoolVm,
+}
+
+impl Reservation {
+    fn placement(&self) -> decision::Placement {
+        decision::Placement::Fits {
+            host: self.vm.host.clone(),
+            vm: self.vm.size,
+            message: format!(
+                "claimed idle VM {} of pool {} on host {}",
+                self.name, self.pool, self.vm.host
+            ),
+            bound: false,
+            claimed: Some(self.name.clone()),
+        }
+    }
+
+    /// The binding naming the VM was not written: another agent may have it.
+    fn release(&self, ctx: &Context) {
+        ctx.pool_vms.release(&self.vm.channel_id, &self.agent);
+    }
+}
+
+/// Reserves an idle VM of the agent's pool on a host that takes VMs, if one waits for a claim.
+/// `Err` until the agents' claims have been read after a start.
+fn reserve(
+    ctx: &Context,
+    agent: &FarAgent,
+    hosts: &[HostView],
+) -> Result<Option<Reservation>, Error> {
+    let (Some(pool), Some(uid)) = (pool_of(ctx, agent), agent.uid()) else {
+        return Ok(None);
+    };
+    if !ctx.pool_vms.holders_known() {
+        return Err(Error::CachesNotReady);
+    }
+    let usable = |host: &str| {
+        hosts
+            .iter()
+            .any(|h| h.name == host && h.ready && !h.unschedulable)
+    };
+    let idle = |id: &str| ctx.channel.view(id).is_some_and(|v| v.idle);
+    let pool_uid = pool.uid().unwrap_or_default();
+    Ok(ctx
+        .pool_vms
+        .reserve(&pool_uid, &uid, usable, idle)
+        .map(|(name, vm)| Reservation {
+            agent: uid,
+            pool: pool.name_any(),
+            name,
+            vm,
+        }))
+}
+
 /// What the guest of one attempt reads from the metadata service: its run configuration.
 fn guest_metadata(
     ctx: &Context,
@@ -540,16 +669,14 @@ fn guest_metadata(
         enrolment_token: ctx.channel.enrolment_token_for(&id),
         id,
     };
+    let task = far_vmspec::task(agent, workload, attempt, env, has_secrets)
+        .map_err(far_vmspec::PlanError::from)?;
     let run = far_vmspec::run_config(
-        agent,
+        Some(task),
         workload,
-        attempt,
-        env,
-        has_secrets,
         channel,
         ctx.config.grace_period_seconds,
-    )
-    .map_err(far_vmspec::PlanError::from)?;
+    );
     Ok(BTreeMap::from([(
         RUN_CONFIG_KEY.to_owned(),
         run.to_bytes(),
@@ -810,14 +937,18 @@ async fn reconcile_pass(
     let terminal = status.phase.is_some_and(far_api::Phase::is_terminal);
     let deleting_since = agent.metadata.deletion_timestamp.as_ref().map(|t| t.0);
 
-    let id = channel_id(&uid, status.restart_count);
+    let id = run_id(&agent);
+    if deleting_since.is_some() && !agent.finalizers().iter().any(|f| f == FINALIZER) {
+        ctx.pool_vms.forget_agent(&uid);
+    }
     // Where this attempt went: its status, else its binding (unless that host has since refused
     // the VM: it was asked for the VM by name then, and had none).
     let refused = ctx.refusals.of(&id);
     let mut binding = agent.binding().filter(|b| !refused.contains_key(&b.host));
+    let claimed = binding.as_ref().and_then(|b| b.claimed.clone());
     let mut vm = match status.host.as_ref().or(binding.as_ref().map(|b| &b.host)) {
         Some(host) if status.vm_uid.is_some() || !terminal => {
-            Some(observe_vm(&ctx, &agent, &status, host).await?)
+            Some(observe_vm(&ctx, &agent, &status, host, claimed.as_deref()).await?)
         }
         _ => None,
     };
@@ -860,28 +991,35 @@ async fn reconcile_pass(
                     .map(|code| (code, None))
             }),
     };
-    let needs_config = status.vm_uid.is_none() && !terminal && deleting_since.is_none();
+    // A claimed VM is offered the task (and so its env and secrets) until the task reports in.
+    let offering = claimed.is_some() && guest.last_heartbeat.is_none() && guest.exit.is_none();
+    let needs_config =
+        (status.vm_uid.is_none() || offering) && !terminal && deleting_since.is_none();
     let workload = if needs_config {
         Some(workload(&ctx, &agent)?)
     } else {
         None
     };
     let decided = workload.as_ref().and_then(|w| w.as_ref().ok());
-    let placement = decided.filter(|_| status.host.is_none()).map(|workload| {
-        let hosts = host_views(&ctx);
-        match &binding {
-            Some(binding) => bound(workload, binding, &hosts),
-            None => {
-                let agents = ctx.agents.state();
-                place(
-                    workload,
-                    &hosts,
-                    &held(agents.iter().map(AsRef::as_ref)),
-                    &refused,
-                )
-            }
+    // An idle VM of the agent's pool, reserved for it by this pass until its binding is written.
+    let mut reservation = None;
+    let placement = match decided.filter(|_| status.host.is_none()) {
+        None => None,
+        Some(workload) => {
+            let hosts = host_views(&ctx);
+            Some(match &binding {
+                Some(binding) => bound(workload, binding, &hosts),
+                None => match reserve(&ctx, &agent, &hosts)? {
+                    Some(reserved) => {
+                        let placement = reserved.placement();
+                        reservation = Some(reserved);
+                        placement
+                    }
+                    None => place(workload, &hosts, &ctx.held(), &refused),
+                },
+            })
         }
-    });
+    };
     let resolved = match decided {
         Some(workload) => Some(resolve(&ctx, &agent, workload).await?),
         None => None,
@@ -889,8 +1027,11 @@ async fn reconcile_pass(
     let config = match (&resolved, decided) {
         (Some(Err(missing)), _) => Err((AgentReason::ConfigMissing, missing.clone())),
         // Checked before any host is asked: under Firecracker a run configuration past the
-        // metadata service's limit would only fail as the VM starts.
-        (Some(Ok((env, secrets))), Some(workload)) => {
+        // metadata service's limit would only fail as the VM starts. (A claim's task goes over
+        // the channel.)
+        (Some(Ok((env, secrets))), Some(workload))
+            if claimed.is_none() && reservation.is_none() =>
+        {
             let metadata = guest_metadata(
                 &ctx,
                 &agent,
@@ -912,6 +1053,7 @@ async fn reconcile_pass(
         has_finalizer: agent.finalizers().iter().any(|f| f == FINALIZER),
         deleting_since,
         vm,
+        claimed: claimed.as_deref(),
         guest,
         workload: match &workload {
             Some(Err(problem)) => Err(problem.clone()),
@@ -923,6 +1065,15 @@ async fn reconcile_pass(
         now: now(),
     });
     let mut new_status = decision.status;
+    // A reservation the decision does not put on record is free again at once.
+    if let Some(reserved) = &reservation
+        && !decision.actions.iter().any(
+            |a| matches!(a, Action::Bind(b) if b.claimed.as_deref() == Some(reserved.name.as_str())),
+        )
+    {
+        reserved.release(&ctx);
+        reservation = None;
+    }
     // Status first, fenced by resourceVersion: a decision made on a stale copy of the agent is
     // refused here, before it can act. A decision that creates the VM is fenced by a fresh read
     // instead, and its status goes out in one write with the VM's uid.
@@ -997,13 +1148,25 @@ async fn reconcile_pass(
                     resource_version.as_deref(),
                 )),
             )
-            .await
-            .map_err(stale)?;
+            .await;
+        // A claim refused is free again. One whose fate is unknown (no answer) stays the
+        // agent's: its next pass takes the same VM, whether or not the binding landed.
+        if let (Err(kube::Error::Api(_)), Some(reserved)) = (&written, &reservation) {
+            reserved.release(&ctx);
+        }
+        let written = written.map_err(stale)?;
+        if let Some(reserved) = &reservation {
+            info!(agent = %name, vm = %reserved.name, host = %reserved.vm.host, "idle VM claimed");
+            count_claim(&ctx, &reserved.vm.pool, true);
+        }
         ctx.superseded.wrote(&uid, resource_version);
         resource_version = written.resource_version();
         confirmed = true;
         last_written = Some(written);
-        if actions.iter().any(|a| matches!(a, Action::Bind(_))) {
+        if actions
+            .iter()
+            .any(|a| matches!(a, Action::Bind(b) if b.claimed.is_none()))
+        {
             lock(&ctx.unsent).insert(id.clone());
         }
     }
@@ -1024,6 +1187,7 @@ async fn reconcile_pass(
                 api.patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
                     .await?;
                 ctx.channel.forget(&id);
+                ctx.pool_vms.forget_agent(&uid);
                 ctx.superseded.forget(&uid);
                 ctx.refusals.forget(&uid);
                 lock(&ctx.unsent).retain(|attempt| !attempt.starts_with(&format!("{uid}.")));
@@ -1050,11 +1214,12 @@ async fn reconcile_pass(
                 }
                 let metadata = guest_metadata(&ctx, &agent, workload, attempt, env, has_secrets)?;
                 let planned = plan(&VmPlan {
-                    agent: &agent,
+                    name: &VmName::for_agent(&agent, attempt)
+                        .map_err(far_vmspec::PlanError::from)?,
                     workload,
+                    network: agent.spec.network.as_ref(),
                     host: &host,
                     defaults: &ctx.config.defaults,
-                    attempt,
                     guest_metadata: &metadata,
                 })?;
                 let credentials = host_credentials(&ctx, &host).await?;
@@ -1122,13 +1287,10 @@ async fn reconcile_pass(
                 };
                 let vm_uid = vm_uid(&vm).unwrap_or_default();
                 info!(agent = %name, vm = %vm_uid, host = %host_name, attempt, "VM created");
-                // No pool keeps idle VMs yet: a claim is always served cold.
+                // A VM created for an agent of a pool: the pool had no idle VM.
                 let pool = agent.spec.pool_ref.as_ref().map(|r| r.name.as_str());
-                if pool.is_some() {
-                    ctx.metrics
-                        .pool_claims
-                        .get_or_create(&crate::metrics::ClaimLabels { outcome: "cold" })
-                        .inc();
+                if let Some(pool) = pool_of(&ctx, &agent) {
+                    count_claim(&ctx, &pool.uid().unwrap_or_default(), false);
                 }
                 new_status = decision::vm_created(
                     &new_status,
@@ -1168,6 +1330,22 @@ async fn reconcile_pass(
                     ctx.flintlock.delete(&host, &credentials, &vm).await?;
                     info!(agent = %name, %vm, "VM deleted");
                 }
+            }
+            Action::OfferClaim => {
+                let (Some((env, secrets)), Some(workload)) =
+                    (resolved.clone().and_then(Result::ok), decided)
+                else {
+                    continue;
+                };
+                let task = far_vmspec::task(
+                    &agent,
+                    workload,
+                    status.restart_count,
+                    env,
+                    !secrets.is_empty(),
+                )
+                .map_err(far_vmspec::PlanError::from)?;
+                ctx.channel.offer_claim(&id, Claim { task, secrets });
             }
             Action::StopGuest => ctx.channel.request_stop(&id),
             Action::DeleteAgent => {
@@ -1227,8 +1405,7 @@ pub async fn persist_exit(ctx: &Context, report: far_channel::ExitReport) -> Res
     let (namespace, name) = match report.agent.clone() {
         Some(named) => named,
         None => {
-            let uid = report.id.rsplit_once('.').map_or("", |(uid, _)| uid);
-            match ctx.agent_by_uid(uid) {
+            match ctx.agent_by_run(&report.id) {
                 Some(agent) => (agent.namespace().unwrap_or_default(), agent.name_any()),
                 None if ctx.agents_ready() => return Ok(()), // its agent is gone
                 None => return Err("the FarAgent cache is not filled yet".into()),
@@ -1282,14 +1459,7 @@ async fn write_exit(
     report: &far_channel::ExitReport,
 ) -> Result<(), kube::Error> {
     let status = agent.status.clone().unwrap_or_default();
-    let attempt = report
-        .id
-        .rsplit_once('.')
-        .and_then(|(_, a)| a.parse::<u32>().ok());
-    let current = agent
-        .uid()
-        .is_some_and(|uid| report.id.starts_with(&format!("{uid}.")))
-        && attempt == Some(status.restart_count)
+    let current = run_id(agent) == report.id
         && !status.phase.is_some_and(far_api::Phase::is_terminal)
         && status.exit_code.is_none();
     if !current {
@@ -1302,6 +1472,7 @@ async fn write_exit(
         has_finalizer: agent.finalizers().iter().any(|f| f == FINALIZER),
         deleting_since: agent.metadata.deletion_timestamp.as_ref().map(|t| t.0),
         vm: None,
+        claimed: None,
         guest: Guest {
             last_heartbeat: None,
             usage: None,

@@ -143,6 +143,7 @@ pub async fn run(
         refusals: Default::default(),
         unsent: Default::default(),
         failures: Default::default(),
+        pool_vms: Default::default(),
     });
 
     let exits = Arc::clone(&ctx);
@@ -171,10 +172,7 @@ pub async fn run(
                 | far_channel::Event::Exited { uid, .. } => uid,
                 _ => return None,
             };
-            let agent_uid = id
-                .rsplit_once('.')
-                .map_or(id.as_str(), |(u, _)| u)
-                .to_owned();
+            let agent_uid = ctx.run_owner(&id);
             ctx.by_uid
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
@@ -186,13 +184,22 @@ pub async fn run(
     let ready = Arc::clone(&ctx);
     let agents_store = ctx.agents.clone();
     let hosts_ready = hosts.clone();
+    let pools_ready = ready.pools.clone();
     let prober = async move {
         until_ready(&agents_store).await;
         until_ready(&hosts_ready).await;
+        until_ready(&pools_ready).await;
+        // Before anything may read "no agent holds this VM" off the cache.
+        ready
+            .pool_vms
+            .learn_holders(agents_store.state().iter().map(AsRef::as_ref));
         ready.agents_ready.store(true, Ordering::Relaxed);
         ready.metrics.set_ready();
         info!("caches filled");
-        crate::hosts::run(ready).await;
+        tokio::join!(
+            crate::hosts::run(Arc::clone(&ready)),
+            crate::pools::run(ready)
+        );
     };
 
     let reconciling = controller

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use far_agent_controller::reconcile::Config;
-use far_api::{FarAgent, FlintlockHost, Phase};
+use far_api::{FarAgent, FarAgentPool, FarAgentPoolStatus, FlintlockHost, Phase};
 use far_channel::{Channel, TokenKey};
 use far_host::provider::sim::{Sim, SimConfig};
 use far_host::{Host, HostConfig};
@@ -234,6 +234,50 @@ impl Env {
 
     fn vms(&self) -> Vec<flintlock_proto::types::MicroVm> {
         self.host.list("far", None)
+    }
+
+    fn pools(&self) -> Api<FarAgentPool> {
+        Api::namespaced(self.api.client(), "default")
+    }
+
+    /// Creates a FarAgentPool of the agents' usual VM (what [`Env::create`] gives them).
+    async fn create_pool(&self, name: &str, extra: serde_json::Value) {
+        let mut spec = json!({"template": {"image": "busybox:1", "memory": "256Mi", "cpu": 1, "entrypoint": "/bin/agent"}});
+        json_patch::merge(&mut spec, &extra);
+        let pool: FarAgentPool = serde_json::from_value(json!({"apiVersion": "tiffany.dev/v1", "kind": "FarAgentPool", "metadata": {"name": name}, "spec": spec})).unwrap();
+        self.pools()
+            .create(&PostParams::default(), &pool)
+            .await
+            .unwrap();
+    }
+
+    async fn wait_for_pool(
+        &self,
+        name: &str,
+        what: &str,
+        check: impl Fn(&FarAgentPoolStatus) -> bool,
+    ) -> FarAgentPoolStatus {
+        for _ in 0..600 {
+            let status = self.pools().get(name).await.unwrap().status;
+            if let Some(status) = status.filter(|s| check(s)) {
+                return status;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!(
+            "pool {name}: timed out waiting for {what}; last: {:?}",
+            self.pools().get(name).await.unwrap().status
+        );
+    }
+
+    /// The uids of the VMs on the host whose name starts with `prefix`.
+    fn vm_uids(&self, prefix: &str) -> Vec<String> {
+        self.vms()
+            .into_iter()
+            .filter_map(|vm| vm.spec)
+            .filter(|spec| spec.id.starts_with(prefix))
+            .filter_map(|spec| spec.uid)
+            .collect()
     }
 
     fn event_reasons(&self) -> Vec<String> {
@@ -1185,10 +1229,84 @@ async fn a_run_configuration_too_large_for_the_metadata_service_holds_the_agent_
     assert!(env.vms().is_empty());
 }
 
+/// A pool keeps its idle VMs booted. An agent naming it runs its own task on one of them
+/// (WarmStart: no VM is created for it); the VM is destroyed after the exit (reuse: Never), the
+/// pool boots another, and its status counts the claim. A deleted pool's idle VMs go.
+#[tokio::test]
+async fn a_claim_runs_on_an_idle_vm_of_its_pool_and_the_pool_refills() {
+    let mut env = env().await;
+    env.start_controller();
+    env.wait_host_ready().await;
+    env.create_pool("warm", json!({"minIdle": 2, "maxSize": 4}))
+        .await;
+    let status = env
+        .wait_for_pool("warm", "2 idle VMs", |s| s.idle == 2)
+        .await;
+    assert_eq!(
+        (status.desired_idle, status.ready_replicas, status.busy),
+        (2, 2, 0)
+    );
+    assert_eq!(
+        status.label_selector.as_deref(),
+        Some("tiffany.dev/pool=warm")
+    );
+    let idle = env.vm_uids("default.warm.");
+    assert_eq!(idle.len(), 2, "{:?}", env.vms());
+
+    env.create(
+        "claimer",
+        json!({"poolRef": {"name": "warm"}, "args": ["--seconds", "0.3"],
+            "entrypoint": null, "image": null, "memory": null, "cpu": null}),
+    )
+    .await;
+    let agent = env
+        .wait_for("claimer", "Completed", |a| {
+            phase(a) == Some(Phase::Completed)
+        })
+        .await;
+    let status = agent.status.unwrap();
+    let claimed = status.vm_uid.clone().unwrap();
+    assert!(
+        idle.contains(&claimed),
+        "ran on {claimed}, not on one of the idle VMs {idle:?}"
+    );
+    let created = status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "VMCreated")
+        .unwrap();
+    assert_eq!(created.reason, "WarmStart", "{created:?}");
+    assert!(created.message.contains("of pool warm"), "{created:?}");
+    // Only the pool's VMs were ever made: none named after the agent.
+    assert!(env.vm_uids("default.claimer.").is_empty());
+
+    // The claimed VM is destroyed and the pool boots another in its place.
+    let status = env
+        .wait_for_pool("warm", "refilled after one warm claim", |s| {
+            s.idle == 2 && s.warm_claims == 1 && s.busy == 0
+        })
+        .await;
+    assert_eq!(status.cold_claims, 0);
+    let now = env.vm_uids("default.warm.");
+    assert_eq!(now.len(), 2);
+    assert!(!now.contains(&claimed), "the claimed VM is reused");
+
+    env.pools()
+        .delete("warm", &DeleteParams::default())
+        .await
+        .unwrap();
+    env.agents()
+        .delete("claimer", &DeleteParams::default())
+        .await
+        .unwrap();
+    env.wait_gone("claimer").await;
+}
+
 /// The controller runs a whole agent life as the chart's ServiceAccount, with RBAC enforced
 /// as kube-apiserver does: leader election, the finalizer, a Secret and a ConfigMap read for
-/// env, status and Events, host probing, and deletion past ttlSecondsAfterFinished. Nothing is
-/// refused, and every permission the chart grants is used (but two, named below).
+/// env, status and Events, host probing, deletion past ttlSecondsAfterFinished, a pool's idle
+/// VM, its status and a claim on it. Nothing is refused, and every permission the chart grants
+/// is used (but two, named below).
 #[tokio::test]
 async fn the_controller_needs_exactly_the_rbac_its_chart_grants() {
     let mut env = env().await;
@@ -1260,6 +1378,18 @@ async fn the_controller_needs_exactly_the_rbac_its_chart_grants() {
     )
     .await;
     env.wait_gone("ruled").await;
+    // A pool's idle VM, and a claim on it.
+    env.create_pool("warm", json!({"minIdle": 1, "maxSize": 2}))
+        .await;
+    env.wait_for_pool("warm", "an idle VM", |s| s.idle == 1)
+        .await;
+    env.create(
+        "claimer",
+        json!({"poolRef": {"name": "warm"}, "args": ["--seconds", "0.3"], "ttlSecondsAfterFinished": 0}),
+    )
+    .await;
+    env.wait_for_pool("warm", "a warm claim", |s| s.warm_claims == 1)
+        .await;
     // The host's status is written at its first probe; the Lease is renewed every 5/3 s.
     for _ in 0..200 {
         let renewed = env

@@ -21,7 +21,7 @@ use serde::{Deserialize, Serialize};
 pub const RUN_CONFIG_KEY: &str = "far-run";
 
 /// The run configuration version this build reads and writes.
-pub const RUN_CONFIG_VERSION: u32 = 3;
+pub const RUN_CONFIG_VERSION: u32 = 4;
 
 /// Size bounds for everything crossing the channel.
 pub mod limits {
@@ -158,8 +158,6 @@ pub struct RunConfig {
     pub mounts: Vec<Mount>,
     /// The status channel.
     pub channel: ChannelConfig,
-    /// Seconds between heartbeats.
-    pub heartbeat_interval_seconds: u32,
     /// Seconds the agent gets between SIGTERM and SIGKILL.
     pub grace_period_seconds: u32,
 }
@@ -185,6 +183,9 @@ pub struct Task {
     /// carries its secrets itself).
     #[serde(default)]
     pub has_secrets: bool,
+    /// Seconds between heartbeats: the agent's own (`spec.heartbeat.intervalSeconds`), so a
+    /// pool's VM, booted before its agent was known, heartbeats as its agent asks.
+    pub heartbeat_interval_seconds: u32,
 }
 
 /// What an idle VM receives when an agent claims it: the task, and its secret values, in one
@@ -256,9 +257,6 @@ impl RunConfig {
         if !(self.channel.url.starts_with("http://") || self.channel.url.starts_with("https://")) {
             return invalid("channel.url", "must be an http:// or https:// URL");
         }
-        if self.heartbeat_interval_seconds == 0 {
-            return invalid("heartbeatIntervalSeconds", "must be at least 1");
-        }
         if self
             .mounts
             .iter()
@@ -289,6 +287,9 @@ impl Task {
         }
         if self.agent.uid.is_empty() {
             return invalid("task.agent.uid", "must not be empty");
+        }
+        if self.heartbeat_interval_seconds == 0 {
+            return invalid("task.heartbeatIntervalSeconds", "must be at least 1");
         }
         if self
             .env

@@ -20,6 +20,7 @@ fn config() -> RunConfig {
                 value: "info".into(),
             }],
             has_secrets: false,
+            heartbeat_interval_seconds: 10,
         }),
         mounts: vec![Mount {
             index: 0,
@@ -30,7 +31,6 @@ fn config() -> RunConfig {
             id: channel_id("u-1", 0),
             enrolment_token: "tok".into(),
         },
-        heartbeat_interval_seconds: 10,
         grace_period_seconds: 30,
     }
 }
@@ -47,7 +47,7 @@ fn other_versions_are_refused_by_number() {
     let err = RunConfig::parse(value.to_string().as_bytes()).unwrap_err();
     assert_eq!(
         err.to_string(),
-        "run configuration version 1 is not supported (this far-init reads version 3)"
+        "run configuration version 1 is not supported (this far-init reads version 4)"
     );
 }
 
@@ -162,7 +162,7 @@ proptest! {
         let task = c.task.as_mut().unwrap();
         task.args = args;
         task.env = env.into_iter().map(|(name, value)| EnvVar { name, value }).collect();
-        c.heartbeat_interval_seconds = interval;
+        task.heartbeat_interval_seconds = interval;
         prop_assert_eq!(RunConfig::parse(&c.to_bytes()).unwrap(), c);
     }
 }

@@ -563,6 +563,9 @@ pub enum AgentReason {
     /// The agent's pool had no idle VM, so one was booted for it (the VMCreated condition's
     /// reason).
     ColdStart,
+    /// The agent claimed an idle VM of its pool, booted ahead of it (the VMCreated condition's
+    /// reason).
+    WarmStart,
 }
 
 impl AgentReason {
@@ -589,6 +592,7 @@ impl AgentReason {
             AgentReason::Terminating => "Terminating",
             AgentReason::PoolNotFound => "PoolNotFound",
             AgentReason::ColdStart => "ColdStart",
+            AgentReason::WarmStart => "WarmStart",
         }
     }
 }

@@ -25,6 +25,11 @@ pub struct Binding {
     pub host: String,
     /// The VM's size there.
     pub vm: VmSize,
+    /// The idle VM of the agent's pool that this attempt claimed (its Flintlock name); none when
+    /// the attempt boots its own VM. Written before the claim is offered to the VM, so a
+    /// restarted controller knows every claimed VM from its agents and never offers one twice.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub claimed: Option<String>,
 }
 
 impl Binding {
@@ -55,6 +60,7 @@ impl FarAgent {
                 attempt: status.restart_count,
                 host: host.clone(),
                 vm,
+                claimed: self.binding().and_then(|b| b.claimed),
             }),
             _ => self.binding(),
         }
@@ -91,6 +97,7 @@ mod tests {
                 vcpu: 2,
                 memory_mib: 512,
             },
+            claimed: None,
         };
         let value = binding.to_annotation();
         assert_eq!(

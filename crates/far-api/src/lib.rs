@@ -33,7 +33,7 @@ pub use host::{
     Allocated, FlintlockHost, FlintlockHostSpec, FlintlockHostStatus, HostCapacity, SecretKeyRef,
     SecretRef, VmLimits, condition as host_condition,
 };
-pub use pool::{FarAgentPool, FarAgentPoolSpec, FarAgentPoolStatus, Reuse};
+pub use pool::{FarAgentPool, FarAgentPoolSpec, FarAgentPoolStatus, POOL_LABEL, Reuse};
 
 /// The API group of every FAR resource.
 pub const GROUP: &str = "tiffany.dev";

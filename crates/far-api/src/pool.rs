@@ -7,6 +7,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::Workload;
 
+/// The label `status.labelSelector` selects: `tiffany.dev/pool=<pool name>`. FAR does not set it;
+/// put it on a pool's FarAgents for tools that find them by the scale subresource's selector.
+pub const POOL_LABEL: &str = "tiffany.dev/pool";
+
 /// A pool of VMs booted from one template and kept idle until a FarAgent claims one.
 ///
 /// A FarAgent names the pool in `spec.poolRef`; it gets an idle VM of the pool if one is ready,

@@ -169,6 +169,23 @@ pub fn resolve(
 }
 
 /// `base` with each entry of `over` replacing the one of the same key, or appended.
+/// What a pool's idle VMs are booted as: the template's VM (image, memory, cpu, volumes, kernel,
+/// host selector) with no task, which comes with each claim.
+///
+/// # Errors
+/// [`WorkloadError::Missing`] when the template lacks image, memory or cpu (the CRD's rules
+/// refuse such a pool).
+pub fn pool_vm(template: &Workload) -> Result<ResolvedWorkload, WorkloadError> {
+    let vm = Workload {
+        entrypoint: Some(String::new()),
+        args: Vec::new(),
+        env: Vec::new(),
+        secret_files: Vec::new(),
+        ..template.clone()
+    };
+    resolve(&vm, None)
+}
+
 fn overlay<T: Clone>(base: &[T], over: &[T], key: impl Fn(&T) -> &String) -> Vec<T> {
     let mut out: Vec<T> = base
         .iter()

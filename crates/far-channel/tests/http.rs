@@ -221,6 +221,7 @@ fn task_claim() -> Claim {
             args: vec!["--go".into()],
             env: vec![],
             has_secrets: false,
+            heartbeat_interval_seconds: 1,
         },
         secrets: Secrets {
             env: vec![EnvVar {

@@ -230,16 +230,17 @@ pub async fn run(args: RunArgs) -> Result<ExitCode> {
         id: channel_id.clone(),
         enrolment_token: channel.enrolment_token_for(&channel_id),
     };
-    let run_config = far_vmspec::run_config(&agent, &workload, 0, env, false, channel_config, 30)?;
+    let task = far_vmspec::task(&agent, &workload, 0, env, false)?;
+    let run_config = far_vmspec::run_config(Some(task), &workload, channel_config, 30);
     let defaults = Defaults::local();
     let metadata = BTreeMap::from([(RUN_CONFIG_KEY.to_owned(), run_config.to_bytes())]);
     let local = local_host(&endpoint, &limits);
     let planned = plan(&VmPlan {
-        agent: &agent,
+        name: &far_vmspec::VmName::for_agent(&agent, 0)?,
         workload: &workload,
+        network: agent.spec.network.as_ref(),
         host: &local,
         defaults: &defaults,
-        attempt: 0,
         guest_metadata: &metadata,
     })?;
     say(format!("{name}: {}", planned.sizing.describe("local")));

@@ -90,7 +90,7 @@ pub fn run_agent(
             Arc::clone(&exited),
             Arc::clone(&terminate),
         );
-        let interval = Duration::from_secs(config.heartbeat_interval_seconds.into());
+        let interval = Duration::from_secs(task.heartbeat_interval_seconds.into());
         thread::spawn(move || {
             while !exited.load(Ordering::Relaxed) {
                 let beat = sysinfo::heartbeat(Path::new("/proc"), boot_to_entrypoint_ms);

@@ -68,37 +68,48 @@ pub struct Defaults {
     pub initrd: ImageFile,
 }
 
-/// The run configuration far-init reads for one run of an agent: everything from the spec,
-/// plus what only the caller knows (resolved env, whether secrets wait on the channel, how to
-/// reach the channel).
+/// What one run of an agent does: everything from the spec, plus what only the caller knows
+/// (resolved env, whether secret values wait on the channel). A cold VM reads it in its run
+/// configuration; a pool's idle VM receives it with its claim.
 ///
 /// # Errors
 /// [`VmNameError`] when the FarAgent has no namespace or uid.
-pub fn run_config(
+pub fn task(
     agent: &FarAgent,
     workload: &ResolvedWorkload,
     attempt: u32,
     env: Vec<far_agent_protocol::EnvVar>,
     has_secrets: bool,
+) -> Result<far_agent_protocol::Task, VmNameError> {
+    let name = VmName::for_agent(agent, attempt)?;
+    Ok(far_agent_protocol::Task {
+        agent: far_agent_protocol::AgentRef {
+            namespace: name.namespace().to_owned(),
+            name: name.name().to_owned(),
+            uid: name.uid().to_owned(),
+            attempt,
+        },
+        hostname: name.name().to_owned(),
+        entrypoint: workload.entrypoint.clone(),
+        args: workload.args.clone(),
+        env,
+        has_secrets,
+        heartbeat_interval_seconds: agent.spec.heartbeat.interval_seconds,
+    })
+}
+
+/// The run configuration far-init reads from the metadata service: how to reach the channel,
+/// the VM's volumes, and the run's [`task`], or none for a pool's idle VM (it waits for a
+/// claim).
+pub fn run_config(
+    task: Option<far_agent_protocol::Task>,
+    workload: &ResolvedWorkload,
     channel: far_agent_protocol::ChannelConfig,
     grace_period_seconds: u32,
-) -> Result<far_agent_protocol::RunConfig, VmNameError> {
-    let name = VmName::for_agent(agent, attempt)?;
-    Ok(far_agent_protocol::RunConfig {
+) -> far_agent_protocol::RunConfig {
+    far_agent_protocol::RunConfig {
         version: far_agent_protocol::RUN_CONFIG_VERSION,
-        task: Some(far_agent_protocol::Task {
-            agent: far_agent_protocol::AgentRef {
-                namespace: name.namespace().to_owned(),
-                name: name.name().to_owned(),
-                uid: name.uid().to_owned(),
-                attempt,
-            },
-            hostname: name.name().to_owned(),
-            entrypoint: workload.entrypoint.clone(),
-            args: workload.args.clone(),
-            env,
-            has_secrets,
-        }),
+        task,
         mounts: (0u32..)
             .zip(&workload.volumes)
             .map(|(index, v)| far_agent_protocol::Mount {
@@ -107,9 +118,8 @@ pub fn run_config(
             })
             .collect(),
         channel,
-        heartbeat_interval_seconds: agent.spec.heartbeat.interval_seconds,
         grace_period_seconds,
-    })
+    }
 }
 
 impl Defaults {
@@ -183,19 +193,20 @@ pub fn check_metadata(metadata: &BTreeMap<String, Vec<u8>>) -> Result<(), PlanEr
     Ok(())
 }
 
-/// Everything one VM of an agent is made from.
+/// Everything one VM is made from: an agent's, or an idle one of a pool.
 #[derive(Clone, Debug)]
 pub struct VmPlan<'a> {
-    /// The agent.
-    pub agent: &'a FarAgent,
+    /// Its name: an agent's attempt ([`VmName::for_agent`]) or a pool's VM
+    /// ([`VmName::for_pool`]).
+    pub name: &'a VmName,
     /// What it runs and in what VM, its pool's template applied.
     pub workload: &'a ResolvedWorkload,
+    /// The agent's network settings (a pool's VMs take DHCP).
+    pub network: Option<&'a far_api::Network>,
     /// The host it is placed on.
     pub host: &'a FlintlockHost,
     /// The controller's defaults.
     pub defaults: &'a Defaults,
-    /// Which run of the agent this VM is, from 0 (restarts add one).
-    pub attempt: u32,
     /// Served to the guest by the metadata service, by key. Values are raw bytes: they are
     /// base64-encoded here, as Flintlock requires.
     pub guest_metadata: &'a BTreeMap<String, Vec<u8>>,
@@ -212,17 +223,17 @@ pub struct Planned {
     pub request: CreateMicroVmRequest,
 }
 
-/// Builds the `CreateMicroVMRequest` for one VM of an agent.
+/// Builds the `CreateMicroVMRequest` for one VM.
 ///
 /// # Errors
-/// [`PlanError`] when the agent does not fit the host, lacks its namespace or UID, or its
-/// metadata would not fit Firecracker's metadata service.
+/// [`PlanError`] when the VM does not fit the host, or its metadata would not fit
+/// Firecracker's metadata service.
 pub fn plan(p: &VmPlan<'_>) -> Result<Planned, PlanError> {
     check_metadata(p.guest_metadata)?;
     let spec = p.workload;
     let host_name = p.host.name_any();
     let sizing = size_vm(spec, &host_name, &p.host.spec.vm_limits)?;
-    let name = VmName::for_agent(p.agent, p.attempt)?;
+    let name = p.name.clone();
 
     let kernel = match &spec.kernel {
         Some(k) => (
@@ -251,10 +262,7 @@ pub fn plan(p: &VmPlan<'_>) -> Result<Planned, PlanError> {
         .collect();
 
     let address = p
-        .agent
-        .spec
         .network
-        .as_ref()
         .and_then(|n| n.address.as_ref())
         .map(|a| StaticAddress {
             address: a.cidr.clone(),

@@ -28,10 +28,17 @@ pub struct VmName {
 pub struct Owner {
     /// The FarAgent's namespace.
     pub namespace: String,
-    /// The FarAgent's UID.
+    /// The FarAgent's UID (a pool's VM: the FarAgentPool's).
     pub uid: String,
-    /// Which run of the agent the VM is.
+    /// Which run of the agent the VM is (a pool's VM: its serial).
     pub attempt: u32,
+}
+
+impl Owner {
+    /// The VM's id on the status channel.
+    pub fn channel_id(&self) -> String {
+        far_agent_protocol::channel_id(&self.uid, self.attempt)
+    }
 }
 
 /// A FarAgent that cannot be named (the API server always sets these).
@@ -90,6 +97,26 @@ impl VmName {
             .uid()
             .ok_or_else(|| VmNameError::NoUid(name.clone()))?;
         Self::new(&namespace, &name, &uid, attempt)
+    }
+
+    /// The name of a FarAgentPool's VM number `serial`: `<namespace>.<pool>.<serial>.<pool uid>`,
+    /// so the owner read back is the pool (no FarAgent has its UID) and every VM of the pool
+    /// has its own channel id.
+    ///
+    /// # Errors
+    /// [`VmNameError`] when the pool has no namespace or uid.
+    pub fn for_pool(pool: &far_api::FarAgentPool, serial: u32) -> Result<Self, VmNameError> {
+        let name = pool.name_any();
+        let namespace = pool
+            .namespace()
+            .ok_or_else(|| VmNameError::NoNamespace(name.clone()))?;
+        let uid = pool.uid().ok_or_else(|| VmNameError::NoUid(name.clone()))?;
+        Self::new(&namespace, &name, &uid, serial)
+    }
+
+    /// The VM's id on the status channel: its owner's UID and attempt (a pool's VM: its serial).
+    pub fn channel_id(&self) -> String {
+        far_agent_protocol::channel_id(&self.uid, self.attempt)
     }
 
     /// Reads the owner out of a VM id FAR made; `None` for any other VM.

@@ -67,11 +67,11 @@ fn the_mission_example_becomes_the_request_flintlockd_needs() {
         metadata(),
     );
     let planned = plan(&VmPlan {
-        agent: &agent,
+        name: &VmName::for_agent(&agent, 0).unwrap(),
+        network: agent.spec.network.as_ref(),
         workload: &own(&agent),
         host: &host,
         defaults: &defaults,
-        attempt: 0,
         guest_metadata: &md,
     })
     .unwrap();
@@ -146,11 +146,11 @@ fn every_field_of_a_full_agent_reaches_the_request() {
         metadata(),
     );
     let planned = plan(&VmPlan {
-        agent: &agent,
+        name: &VmName::for_agent(&agent, 2).unwrap(),
+        network: agent.spec.network.as_ref(),
         workload: &own(&agent),
         host: &host,
         defaults: &defaults,
-        attempt: 2,
         guest_metadata: &md,
     })
     .unwrap();
@@ -203,11 +203,11 @@ fn an_agent_larger_than_the_hosts_largest_vm_is_not_planned() {
     let host: FlintlockHost = load("flintlockhost-local.yaml");
     let (defaults, md) = (defaults(), metadata());
     let err = plan(&VmPlan {
-        agent: &agent,
+        name: &VmName::for_agent(&agent, 0).unwrap(),
+        network: agent.spec.network.as_ref(),
         workload: &own(&agent),
         host: &host,
         defaults: &defaults,
-        attempt: 0,
         guest_metadata: &md,
     })
     .unwrap_err();
@@ -218,23 +218,30 @@ fn an_agent_larger_than_the_hosts_largest_vm_is_not_planned() {
 }
 
 #[test]
-fn an_agent_without_uid_is_not_planned() {
+fn an_agent_without_uid_gets_no_vm_name() {
     let mut agent = agent("embedder-worker-01.yaml");
     agent.metadata.uid = None;
-    let host: FlintlockHost = load("flintlockhost-local.yaml");
-    let (defaults, md) = (defaults(), metadata());
-    let err = plan(&VmPlan {
-        agent: &agent,
-        workload: &own(&agent),
-        host: &host,
-        defaults: &defaults,
-        attempt: 0,
-        guest_metadata: &md,
-    })
-    .unwrap_err();
     assert_eq!(
-        err,
-        PlanError::Name(VmNameError::NoUid("embedder-worker-01".into()))
+        VmName::for_agent(&agent, 0),
+        Err(VmNameError::NoUid("embedder-worker-01".into()))
+    );
+}
+
+/// A pool's VMs are named after the pool: the owner read back is the pool, each VM has its own
+/// channel id, and the name says which pool to an operator.
+#[test]
+fn a_pools_vm_is_named_after_the_pool_and_has_its_own_channel_id() {
+    let mut pool: far_api::FarAgentPool = load("pool-embedders.yaml");
+    pool.metadata.uid = Some(UID.into());
+    pool.metadata.namespace = Some("team".into());
+    let name = VmName::for_pool(&pool, 7).unwrap();
+    assert_eq!(name.id(), format!("team.embedders.7.{UID}"));
+    let owner = VmName::parse(name.id()).unwrap();
+    assert_eq!((owner.uid.as_str(), owner.attempt), (UID, 7));
+    assert_eq!(owner.channel_id(), name.channel_id());
+    assert_ne!(
+        name.channel_id(),
+        VmName::for_pool(&pool, 8).unwrap().channel_id()
     );
 }
 
@@ -299,7 +306,8 @@ fn the_run_configuration_carries_the_spec_and_parses_back() {
         name: "RUST_LOG".into(),
         value: "info".into(),
     }];
-    let config = run_config(&agent, &own(&agent), 2, env, true, channel, 30).unwrap();
+    let task = super::task(&agent, &own(&agent), 2, env, true).unwrap();
+    let config = run_config(Some(task), &own(&agent), channel, 30);
     let task = config.task.as_ref().unwrap();
     assert_eq!(
         (
@@ -320,7 +328,7 @@ fn the_run_configuration_carries_the_spec_and_parses_back() {
             mount_path: "/models".into()
         }]
     );
-    assert_eq!(config.heartbeat_interval_seconds, 5);
+    assert_eq!(task.heartbeat_interval_seconds, 5);
     assert!(task.has_secrets);
     assert_eq!(
         far_agent_protocol::RunConfig::parse(&config.to_bytes()).unwrap(),
@@ -340,11 +348,11 @@ fn metadata_past_firecrackers_limit_is_refused_naming_the_fields() {
     let with = |value_bytes: usize| {
         let md = BTreeMap::from([("far-run".to_owned(), vec![b'x'; value_bytes])]);
         plan(&VmPlan {
-            agent: &agent,
+            name: &VmName::for_agent(&agent, 0).unwrap(),
+            network: agent.spec.network.as_ref(),
             workload: &own(&agent),
             host: &host,
             defaults: &defaults,
-            attempt: 0,
             guest_metadata: &md,
         })
         .map(drop)
@@ -388,11 +396,11 @@ fn an_agent_of_a_pool_gets_the_templates_vm_and_its_own_task() {
         metadata(),
     );
     let planned = plan(&VmPlan {
-        agent: &agent,
+        name: &VmName::for_agent(&agent, 0).unwrap(),
+        network: agent.spec.network.as_ref(),
         workload: &workload,
         host: &host,
         defaults: &defaults,
-        attempt: 0,
         guest_metadata: &md,
     })
     .unwrap();
@@ -407,7 +415,8 @@ fn an_agent_of_a_pool_gets_the_templates_vm_and_its_own_task() {
         id: format!("{UID}.0"),
         enrolment_token: "t".into(),
     };
-    let run = run_config(&agent, &workload, 0, vec![], false, channel, 30).unwrap();
+    let task = super::task(&agent, &workload, 0, vec![], false).unwrap();
+    let run = run_config(Some(task), &workload, channel, 30);
     let task = run.task.unwrap();
     assert_eq!(task.entrypoint, "/usr/local/bin/tiffany");
     assert_eq!(task.args, ["--task", "embedder", "--shard", "7"]);

@@ -37,6 +37,7 @@ fn observe<'a>(spec: &'a FarAgentSpec, status: &'a FarAgentStatus, now: i64) -> 
         has_finalizer: true,
         deleting_since: None,
         vm: None,
+        claimed: None,
         guest: Guest::default(),
         workload: Ok(()),
         placement: None,
@@ -59,6 +60,7 @@ fn placed(bound: bool) -> Placement {
         },
         message: "sized".into(),
         bound,
+        claimed: None,
     }
 }
 
@@ -70,6 +72,7 @@ fn binding() -> Binding {
             vcpu: 1,
             memory_mib: 1024,
         },
+        claimed: None,
     }
 }
 
@@ -571,14 +574,15 @@ prop_compose! {
         vm in vms(),
         heartbeat in proptest::option::of(0i64..300),
         exit in proptest::option::of((-1i32..4, proptest::option::of(Just("no entrypoint".to_owned())))),
-        placement in proptest::option::of(0u8..4),
+        placement in proptest::option::of(0u8..5),
+        claimed in any::<bool>(),
         config_ok in any::<bool>(),
         workload in 0u8..3,
         ttl in proptest::option::of(0i64..100),
         deadline in proptest::option::of(1i64..100),
         started in proptest::option::of(0i64..300),
         now in 0i64..400,
-    ) -> (FarAgentSpec, FarAgentStatus, bool, Option<i64>, Option<Vm>, Guest, Option<Placement>, (bool, u8), i64) {
+    ) -> (FarAgentSpec, FarAgentStatus, bool, Option<i64>, Option<Vm>, Guest, Option<Placement>, (bool, u8, bool), i64) {
         let mut s = spec();
         s.restart_policy = if on_failure { RestartPolicy::OnFailure } else { RestartPolicy::Never };
         s.ttl_seconds_after_finished = ttl;
@@ -598,9 +602,10 @@ prop_compose! {
             0 => fits(),
             1 => placed(true),
             2 => Placement::Refused("h1 refused".into()),
+            3 => claiming(),
             _ => Placement::Unschedulable("no host".into()),
         });
-        (s, status, has_finalizer, deleting, vm, guest, placement, (config_ok, workload), now)
+        (s, status, has_finalizer, deleting, vm, guest, placement, (config_ok, workload, claimed), now)
     }
 }
 
@@ -608,7 +613,7 @@ proptest! {
     #![proptest_config(ProptestConfig::with_cases(2000))]
 
     #[test]
-    fn the_decision_keeps_its_promises((spec, status, has_finalizer, deleting, vm, guest, placement, (config_ok, workload), now) in observations()) {
+    fn the_decision_keeps_its_promises((spec, status, has_finalizer, deleting, vm, guest, placement, (config_ok, workload, claimed), now) in observations()) {
         let o = Observation {
             spec: &spec,
             status: &status,
@@ -616,6 +621,7 @@ proptest! {
             has_finalizer,
             deleting_since: deleting.map(t),
             vm,
+            claimed: claimed.then_some(IDLE_VM),
             guest,
             workload: match workload {
                 0 => Ok(()),
@@ -655,6 +661,21 @@ proptest! {
                 "a VM made before its host is on record"
             );
         }
+        // A claimed VM is the agent's: none is ever created for a claim, and the task is
+        // offered only to the claimed VM, once it is found and while the agent lives.
+        // (A placement counts only while the agent has no host.)
+        let claiming = claimed
+            || (status.host.is_none()
+                && matches!(&o.placement, Some(Placement::Fits { claimed: Some(_), .. })));
+        if claiming {
+            prop_assert_eq!(creates, 0, "a VM created for a claim");
+        }
+        if d.actions.contains(&Action::OfferClaim) {
+            prop_assert!(claimed && has_finalizer && deleting.is_none());
+            let present = matches!(o.vm, Some(Vm::Present { .. }));
+            prop_assert!(present, "a claim offered before its VM was found");
+            prop_assert!(o.guest.exit.is_none() && !terminal_before(&status));
+        }
         // A binding names the host the status will show.
         for a in &d.actions {
             if let Action::Bind(b) = a && has_finalizer {
@@ -686,6 +707,120 @@ proptest! {
             prop_assert!(*state == VmState::Deleting || deleting_vm || deleting.is_some(), "VM left running");
         }
     }
+}
+
+fn terminal_before(status: &FarAgentStatus) -> bool {
+    status.phase.is_some_and(Phase::is_terminal)
+}
+
+const IDLE_VM: &str = "ns.warm.7.pool-uid";
+
+fn claiming() -> Placement {
+    claim(false)
+}
+
+fn claim(bound: bool) -> Placement {
+    Placement::Fits {
+        host: "h1".into(),
+        vm: VmSize {
+            vcpu: 1,
+            memory_mib: 1024,
+        },
+        message: "claimed".into(),
+        bound,
+        claimed: Some(IDLE_VM.into()),
+    }
+}
+
+/// A claim's whole life: the claimed VM on record with the finalizer, then found and offered
+/// the task (WarmStart), Running on the task's first heartbeat, and destroyed after the exit.
+#[test]
+fn a_claim_binds_the_idle_vm_offers_it_the_task_and_never_creates_one() {
+    let mut spec = spec();
+    spec.pool_ref = Some(far_api::PoolRef {
+        name: "warm".into(),
+    });
+    let status = FarAgentStatus::default();
+    let mut o = observe(&spec, &status, 0);
+    o.has_finalizer = false;
+    o.placement = Some(claiming());
+    let d = decide(&o);
+    let mut claimed = binding();
+    claimed.claimed = Some(IDLE_VM.into());
+    assert_eq!(d.actions, [Action::AddFinalizer, Action::Bind(claimed)]);
+
+    // Bound: the claimed VM is found on its host; its uid is recorded and the task offered.
+    let mut o = observe(&spec, &status, 1);
+    o.placement = Some(claim(true));
+    o.claimed = Some(IDLE_VM);
+    o.vm = present(VmState::Created);
+    let d = decide(&o);
+    assert!(d.actions.contains(&Action::OfferClaim), "{:?}", d.actions);
+    assert!(
+        !d.actions
+            .iter()
+            .any(|a| matches!(a, Action::CreateVm { .. }))
+    );
+    assert_eq!(d.status.vm_uid.as_deref(), Some("vm1"));
+    let created = d
+        .status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == agent_condition::VM_CREATED)
+        .unwrap();
+    assert_eq!(created.reason, "WarmStart");
+    assert_eq!(
+        created.message,
+        "claimed idle VM vm1 of pool warm on host h1"
+    );
+
+    // The task reports in: Running, and the claim is not offered again.
+    let status = d.status;
+    let mut o = observe(&spec, &status, 2);
+    o.claimed = Some(IDLE_VM);
+    o.vm = present(VmState::Created);
+    o.guest.last_heartbeat = Some(t(2));
+    let d = decide(&o);
+    assert_eq!(d.status.phase, Some(Phase::Running));
+    assert!(!d.actions.contains(&Action::OfferClaim));
+
+    // It exits: the VM is destroyed (reuse: Never), never handed out again.
+    let status = d.status;
+    let mut o = observe(&spec, &status, 3);
+    o.claimed = Some(IDLE_VM);
+    o.vm = present(VmState::Created);
+    o.guest.exit = Some((0, None));
+    let d = decide(&o);
+    assert_eq!(d.status.phase, Some(Phase::Completed));
+    assert!(d.actions.contains(&Action::DeleteVm { uid: "vm1".into() }));
+}
+
+/// The claimed idle VM vanished before it was found (its host lost it): the agent fails with a
+/// reason that says so, and no VM is created under the pool's name.
+#[test]
+fn a_claimed_vm_gone_before_it_took_the_claim_fails_the_attempt() {
+    let mut spec = spec();
+    spec.pool_ref = Some(far_api::PoolRef {
+        name: "warm".into(),
+    });
+    let status = FarAgentStatus::default();
+    let mut o = observe(&spec, &status, 1);
+    o.placement = Some(claim(true));
+    o.claimed = Some(IDLE_VM);
+    o.vm = Some(Vm::Absent);
+    let d = decide(&o);
+    assert_eq!(d.status.phase, Some(Phase::Failed));
+    assert_eq!(d.status.reason, Some(AgentReason::VMFailed));
+    assert!(
+        d.status.message.as_deref().unwrap().contains(IDLE_VM),
+        "{:?}",
+        d.status.message
+    );
+    assert!(
+        !d.actions
+            .iter()
+            .any(|a| matches!(a, Action::CreateVm { .. }))
+    );
 }
 
 /// The write after a VM's creation was lost and the agent exited before a reconcile recorded

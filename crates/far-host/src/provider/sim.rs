@@ -287,7 +287,7 @@ impl Guest {
             },
         };
         let behaviour = Behaviour::from_args(&task.args);
-        let interval = Duration::from_secs(config.heartbeat_interval_seconds.into());
+        let interval = Duration::from_secs(task.heartbeat_interval_seconds.into());
         channel.heartbeat().await;
         let line = format!("sim: {} {}", task.entrypoint, task.args.join(" "));
         channel

@@ -126,6 +126,7 @@ pub fn task(args: &[&str]) -> Task {
         args: args.iter().map(|a| (*a).to_owned()).collect(),
         env: vec![],
         has_secrets: false,
+        heartbeat_interval_seconds: 1,
     }
 }
 
@@ -139,7 +140,6 @@ pub fn run_config(channel: SocketAddr, args: &[&str]) -> RunConfig {
             id: "agent-uid".into(),
             enrolment_token: "enrolment-token".into(),
         },
-        heartbeat_interval_seconds: 1,
         grace_period_seconds: 5,
     }
 }
