@@ -76,6 +76,15 @@ struct State {
     claims: HashMap<String, (u64, u64)>,
 }
 
+impl State {
+    /// A VM is gone: it is known, and held, no more.
+    fn forget(&mut self, name: &str) {
+        if let Some(vm) = self.vms.remove(name) {
+            self.holders.remove(&vm.channel_id);
+        }
+    }
+}
+
 /// What the controller knows of every pool's VMs.
 #[derive(Debug, Default)]
 pub struct PoolVms {
@@ -190,9 +199,19 @@ impl PoolVms {
 
     /// A VM the pool manager deleted.
     fn removed(&self, name: &str) {
+        self.lock().forget(name);
+    }
+
+    /// A claimed VM its agent deleted (by Flintlock uid): it no longer counts as busy.
+    pub fn deleted(&self, uid: &str) {
         let mut state = self.lock();
-        if let Some(vm) = state.vms.remove(name) {
-            state.holders.remove(&vm.channel_id);
+        let name = state
+            .vms
+            .iter()
+            .find(|(_, vm)| vm.uid == uid)
+            .map(|(name, _)| name.clone());
+        if let Some(name) = name {
+            state.forget(&name);
         }
     }
 
@@ -214,9 +233,7 @@ impl PoolVms {
             .map(|(name, _)| name.clone())
             .collect();
         for name in gone {
-            if let Some(vm) = state.vms.remove(&name) {
-                state.holders.remove(&vm.channel_id);
-            }
+            state.forget(&name);
         }
         for vm in vms.iter().filter(|vm| !vm.deleting) {
             let Some(owner) = VmName::parse(&vm.id) else {

@@ -1328,6 +1328,7 @@ async fn reconcile_pass(
                 {
                     let credentials = host_credentials(&ctx, &host).await?;
                     ctx.flintlock.delete(&host, &credentials, &vm).await?;
+                    ctx.pool_vms.deleted(&vm);
                     info!(agent = %name, %vm, "VM deleted");
                 }
             }

@@ -281,12 +281,31 @@ impl Stage {
         panic!("{name} was not released");
     }
 
+    async fn wait_for_pool(
+        &self,
+        name: &str,
+        what: &str,
+        check: impl Fn(&far_api::FarAgentPoolStatus) -> bool,
+    ) -> far_api::FarAgentPoolStatus {
+        let pools = Api::<FarAgentPool>::namespaced(self.client.clone(), &self.namespace);
+        let mut last = None;
+        for _ in 0..600 {
+            last = pools.get(name).await.unwrap().status;
+            if let Some(status) = last.as_ref().filter(|s| check(s)) {
+                return status.clone();
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("pool {name}: timed out waiting for {what}; last: {last:?}");
+    }
+
     fn vms(&self) -> usize {
         self.host.list("far", None).len()
     }
 
+    /// Waits up to 20 s (a deleted pool's VMs go at the host probe after it, every 5 s).
     async fn wait_no_vms(&self) {
-        for _ in 0..200 {
+        for _ in 0..400 {
             if self.vms() == 0 {
                 break;
             }
@@ -387,7 +406,7 @@ async fn scenarios(stage: &Stage) {
         .await;
 
     // An agent naming a pool that does not exist waits for it; once the pool exists the agent
-    // boots cold on the pool's template (no pool keeps idle VMs yet) and runs its own args.
+    // boots cold on the pool's template (the pool keeps no idle VM yet) and runs its own args.
     stage
         .create_as_given(
             "pooled",
@@ -434,6 +453,47 @@ async fn scenarios(stage: &Stage) {
         .find(|c| c.type_ == "VMCreated")
         .expect("VMCreated condition");
     assert_eq!(created.reason, "ColdStart", "{created:?}");
+
+    // Scaled up as `kubectl scale` does (the scale subresource), the pool keeps an idle VM,
+    // and the next claim runs on it.
+    let pools = Api::<FarAgentPool>::namespaced(stage.client.clone(), &stage.namespace);
+    pools
+        .patch_scale(
+            "warm",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"replicas": 1}})),
+        )
+        .await
+        .expect("scaling the pool");
+    stage
+        .wait_for_pool("warm", "an idle VM", |s| s.idle == 1)
+        .await;
+    stage
+        .create_as_given(
+            "claimer",
+            json!({"poolRef": {"name": "warm"}, "args": ["--seconds", "0.3"]}),
+        )
+        .await;
+    let claimer = stage
+        .wait_for("claimer", "Completed", |a| {
+            phase(a) == Some(Phase::Completed)
+        })
+        .await;
+    let created = claimer
+        .status
+        .unwrap()
+        .conditions
+        .into_iter()
+        .find(|c| c.type_ == "VMCreated")
+        .expect("VMCreated condition");
+    assert_eq!(created.reason, "WarmStart", "{created:?}");
+    let counted = stage
+        .wait_for_pool("warm", "its claims counted and refilled", |s| {
+            s.warm_claims == 1 && s.cold_claims == 1 && s.idle == 1
+        })
+        .await;
+    assert_eq!((counted.desired_idle, counted.busy), (1, 0));
+
     // An agent asking its pool's VM for another shape fails, naming the field.
     stage
         .create_as_given("reshaped", json!({"poolRef": {"name": "warm"}, "cpu": 2}))
@@ -446,9 +506,16 @@ async fn scenarios(stage: &Stage) {
     assert_eq!(reshaped.reason, Some(far_api::AgentReason::InvalidSpec));
     assert!(reshaped.message.unwrap().contains("spec.cpu is 2"));
 
-    for name in ["long", "ok", "bad", "retry", "huge", "pooled", "reshaped"] {
+    for name in [
+        "long", "ok", "bad", "retry", "huge", "pooled", "claimer", "reshaped",
+    ] {
         stage.delete_and_wait_gone(name).await;
     }
+    // A deleted pool's idle VMs go with it.
+    pools
+        .delete("warm", &DeleteParams::default())
+        .await
+        .expect("deleting the pool");
     stage.wait_no_vms().await;
 }
 
