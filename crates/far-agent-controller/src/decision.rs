@@ -709,17 +709,7 @@ pub fn decide(o: &Observation<'_>) -> Decision {
                 b.status.vm_state = Some(state.as_str().to_owned());
             }
             if first_sight {
-                let (reason, message) = match o.claimed {
-                    Some(_) => (
-                        AgentReason::WarmStart,
-                        format!(
-                            "claimed idle VM {uid} of pool {} on host {}",
-                            pool_name(o.spec),
-                            b.status.host.as_deref().unwrap_or("?")
-                        ),
-                    ),
-                    None => (AgentReason::Booting, vm_on_host(uid, &b.status)),
-                };
+                let (reason, message) = vm_origin(o.spec, o.claimed.is_some(), uid, &b.status);
                 b.condition(agent_condition::VM_CREATED, true, reason, &message);
                 b.event(false, "VMCreated", message);
             }
@@ -855,6 +845,35 @@ fn set_condition(
     });
 }
 
+/// The `VMCreated` condition's reason and message: where the agent's VM came from. A claimed
+/// idle VM of its pool is a warm start; a VM booted for an agent of a pool, a cold start.
+fn vm_origin(
+    spec: &FarAgentSpec,
+    claimed: bool,
+    uid: &str,
+    status: &FarAgentStatus,
+) -> (AgentReason, String) {
+    let host = status.host.as_deref().unwrap_or("?");
+    match (claimed, &spec.pool_ref) {
+        (true, _) => (
+            AgentReason::WarmStart,
+            format!(
+                "claimed idle VM {uid} of pool {} on host {host}",
+                pool_name(spec)
+            ),
+        ),
+        (false, Some(pool)) => (
+            AgentReason::ColdStart,
+            format!(
+                "pool {} had no idle VM: {} (cold start)",
+                pool.name,
+                vm_on_host(uid, status)
+            ),
+        ),
+        (false, None) => (AgentReason::Booting, vm_on_host(uid, status)),
+    }
+}
+
 /// The `VMCreated` condition's message: which VM, on which host.
 fn vm_on_host(uid: &str, status: &FarAgentStatus) -> String {
     format!(
@@ -868,32 +887,20 @@ pub fn refusal(host: &str, said: &str) -> String {
     format!("host {host} refused to create the VM: {said}")
 }
 
-/// The status right after the shell created (or adopted) the agent's VM, written at once with
-/// the VM's uid: Flintlock's create is not idempotent, so the uid must land before anything else.
-///
-/// `pool`: the FarAgentPool the agent claims from, when the VM was booted for it because the
-/// pool had no idle VM (a cold start, said in the VMCreated condition).
+/// The status right after the shell created the agent's VM, written at once with the VM's
+/// uid: Flintlock's create is not idempotent, so the uid must land before anything else.
 pub fn vm_created(
     status: &FarAgentStatus,
+    spec: &FarAgentSpec,
     uid: &str,
     state: VmState,
-    pool: Option<&str>,
     generation: Option<i64>,
     now: Timestamp,
 ) -> FarAgentStatus {
     let mut s = status.clone();
     s.vm_uid = Some(uid.to_owned());
     s.vm_state = Some(state.as_str().to_owned());
-    let (reason, message) = match pool {
-        Some(pool) => (
-            AgentReason::ColdStart,
-            format!(
-                "pool {pool} had no idle VM: {} (cold start)",
-                vm_on_host(uid, &s)
-            ),
-        ),
-        None => (AgentReason::Booting, vm_on_host(uid, &s)),
-    };
+    let (reason, message) = vm_origin(spec, false, uid, &s);
     let condition = (agent_condition::VM_CREATED, true, reason);
     set_condition(&mut s, condition, &message, generation, now);
     s.phase = Some(Phase::Pending);

@@ -1288,15 +1288,14 @@ async fn reconcile_pass(
                 let vm_uid = vm_uid(&vm).unwrap_or_default();
                 info!(agent = %name, vm = %vm_uid, host = %host_name, attempt, "VM created");
                 // A VM created for an agent of a pool: the pool had no idle VM.
-                let pool = agent.spec.pool_ref.as_ref().map(|r| r.name.as_str());
                 if let Some(pool) = pool_of(&ctx, &agent) {
                     count_claim(&ctx, &pool.uid().unwrap_or_default(), false);
                 }
                 new_status = decision::vm_created(
                     &new_status,
+                    &agent.spec,
                     &vm_uid,
                     vm_state(&vm),
-                    pool,
                     agent.metadata.generation,
                     now(),
                 );

@@ -1,14 +1,14 @@
 //! Crash safety: the controller (and the status channel living in its process) killed at random
 //! moments while agents are created, run and finish on a sim far-host. At the end every agent is
 //! in its right terminal phase with its right exit code, no VM was started twice for the same
-//! name, and none is left behind.
+//! name, none is left behind, and no idle VM of a pool was handed to two agents.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use far_agent_controller::reconcile::Config;
-use far_api::{FarAgent, FlintlockHost, Phase};
+use far_api::{FarAgent, FarAgentPool, FarAgentPoolStatus, FlintlockHost, Phase};
 use far_channel::{Channel, TokenKey};
 use far_host::provider::sim::{Sim, SimConfig};
 use far_host::provider::{Provider, ProviderError, Started};
@@ -229,6 +229,60 @@ impl Harness {
             .unwrap();
     }
 
+    /// Agent `i` claiming from pool `pool` (its VM the pool's, as [`Harness::create_pool`]
+    /// makes it): runs `seconds`, exits 3 when `i % 4 == 3`, else 0.
+    async fn create_claim(&self, i: usize, seconds: &str, pool: &str) {
+        let code = if i % 4 == 3 { 3 } else { 0 };
+        let agent: FarAgent = serde_json::from_value(json!({
+            "apiVersion": "tiffany.dev/v1", "kind": "FarAgent", "metadata": {"name": format!("a{i:03}")},
+            "spec": {"poolRef": {"name": pool},
+                     "args": ["--seconds", seconds, "--exit-code", code.to_string()],
+                     "heartbeat": {"intervalSeconds": 1, "timeoutSeconds": 30}}
+        }))
+        .unwrap();
+        self.agents()
+            .create(&PostParams::default(), &agent)
+            .await
+            .unwrap();
+    }
+
+    fn pools(&self) -> Api<FarAgentPool> {
+        Api::namespaced(self.client.clone(), &self.namespace)
+    }
+
+    async fn create_pool(&self, name: &str, min_idle: u32, max_size: u32) {
+        let pool: FarAgentPool = serde_json::from_value(json!({
+            "apiVersion": "tiffany.dev/v1", "kind": "FarAgentPool", "metadata": {"name": name},
+            "spec": {"minIdle": min_idle, "maxSize": max_size,
+                     "template": {"image": "busybox:1", "memory": "64Mi", "cpu": 1,
+                                  "entrypoint": "/bin/agent", "hostSelector": {"far-test": self.run}}}
+        }))
+        .unwrap();
+        self.pools()
+            .create(&PostParams::default(), &pool)
+            .await
+            .unwrap();
+    }
+
+    async fn wait_for_pool(
+        &self,
+        name: &str,
+        within: Duration,
+        check: impl Fn(&FarAgentPoolStatus) -> bool,
+    ) -> FarAgentPoolStatus {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            let status = self.pools().get(name).await.unwrap().status;
+            match status {
+                Some(s) if check(&s) => return s,
+                last if tokio::time::Instant::now() >= deadline => {
+                    panic!("pool {name}: not there within {within:?}; last: {last:?}")
+                }
+                _ => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
+    }
+
     /// Waits up to `within` for every agent to finish and every VM to go, then checks: the
     /// right phase and exit code for each of `count` agents, one VM started per agent, none left.
     async fn assert_converged(&self, count: usize, within: Duration) {
@@ -407,6 +461,158 @@ async fn sigkill_the_controller_20_times_under_500_agents(real: Option<std::path
         let tail: Vec<_> = log.lines().rev().take(40).collect();
         panic!("{e}; the controller's last log lines:\n{}", tail.join("\n"));
     }
+}
+
+/// A burst of claims on a warm pool, the controller process SIGKILLed 10 times during it. Every
+/// claim runs to its right end, on its own VM: no idle VM was handed to two agents, none was
+/// started twice, and once the agents and the pool are deleted no VM is left.
+async fn sigkill_the_controller_during_a_burst_of_claims(real: Option<std::path::PathBuf>) {
+    const CLAIMS: usize = 120;
+    const KILLS: usize = 10;
+    let harness = Harness::start(real).await;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("channel.key"), [5u8; 32]).unwrap();
+    let channel_port = free_port();
+    let spawn = || {
+        spawn_controller(
+            dir.path(),
+            &harness.kubeconfig,
+            &harness.namespace,
+            channel_port,
+        )
+    };
+    let mut child = spawn();
+    harness.create_pool("warm", 40, 200).await;
+    harness
+        .wait_for_pool("warm", Duration::from_secs(60), |s| s.idle >= 40)
+        .await;
+    let mut next = moments();
+    for kill in 0..KILLS {
+        for i in (kill * CLAIMS / KILLS)..((kill + 1) * CLAIMS / KILLS) {
+            harness.create_claim(i, ["0.5", "1"][i % 2], "warm").await;
+        }
+        tokio::time::sleep(Duration::from_millis(200 + next() % 1300)).await;
+        child.kill().unwrap(); // SIGKILL
+        child.wait().unwrap();
+        child = spawn();
+    }
+    let harness = Arc::new(harness);
+    let checked = Arc::clone(&harness);
+    let converged = tokio::spawn(async move {
+        checked.assert_claims_converged(CLAIMS).await;
+    })
+    .await;
+    // Everything goes: the agents (their VMs with them), then the pool (its idle VMs).
+    let agents = harness.agents();
+    for i in 0..CLAIMS {
+        let _ = agents
+            .delete(&format!("a{i:03}"), &Default::default())
+            .await;
+    }
+    let _ = harness.pools().delete("warm", &Default::default()).await;
+    let mut left = usize::MAX;
+    for _ in 0..300 {
+        left = harness.host.list("far", None).len();
+        let agents_left = agents.list(&Default::default()).await.unwrap().items.len();
+        if left == 0 && agents_left == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    harness.tear_down().await;
+    child.kill().unwrap();
+    child.wait().unwrap();
+    if let Err(e) = converged {
+        let log = std::fs::read_to_string(dir.path().join("controller.log")).unwrap_or_default();
+        let tail: Vec<_> = log.lines().rev().take(40).collect();
+        panic!("{e}; the controller's last log lines:\n{}", tail.join("\n"));
+    }
+    assert_eq!(
+        left, 0,
+        "VMs left behind after the agents and the pool went"
+    );
+}
+
+impl Harness {
+    /// Waits for `count` claims to finish, then checks each ended as its arguments say, on a VM
+    /// of its own (warm or cold), and that no VM was started twice.
+    async fn assert_claims_converged(&self, count: usize) {
+        let agents = self.agents();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(180);
+        let mut done = Vec::new();
+        while tokio::time::Instant::now() < deadline {
+            done = agents.list(&Default::default()).await.unwrap().items;
+            if done.len() == count
+                && done.iter().all(|a| {
+                    a.status
+                        .as_ref()
+                        .and_then(|s| s.phase)
+                        .is_some_and(Phase::is_terminal)
+                })
+            {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let mut by_vm: HashMap<String, Vec<String>> = HashMap::new();
+        let mut starts_by_reason: HashMap<String, usize> = HashMap::new();
+        for agent in &done {
+            let name = agent.metadata.name.clone().unwrap_or_default();
+            let status = agent.status.clone().unwrap_or_default();
+            let i: usize = name[1..].parse().unwrap();
+            let want = if i % 4 == 3 {
+                (Phase::Failed, 3)
+            } else {
+                (Phase::Completed, 0)
+            };
+            assert_eq!(
+                (status.phase, status.exit_code),
+                (Some(want.0), Some(want.1)),
+                "{name}: {status:?}"
+            );
+            let created = status
+                .conditions
+                .iter()
+                .find(|c| c.type_ == "VMCreated")
+                .map(|c| c.reason.clone())
+                .unwrap_or_default();
+            *starts_by_reason.entry(created).or_default() += 1;
+            by_vm
+                .entry(status.vm_uid.clone().unwrap_or_default())
+                .or_default()
+                .push(name);
+        }
+        assert_eq!(done.len(), count);
+        let shared: Vec<_> = by_vm.iter().filter(|(_, a)| a.len() > 1).collect();
+        assert!(shared.is_empty(), "VMs run by two agents: {shared:?}");
+        let starts = self.starts.lock().unwrap();
+        let twice: Vec<_> = starts
+            .iter()
+            .filter(|(_, n)| **n > 1)
+            .map(|(id, n)| format!("{id} x{n}"))
+            .collect();
+        assert!(twice.is_empty(), "VMs started twice: {twice:?}");
+        eprintln!("{count} claims through 10 SIGKILLs: {starts_by_reason:?}");
+        assert!(
+            starts_by_reason.get("WarmStart").copied().unwrap_or(0) > 0,
+            "no claim was served warm: {starts_by_reason:?}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkilling_the_controller_during_a_burst_of_claims_hands_no_vm_to_two_agents() {
+    sigkill_the_controller_during_a_burst_of_claims(None).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkilling_the_controller_during_a_burst_of_claims_on_a_real_cluster() {
+    let Some(kubeconfig) =
+        far_testkit::cluster::kubeconfig("a disposable cluster without FAR's controller")
+    else {
+        return;
+    };
+    sigkill_the_controller_during_a_burst_of_claims(Some(kubeconfig)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

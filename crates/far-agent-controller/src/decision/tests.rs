@@ -120,7 +120,7 @@ fn an_agent_goes_from_accepted_to_completed_with_one_vm() {
 
     // The shell records the VM at once; the next decision, while Flintlock still says PENDING
     // and then CREATED, has nothing new to write.
-    let status = vm_created(&d.status, "vm1", VmState::Pending, None, Some(1), t(2));
+    let status = vm_created(&d.status, &spec, "vm1", VmState::Pending, Some(1), t(2));
     let mut o = observe(&spec, &status, 3);
     o.vm = present(VmState::Pending);
     let d = decide(&o);
@@ -850,7 +850,7 @@ fn conditions_are_listed_in_the_order_of_a_life_and_say_what_happened() {
     for kind in [agent_condition::FINISHED, agent_condition::SCHEDULED] {
         conditions::set(&mut status.conditions, kind, false, "X", "", Some(1), t(0));
     }
-    let created = vm_created(&status, "vm1", VmState::Pending, None, Some(1), t(1));
+    let created = vm_created(&status, &spec(), "vm1", VmState::Pending, Some(1), t(1));
     let kinds: Vec<&str> = created
         .conditions
         .iter()
@@ -898,14 +898,11 @@ fn a_cold_start_says_so_in_the_vm_created_condition() {
         host: Some("h1".into()),
         ..Default::default()
     };
-    let s = vm_created(
-        &status,
-        "vm1",
-        VmState::Pending,
-        Some("warm"),
-        Some(1),
-        t(1),
-    );
+    let mut pooled = spec();
+    pooled.pool_ref = Some(far_api::PoolRef {
+        name: "warm".into(),
+    });
+    let s = vm_created(&status, &pooled, "vm1", VmState::Pending, Some(1), t(1));
     let c = s
         .conditions
         .iter()
@@ -917,4 +914,29 @@ fn a_cold_start_says_so_in_the_vm_created_condition() {
         "pool warm had no idle VM: VM vm1 created on host h1 (cold start)"
     );
     assert_eq!(s.reason, Some(AgentReason::Booting));
+}
+
+/// A cold VM of a pool's agent found by name (the write after its creation was lost) still
+/// says it was a cold start, as it would have had the write landed.
+#[test]
+fn an_adopted_cold_vm_of_a_pools_agent_is_a_cold_start() {
+    let mut spec = spec();
+    spec.pool_ref = Some(far_api::PoolRef {
+        name: "warm".into(),
+    });
+    let status = FarAgentStatus {
+        host: Some("h1".into()),
+        ..Default::default()
+    };
+    let mut o = observe(&spec, &status, 1);
+    o.vm = present(VmState::Created);
+    let d = decide(&o);
+    let c = d
+        .status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == agent_condition::VM_CREATED)
+        .unwrap();
+    assert_eq!(c.reason, "ColdStart");
+    assert!(!d.actions.contains(&Action::OfferClaim));
 }
