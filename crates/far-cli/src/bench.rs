@@ -10,7 +10,8 @@
 //! `/metrics`, the fake's or a real one's), and peak memory and CPU time. A baseline first
 //! measures how fast the same API server takes plain FarAgent status patches, with one request
 //! in flight and with as many as the controller has; divided by the writes an agent needs to
-//! reach Running, it gives the ceiling the controller's rate is a share of.
+//! reach Running, it gives the ceiling the controller's rate is a share of. With `--pool`, the
+//! agents claim from a warm FarAgentPool instead ([`pool`]).
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -73,6 +74,13 @@ pub struct BenchArgs {
     /// Reading `/metrics` needs `get` on that non-resource URL.
     #[arg(long, value_name = "PATH")]
     pub kubeconfig: Option<std::path::PathBuf>,
+    /// Claim from a warm FarAgentPool instead: the pool is filled with --pool-idle idle VMs,
+    /// then --agents claims arrive (a Poisson process at --rate, or in one burst).
+    #[arg(long)]
+    pub pool: bool,
+    /// Idle VMs the pool keeps (its minIdle) with --pool; 0: as many as --agents.
+    #[arg(long, default_value_t = 0, requires = "pool")]
+    pub pool_idle: usize,
 }
 
 /// The namespace the benchmark's agents (and the controller's Lease) live in.
@@ -251,7 +259,12 @@ async fn baseline(api: &ApiServer, patches: usize, in_flight: usize) -> Result<f
 }
 
 /// Runs the benchmark and prints its figures.
+mod pool;
+
 pub async fn run(args: BenchArgs) -> Result<()> {
+    if args.pool {
+        return pool::run(args).await;
+    }
     let state = tempfile::Builder::new().prefix("far-bench-").tempdir()?;
     let api = ApiServer::start(args.kubeconfig.as_deref(), state.path()).await?;
     api.namespace().await?;
@@ -269,113 +282,14 @@ pub async fn run(args: BenchArgs) -> Result<()> {
     let before_series = api.series().await?;
     let before = request_metrics::by_verb(&before_series);
 
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let channel_url = format!("http://{}", listener.local_addr()?);
-
-    // The benchmark's agents go to its own hosts only, should the cluster have others.
-    let run_label = ulid::Ulid::new().to_string().to_lowercase();
-    let hosts_api: Api<FlintlockHost> = Api::all(api.client.clone());
-    let mut host_names = Vec::new();
-    let mut sims = Vec::new();
-    let per_host = args.agents.div_ceil(args.hosts.max(1)) as u64;
-    for i in 0..args.hosts {
-        let limits = Limits {
-            max_vcpu: 1,
-            min_memory_mib: 64,
-            max_memory_mib: 256,
-        };
-        let sim = Sim::new(SimConfig {
-            boot_delay: Duration::from_millis(100),
-            fail_starts_containing: None,
-        });
-        let host = Host::open(
-            HostConfig {
-                limits,
-                ..HostConfig::default()
-            },
-            &state.path().join(format!("host-{i}")),
-            sim,
-        )
-        .await?;
-        sims.push(Arc::clone(&host));
-        let endpoint = far_host::serve_on_loopback(host, None).await?;
-        let name = format!("far-bench-{run_label}-{i}");
-        let object: FlintlockHost = serde_json::from_value(json!({
-            "apiVersion": "tiffany.dev/v1", "kind": "FlintlockHost",
-            "metadata": {"name": name, "labels": {"far-bench/run": run_label}},
-            "spec": {"endpoint": endpoint, "provider": "sim", "capacity": {"cpu": per_host + 1, "memory": format!("{}Mi", (per_host + 1) * 256)},
-                     "vmLimits": {"minMemory": "64Mi", "maxMemory": "256Mi", "maxCpu": 1}}
-        }))?;
-        hosts_api.create(&PostParams::default(), &object).await?;
-        host_names.push(name);
-    }
-
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let controller = match &args.controller_binary {
-        Some(binary) => {
-            drop(listener);
-            std::fs::write(state.path().join("channel.key"), [7u8; 32])?;
-            let child = tokio::process::Command::new(binary)
-                .env("KUBECONFIG", &api.kubeconfig)
-                .env("POD_NAME", "far-agent-controller-bench")
-                .env("RUST_LOG", "error")
-                .args([
-                    "--lease-namespace",
-                    NAMESPACE,
-                    "--metrics-listen",
-                    "127.0.0.1:0",
-                ])
-                .arg("--channel-key-file")
-                .arg(state.path().join("channel.key"))
-                .arg("--channel-listen")
-                .arg(channel_url.trim_start_matches("http://"))
-                .arg("--channel-url")
-                .arg(&channel_url)
-                .arg("--concurrency")
-                .arg(args.concurrency.to_string())
-                .arg("--events")
-                .arg(
-                    clap::ValueEnum::to_possible_value(&args.events)
-                        .map(|v| v.get_name().to_owned())
-                        .unwrap_or_default(),
-                )
-                .stdin(std::process::Stdio::null())
-                .kill_on_drop(true)
-                .spawn()
-                .with_context(|| format!("starting {}", binary.display()))?;
-            Some(child)
-        }
-        None => {
-            let channel = Channel::new(far_channel::Config::new(TokenKey::new(vec![7; 32])?));
-            let router = channel.router();
-            tokio::spawn(async move { axum::serve(listener, router).await });
-            let config = ControllerConfig {
-                defaults: Defaults::local(),
-                channel_url,
-                grace_period_seconds: 5,
-                call_timeout: Duration::from_secs(10),
-                concurrency: args.concurrency,
-                events: args.events,
-            };
-            let reporter = Reporter {
-                controller: "far-agent-controller".into(),
-                instance: Some("bench".into()),
-            };
-            tokio::spawn(far_agent_controller::run::run(
-                api.client.clone(),
-                config,
-                channel,
-                reporter,
-                Arc::new(Metrics::default()),
-                async {
-                    let _ = stopped.await;
-                },
-            ));
-            None
-        }
-    };
-    // Let the hosts be probed Ready before the burst.
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    let rig = Rig::start(&args, &api, state.path(), args.agents).await?;
+    let Rig {
+        run_label,
+        sims,
+        host_names,
+        controller,
+        stop,
+    } = rig;
 
     let agents: Api<FarAgent> = Api::namespaced(api.client.clone(), NAMESPACE);
     let mut seen_running: HashMap<String, Instant> = HashMap::new();
@@ -603,12 +517,7 @@ pub async fn run(args: BenchArgs) -> Result<()> {
     let ceiling = patch_rate_n / writes_to_running.max(1.0);
     let refused = refused_writes(&before_series, &api.series().await?);
     let after = api.requests().await?;
-    for name in &host_names {
-        hosts_api
-            .delete(name, &DeleteParams::default())
-            .await
-            .with_context(|| format!("deleting the FlintlockHost {name}"))?;
-    }
+    delete_hosts(&api, &host_names).await?;
     let mut per_agent = BTreeMap::new();
     for ((verb, resource), count) in &after {
         let own = before
@@ -713,6 +622,155 @@ pub async fn run(args: BenchArgs) -> Result<()> {
             vms.duplicates,
             vms.leaked
         );
+    }
+    Ok(())
+}
+
+/// The benchmark's sim hosts (their FlintlockHosts labelled with the run) and its controller.
+struct Rig {
+    run_label: String,
+    sims: Vec<Arc<Host<Sim>>>,
+    host_names: Vec<String>,
+    /// The controller's process, with --controller-binary.
+    controller: Option<tokio::process::Child>,
+    /// Stops the in-process controller.
+    stop: tokio::sync::oneshot::Sender<()>,
+}
+
+impl Rig {
+    /// Starts `args.hosts` sim hosts with room for `vms` VMs in all, and the controller; waits
+    /// a moment for the hosts to be probed Ready.
+    async fn start(
+        args: &BenchArgs,
+        api: &ApiServer,
+        state: &std::path::Path,
+        vms: usize,
+    ) -> Result<Self> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let channel_url = format!("http://{}", listener.local_addr()?);
+
+        // The benchmark's agents go to its own hosts only, should the cluster have others.
+        let run_label = ulid::Ulid::new().to_string().to_lowercase();
+        let hosts_api: Api<FlintlockHost> = Api::all(api.client.clone());
+        let mut host_names = Vec::new();
+        let mut sims = Vec::new();
+        let per_host = vms.div_ceil(args.hosts.max(1)) as u64;
+        for i in 0..args.hosts {
+            let limits = Limits {
+                max_vcpu: 1,
+                min_memory_mib: 64,
+                max_memory_mib: 256,
+            };
+            let sim = Sim::new(SimConfig {
+                boot_delay: Duration::from_millis(100),
+                fail_starts_containing: None,
+            });
+            let host = Host::open(
+                HostConfig {
+                    limits,
+                    ..HostConfig::default()
+                },
+                &state.join(format!("host-{i}")),
+                sim,
+            )
+            .await?;
+            sims.push(Arc::clone(&host));
+            let endpoint = far_host::serve_on_loopback(host, None).await?;
+            let name = format!("far-bench-{run_label}-{i}");
+            let object: FlintlockHost = serde_json::from_value(json!({
+                "apiVersion": "tiffany.dev/v1", "kind": "FlintlockHost",
+                "metadata": {"name": name, "labels": {"far-bench/run": run_label}},
+                "spec": {"endpoint": endpoint, "provider": "sim", "capacity": {"cpu": per_host + 1, "memory": format!("{}Mi", (per_host + 1) * 256)},
+                         "vmLimits": {"minMemory": "64Mi", "maxMemory": "256Mi", "maxCpu": 1}}
+            }))?;
+            hosts_api.create(&PostParams::default(), &object).await?;
+            host_names.push(name);
+        }
+
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let controller = match &args.controller_binary {
+            Some(binary) => {
+                drop(listener);
+                std::fs::write(state.join("channel.key"), [7u8; 32])?;
+                let child = tokio::process::Command::new(binary)
+                    .env("KUBECONFIG", &api.kubeconfig)
+                    .env("POD_NAME", "far-agent-controller-bench")
+                    .env("RUST_LOG", "error")
+                    .args([
+                        "--lease-namespace",
+                        NAMESPACE,
+                        "--metrics-listen",
+                        "127.0.0.1:0",
+                    ])
+                    .arg("--channel-key-file")
+                    .arg(state.join("channel.key"))
+                    .arg("--channel-listen")
+                    .arg(channel_url.trim_start_matches("http://"))
+                    .arg("--channel-url")
+                    .arg(&channel_url)
+                    .arg("--concurrency")
+                    .arg(args.concurrency.to_string())
+                    .arg("--events")
+                    .arg(
+                        clap::ValueEnum::to_possible_value(&args.events)
+                            .map(|v| v.get_name().to_owned())
+                            .unwrap_or_default(),
+                    )
+                    .stdin(std::process::Stdio::null())
+                    .kill_on_drop(true)
+                    .spawn()
+                    .with_context(|| format!("starting {}", binary.display()))?;
+                Some(child)
+            }
+            None => {
+                let channel = Channel::new(far_channel::Config::new(TokenKey::new(vec![7; 32])?));
+                let router = channel.router();
+                tokio::spawn(async move { axum::serve(listener, router).await });
+                let config = ControllerConfig {
+                    defaults: Defaults::local(),
+                    channel_url,
+                    grace_period_seconds: 5,
+                    call_timeout: Duration::from_secs(10),
+                    concurrency: args.concurrency,
+                    events: args.events,
+                };
+                let reporter = Reporter {
+                    controller: "far-agent-controller".into(),
+                    instance: Some("bench".into()),
+                };
+                tokio::spawn(far_agent_controller::run::run(
+                    api.client.clone(),
+                    config,
+                    channel,
+                    reporter,
+                    Arc::new(Metrics::default()),
+                    async {
+                        let _ = stopped.await;
+                    },
+                ));
+                None
+            }
+        };
+        // Let the hosts be probed Ready before the burst.
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        Ok(Self {
+            run_label,
+            sims,
+            host_names,
+            controller,
+            stop,
+        })
+    }
+}
+
+/// Deletes the benchmark's FlintlockHosts.
+async fn delete_hosts(api: &ApiServer, names: &[String]) -> Result<()> {
+    let hosts: Api<FlintlockHost> = Api::all(api.client.clone());
+    for name in names {
+        hosts
+            .delete(name, &DeleteParams::default())
+            .await
+            .with_context(|| format!("deleting the FlintlockHost {name}"))?;
     }
     Ok(())
 }
