@@ -50,6 +50,20 @@ pub struct ClaimLabels {
     pub outcome: &'static str,
 }
 
+/// Labels of a pool VM count.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct VmStateLabels {
+    /// `idle`, `booting` or `busy`.
+    pub state: &'static str,
+}
+
+/// Labels of a pool's change of its desired idle VMs.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DirectionLabels {
+    /// `up` or `down`.
+    pub direction: &'static str,
+}
+
 /// Every metric the controller keeps.
 pub struct Metrics {
     registry: Registry,
@@ -73,8 +87,12 @@ pub struct Metrics {
     pub heartbeats: Counter,
     /// Agents with a poolRef given a VM, by whether it was an idle one.
     pub pool_claims: Family<ClaimLabels, Counter>,
-    /// VMs of every FarAgentPool (idle, booting and claimed) the controller knows.
-    pub pool_vms: Gauge,
+    /// VMs of all FarAgentPools, by state (summed over pools: per pool in each pool's status).
+    pub pool_vms: Family<VmStateLabels, Gauge>,
+    /// Changes of a pool's desired idle VMs, by direction.
+    pub pool_scale: Family<DirectionLabels, Counter>,
+    /// Seconds from a pool agent's creation to Running, by claim outcome (warm, cold).
+    pub claim_seconds: Family<ClaimLabels, Histogram>,
     ready: AtomicBool,
 }
 
@@ -129,11 +147,25 @@ impl Default for Metrics {
             "FarAgents with a poolRef given a VM: warm (an idle VM of the pool) or cold (booted for the agent)",
             pool_claims.clone(),
         );
-        let pool_vms = Gauge::default();
+        let pool_vms = Family::<VmStateLabels, Gauge>::default();
         registry.register(
             "pool_vms",
-            "VMs of every FarAgentPool the controller knows: idle, booting and claimed",
+            "VMs of all FarAgentPools by state: idle (waiting for a claim), booting, busy (claimed)",
             pool_vms.clone(),
+        );
+        let pool_scale = Family::<DirectionLabels, Counter>::default();
+        registry.register(
+            "pool_scale",
+            "Changes of a FarAgentPool's desired idle VMs, by direction",
+            pool_scale.clone(),
+        );
+        let claim_seconds = Family::<ClaimLabels, Histogram>::new_with_constructor(|| {
+            Histogram::new(exponential_buckets(0.01, 2.0, 14))
+        });
+        registry.register(
+            "claim_seconds",
+            "Seconds from a FarAgent with a poolRef being created to Running, by claim outcome",
+            claim_seconds.clone(),
         );
         let guest_memory = Histogram::new(exponential_buckets(16.0 * 1024.0 * 1024.0, 2.0, 12));
         registry.register(
@@ -160,6 +192,8 @@ impl Default for Metrics {
             heartbeats,
             pool_claims,
             pool_vms,
+            pool_scale,
+            claim_seconds,
             ready: AtomicBool::new(false),
         }
     }

@@ -24,6 +24,7 @@ use std::time::{Duration, Instant};
 use far_agent_protocol::{ChannelConfig, RUN_CONFIG_KEY};
 use far_api::{FarAgent, FarAgentPool, FarAgentPoolStatus, VmSize};
 use far_vmspec::{VmName, VmPlan, plan};
+use futures::StreamExt as _;
 use k8s_openapi::jiff::Timestamp;
 use kube::ResourceExt;
 use kube::api::{Api, Patch, PatchParams};
@@ -42,7 +43,10 @@ pub const TICK: Duration = Duration::from_secs(1);
 pub const BOOT_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// The most VMs one pool creates per [`TICK`]: a burst grows the pool at a bounded rate.
-pub const MAX_CREATES_PER_TICK: u32 = 16;
+pub const MAX_CREATES_PER_TICK: u32 = 128;
+
+/// CreateMicroVM calls one pool has in flight at once.
+const CREATES_IN_FLIGHT: usize = 16;
 
 /// The condition a pool's status carries.
 pub const READY: &str = "Ready";
@@ -64,6 +68,8 @@ pub struct PoolVm {
     pub since: Instant,
     /// When this process first saw it wait for a claim.
     pub idle_since: Option<Instant>,
+    /// Created by this process (so `since` is its creation, and its boot time is known).
+    pub created_here: bool,
 }
 
 #[derive(Debug, Default)]
@@ -74,6 +80,22 @@ struct State {
     holders: HashMap<String, String>,
     /// Claims made since the pool's status was last written: (warm, cold), by pool UID.
     claims: HashMap<String, (u64, u64)>,
+    /// Each pool's autoscaler, by pool UID.
+    scalers: HashMap<String, Scaler>,
+}
+
+/// A pool's autoscaler: what it measured, and where it last moved.
+#[derive(Debug, Default)]
+struct Scaler {
+    demand: Demand,
+    /// Claims since its last tick.
+    claims: u64,
+    /// Boot times measured since its last tick.
+    boots: Vec<Duration>,
+    last_tick: Option<Instant>,
+    /// The desired count last decided, and whether it last went up.
+    desired: Option<u32>,
+    rising: Option<bool>,
 }
 
 impl State {
@@ -173,6 +195,7 @@ impl PoolVms {
     /// Counts a claim on pool `pool` (UID) for its status.
     pub fn count_claim(&self, pool: &str, warm: bool) {
         let mut state = self.lock();
+        state.scalers.entry(pool.to_owned()).or_default().claims += 1;
         let counts = state.claims.entry(pool.to_owned()).or_default();
         if warm {
             counts.0 += 1;
@@ -252,6 +275,7 @@ impl PoolVms {
                     size: vm.size,
                     since: Instant::now(),
                     idle_since: None,
+                    created_here: false,
                 },
             );
         }
@@ -283,17 +307,132 @@ impl PoolVms {
     /// first seen waiting for a claim.
     fn of_pool(&self, pool: &str, idle: impl Fn(&str) -> bool) -> Vec<(String, PoolVm, bool)> {
         let mut state = self.lock();
-        let State { vms, holders, .. } = &mut *state;
+        let State {
+            vms,
+            holders,
+            scalers,
+            ..
+        } = &mut *state;
+        let scaler = scalers.entry(pool.to_owned()).or_default();
         vms.iter_mut()
             .filter(|(_, vm)| vm.pool == pool)
             .map(|(name, vm)| {
                 let held = holders.contains_key(&vm.channel_id);
                 if !held && vm.idle_since.is_none() && idle(&vm.channel_id) {
-                    vm.idle_since = Some(Instant::now());
+                    let now = Instant::now();
+                    vm.idle_since = Some(now);
+                    if vm.created_here {
+                        scaler.boots.push(now - vm.since);
+                    }
                 }
                 (name.clone(), vm.clone(), held)
             })
             .collect()
+    }
+
+    /// A VM booted for a claim on pool `pool` (UID) took `boot` to its agent's first heartbeat.
+    pub fn note_boot(&self, pool: &str, boot: Duration) {
+        self.lock()
+            .scalers
+            .entry(pool.to_owned())
+            .or_default()
+            .boots
+            .push(boot);
+    }
+
+    /// The pool's demand, updated with the claims and boot times since its last tick.
+    fn measure(&self, pool: &str) -> Demand {
+        let mut state = self.lock();
+        let scaler = state.scalers.entry(pool.to_owned()).or_default();
+        let now = Instant::now();
+        let elapsed = scaler.last_tick.map_or(Duration::ZERO, |t| now - t);
+        scaler.demand = scaler.demand.update(scaler.claims, elapsed, &scaler.boots);
+        scaler.claims = 0;
+        scaler.boots.clear();
+        scaler.last_tick = Some(now);
+        scaler.demand
+    }
+
+    /// Records the pool's desired count; when it moved, from what and whether up, and whether
+    /// that is a change of direction.
+    fn moved(&self, pool: &str, desired: u32) -> Option<Move> {
+        let mut state = self.lock();
+        let scaler = state.scalers.entry(pool.to_owned()).or_default();
+        let before = scaler.desired.replace(desired)?;
+        if before == desired {
+            return None;
+        }
+        let up = desired > before;
+        let turned = scaler.rising.replace(up) != Some(up);
+        Some(Move { before, up, turned })
+    }
+
+    /// Only these pools (UIDs) exist: the autoscalers and claim counts of others go.
+    fn keep_pools(&self, live: &HashSet<String>) {
+        let mut state = self.lock();
+        state.scalers.retain(|pool, _| live.contains(pool));
+        state.claims.retain(|pool, _| live.contains(pool));
+    }
+}
+
+/// A change of a pool's desired count.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Move {
+    before: u32,
+    up: bool,
+    /// The other way than the last change (or the first change): worth an Event.
+    turned: bool,
+}
+
+/// What a pool's autoscaler measures: claims a second and how long an idle VM takes from its
+/// creation to waiting for a claim, both smoothed.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Demand {
+    /// Claims a second (warm and cold), an exponential average over about [`RATE_WINDOW`].
+    pub claim_rate: f64,
+    /// Seconds an idle VM took to boot, averaged (each new one weighs a fifth); none before one
+    /// was measured.
+    pub boot_seconds: Option<f64>,
+}
+
+/// How quickly the measured claim rate follows the real one.
+pub const RATE_WINDOW: Duration = Duration::from_secs(30);
+
+/// A claim rate below this (one claim in about 17 minutes) is none: an average decays towards
+/// zero without reaching it, and would keep one idle VM forever.
+const NEGLIGIBLE_RATE: f64 = 1e-3;
+
+impl Demand {
+    /// After `elapsed` with `claims` claims and these boot times.
+    pub fn update(self, claims: u64, elapsed: Duration, boots: &[Duration]) -> Self {
+        let dt = elapsed.as_secs_f64();
+        let mut claim_rate = self.claim_rate;
+        if dt > 0.0 {
+            let weight = 1.0 - (-dt / RATE_WINDOW.as_secs_f64()).exp();
+            claim_rate += weight * (claims as f64 / dt - claim_rate);
+        }
+        if claim_rate < NEGLIGIBLE_RATE {
+            claim_rate = 0.0;
+        }
+        let boot_seconds = boots.iter().fold(self.boot_seconds, |average, boot| {
+            let boot = boot.as_secs_f64();
+            Some(average.map_or(boot, |a| a + 0.2 * (boot - a)))
+        });
+        Self {
+            claim_rate,
+            boot_seconds,
+        }
+    }
+
+    /// The idle VMs that serve the claims arriving while their replacements boot: claim rate x
+    /// boot time, rounded up.
+    pub fn idle_vms(self) -> u32 {
+        let want = (self.claim_rate * self.boot_seconds.unwrap_or(0.0)).ceil();
+        if want.is_finite() && want > 0.0 {
+            want.min(f64::from(u32::MAX)) as u32
+        } else {
+            0
+        }
     }
 }
 
@@ -320,6 +459,8 @@ pub struct Shape {
     pub max_size: u32,
     /// `spec.idleTimeoutSeconds`.
     pub idle_timeout: Duration,
+    /// The autoscaler's measure of demand ([`Demand::idle_vms`]).
+    pub demand: u32,
 }
 
 impl Shape {
@@ -330,6 +471,7 @@ impl Shape {
             replicas: pool.spec.replicas,
             max_size: pool.spec.max_size,
             idle_timeout: Duration::from_secs(pool.spec.idle_timeout_seconds.unsigned_abs()),
+            demand: 0,
         }
     }
 }
@@ -350,7 +492,7 @@ pub enum Member {
 /// What to do with one pool.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Scaling {
-    /// Idle VMs the pool keeps: the larger of minIdle and replicas, within maxSize.
+    /// Idle VMs the pool keeps: the largest of minIdle, replicas and demand, within maxSize.
     pub desired: u32,
     /// VMs waiting for a claim.
     pub idle: u32,
@@ -366,7 +508,7 @@ pub struct Scaling {
 
 /// How many VMs a pool creates and which it deletes. Pure.
 ///
-/// The pool keeps `max(minIdle, replicas)` VMs idle or booting, its held VMs included within
+/// The pool keeps `max(minIdle, replicas, demand)` VMs idle or booting, its held VMs included within
 /// `maxSize`; creates at most [`MAX_CREATES_PER_TICK`] at a time; deletes an idle VM beyond
 /// that count only once it has been idle `idleTimeoutSeconds` (the longest idle first), a VM
 /// that stopped unclaimed, and one that has booted longer than [`BOOT_TIMEOUT`]; never a held
@@ -387,6 +529,7 @@ pub fn scale(shape: Shape, members: &[Member]) -> Scaling {
     s.desired = shape
         .min_idle
         .max(shape.replicas)
+        .max(shape.demand)
         .min(shape.max_size.saturating_sub(s.busy));
     let supply = s.idle + s.booting;
     if supply < s.desired {
@@ -413,20 +556,32 @@ pub async fn run(ctx: Arc<Context>) {
         if !ctx.pool_vms.listed.load(Ordering::Acquire) {
             continue;
         }
-        for pool in ctx.pools.state() {
-            tend(&ctx, &pool).await;
+        let pools = ctx.pools.state();
+        let mut counted = [0u32; 3];
+        for pool in &pools {
+            let scaling = tend(&ctx, pool).await;
+            for (total, n) in counted
+                .iter_mut()
+                .zip([scaling.idle, scaling.booting, scaling.busy])
+            {
+                *total += n;
+            }
         }
-        let vms = ctx.pool_vms.lock().vms.len();
-        ctx.metrics
-            .pool_vms
-            .set(i64::try_from(vms).unwrap_or(i64::MAX));
+        ctx.pool_vms
+            .keep_pools(&pools.iter().filter_map(|p| p.uid()).collect());
+        for (state, n) in ["idle", "booting", "busy"].into_iter().zip(counted) {
+            ctx.metrics
+                .pool_vms
+                .get_or_create(&crate::metrics::VmStateLabels { state })
+                .set(i64::from(n));
+        }
     }
 }
 
-/// Scales one pool and writes its status.
-async fn tend(ctx: &Context, pool: &FarAgentPool) {
+/// Scales one pool and writes its status; what it counted.
+async fn tend(ctx: &Context, pool: &FarAgentPool) -> Scaling {
     let Some(pool_uid) = pool.uid() else {
-        return;
+        return Scaling::default();
     };
     let channel = &ctx.channel;
     let idle = |id: &str| channel.view(id).is_some_and(|v| v.idle);
@@ -450,42 +605,129 @@ async fn tend(ctx: &Context, pool: &FarAgentPool) {
             }
         })
         .collect();
-    let scaling = scale(Shape::of(pool), &members);
+    let demand = ctx.pool_vms.measure(&pool_uid);
+    let shape = Shape {
+        demand: demand.idle_vms(),
+        ..Shape::of(pool)
+    };
+    let scaling = scale(shape, &members);
+    if let Some(moved) = ctx.pool_vms.moved(&pool_uid, scaling.desired) {
+        tell_move(ctx, pool, moved, shape, &scaling, demand).await;
+    }
     for &i in &scaling.delete {
         let (name, vm, _) = &vms[i];
         delete(ctx, pool, name, vm, members[i]).await;
     }
-    let mut unschedulable = None;
-    for _ in 0..scaling.create {
-        if let Err(why) = create(ctx, pool).await {
-            unschedulable = Some(why);
-            break;
-        }
-    }
+    let unschedulable = if scaling.create > 0 {
+        create(ctx, pool, scaling.create).await.err()
+    } else {
+        None
+    };
     write_status(ctx, pool, &scaling, unschedulable).await;
+    scaling
 }
 
-/// Boots one idle VM for the pool; `Err` says why none could be.
-async fn create(ctx: &Context, pool: &FarAgentPool) -> Result<(), String> {
+/// Counts a change of a pool's desired count, and tells it on the pool (a Normal Event) when it
+/// turns: the first rise after a fall, or the reverse. Steady growth is one Event, not many.
+async fn tell_move(
+    ctx: &Context,
+    pool: &FarAgentPool,
+    moved: Move,
+    shape: Shape,
+    scaling: &Scaling,
+    demand: Demand,
+) {
+    let direction = if moved.up { "up" } else { "down" };
+    ctx.metrics
+        .pool_scale
+        .get_or_create(&crate::metrics::DirectionLabels { direction })
+        .inc();
+    if !moved.turned {
+        return;
+    }
+    let boot = demand
+        .boot_seconds
+        .map_or_else(|| "not measured yet".to_owned(), |b| format!("{b:.2} s"));
+    let note = format!(
+        "desired idle VMs {} -> {} (minIdle {}, replicas {}, demand {}: {:.2} claims/s x boot {boot}; {} busy, maxSize {})",
+        moved.before,
+        scaling.desired,
+        shape.min_idle,
+        shape.replicas,
+        shape.demand,
+        demand.claim_rate,
+        scaling.busy,
+        shape.max_size
+    );
+    let reason = if moved.up { "ScaledUp" } else { "ScaledDown" };
+    crate::reconcile::publish_on(ctx, pool, false, reason, note).await;
+}
+
+/// Creates `count` idle VMs of the pool: placed one after the other (each counted before the
+/// next is placed), booted [`CREATES_IN_FLIGHT`] at a time. `Err` says why not all could be.
+async fn create(ctx: &Context, pool: &FarAgentPool, count: u32) -> Result<(), String> {
     let workload = far_api::workload::pool_vm(&pool.spec.template).map_err(|e| e.to_string())?;
     let hosts = crate::reconcile::host_views(ctx);
-    let placed = crate::placement::place(&workload, &hosts, &ctx.held(), &BTreeMap::new());
-    let crate::decision::Placement::Fits {
-        host: host_name,
-        vm: size,
-        ..
-    } = placed
-    else {
-        return Err(match placed {
-            crate::decision::Placement::Unschedulable(why)
-            | crate::decision::Placement::Refused(why) => why,
-            crate::decision::Placement::Fits { .. } => String::new(),
-        });
-    };
-    let host = ctx
-        .hosts
-        .get(&kube::runtime::reflector::ObjectRef::new(&host_name))
-        .ok_or_else(|| format!("host {host_name} is gone"))?;
+    let mut held = ctx.held();
+    let mut placed = Vec::new();
+    let mut unplaced = None;
+    for _ in 0..count {
+        match place_new(ctx, &workload, &hosts, &mut held) {
+            Ok(target) => placed.push(target),
+            Err(why) => {
+                unplaced = Some(why);
+                break;
+            }
+        }
+    }
+    let failed = futures::stream::iter(placed)
+        .map(|(host, size)| {
+            let workload = &workload;
+            async move { boot(ctx, pool, workload, &host, size).await }
+        })
+        .buffer_unordered(CREATES_IN_FLIGHT)
+        .filter_map(|result| async move { result.err() })
+        .collect::<Vec<String>>()
+        .await;
+    match (unplaced, failed.into_iter().next()) {
+        (Some(why), _) | (None, Some(why)) => Err(why),
+        (None, None) => Ok(()),
+    }
+}
+
+/// Where a new VM of the pool goes: the host placement picks, with the VMs placed before it
+/// in `held`, where it is counted too.
+fn place_new(
+    ctx: &Context,
+    workload: &far_api::workload::ResolvedWorkload,
+    hosts: &[crate::placement::HostView],
+    held: &mut HashMap<String, Held>,
+) -> Result<(Arc<far_api::FlintlockHost>, VmSize), String> {
+    use crate::decision::Placement;
+    match crate::placement::place(workload, hosts, held, &BTreeMap::new()) {
+        Placement::Fits { host, vm, .. } => {
+            let h = held.entry(host.clone()).or_default();
+            h.cpu += u64::from(vm.vcpu);
+            h.memory_mib += u64::from(vm.memory_mib);
+            let object = ctx
+                .hosts
+                .get(&kube::runtime::reflector::ObjectRef::new(&host))
+                .ok_or_else(|| format!("host {host} is gone"))?;
+            Ok((object, vm))
+        }
+        Placement::Unschedulable(why) | Placement::Refused(why) => Err(why),
+    }
+}
+
+/// Boots one idle VM of the pool on `host`; `Err` says why it could not.
+async fn boot(
+    ctx: &Context,
+    pool: &FarAgentPool,
+    workload: &far_api::workload::ResolvedWorkload,
+    host: &far_api::FlintlockHost,
+    size: VmSize,
+) -> Result<(), String> {
+    let host_name = host.name_any();
     let name = VmName::for_pool(pool, serial()).map_err(|e| e.to_string())?;
     let id = name.channel_id();
     let channel = ChannelConfig {
@@ -493,23 +735,23 @@ async fn create(ctx: &Context, pool: &FarAgentPool) -> Result<(), String> {
         enrolment_token: ctx.channel.enrolment_token_for(&id),
         id: id.clone(),
     };
-    let run = far_vmspec::run_config(None, &workload, channel, ctx.config.grace_period_seconds);
+    let run = far_vmspec::run_config(None, workload, channel, ctx.config.grace_period_seconds);
     let metadata = BTreeMap::from([(RUN_CONFIG_KEY.to_owned(), run.to_bytes())]);
     let planned = plan(&VmPlan {
         name: &name,
-        workload: &workload,
+        workload,
         network: None,
-        host: &host,
+        host,
         defaults: &ctx.config.defaults,
         guest_metadata: &metadata,
     })
     .map_err(|e| e.to_string())?;
-    let credentials = crate::reconcile::host_credentials(ctx, &host)
+    let credentials = crate::reconcile::host_credentials(ctx, host)
         .await
         .map_err(|e| e.to_string())?;
     let vm = ctx
         .flintlock
-        .create(&host, &credentials, planned.request)
+        .create(host, &credentials, planned.request)
         .await
         .map_err(|e| {
             let token = ctx.channel.enrolment_token_for(&id);
@@ -527,6 +769,7 @@ async fn create(ctx: &Context, pool: &FarAgentPool) -> Result<(), String> {
             size,
             since: Instant::now(),
             idle_since: None,
+            created_here: true,
         },
     );
     Ok(())
@@ -663,6 +906,7 @@ mod tests {
             replicas,
             max_size,
             idle_timeout: Duration::from_secs(300),
+            demand: 0,
         }
     }
 
@@ -672,8 +916,8 @@ mod tests {
     fn an_empty_pool_boots_its_minimum_at_a_bounded_rate() {
         let s = scale(shape(2, 0, 10), &[]);
         assert_eq!((s.desired, s.create), (2, 2));
-        let s = scale(shape(0, 100, 200), &[]);
-        assert_eq!((s.desired, s.create), (100, MAX_CREATES_PER_TICK));
+        let s = scale(shape(0, 1000, 2000), &[]);
+        assert_eq!((s.desired, s.create), (1000, MAX_CREATES_PER_TICK));
     }
 
     #[test]
@@ -710,6 +954,58 @@ mod tests {
         assert_eq!(s.create, 2);
     }
 
+    /// A steady 10 claims a second with VMs booting in 1.5 s asks for 15 idle VMs; once the
+    /// claims stop, the demand fades to none within minutes.
+    #[test]
+    fn demand_is_claim_rate_times_boot_time_and_fades_when_claims_stop() {
+        let mut d = Demand::default();
+        assert_eq!(d.idle_vms(), 0, "nothing measured, nothing asked");
+        let boot = [Duration::from_millis(1500)];
+        for _ in 0..300 {
+            d = d.update(10, S, &boot);
+        }
+        assert!((d.claim_rate - 10.0).abs() < 0.01, "{d:?}");
+        assert_eq!(d.idle_vms(), 15);
+        let mut quiet = 0;
+        while d.idle_vms() > 0 {
+            d = d.update(0, S, &[]);
+            quiet += 1;
+        }
+        assert!((200..400).contains(&quiet), "faded after {quiet} s");
+        assert_eq!(d.claim_rate, 0.0);
+    }
+
+    #[test]
+    fn the_demand_raises_the_pool_within_max_size() {
+        let mut s = shape(2, 0, 10);
+        s.demand = 15;
+        let scaling = scale(s, &[Member::Busy; 3]);
+        assert_eq!((scaling.desired, scaling.create), (7, 7));
+    }
+
+    /// Each change of the desired count is counted; only a change of direction is told.
+    #[test]
+    fn a_pool_tells_only_the_turns_of_its_desired_count() {
+        let vms = PoolVms::default();
+        let turns: Vec<Option<(u32, bool, bool)>> = [2, 2, 5, 9, 9, 4, 3, 6]
+            .into_iter()
+            .map(|desired| vms.moved("p", desired).map(|m| (m.before, m.up, m.turned)))
+            .collect();
+        assert_eq!(
+            turns,
+            [
+                None,
+                None,
+                Some((2, true, true)),
+                Some((5, true, false)),
+                None,
+                Some((9, false, true)),
+                Some((4, false, false)),
+                Some((3, true, true)),
+            ]
+        );
+    }
+
     fn members() -> impl Strategy<Value = Vec<Member>> {
         proptest::collection::vec(
             prop_oneof![
@@ -726,9 +1022,9 @@ mod tests {
         #[test]
         fn scaling_keeps_its_promises(
             min_idle in 0u32..30, replicas in 0u32..30, max_size in 1u32..40,
-            timeout in 0u64..600, members in members(),
+            timeout in 0u64..600, demand in 0u32..60, members in members(),
         ) {
-            let shape = Shape { min_idle, replicas, max_size, idle_timeout: Duration::from_secs(timeout) };
+            let shape = Shape { min_idle, replicas, max_size, idle_timeout: Duration::from_secs(timeout), demand };
             let s = scale(shape, &members);
             // Never a held VM; an idle one only past the timeout; each at most once.
             let mut seen = HashSet::new();
@@ -750,7 +1046,28 @@ mod tests {
             // Deletes of idle VMs never take the pool below its desired count.
             let idle_deleted = s.delete.iter().filter(|&&i| matches!(members[i], Member::Idle(_))).count() as u32;
             prop_assert!(idle_deleted == 0 || s.idle + s.booting - idle_deleted >= s.desired);
-            prop_assert!(s.desired <= min_idle.max(replicas));
+            prop_assert!(s.desired <= min_idle.max(replicas).max(demand));
+            prop_assert!(s.desired <= max_size);
+        }
+
+        #[test]
+        fn demand_follows_the_claim_rate_and_never_goes_negative(
+            ticks in proptest::collection::vec((0u64..200, 1u64..3000), 1..60),
+            boot in 1u64..5000,
+        ) {
+            let mut d = Demand::default();
+            let boots = [Duration::from_millis(boot)];
+            for (claims, millis) in ticks {
+                let before = d.claim_rate;
+                let elapsed = Duration::from_millis(millis);
+                let rate = claims as f64 / elapsed.as_secs_f64();
+                d = d.update(claims, elapsed, &boots);
+                prop_assert!(d.claim_rate >= 0.0 && d.claim_rate.is_finite());
+                // An average: it moves towards the rate measured, never past it.
+                prop_assert!(d.claim_rate <= before.max(rate) + 1e-9);
+                prop_assert!(d.claim_rate >= before.min(rate) - 1e-9 || d.claim_rate == 0.0);
+            }
+            prop_assert!(d.boot_seconds.is_some());
         }
     }
 }

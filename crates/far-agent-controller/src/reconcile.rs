@@ -818,6 +818,17 @@ pub(crate) async fn publish(
     reason: &str,
     note: String,
 ) {
+    publish_on(ctx, agent, warning, reason, note).await;
+}
+
+/// Records an Event on an agent or a pool (Normal ones only with `--events all`).
+pub(crate) async fn publish_on<K: Resource<DynamicType = ()>>(
+    ctx: &Context,
+    object: &K,
+    warning: bool,
+    reason: &str,
+    note: String,
+) {
     if !warning && ctx.config.events == EventPolicy::Warnings {
         return;
     }
@@ -833,8 +844,8 @@ pub(crate) async fn publish(
         action: "Reconcile".into(),
         secondary: None,
     };
-    if let Err(e) = recorder.publish(&event, &agent.object_ref(&())).await {
-        warn!(agent = %agent.name_any(), error = %e, "event not recorded");
+    if let Err(e) = recorder.publish(&event, &object.object_ref(&())).await {
+        warn!(object = %object.name_any(), error = %e, "event not recorded");
     }
 }
 
@@ -1107,9 +1118,27 @@ async fn reconcile_pass(
         && status.phase != Some(far_api::Phase::Running)
         && let Some(created) = &agent.metadata.creation_timestamp
     {
-        ctx.metrics
-            .time_to_running
-            .observe(now().duration_since(created.0).as_secs_f64().max(0.0));
+        let took = now().duration_since(created.0).as_secs_f64().max(0.0);
+        ctx.metrics.time_to_running.observe(took);
+        if let Some(pool) = pool_of(&ctx, &agent) {
+            let created = new_status
+                .conditions
+                .iter()
+                .find(|c| c.type_ == far_api::agent_condition::VM_CREATED);
+            let warm = created.is_some_and(|c| c.reason == AgentReason::WarmStart.as_str());
+            // A cold start's boot (its VM's creation to the agent's first heartbeat) is what
+            // the pool's autoscaler multiplies the claim rate by.
+            if let Some(created) = created.filter(|_| !warm) {
+                let boot = now().duration_since(created.last_transition_time.0);
+                ctx.pool_vms
+                    .note_boot(&pool.uid().unwrap_or_default(), boot.unsigned_abs());
+            }
+            let outcome = if warm { "warm" } else { "cold" };
+            ctx.metrics
+                .claim_seconds
+                .get_or_create(&crate::metrics::ClaimLabels { outcome })
+                .observe(took);
+        }
     }
 
     // The agent's metadata (finalizer, binding) first, then the VM, then the rest: nothing (not

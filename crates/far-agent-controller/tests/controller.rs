@@ -1302,6 +1302,42 @@ async fn a_claim_runs_on_an_idle_vm_of_its_pool_and_the_pool_refills() {
     env.wait_gone("claimer").await;
 }
 
+/// A pool nobody sized (minIdle and replicas 0) keeps idle VMs once claims arrive: its
+/// autoscaler measures the claim rate and the cold boots, and asks for rate x boot time idle
+/// VMs, so later claims start warm. The rise is told as an Event on the pool.
+#[tokio::test]
+async fn an_unsized_pool_grows_with_its_claims() {
+    let mut env = env().await;
+    env.start_controller();
+    env.wait_host_ready().await;
+    env.create_pool("elastic", json!({"maxSize": 30})).await;
+    for i in 0..40 {
+        env.create(
+            &format!("c{i:02}"),
+            json!({"poolRef": {"name": "elastic"}, "args": ["--seconds", "0.2"]}),
+        )
+        .await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut reasons = Vec::new();
+    for i in 0..40 {
+        let agent = env
+            .wait_for(&format!("c{i:02}"), "Completed", |a| {
+                phase(a) == Some(Phase::Completed)
+            })
+            .await;
+        let status = agent.status.unwrap();
+        let created = status.conditions.iter().find(|c| c.type_ == "VMCreated");
+        reasons.push(created.map(|c| c.reason.clone()).unwrap_or_default());
+    }
+    assert_eq!(reasons[0], "ColdStart", "nothing was idle at first");
+    let warm = reasons.iter().filter(|r| *r == "WarmStart").count();
+    assert!(warm > 0, "no claim was served warm: {reasons:?}");
+    let status = env.pools().get("elastic").await.unwrap().status.unwrap();
+    assert_eq!(status.warm_claims + status.cold_claims, 40, "{status:?}");
+    env.wait_for_event("ScaledUp").await;
+}
+
 /// The controller runs a whole agent life as the chart's ServiceAccount, with RBAC enforced
 /// as kube-apiserver does: leader election, the finalizer, a Secret and a ConfigMap read for
 /// env, status and Events, host probing, deletion past ttlSecondsAfterFinished, a pool's idle

@@ -129,6 +129,51 @@ fn bench_runs_every_agent_to_its_exit_code() {
     bench_report(far(SMALL_BENCH));
 }
 
+/// `far bench --pool` fills a pool, then claims from it: every claim finishes with its exit
+/// code, the claims are served by the pool's idle VMs, and once the agents and the pool are
+/// deleted no VM is left. (Its latency figures are for docs/benchmarks.md, not asserted.)
+#[test]
+fn bench_pool_serves_claims_from_idle_vms_and_leaves_nothing() {
+    let out = far(&[
+        "bench",
+        "--pool",
+        "--agents",
+        "20",
+        "--hosts",
+        "2",
+        "--run-seconds",
+        "0.2",
+        "--rate",
+        "20",
+    ]);
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let json: serde_json::Value =
+        serde_json::from_str(&stdout[stdout.find("{\n").unwrap()..]).unwrap();
+    assert_eq!(
+        (
+            json["finished"].as_u64(),
+            json["lost"].as_u64(),
+            json["wrong_exit_or_phase"].as_u64(),
+            json["duplicate_vms"].as_u64(),
+            json["leaked_vms"].as_u64()
+        ),
+        (Some(20), Some(0), Some(0), Some(0), Some(0)),
+        "{json}"
+    );
+    assert!(json["served_warm"].as_u64().unwrap() > 0, "{json}");
+    assert_eq!(
+        json["served_warm"].as_u64().unwrap() + json["served_cold"].as_u64().unwrap(),
+        20
+    );
+    assert_eq!(json["claim_to_running_seconds"]["count"].as_u64(), Some(20));
+    assert!(json["refill_seconds"].as_f64().is_some(), "{json}");
+}
+
 /// With `--kubeconfig` the benchmark runs against the API server it names, as against a real
 /// cluster (here the fake, reached only through the kubeconfig): requests are read from that
 /// server's `/metrics`, and the benchmark's hosts are removed afterwards.
