@@ -103,7 +103,8 @@ pub async fn run(
                 .collect::<Vec<_>>()
         },
     );
-    // A pool that appears or changes decides the agents that wait for it.
+    // A pool that appears decides the agents that wait for it. (Only those: a pool's status
+    // changes every second while it fills, and its other agents are decided on their own.)
     let claiming = controller.store();
     let controller = controller.watches(
         Api::<FarAgentPool>::all(client.clone()),
@@ -116,7 +117,9 @@ pub async fn run(
                 .filter(|a| {
                     a.metadata.namespace == namespace
                         && a.spec.pool_ref.as_ref().map(|r| &r.name) == name.as_ref()
-                        && a.status.as_ref().is_none_or(|s| s.vm_uid.is_none())
+                        && a.status.as_ref().is_some_and(|s| {
+                            s.reason == Some(far_api::AgentReason::PoolNotFound)
+                        })
                 })
                 .map(|a| reflector::ObjectRef::from_obj(a.as_ref()))
                 .collect::<Vec<_>>()
