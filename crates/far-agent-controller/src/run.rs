@@ -117,9 +117,9 @@ pub async fn run(
                 .filter(|a| {
                     a.metadata.namespace == namespace
                         && a.spec.pool_ref.as_ref().map(|r| &r.name) == name.as_ref()
-                        && a.status.as_ref().is_some_and(|s| {
-                            s.reason == Some(far_api::AgentReason::PoolNotFound)
-                        })
+                        && a.status
+                            .as_ref()
+                            .is_some_and(|s| s.reason == Some(far_api::AgentReason::PoolNotFound))
                 })
                 .map(|a| reflector::ObjectRef::from_obj(a.as_ref()))
                 .collect::<Vec<_>>()
