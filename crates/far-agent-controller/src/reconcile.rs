@@ -595,6 +595,25 @@ fn count_claim(ctx: &Context, pool: &str, warm: bool) {
     ctx.pool_vms.count_claim(pool, warm);
 }
 
+/// What a claimed VM is offered: the attempt's task and its secret values (none while the
+/// workload or its configuration is not resolved).
+fn claim(
+    agent: &FarAgent,
+    workload: Option<&ResolvedWorkload>,
+    resolved: Option<&Result<(Vec<EnvVar>, Secrets), String>>,
+    attempt: u32,
+) -> Result<Option<Claim>, Error> {
+    let (Some(workload), Some(Ok((env, secrets)))) = (workload, resolved) else {
+        return Ok(None);
+    };
+    let task = far_vmspec::task(agent, workload, attempt, env.clone(), !secrets.is_empty())
+        .map_err(far_vmspec::PlanError::from)?;
+    Ok(Some(Claim {
+        task,
+        secrets: secrets.clone(),
+    }))
+}
+
 /// An idle VM of a pool that a reconcile reserved for its agent.
 struct Reservation {
     agent: String,
@@ -1094,6 +1113,16 @@ async fn reconcile_pass(
         .iter()
         .any(|a| matches!(a, Action::CreateVm { .. }));
     let wrote = new_status != status;
+    // A claim's task goes out first when this copy is the answer to the write that put the
+    // claim on record: the guest starts it while the status is written.
+    let mut offer = if decision.actions.contains(&Action::OfferClaim) {
+        claim(&agent, decided, resolved.as_ref(), status.restart_count)?
+    } else {
+        None
+    };
+    if confirmed && let Some(claim) = offer.take() {
+        ctx.channel.offer_claim(&id, claim);
+    }
     // The API server's answer to this pass's last write: the agent as it now is.
     let mut last_written = None;
     if wrote && !creating {
@@ -1361,20 +1390,9 @@ async fn reconcile_pass(
                 }
             }
             Action::OfferClaim => {
-                let (Some((env, secrets)), Some(workload)) =
-                    (resolved.clone().and_then(Result::ok), decided)
-                else {
-                    continue;
-                };
-                let task = far_vmspec::task(
-                    &agent,
-                    workload,
-                    status.restart_count,
-                    env,
-                    !secrets.is_empty(),
-                )
-                .map_err(far_vmspec::PlanError::from)?;
-                ctx.channel.offer_claim(&id, Claim { task, secrets });
+                if let Some(claim) = offer.take() {
+                    ctx.channel.offer_claim(&id, claim);
+                }
             }
             Action::StopGuest => ctx.channel.request_stop(&id),
             Action::DeleteAgent => {
