@@ -40,6 +40,10 @@ pub mod limits {
     /// How long a guest keeps trying to enrol while the channel cannot be reached (a controller
     /// restarting, under load, may take that long to serve it again).
     pub const ENROL_SECONDS: u64 = 30;
+    /// How long a guest keeps reporting its agent's exit until the channel acknowledges it
+    /// (the controller writes it to the FarAgent's status first, which a restarting controller
+    /// or a busy API server can delay).
+    pub const EXIT_REPORT_SECONDS: u64 = 60;
 }
 
 /// An agent's id on the channel: its UID and attempt, so the reports of an earlier run's VM

@@ -94,7 +94,7 @@ fn main() {
         }
     };
     if let Some(channel) = &channel {
-        channel.report_exit(&exit, Duration::from_secs(60));
+        channel.report_exit(&exit, Duration::from_secs(limits::EXIT_REPORT_SECONDS));
     }
     say!("agent exited with code {}; powering off", exit.code);
     boot::power_off(exit.code);

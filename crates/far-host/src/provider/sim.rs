@@ -471,12 +471,16 @@ impl Channel<'_> {
             code,
             start_error: None,
         };
+        // As far-init does: for as long, backing off from 100 ms to 5 s.
         let first = tokio::time::Instant::now();
-        for attempt in 0..20u32 {
+        let within = Duration::from_secs(limits::EXIT_REPORT_SECONDS);
+        let mut delay = Duration::from_millis(100);
+        while first.elapsed() < within {
             if self.post(paths::EXIT, &exit).await {
                 return Some(first.elapsed());
             }
-            tokio::time::sleep(Duration::from_millis(100 * u64::from(attempt.min(10) + 1))).await;
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(Duration::from_secs(5));
         }
         warn!(agent = %self.config.channel.id, "sim guest: exit never acknowledged");
         None
