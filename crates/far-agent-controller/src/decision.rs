@@ -148,6 +148,9 @@ pub struct Observation<'a> {
     pub config: Result<(), (AgentReason, String)>,
     /// What far-init gives the agent between SIGTERM and SIGKILL.
     pub grace_period: Duration,
+    /// Since when this controller's status channel has been listening: a guest's silence
+    /// before it is not the guest's (it may have reported to a controller since gone).
+    pub listening_since: Timestamp,
     /// The time now.
     pub now: Timestamp,
 }
@@ -775,8 +778,21 @@ pub fn decide(o: &Observation<'_>) -> Decision {
                             .iter()
                             .find(|c| c.type_ == agent_condition::VM_CREATED)
                             .map(|c| c.last_transition_time.0)
-                            .unwrap_or(o.now);
+                            .unwrap_or(o.now)
+                            .max(o.listening_since);
                         let waited = o.now.duration_since(since).unsigned_abs();
+                        // It reported in to an earlier controller: it runs, and is waited for
+                        // as a running agent is.
+                        if b.status.phase == Some(Phase::Running) {
+                            if waited >= timeout {
+                                return b.fail(
+                                    AgentReason::HeartbeatLost,
+                                    format!("no heartbeat for {} s", waited.as_secs()),
+                                    None,
+                                );
+                            }
+                            return b.done(Some((timeout - waited).min(RUNNING_RECHECK)));
+                        }
                         if waited >= timeout {
                             return b.fail(AgentReason::BootTimeout, format!("the agent's init did not report in within {} s of the VM's creation", timeout.as_secs()), None);
                         }

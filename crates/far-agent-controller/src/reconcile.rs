@@ -110,6 +110,8 @@ pub struct Context {
     pub failures: Mutex<HashMap<String, u32>>,
     /// The pools' VMs, and which agents hold them.
     pub pool_vms: crate::pools::PoolVms,
+    /// When this controller started to hear its guests (its status channel is new with it).
+    pub listening_since: Timestamp,
 }
 
 /// How long a host's refusal to create an attempt's VM keeps the attempt off that host. Then
@@ -1092,6 +1094,7 @@ async fn reconcile_pass(
         placement,
         config,
         grace_period: Duration::from_secs(ctx.config.grace_period_seconds.into()),
+        listening_since: ctx.listening_since,
         now: now(),
     });
     let mut new_status = decision.status;
@@ -1530,6 +1533,7 @@ async fn write_exit(
         placement: None,
         config: Ok(()),
         grace_period: Duration::from_secs(ctx.config.grace_period_seconds.into()),
+        listening_since: ctx.listening_since,
         now: now(),
     });
     let finished = decision

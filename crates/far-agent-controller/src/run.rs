@@ -147,6 +147,7 @@ pub async fn run(
         unsent: Default::default(),
         failures: Default::default(),
         pool_vms: Default::default(),
+        listening_since: k8s_openapi::jiff::Timestamp::now(),
     });
 
     let exits = Arc::clone(&ctx);

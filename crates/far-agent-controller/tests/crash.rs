@@ -377,6 +377,68 @@ async fn killing_the_controller_at_random_moments_loses_and_duplicates_nothing()
     running.1.abort();
 }
 
+/// A controller that restarts hears nothing from the guests until their next report: an agent
+/// running longer than its heartbeat timeout is not failed for the silence before the restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_controller_does_not_fail_running_agents_it_has_not_heard_yet() {
+    let harness = Harness::start(None).await;
+    let channel_port = free_port();
+    let running = controller(harness.client.clone(), channel_port).await;
+    let agent: FarAgent = serde_json::from_value(json!({
+        "apiVersion": "tiffany.dev/v1", "kind": "FarAgent", "metadata": {"name": "long"},
+        "spec": {"image": "busybox:1", "memory": "64Mi", "cpu": 1, "entrypoint": "/bin/agent",
+                 "args": ["--seconds", "9"], "hostSelector": {"far-test": harness.run},
+                 "heartbeat": {"intervalSeconds": 2, "timeoutSeconds": 4}}
+    }))
+    .unwrap();
+    harness
+        .agents()
+        .create(&PostParams::default(), &agent)
+        .await
+        .unwrap();
+    for _ in 0..100 {
+        let phase = harness
+            .agents()
+            .get("long")
+            .await
+            .unwrap()
+            .status
+            .and_then(|s| s.phase);
+        if phase == Some(Phase::Running) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Past the timeout since the VM was created, the controller (and its channel) restarts.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    running.0.abort();
+    running.1.abort();
+    let _ = running.0.await;
+    let _ = running.1.await;
+    let running = controller(harness.client.clone(), channel_port).await;
+    let mut last = None;
+    for _ in 0..200 {
+        last = harness.agents().get("long").await.unwrap().status;
+        if last
+            .as_ref()
+            .and_then(|s| s.phase)
+            .is_some_and(Phase::is_terminal)
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let status = last.unwrap_or_default();
+    assert_eq!(
+        (status.phase, status.exit_code),
+        (Some(Phase::Completed), Some(0)),
+        "{status:?}"
+    );
+    harness.tear_down().await;
+    running.0.abort();
+    running.1.abort();
+}
+
 /// The real binary, SIGKILLed: nothing of the process survives a kill (its channel, its
 /// caches, its in-flight calls), and the replacement starts from the API server alone. It comes
 /// back as the same Pod would (same POD_NAME, so it takes its Lease back at once).

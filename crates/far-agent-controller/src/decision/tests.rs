@@ -43,6 +43,7 @@ fn observe<'a>(spec: &'a FarAgentSpec, status: &'a FarAgentStatus, now: i64) -> 
         placement: None,
         config: Ok(()),
         grace_period: Duration::from_secs(5),
+        listening_since: t(-1_000_000),
         now: t(now),
     }
 }
@@ -635,6 +636,7 @@ proptest! {
                 Err((AgentReason::ConfigMissing, "missing".into()))
             },
             grace_period: Duration::from_secs(5),
+            listening_since: t(-1_000_000),
             now: t(now),
         };
         let d = decide(&o);
@@ -939,4 +941,40 @@ fn an_adopted_cold_vm_of_a_pools_agent_is_a_cold_start() {
         .unwrap();
     assert_eq!(c.reason, "ColdStart");
     assert!(!d.actions.contains(&Action::OfferClaim));
+}
+
+/// A controller that just started has heard nothing yet: a running agent whose VM is older
+/// than the heartbeat timeout is not failed for silence that predates the controller.
+#[test]
+fn a_running_agent_is_not_failed_for_silence_before_the_controller_started() {
+    let spec = spec();
+    let mut status = FarAgentStatus {
+        host: Some("h1".into()),
+        vm_uid: Some("vm1".into()),
+        phase: Some(Phase::Running),
+        reason: Some(AgentReason::Running),
+        ..Default::default()
+    };
+    conditions::set(
+        &mut status.conditions,
+        agent_condition::VM_CREATED,
+        true,
+        "Booting",
+        "VM vm1 created on host h1",
+        Some(1),
+        t(0),
+    );
+    let mut o = observe(&spec, &status, 1000);
+    o.vm = present(VmState::Created);
+    o.listening_since = t(995);
+    let d = decide(&o);
+    assert_eq!(d.status.phase, Some(Phase::Running), "{:?}", d.status);
+    assert!(d.requeue.is_some());
+    // Silent for the whole timeout since the controller started: lost.
+    let mut o = observe(&spec, &status, 1100);
+    o.vm = present(VmState::Created);
+    o.listening_since = t(995);
+    let d = decide(&o);
+    assert_eq!(d.status.phase, Some(Phase::Failed));
+    assert_eq!(d.status.reason, Some(AgentReason::HeartbeatLost));
 }
