@@ -134,6 +134,9 @@ pub struct Observation<'a> {
     /// The idle VM of its pool the current attempt claimed (its binding says so): the agent's
     /// VM, which is never created for it, and whose guest is offered the task.
     pub claimed: Option<&'a str>,
+    /// The claimed VM is of a pool with `reuse: Reset`: once its guest has reported the exit
+    /// (far-init then makes it clean), it goes back to the pool instead of being deleted.
+    pub reusable: bool,
     /// The guest's reports for the current attempt.
     pub guest: Guest,
     /// Whether what it runs, and in what VM, could be decided (`far_api::workload`): `Err`
@@ -201,6 +204,9 @@ pub enum Action {
         /// Flintlock's uid.
         uid: String,
     },
+    /// Give the claimed VM back to its pool (its guest reported the exit and resets it); the
+    /// agent's status no longer names it.
+    ReturnVm,
     /// Delete the FarAgent itself (`ttlSecondsAfterFinished` passed).
     DeleteAgent,
     /// Tell users: a Kubernetes Event on the agent.
@@ -277,15 +283,26 @@ impl Builder<'_> {
         }
     }
 
+    /// Frees the attempt's VM: back to its pool when it is reusable and its guest reported the
+    /// exit, else deleted.
+    fn free_vm(&mut self) {
+        let Some(Vm::Present { uid, state, .. }) = &self.o.vm else {
+            return;
+        };
+        if self.o.reusable && self.o.guest.exit.is_some() {
+            self.status.vm_uid = None;
+            self.status.vm_state = None;
+            self.actions.push(Action::ReturnVm);
+        } else if *state != VmState::Deleting {
+            self.actions.push(Action::DeleteVm { uid: uid.clone() });
+        }
+    }
+
     /// The agent failed (or exited non-zero): restart it or finish it.
     fn fail(mut self, reason: AgentReason, message: String, exit_code: Option<i32>) -> Decision {
         let o = self.o;
         let restarts = self.status.restart_count;
-        if let Some(Vm::Present { uid, state, .. }) = &o.vm
-            && *state != VmState::Deleting
-        {
-            self.actions.push(Action::DeleteVm { uid: uid.clone() });
-        }
+        self.free_vm();
         self.status.exit_code = exit_code;
         if o.spec.restart_policy == RestartPolicy::OnFailure && restarts < o.spec.backoff_limit {
             let wait = backoff(restarts);
@@ -381,16 +398,14 @@ pub fn decide(o: &Observation<'_>) -> Decision {
                 b.actions.push(Action::RemoveFinalizer);
                 b.done(None)
             }
-            Some(Vm::Present { uid, state, .. }) => {
+            Some(Vm::Present { .. }) => {
                 // A guest still heard from is asked to stop first, so its agent gets SIGTERM,
                 // the grace period and its last output out; silent, or out of time, the VM goes.
                 if !finished && o.stoppable(o.now.duration_since(since).unsigned_abs()) {
                     b.actions.push(Action::StopGuest);
                     return b.done(Some(Duration::from_secs(1)));
                 }
-                if *state != VmState::Deleting {
-                    b.actions.push(Action::DeleteVm { uid: uid.clone() });
-                }
+                b.free_vm();
                 b.done(Some(Duration::from_secs(2)))
             }
             Some(Vm::Unknown { .. }) => {
@@ -434,11 +449,7 @@ pub fn decide(o: &Observation<'_>) -> Decision {
 
     // Finished: nothing brings it back; free the VM, honour the TTL.
     if b.status.phase.is_some_and(Phase::is_terminal) {
-        if let Some(Vm::Present { uid, state, .. }) = &o.vm
-            && *state != VmState::Deleting
-        {
-            b.actions.push(Action::DeleteVm { uid: uid.clone() });
-        }
+        b.free_vm();
         if o.spec.ttl_seconds_after_finished.is_some_and(|ttl| {
             elapsed(b.status.finish_time.as_ref(), o.now).as_secs() >= ttl.unsigned_abs()
         }) {
@@ -586,11 +597,7 @@ pub fn decide(o: &Observation<'_>) -> Decision {
             );
         }
         if *code == 0 {
-            if let Some(Vm::Present { uid, state, .. }) = &o.vm
-                && *state != VmState::Deleting
-            {
-                b.actions.push(Action::DeleteVm { uid: uid.clone() });
-            }
+            b.free_vm();
             b.status.exit_code = Some(0);
             b.status.finish_time = Some(at(o.now));
             b.phase(

@@ -126,7 +126,7 @@ impl PoolVms {
     pub fn learn_holders<'a>(&self, agents: impl IntoIterator<Item = &'a FarAgent>) {
         let mut state = self.lock();
         for agent in agents {
-            if let (Some(uid), Some(claimed)) = (agent.uid(), claimed_in_annotation(agent)) {
+            if let (Some(uid), Some(claimed)) = (agent.uid(), held_claim(agent)) {
                 state.holders.insert(claimed, uid);
             }
         }
@@ -182,6 +182,26 @@ impl PoolVms {
         })?;
         holders.insert(vm.channel_id.clone(), agent.to_owned());
         Some((name.clone(), vm.clone()))
+    }
+
+    /// Agent `agent` gives the VM with `channel_id` back (its task exited; its guest resets it
+    /// for the next claim): it counts as booting until it waits for a claim again.
+    pub fn give_back(&self, channel_id: &str, agent: &str) {
+        let mut state = self.lock();
+        if state.holders.get(channel_id).is_none_or(|h| h != agent) {
+            return;
+        }
+        state.holders.remove(channel_id);
+        if let Some(vm) = state
+            .vms
+            .values_mut()
+            .find(|vm| vm.channel_id == channel_id)
+        {
+            vm.since = Instant::now();
+            vm.idle_since = None;
+            // Its reset is no boot: the autoscaler's boot time stays the cold one.
+            vm.created_here = false;
+        }
     }
 
     /// The reservation of `channel_id` by `agent` did not go on record: the VM is free again.
@@ -436,15 +456,20 @@ impl Demand {
     }
 }
 
-/// The VM an agent's binding claims, whatever its attempt: a VM once claimed is never idle
-/// again.
-fn claimed_in_annotation(agent: &FarAgent) -> Option<String> {
-    let value = agent
-        .metadata
-        .annotations
-        .as_ref()?
-        .get(far_api::BINDING_ANNOTATION)?;
-    let binding: far_api::Binding = serde_json::from_str(value).ok()?;
+/// The channel id of the pool VM an agent holds: the one its current attempt's binding
+/// ([`FarAgent::binding`]) claims, until the agent finishes. A finished agent's VM is its
+/// pool's again: deleted, or (reused) reset by its guest, which waits for its exit to be on
+/// record (the finished status) first.
+fn held_claim(agent: &FarAgent) -> Option<String> {
+    let binding = agent.binding()?;
+    let finished = agent
+        .status
+        .as_ref()
+        .and_then(|s| s.phase)
+        .is_some_and(far_api::Phase::is_terminal);
+    if finished {
+        return None;
+    }
     Some(VmName::parse(&binding.claimed?)?.channel_id())
 }
 
@@ -735,7 +760,8 @@ async fn boot(
         enrolment_token: ctx.channel.enrolment_token_for(&id),
         id: id.clone(),
     };
-    let run = far_vmspec::run_config(None, workload, channel, ctx.config.grace_period_seconds);
+    let mut run = far_vmspec::run_config(None, workload, channel, ctx.config.grace_period_seconds);
+    run.reusable = pool.spec.reuse == far_api::Reuse::Reset;
     let metadata = BTreeMap::from([(RUN_CONFIG_KEY.to_owned(), run.to_bytes())]);
     let planned = plan(&VmPlan {
         name: &name,
@@ -899,6 +925,108 @@ async fn write_status(
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    const VM: &str = "ns.warm.7.pool-uid";
+
+    fn claimant(status: far_api::FarAgentStatus) -> FarAgent {
+        let mut agent: FarAgent = serde_json::from_value(json!({
+            "apiVersion": "tiffany.dev/v1", "kind": "FarAgent",
+            "metadata": {"name": "a", "uid": "agent-uid"},
+            "spec": {"poolRef": {"name": "warm"}},
+        }))
+        .unwrap();
+        let binding = far_api::Binding {
+            attempt: status.restart_count,
+            host: "h1".into(),
+            vm: VmSize {
+                vcpu: 1,
+                memory_mib: 512,
+            },
+            claimed: Some(VM.into()),
+        };
+        agent.metadata.annotations = Some(
+            [(
+                far_api::BINDING_ANNOTATION.to_owned(),
+                binding.to_annotation(),
+            )]
+            .into(),
+        );
+        agent.status = Some(status);
+        agent
+    }
+
+    /// After a restart an agent holds its claimed VM from its binding until it finishes; a
+    /// restarted attempt no longer holds the last attempt's.
+    #[test]
+    fn an_agent_holds_its_claimed_vm_until_it_finishes() {
+        use far_api::{FarAgentStatus, Phase};
+        let vm = VmName::parse(VM).unwrap().channel_id();
+        let bound = claimant(FarAgentStatus::default());
+        assert_eq!(held_claim(&bound), Some(vm.clone()));
+        let running = claimant(FarAgentStatus {
+            phase: Some(Phase::Running),
+            host: Some("h1".into()),
+            vm_uid: Some("vm1".into()),
+            ..FarAgentStatus::default()
+        });
+        assert_eq!(held_claim(&running), Some(vm));
+        let mut finished = running.clone();
+        finished.status.as_mut().unwrap().phase = Some(Phase::Completed);
+        assert_eq!(held_claim(&finished), None);
+        let mut found_later = running.clone();
+        found_later.status.as_mut().unwrap().vm_uid = None;
+        assert_eq!(
+            held_claim(&found_later),
+            Some(VmName::parse(VM).unwrap().channel_id()),
+            "bound to its host, its VM not yet recorded"
+        );
+        let mut restarted = running;
+        restarted.status.as_mut().unwrap().restart_count = 1;
+        assert_eq!(held_claim(&restarted), None);
+    }
+
+    /// A VM given back counts as booting until its guest waits for a claim again; only its
+    /// holder can give it back.
+    #[test]
+    fn a_vm_given_back_is_booting_until_it_waits_again_and_only_its_holder_gives_it_back() {
+        let vms = PoolVms::default();
+        let name = "ns.warm.7.pool-uid";
+        let id = VmName::parse(name).unwrap().channel_id();
+        vms.created(
+            name.into(),
+            PoolVm {
+                pool: "pool-uid".into(),
+                channel_id: id.clone(),
+                host: "h1".into(),
+                uid: "vm1".into(),
+                size: VmSize {
+                    vcpu: 1,
+                    memory_mib: 512,
+                },
+                since: Instant::now(),
+                idle_since: None,
+                created_here: true,
+            },
+        );
+        let idle = |_: &str| true;
+        assert!(vms.reserve("pool-uid", "agent-a", |_| true, idle).is_some());
+        vms.give_back(&id, "agent-b");
+        assert_eq!(
+            vms.holder(&id).as_deref(),
+            Some("agent-a"),
+            "not b's to give"
+        );
+        vms.give_back(&id, "agent-a");
+        assert_eq!(vms.holder(&id), None);
+        let (_, vm, held) = vms.of_pool("pool-uid", |_| false).remove(0);
+        assert!(!held && vm.idle_since.is_none() && !vm.created_here);
+        let (_, vm, _) = vms.of_pool("pool-uid", idle).remove(0);
+        assert!(vm.idle_since.is_some(), "idle again once it waits");
+        assert!(
+            vms.reserve("pool-uid", "agent-c", |_| true, idle).is_some(),
+            "and claimed again"
+        );
+    }
 
     fn shape(min_idle: u32, replicas: u32, max_size: u32) -> Shape {
         Shape {

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use base64::Engine as _;
 use far_agent_protocol::{
-    ChannelConfig, Claim, EnvVar, RUN_CONFIG_KEY, SecretFile, Secrets, channel_id,
+    ChannelConfig, Claim, EnvVar, RUN_CONFIG_KEY, RunGrant, SecretFile, Secrets, channel_id,
 };
 use far_api::workload::{ResolvedWorkload, Template};
 use far_api::{
@@ -238,17 +238,9 @@ impl Context {
         self.pools.wait_until_ready().now_or_never().is_some()
     }
 
-    /// The UID of the agent whose run has channel id `id`: the holder of a claimed pool VM,
-    /// else the UID the id starts with ([`channel_id`]).
-    pub fn run_owner(&self, id: &str) -> String {
-        self.pool_vms
-            .holder(id)
-            .unwrap_or_else(|| id.rsplit_once('.').map_or(id, |(uid, _)| uid).to_owned())
-    }
-
     /// The cached FarAgent whose run has channel id `id`.
     pub fn agent_by_run(&self, id: &str) -> Option<Arc<FarAgent>> {
-        self.agent_by_uid(&self.run_owner(id))
+        self.agent_by_uid(run_owner(id))
     }
 
     /// What every host holds: its agents' VMs, and the pools' VMs no agent holds.
@@ -425,21 +417,18 @@ fn vm_state(vm: &flintlock_proto::types::MicroVm) -> VmState {
     }
 }
 
-/// The channel id of the agent's current run: the claimed VM's own when the attempt claimed an
-/// idle VM of its pool (the guest enrolled under it before it had a task), else the agent's
-/// UID and attempt.
+/// The channel id of the agent's current run, its UID and attempt: a claimed VM's task
+/// reports there too (the claim hands it the run's token), apart from the VM's own id.
 pub fn run_id(agent: &FarAgent) -> String {
-    let claimed = agent
-        .binding()
-        .and_then(|b| b.claimed)
-        .and_then(|vm| VmName::parse(&vm));
-    match claimed {
-        Some(owner) => owner.channel_id(),
-        None => channel_id(
-            &agent.uid().unwrap_or_default(),
-            agent.status.as_ref().map_or(0, |s| s.restart_count),
-        ),
-    }
+    channel_id(
+        &agent.uid().unwrap_or_default(),
+        agent.status.as_ref().map_or(0, |s| s.restart_count),
+    )
+}
+
+/// The UID of the agent whose run has channel id `id` (its first part, [`channel_id`]).
+pub fn run_owner(id: &str) -> &str {
+    id.rsplit_once('.').map_or(id, |(uid, _)| uid)
 }
 
 fn vm_uid(vm: &flintlock_proto::types::MicroVm) -> Option<String> {
@@ -460,6 +449,16 @@ async fn observe_vm(
             since: mark(ctx, host_name, false).unwrap_or_else(now),
         });
     };
+    if let Some(vm) = claimed.and_then(VmName::parse) {
+        // Who holds which VM is known once the agents' bindings have been read after a start.
+        if !ctx.pool_vms.holders_known() {
+            return Err(Error::CachesNotReady);
+        }
+        if ctx.pool_vms.holder(&vm.channel_id()).as_deref() != agent.uid().as_deref() {
+            // Given back to its pool (or gone): no longer this agent's to look after.
+            return Ok(Vm::Absent);
+        }
+    }
     let credentials = host_credentials(ctx, &host).await?;
     let result = match &status.vm_uid {
         Some(uid) => ctx
@@ -597,9 +596,10 @@ fn count_claim(ctx: &Context, pool: &str, warm: bool) {
     ctx.pool_vms.count_claim(pool, warm);
 }
 
-/// What a claimed VM is offered: the attempt's task and its secret values (none while the
-/// workload or its configuration is not resolved).
+/// What a claimed VM is offered: the attempt's task, its secret values and the run's place on
+/// the channel (none while the workload or its configuration is not resolved).
 fn claim(
+    ctx: &Context,
     agent: &FarAgent,
     workload: Option<&ResolvedWorkload>,
     resolved: Option<&Result<(Vec<EnvVar>, Secrets), String>>,
@@ -610,9 +610,14 @@ fn claim(
     };
     let task = far_vmspec::task(agent, workload, attempt, env.clone(), !secrets.is_empty())
         .map_err(far_vmspec::PlanError::from)?;
+    let id = run_id(agent);
     Ok(Some(Claim {
         task,
         secrets: secrets.clone(),
+        run: RunGrant {
+            token: ctx.channel.token_for(&id),
+            id,
+        },
     }))
 }
 
@@ -1086,6 +1091,8 @@ async fn reconcile_pass(
         deleting_since,
         vm,
         claimed: claimed.as_deref(),
+        reusable: claimed.is_some()
+            && pool_of(&ctx, &agent).is_some_and(|p| p.spec.reuse == far_api::Reuse::Reset),
         guest,
         workload: match &workload {
             Some(Err(problem)) => Err(problem.clone()),
@@ -1118,13 +1125,24 @@ async fn reconcile_pass(
     let wrote = new_status != status;
     // A claim's task goes out first when this copy is the answer to the write that put the
     // claim on record: the guest starts it while the status is written.
-    let mut offer = if decision.actions.contains(&Action::OfferClaim) {
-        claim(&agent, decided, resolved.as_ref(), status.restart_count)?
-    } else {
-        None
+    // It goes to the VM's own channel id, where the idle guest waits.
+    let claimed_vm = claimed
+        .as_deref()
+        .and_then(VmName::parse)
+        .map(|vm| vm.channel_id());
+    let mut offer = match &claimed_vm {
+        Some(vm) if decision.actions.contains(&Action::OfferClaim) => claim(
+            &ctx,
+            &agent,
+            decided,
+            resolved.as_ref(),
+            status.restart_count,
+        )?
+        .map(|claim| (vm.clone(), claim)),
+        _ => None,
     };
-    if confirmed && let Some(claim) = offer.take() {
-        ctx.channel.offer_claim(&id, claim);
+    if confirmed && let Some((vm, claim)) = offer.take() {
+        ctx.channel.offer_claim(&vm, claim);
     }
     // The API server's answer to this pass's last write: the agent as it now is.
     let mut last_written = None;
@@ -1392,9 +1410,15 @@ async fn reconcile_pass(
                     info!(agent = %name, %vm, "VM deleted");
                 }
             }
+            Action::ReturnVm => {
+                if let Some(vm) = &claimed_vm {
+                    ctx.pool_vms.give_back(vm, &uid);
+                    info!(agent = %name, %vm, "VM given back to its pool for reuse");
+                }
+            }
             Action::OfferClaim => {
-                if let Some(claim) = offer.take() {
-                    ctx.channel.offer_claim(&id, claim);
+                if let Some((vm, claim)) = offer.take() {
+                    ctx.channel.offer_claim(&vm, claim);
                 }
             }
             Action::StopGuest => ctx.channel.request_stop(&id),
@@ -1523,6 +1547,7 @@ async fn write_exit(
         deleting_since: agent.metadata.deletion_timestamp.as_ref().map(|t| t.0),
         vm: None,
         claimed: None,
+        reusable: false,
         guest: Guest {
             last_heartbeat: None,
             usage: None,

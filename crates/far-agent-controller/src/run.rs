@@ -176,11 +176,11 @@ pub async fn run(
                 | far_channel::Event::Exited { uid, .. } => uid,
                 _ => return None,
             };
-            let agent_uid = ctx.run_owner(&id);
+            let agent_uid = crate::reconcile::run_owner(&id);
             ctx.by_uid
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
-                .get(&agent_uid)
+                .get(agent_uid)
                 .cloned()
         }
     });

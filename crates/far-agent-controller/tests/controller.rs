@@ -1302,6 +1302,67 @@ async fn a_claim_runs_on_an_idle_vm_of_its_pool_and_the_pool_refills() {
     env.wait_gone("claimer").await;
 }
 
+/// `reuse: Reset`: a claimed VM goes back to its pool once its agent's exit is on record
+/// (its guest resets it and waits again), so a pool of one VM serves one claim after another
+/// on the same VM, warm each time; the finished agent's status stops naming the VM.
+#[tokio::test]
+async fn a_reset_pool_gives_its_vm_back_after_each_agent_and_the_next_claim_takes_it() {
+    let mut env = env().await;
+    env.start_controller();
+    env.wait_host_ready().await;
+    env.create_pool(
+        "reused",
+        json!({"minIdle": 1, "maxSize": 1, "reuse": "Reset"}),
+    )
+    .await;
+    env.wait_for_pool("reused", "1 idle VM", |s| s.idle == 1)
+        .await;
+    let only = env.vm_uids("default.reused.");
+    assert_eq!(only.len(), 1, "{:?}", env.vms());
+    let mut ran_on = Vec::new();
+    for name in ["first", "second", "third"] {
+        env.create(
+            name,
+            json!({"poolRef": {"name": "reused"}, "args": ["--seconds", "0.2"]}),
+        )
+        .await;
+        let agent = env
+            .wait_for(name, "Completed, its VM given back", |a| {
+                phase(a) == Some(Phase::Completed)
+                    && a.status.as_ref().is_some_and(|s| s.vm_uid.is_none())
+            })
+            .await;
+        let status = agent.status.unwrap();
+        assert_eq!(status.exit_code, Some(0));
+        let created = status
+            .conditions
+            .iter()
+            .find(|c| c.type_ == "VMCreated")
+            .unwrap();
+        assert_eq!(created.reason, "WarmStart", "{name}: {created:?}");
+        ran_on.push(created.message.clone());
+    }
+    assert!(
+        ran_on.windows(2).all(|w| w[0] == w[1]),
+        "every claim took the one VM: {ran_on:?}"
+    );
+    assert_eq!(
+        env.vm_uids("default.reused."),
+        only,
+        "the VM was never replaced"
+    );
+    let status = env
+        .wait_for_pool("reused", "idle again after three warm claims", |s| {
+            s.idle == 1 && s.warm_claims == 3 && s.busy == 0
+        })
+        .await;
+    assert_eq!(status.cold_claims, 0);
+    env.pools()
+        .delete("reused", &DeleteParams::default())
+        .await
+        .unwrap();
+}
+
 /// A pool nobody sized (minIdle and replicas 0) keeps idle VMs once claims arrive: its
 /// autoscaler measures the claim rate and the cold boots, and asks for rate x boot time idle
 /// VMs, so later claims start warm. The rise is told as an Event on the pool.

@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use far_agent_controller::reconcile::Config;
-use far_api::{FarAgent, FarAgentPool, FarAgentPoolStatus, FlintlockHost, Phase};
+use far_api::{FarAgent, FarAgentPool, FarAgentPoolStatus, FlintlockHost, Phase, Reuse};
 use far_channel::{Channel, TokenKey};
 use far_host::provider::sim::{Sim, SimConfig};
 use far_host::provider::{Provider, ProviderError, Started};
@@ -250,10 +250,10 @@ impl Harness {
         Api::namespaced(self.client.clone(), &self.namespace)
     }
 
-    async fn create_pool(&self, name: &str, min_idle: u32, max_size: u32) {
+    async fn create_pool(&self, name: &str, min_idle: u32, max_size: u32, reuse: Reuse) {
         let pool: FarAgentPool = serde_json::from_value(json!({
             "apiVersion": "tiffany.dev/v1", "kind": "FarAgentPool", "metadata": {"name": name},
-            "spec": {"minIdle": min_idle, "maxSize": max_size,
+            "spec": {"minIdle": min_idle, "maxSize": max_size, "reuse": reuse,
                      "template": {"image": "busybox:1", "memory": "64Mi", "cpu": 1,
                                   "entrypoint": "/bin/agent", "hostSelector": {"far-test": self.run}}}
         }))
@@ -526,9 +526,13 @@ async fn sigkill_the_controller_20_times_under_500_agents(real: Option<std::path
 }
 
 /// A burst of claims on a warm pool, the controller process SIGKILLed 10 times during it. Every
-/// claim runs to its right end, on its own VM: no idle VM was handed to two agents, none was
-/// started twice, and once the agents and the pool are deleted no VM is left.
-async fn sigkill_the_controller_during_a_burst_of_claims(real: Option<std::path::PathBuf>) {
+/// claim runs to its right end: no idle VM was handed to two agents (the second would never
+/// run), none was started twice, and once the agents and the pool are deleted no VM is left.
+/// With `reuse: Reset` the VMs go back to the pool between claims, across the kills too.
+async fn sigkill_the_controller_during_a_burst_of_claims(
+    real: Option<std::path::PathBuf>,
+    reuse: Reuse,
+) {
     const CLAIMS: usize = 120;
     const KILLS: usize = 10;
     let harness = Harness::start(real).await;
@@ -544,9 +548,14 @@ async fn sigkill_the_controller_during_a_burst_of_claims(real: Option<std::path:
         )
     };
     let mut child = spawn();
-    harness.create_pool("warm", 40, 200).await;
+    // A reused pool too small for the burst without reuse.
+    let (idle, max) = match reuse {
+        Reuse::Never => (40, 200),
+        Reuse::Reset => (20, 40),
+    };
+    harness.create_pool("warm", idle, max, reuse).await;
     harness
-        .wait_for_pool("warm", Duration::from_secs(60), |s| s.idle >= 40)
+        .wait_for_pool("warm", Duration::from_secs(60), |s| s.idle >= idle)
         .await;
     let mut next = moments();
     for kill in 0..KILLS {
@@ -561,7 +570,7 @@ async fn sigkill_the_controller_during_a_burst_of_claims(real: Option<std::path:
     let harness = Arc::new(harness);
     let checked = Arc::clone(&harness);
     let converged = tokio::spawn(async move {
-        checked.assert_claims_converged(CLAIMS).await;
+        checked.assert_claims_converged(CLAIMS, reuse).await;
     })
     .await;
     // Everything goes: the agents (their VMs with them), then the pool (its idle VMs).
@@ -596,9 +605,10 @@ async fn sigkill_the_controller_during_a_burst_of_claims(real: Option<std::path:
 }
 
 impl Harness {
-    /// Waits for `count` claims to finish, then checks each ended as its arguments say, on a VM
-    /// of its own (warm or cold), and that no VM was started twice.
-    async fn assert_claims_converged(&self, count: usize) {
+    /// Waits for `count` claims to finish, then checks each ended as its arguments say, that no
+    /// VM was started twice, and that each VM ran one agent (`Never`) or, given back, some ran
+    /// several one after the other (`Reset`).
+    async fn assert_claims_converged(&self, count: usize, reuse: Reuse) {
         let agents = self.agents();
         let deadline = tokio::time::Instant::now() + Duration::from_secs(180);
         let mut done = Vec::new();
@@ -636,17 +646,26 @@ impl Harness {
                 .conditions
                 .iter()
                 .find(|c| c.type_ == "VMCreated")
-                .map(|c| c.reason.clone())
+                .map(|c| (c.reason.clone(), c.message.clone()))
                 .unwrap_or_default();
-            *starts_by_reason.entry(created).or_default() += 1;
-            by_vm
-                .entry(status.vm_uid.clone().unwrap_or_default())
-                .or_default()
-                .push(name);
+            let (reason, message) = created;
+            // The VM's name is in the condition's message; a finished claim on a reused pool no
+            // longer names its VM's uid.
+            let vm = if reason == "WarmStart" {
+                let vm = message.split_whitespace().nth(3).unwrap_or_default();
+                vm.to_owned()
+            } else {
+                status.vm_uid.clone().unwrap_or_default()
+            };
+            *starts_by_reason.entry(reason).or_default() += 1;
+            by_vm.entry(vm).or_default().push(name);
         }
         assert_eq!(done.len(), count);
         let shared: Vec<_> = by_vm.iter().filter(|(_, a)| a.len() > 1).collect();
-        assert!(shared.is_empty(), "VMs run by two agents: {shared:?}");
+        match reuse {
+            Reuse::Never => assert!(shared.is_empty(), "VMs run by two agents: {shared:?}"),
+            Reuse::Reset => assert!(!shared.is_empty(), "no VM was reused"),
+        }
         let starts = self.starts.lock().unwrap();
         let twice: Vec<_> = starts
             .iter()
@@ -664,7 +683,12 @@ impl Harness {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkilling_the_controller_during_a_burst_of_claims_hands_no_vm_to_two_agents() {
-    sigkill_the_controller_during_a_burst_of_claims(None).await;
+    sigkill_the_controller_during_a_burst_of_claims(None, Reuse::Never).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkilling_the_controller_during_a_burst_of_claims_on_a_reset_pool() {
+    sigkill_the_controller_during_a_burst_of_claims(None, Reuse::Reset).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -674,7 +698,17 @@ async fn sigkilling_the_controller_during_a_burst_of_claims_on_a_real_cluster() 
     else {
         return;
     };
-    sigkill_the_controller_during_a_burst_of_claims(Some(kubeconfig)).await;
+    sigkill_the_controller_during_a_burst_of_claims(Some(kubeconfig), Reuse::Never).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkilling_the_controller_during_a_burst_of_claims_on_a_reset_pool_on_a_real_cluster() {
+    let Some(kubeconfig) =
+        far_testkit::cluster::kubeconfig("a disposable cluster without FAR's controller")
+    else {
+        return;
+    };
+    sigkill_the_controller_during_a_burst_of_claims(Some(kubeconfig), Reuse::Reset).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

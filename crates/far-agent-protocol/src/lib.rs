@@ -21,7 +21,7 @@ use serde::{Deserialize, Serialize};
 pub const RUN_CONFIG_KEY: &str = "far-run";
 
 /// The run configuration version this build reads and writes.
-pub const RUN_CONFIG_VERSION: u32 = 4;
+pub const RUN_CONFIG_VERSION: u32 = 5;
 
 /// Size bounds for everything crossing the channel.
 pub mod limits {
@@ -164,6 +164,11 @@ pub struct RunConfig {
     pub channel: ChannelConfig,
     /// Seconds the agent gets between SIGTERM and SIGKILL.
     pub grace_period_seconds: u32,
+    /// A pool's VM with `reuse: Reset`: once a task's exit is acknowledged, far-init kills
+    /// every process, wipes every writable path and the secrets, and waits for the next claim
+    /// (any doubt, and it powers off instead). Unset: the VM powers off after its one task.
+    #[serde(default)]
+    pub reusable: bool,
 }
 
 /// One run of an agent: which FarAgent, and what to start.
@@ -202,6 +207,28 @@ pub struct Claim {
     /// The secret env and files, written before the task starts.
     #[serde(default)]
     pub secrets: Secrets,
+    /// The run's own place on the channel: the task heartbeats, ships logs and reports its
+    /// exit there, apart from the VM's (so a reused VM's runs never mix).
+    pub run: RunGrant,
+}
+
+/// A run's id on the channel and the token that opens its routes.
+#[derive(Serialize, Deserialize, Clone, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct RunGrant {
+    /// The run's channel id ([`channel_id`] of the claiming agent's attempt).
+    pub id: String,
+    /// Its bearer token. Never logged.
+    pub token: String,
+}
+
+impl std::fmt::Debug for RunGrant {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RunGrant")
+            .field("id", &self.id)
+            .field("token", &"<redacted>")
+            .finish()
+    }
 }
 
 /// Why a run configuration was refused.

@@ -32,6 +32,7 @@ fn config() -> RunConfig {
             enrolment_token: "tok".into(),
         },
         grace_period_seconds: 30,
+        reusable: false,
     }
 }
 
@@ -47,7 +48,7 @@ fn other_versions_are_refused_by_number() {
     let err = RunConfig::parse(value.to_string().as_bytes()).unwrap_err();
     assert_eq!(
         err.to_string(),
-        "run configuration version 1 is not supported (this far-init reads version 4)"
+        "run configuration version 1 is not supported (this far-init reads version 5)"
     );
 }
 
@@ -89,6 +90,10 @@ fn an_idle_vms_config_has_no_task_and_a_claims_task_is_checked_alike() {
     let claim = Claim {
         task: task.clone(),
         secrets: Secrets::default(),
+        run: RunGrant {
+            id: "u.0".into(),
+            token: "run-token".into(),
+        },
     };
     let text = serde_json::to_string(&claim).unwrap();
     let back: Claim = serde_json::from_str(&text).unwrap();
@@ -136,6 +141,17 @@ fn debug_output_never_shows_the_token_or_secret_values() {
         }
     );
     assert!(!shown.contains("agent-token"), "{shown}");
+    let shown = format!(
+        "{:?}",
+        RunGrant {
+            id: "u-1.0".into(),
+            token: "run-token".into()
+        }
+    );
+    assert!(
+        shown.contains("u-1.0") && !shown.contains("run-token"),
+        "{shown}"
+    );
 }
 
 #[test]

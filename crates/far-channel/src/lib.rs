@@ -107,7 +107,8 @@ pub enum Event {
         /// The lines, in order.
         lines: Vec<LogLine>,
     },
-    /// A pool's idle VM is booted, enrolled and waiting for a claim (said once per VM).
+    /// A pool's idle VM is booted, enrolled and waiting for a claim (said once each time it
+    /// starts waiting: after its boot, and again after each reset for reuse).
     Idle {
         /// The VM's channel id.
         uid: String,
@@ -149,9 +150,11 @@ struct Agent {
     stop: bool,
     /// An idle VM has asked for a claim.
     idle: bool,
-    /// The claim offered to this idle VM: answered to every request for one until the task's
-    /// first heartbeat shows it arrived (an answer lost on the way is answered again).
+    /// The claim offered to this idle VM: answered to every request for one until the task
+    /// reports in on its run's id (an answer lost on the way is answered again).
     claim: Option<Claim>,
+    /// For a claimed run: the channel id of the VM it was offered to, until the run reports in.
+    offered_to: Option<String>,
     /// Wakes this VM's requests waiting for a claim.
     offered: Arc<tokio::sync::Notify>,
 }
@@ -306,9 +309,24 @@ impl Channel {
     /// task's first heartbeat.
     pub fn offer_claim(&self, uid: &str, claim: Claim) {
         let mut agents = self.agents();
-        let agent = agents.entry(uid.to_owned()).or_default();
-        agent.claim = Some(claim);
-        agent.offered.notify_waiters();
+        // The run's token travels in the claim: no enrolment token ever opens its routes.
+        let run = agents.entry(claim.run.id.clone()).or_default();
+        run.enrolled = true;
+        run.offered_to = Some(uid.to_owned());
+        let vm = agents.entry(uid.to_owned()).or_default();
+        vm.claim = Some(claim);
+        vm.offered.notify_waiters();
+    }
+
+    /// A claimed run reported in: its VM's claim (and the secret values in it) is not needed
+    /// again, and the VM is no longer idle (a reused VM says so again when it next waits).
+    fn claim_arrived(&self, vm: Option<String>) {
+        if let Some(vm) = vm
+            && let Some(vm) = self.agents().get_mut(&vm)
+        {
+            vm.claim = None;
+            vm.idle = false;
+        }
     }
 
     /// What is known of an agent.
@@ -442,15 +460,14 @@ async fn heartbeat(
     parsed: Result<Json<Heartbeat>, JsonRejection>,
 ) -> Result<Json<HeartbeatReply>, Refusal> {
     let beat = body(parsed)?;
-    let (first, stop) = channel.with_agent(&uid, &headers, Credential::Agent, |a| {
-        // A claimed VM's task runs: its claim (and the secret values in it) is not needed again.
-        a.claim = None;
-        a.idle = false;
+    let (first, stop, vm) = channel.with_agent(&uid, &headers, Credential::Agent, |a| {
         (
             a.last_heartbeat.replace((Instant::now(), beat)).is_none(),
             a.stop,
+            a.offered_to.take(),
         )
     })?;
+    channel.claim_arrived(vm);
     channel.emit(Event::Heartbeat {
         uid,
         first,
@@ -548,9 +565,10 @@ async fn exit(
             return Err(Refusal::Unavailable);
         }
     }
-    let new = channel.with_agent(&uid, &headers, Credential::Agent, |a| {
-        a.exit.replace(exit.clone()).is_none()
+    let (new, vm) = channel.with_agent(&uid, &headers, Credential::Agent, |a| {
+        (a.exit.replace(exit.clone()).is_none(), a.offered_to.take())
     })?;
+    channel.claim_arrived(vm);
     if new {
         channel.emit(Event::Exited { uid, exit });
     }

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use far_agent_protocol::{
     AgentRef, Claim, Enrolment, EnvVar, Exit, Heartbeat, HeartbeatReply, LogBatch, LogLine,
-    Secrets, Stream, Task, limits,
+    RunGrant, Secrets, Stream, Task, limits,
 };
 use far_channel::{Channel, Config, Event, TokenKey};
 use reqwest::StatusCode;
@@ -207,7 +207,7 @@ async fn a_stop_request_is_the_answer_to_the_next_heartbeat() {
     );
 }
 
-fn task_claim() -> Claim {
+fn task_claim(channel: &Channel) -> Claim {
     Claim {
         task: Task {
             agent: AgentRef {
@@ -230,12 +230,17 @@ fn task_claim() -> Claim {
             }],
             files: vec![],
         },
+        run: RunGrant {
+            id: "agent-uid.0".into(),
+            token: channel.token_for("agent-uid.0"),
+        },
     }
 }
 
 /// An idle VM waits on the channel for its task: it is said to be idle once, its waiting
 /// request is answered the moment a claim is offered, the same claim again if it asks again
-/// before its task reports in, and no longer after; another VM's token gets nothing.
+/// before its task reports in on its own run id, and no longer after; another VM's token gets
+/// nothing. Reset and waiting again, it is said to be idle again.
 #[tokio::test]
 async fn an_idle_vm_gets_its_claim_the_moment_it_is_offered_and_only_it() {
     let (channel, base) = serve(config()).await;
@@ -258,7 +263,7 @@ async fn an_idle_vm_gets_its_claim_the_moment_it_is_offered_and_only_it() {
     assert!(!waiting.is_finished(), "held until a claim comes");
 
     let offered = std::time::Instant::now();
-    channel.offer_claim("vm-1", task_claim());
+    channel.offer_claim("vm-1", task_claim(&channel));
     let answer = tokio::time::timeout(Duration::from_secs(5), waiting)
         .await
         .unwrap()
@@ -268,31 +273,52 @@ async fn an_idle_vm_gets_its_claim_the_moment_it_is_offered_and_only_it() {
         offered.elapsed().as_secs_f64() * 1000.0
     );
     assert_eq!(answer.status(), StatusCode::OK);
-    assert_eq!(answer.json::<Claim>().await.unwrap(), task_claim());
+    assert_eq!(answer.json::<Claim>().await.unwrap(), task_claim(&channel));
     assert!(!channel.view("vm-1").unwrap().idle);
 
     // The answer lost on its way: asked again, the same claim.
     let again = ask(token.clone()).await;
-    assert_eq!(again.json::<Claim>().await.unwrap(), task_claim());
+    assert_eq!(again.json::<Claim>().await.unwrap(), task_claim(&channel));
     // Someone else's token: refused, and nothing is said.
     let foreign = ask(channel.token_for("vm-2")).await;
     assert_eq!(foreign.status(), StatusCode::UNAUTHORIZED);
 
-    // Its task reports in: the claim (with its secret values) is gone from the channel.
+    // The run's routes open with the token of the claim only: its enrolment token is spent.
+    let run_token = task_claim(&channel).run.token;
     assert_eq!(
-        post(&base, "vm-1", "heartbeat", &token, &beat()).await,
+        post(
+            &base,
+            "agent-uid.0",
+            "enrol",
+            &channel.enrolment_token_for("agent-uid.0"),
+            &()
+        )
+        .await,
+        StatusCode::CONFLICT
+    );
+    // Its task reports in on the run's id: the claim (with its secret values) is gone from the
+    // channel.
+    assert_eq!(
+        post(&base, "agent-uid.0", "heartbeat", &run_token, &beat()).await,
         StatusCode::OK
     );
     let next = events.recv().await.unwrap();
     assert!(
-        matches!(next, Event::Heartbeat { first: true, .. }),
+        matches!(&next, Event::Heartbeat { uid, first: true, .. } if uid == "agent-uid.0"),
         "{next:?}"
     );
-    let later = tokio::time::timeout(Duration::from_millis(300), ask(token)).await;
+    let later = tokio::time::timeout(Duration::from_millis(300), ask(token.clone())).await;
     assert!(
         later.is_err(),
         "no claim is handed out twice after the task ran"
     );
+    assert_eq!(
+        events.recv().await.unwrap(),
+        Event::Idle { uid: "vm-1".into() },
+        "a VM waiting again after its task (reset for reuse) is idle again"
+    );
+    assert!(channel.view("vm-1").unwrap().idle);
+    assert!(channel.view("agent-uid.0").unwrap().exit.is_none());
 }
 
 #[tokio::test]

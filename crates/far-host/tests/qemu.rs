@@ -513,83 +513,173 @@ async fn image_failures_name_their_cause_at_create_or_in_the_failed_vm() {
     assert_eq!(err.to_string(), expected);
 }
 
-/// A pool's idle VM: booted with a run configuration without a task, far-init mounts, brings up
-/// the network, enrols with a real status channel and waits on it. The claim arrives and the
-/// agent starts at once with the claim's task, environment and secret files (the stand-in
-/// embeds the secret file it is given as input).
-#[tokio::test]
-async fn an_idle_vm_runs_the_task_of_the_claim_it_receives() {
-    use base64::Engine as _;
-    use far_agent_protocol::{ChannelConfig, Claim, EnvVar, SecretFile, Secrets};
-    use far_channel::Event;
+/// A pool's idle VM under QEMU, waiting on a real status channel.
+struct IdleVm {
+    state: tempfile::TempDir,
+    host: std::sync::Arc<Host<Qemu>>,
+    channel: far_channel::Channel,
+    events: tokio::sync::broadcast::Receiver<far_channel::Event>,
+    id: &'static str,
+    uid: String,
+}
 
-    let state = tempfile::tempdir().unwrap();
-    let host = qemu_host(state.path()).await;
-    let channel = far_channel::Channel::new(far_channel::Config::new(
-        far_channel::TokenKey::new(vec![7; 32]).unwrap(),
-    ));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let address = listener.local_addr().unwrap();
-    let port = address.port();
-    let router = channel.router();
-    tokio::spawn(async move { axum::serve(listener, router).await });
-    let mut events = channel.subscribe();
+/// What the channel heard of one claimed run.
+#[derive(Debug, Default)]
+struct Followed {
+    first_heartbeat: Option<Duration>,
+    lines: Vec<String>,
+    exit: Option<i32>,
+}
 
-    let id = "pool-vm-1";
-    let mut config = run_config(address, &[]);
-    config.task = None;
-    config.channel = ChannelConfig {
-        url: format!("http://169.254.0.2:{port}"),
-        id: id.into(),
-        enrolment_token: channel.enrolment_token_for(id),
-    };
-    let uid = host
-        .create(vm_spec("idle", &config))
-        .await
-        .unwrap()
-        .spec
-        .unwrap()
-        .uid
-        .unwrap();
-    let console = || {
-        std::fs::read_to_string(state.path().join(format!("run/{uid}/console.log")))
-            .unwrap_or_default()
-    };
-    // Waits for the VM to say it is idle, or to power off without a word (far-init refused
-    // something: its console says what).
-    let idle = tokio::time::timeout(Duration::from_secs(120), async {
-        loop {
-            tokio::select! {
-                event = events.recv() => if let Ok(Event::Idle { uid }) = event && uid == id {
-                    return true;
-                },
-                () = tokio::time::sleep(Duration::from_millis(500)) => {
-                    let _ = host.get(&uid);
-                    if host_guest_exited(state.path(), &uid) {
-                        return false;
+impl IdleVm {
+    /// Boots a pool's VM (a run configuration without a task; `reusable` as `reuse: Reset`
+    /// sets it) and waits until far-init says it waits for a claim.
+    async fn boot(id: &'static str, reusable: bool) -> Self {
+        use far_agent_protocol::ChannelConfig;
+        let state = tempfile::tempdir().unwrap();
+        let host = qemu_host(state.path()).await;
+        let channel = far_channel::Channel::new(far_channel::Config::new(
+            far_channel::TokenKey::new(vec![7; 32]).unwrap(),
+        ));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let router = channel.router();
+        tokio::spawn(async move { axum::serve(listener, router).await });
+        let events = channel.subscribe();
+        let mut config = run_config(address, &[]);
+        config.task = None;
+        config.reusable = reusable;
+        config.channel = ChannelConfig {
+            url: format!("http://169.254.0.2:{}", address.port()),
+            id: id.into(),
+            enrolment_token: channel.enrolment_token_for(id),
+        };
+        let uid = host
+            .create(vm_spec(id, &config))
+            .await
+            .unwrap()
+            .spec
+            .unwrap()
+            .uid
+            .unwrap();
+        let mut vm = Self {
+            state,
+            host,
+            channel,
+            events,
+            id,
+            uid,
+        };
+        vm.wait_idle().await;
+        vm
+    }
+
+    fn console(&self) -> String {
+        std::fs::read_to_string(
+            self.state
+                .path()
+                .join(format!("run/{}/console.log", self.uid)),
+        )
+        .unwrap_or_default()
+    }
+
+    /// Waits for the VM to say it is idle, or to power off without a word (far-init refused
+    /// something: its console says what).
+    async fn wait_idle(&mut self) {
+        use far_channel::Event;
+        let (id, events) = (self.id, &mut self.events);
+        let (host, state, uid) = (&self.host, self.state.path(), &self.uid);
+        let idle = tokio::time::timeout(Duration::from_secs(120), async {
+            loop {
+                tokio::select! {
+                    event = events.recv() => if let Ok(Event::Idle { uid }) = event && uid == id {
+                        return true;
+                    },
+                    () = tokio::time::sleep(Duration::from_millis(500)) => {
+                        let _ = host.get(uid);
+                        if host_guest_exited(state, uid) {
+                            return false;
+                        }
                     }
                 }
             }
-        }
-    })
-    .await;
-    assert!(
-        idle == Ok(true),
-        "the VM never waited for a claim: {}",
-        console()
-    );
+        })
+        .await;
+        assert!(
+            idle == Ok(true),
+            "the VM never waited for a claim: {}",
+            self.console()
+        );
+    }
+
+    /// Offers a claim for run `run` with this task and secrets, and follows the run to its exit.
+    async fn claim(
+        &mut self,
+        run: &str,
+        task: far_agent_protocol::Task,
+        secrets: far_agent_protocol::Secrets,
+    ) -> Followed {
+        use far_channel::Event;
+        let offered = std::time::Instant::now();
+        self.channel.offer_claim(
+            self.id,
+            far_agent_protocol::Claim {
+                task,
+                secrets,
+                run: far_agent_protocol::RunGrant {
+                    id: run.into(),
+                    token: self.channel.token_for(run),
+                },
+            },
+        );
+        let mut seen = Followed::default();
+        let events = &mut self.events;
+        let followed = tokio::time::timeout(Duration::from_secs(60), async {
+            while seen.exit.is_none() {
+                match events.recv().await {
+                    Ok(Event::Heartbeat { uid, .. }) if uid == run => {
+                        seen.first_heartbeat
+                            .get_or_insert_with(|| offered.elapsed());
+                    }
+                    Ok(Event::Logs { uid, lines }) if uid == run => {
+                        seen.lines.extend(lines.into_iter().map(|l| l.text));
+                    }
+                    Ok(Event::Exited { uid, exit }) if uid == run => seen.exit = Some(exit.code),
+                    _ => {}
+                }
+            }
+        })
+        .await;
+        assert!(
+            followed.is_ok(),
+            "the claimed task never ended: {}",
+            self.console()
+        );
+        seen
+    }
+}
+
+/// A pool's idle VM: booted with a run configuration without a task, far-init mounts, brings up
+/// the network, enrols with a real status channel and waits on it. The claim arrives and the
+/// agent starts at once with the claim's task, environment and secret files (the stand-in
+/// embeds the secret file it is given as input), reporting on the run's own channel id.
+#[tokio::test]
+async fn an_idle_vm_runs_the_task_of_the_claim_it_receives() {
+    use base64::Engine as _;
+    use far_agent_protocol::{EnvVar, SecretFile, Secrets};
+
+    let mut vm = IdleVm::boot("pool-vm-1", false).await;
     // Idle is idle: nothing runs until a claim comes.
     tokio::time::sleep(Duration::from_millis(500)).await;
-    assert!(channel.view(id).unwrap().idle);
-    assert!(channel.view(id).unwrap().heartbeat.is_none());
+    assert!(vm.channel.view(vm.id).unwrap().idle);
+    assert!(vm.channel.view(vm.id).unwrap().heartbeat.is_none());
 
     let input = "warm claims start at once";
-    let offered = std::time::Instant::now();
-    channel.offer_claim(
-        id,
-        Claim {
-            task: common::task(&["--task", "embedder", "--input", "/run/far-test/input"]),
-            secrets: Secrets {
+    let seen = vm
+        .claim(
+            "agent-uid.0",
+            common::task(&["--task", "embedder", "--input", "/run/far-test/input"]),
+            Secrets {
                 env: vec![EnvVar {
                     name: "API_KEY".into(),
                     value: "sk-test".into(),
@@ -599,39 +689,24 @@ async fn an_idle_vm_runs_the_task_of_the_claim_it_receives() {
                     content: base64::engine::general_purpose::STANDARD.encode(input),
                 }],
             },
-        },
-    );
-    let (mut first_heartbeat, mut embedded, mut exit) = (None, false, None);
-    let followed = tokio::time::timeout(Duration::from_secs(60), async {
-        while exit.is_none() {
-            match events.recv().await {
-                Ok(Event::Heartbeat { uid, .. }) if uid == id => {
-                    first_heartbeat.get_or_insert_with(|| offered.elapsed());
-                }
-                Ok(Event::Logs { uid, lines }) if uid == id => {
-                    embedded |= lines
-                        .iter()
-                        .any(|l| l.text.starts_with("embedding 0 ") && l.text.ends_with(input));
-                }
-                Ok(Event::Exited { uid, exit: e }) if uid == id => exit = Some(e.code),
-                _ => {}
-            }
-        }
-    })
-    .await;
-    assert!(
-        followed.is_ok(),
-        "the claimed task never ended: {}",
-        console()
-    );
-    let first_heartbeat = first_heartbeat.expect("the task reported in");
+        )
+        .await;
+    let embedded = seen
+        .lines
+        .iter()
+        .any(|l| l.starts_with("embedding 0 ") && l.ends_with(input));
+    let first_heartbeat = seen.first_heartbeat.expect("the task reported in");
     println!(
         "claim offered -> the task's first heartbeat: {} ms (under QEMU software emulation)",
         first_heartbeat.as_millis()
     );
-    assert_eq!(exit, Some(0), "{}", console());
-    assert!(embedded, "the secret file reached the task: {}", console());
-    let console = console();
+    assert_eq!(seen.exit, Some(0), "{}", vm.console());
+    assert!(
+        embedded,
+        "the secret file reached the task: {}",
+        vm.console()
+    );
+    let console = vm.console();
     assert!(
         console.contains("far-init: idle: ") && console.contains("waiting for a claim"),
         "{console}"
@@ -650,5 +725,109 @@ async fn an_idle_vm_runs_the_task_of_the_claim_it_receives() {
     {
         println!("{line}");
     }
-    host.delete(&uid).unwrap();
+    // Not reusable: the VM powers off after its one task.
+    let powered_off = tokio::time::timeout(Duration::from_secs(30), async {
+        while !host_guest_exited(vm.state.path(), &vm.uid) {
+            let _ = vm.host.get(&vm.uid);
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    })
+    .await;
+    assert!(powered_off.is_ok(), "still running: {}", vm.console());
+    vm.host.delete(&vm.uid).unwrap();
+}
+
+/// `reuse: Reset`: a task that litters every writable place, leaves a process running and
+/// gets a secret env and file; the VM is made clean and waits again; the next task sees none
+/// of it (and the survey is not blind: the first task's own survey saw what it left).
+#[tokio::test]
+async fn a_reset_vm_shows_its_next_task_nothing_of_the_last() {
+    use base64::Engine as _;
+    use far_agent_protocol::{EnvVar, SecretFile, Secrets};
+
+    let mut vm = IdleVm::boot("pool-vm-2", true).await;
+    let mut first = common::task(&["--task", "litter"]);
+    first.env = vec![EnvVar {
+        name: "FIRST_ONLY".into(),
+        value: "1".into(),
+    }];
+    let secrets = Secrets {
+        env: vec![EnvVar {
+            name: "FIRST_SECRET".into(),
+            value: "sk-first".into(),
+        }],
+        files: vec![SecretFile {
+            path: "/run/far-test/credential".into(),
+            content: base64::engine::general_purpose::STANDARD.encode("sk-first-file"),
+        }],
+    };
+    let litter = vm.claim("first.0", first, secrets).await;
+    assert_eq!(litter.exit, Some(0), "{}", vm.console());
+    let saw = |followed: &Followed, what: &str| followed.lines.iter().any(|l| l == what);
+    for trace in [
+        "survey: env FIRST_ONLY",
+        "survey: env FIRST_SECRET",
+        "survey: file /tmp/litter",
+        "survey: file /run/litter",
+        "survey: file /dev/shm/litter",
+        "survey: file /dev/litter",
+        "survey: file /run/far-test/credential",
+        "root writable: false",
+    ] {
+        assert!(
+            saw(&litter, trace),
+            "the first task saw no {trace:?}: {:?}",
+            litter.lines
+        );
+    }
+    let left_behind = litter
+        .lines
+        .iter()
+        .filter(|l| l.starts_with("survey: process "))
+        .count();
+    assert!(
+        left_behind >= 1,
+        "no process left behind: {:?}",
+        litter.lines
+    );
+
+    let reset = std::time::Instant::now();
+    vm.wait_idle().await;
+    println!(
+        "exit -> idle again: {} ms (under QEMU software emulation)",
+        reset.elapsed().as_millis()
+    );
+    let mut second = common::task(&["--task", "survey"]);
+    second.env = vec![EnvVar {
+        name: "SECOND_ONLY".into(),
+        value: "2".into(),
+    }];
+    let survey = vm.claim("second.0", second, Secrets::default()).await;
+    assert_eq!(survey.exit, Some(0), "{}", vm.console());
+    assert!(
+        saw(&survey, "survey: env SECOND_ONLY"),
+        "{:?}",
+        survey.lines
+    );
+    let traces: Vec<&String> = survey
+        .lines
+        .iter()
+        .filter(|l| {
+            l.starts_with("survey: process ")
+                || l.starts_with("survey: file ")
+                || l.contains("FIRST")
+        })
+        .collect();
+    assert!(
+        traces.is_empty(),
+        "the second task saw the first's traces: {traces:?}\n{}",
+        vm.console()
+    );
+    let console = vm.console();
+    assert!(console.contains("the VM is clean"), "{console}");
+    assert!(
+        !console.contains("sk-first"),
+        "a secret on the console: {console}"
+    );
+    vm.host.delete(&vm.uid).unwrap();
 }

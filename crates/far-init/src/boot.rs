@@ -52,12 +52,30 @@ pub fn mount_pseudo_filesystems() -> Result<(), String> {
     mount_once("sysfs", "/sys", "sysfs", nosuid | MountFlags::NODEV, c"")
 }
 
-/// `/tmp`, `/run`, `/dev/shm` and `/dev/pts`, fresh in every VM.
+/// The writable filesystems every VM starts with, memory-backed, and their modes: a reused
+/// VM gets fresh ones after each task ([`crate::reset`]).
+pub const WRITABLE: [(&str, &CStr); 3] = [
+    ("/tmp", c"mode=1777"),
+    ("/run", c"mode=0755"),
+    ("/dev/shm", c"mode=1777"),
+];
+
+/// Mounts a fresh [`WRITABLE`] filesystem.
+pub fn mount_writable(target: &str, mode: &CStr) -> Result<(), String> {
+    mount_once(
+        "tmpfs",
+        target,
+        "tmpfs",
+        MountFlags::NOSUID | MountFlags::NODEV,
+        mode,
+    )
+}
+
+/// The [`WRITABLE`] filesystems and `/dev/pts`, fresh in every VM.
 pub fn mount_runtime_filesystems() -> Result<(), String> {
-    let flags = MountFlags::NOSUID | MountFlags::NODEV;
-    mount_once("tmpfs", "/tmp", "tmpfs", flags, c"mode=1777")?;
-    mount_once("tmpfs", "/run", "tmpfs", flags, c"mode=0755")?;
-    mount_once("tmpfs", "/dev/shm", "tmpfs", flags, c"mode=1777")?;
+    for (target, mode) in WRITABLE {
+        mount_writable(target, mode)?;
+    }
     mount_once(
         "devpts",
         "/dev/pts",

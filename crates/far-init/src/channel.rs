@@ -3,7 +3,7 @@
 use std::time::{Duration, Instant};
 
 use far_agent_protocol::{
-    Claim, Enrolment, Exit, Heartbeat, HeartbeatReply, RunConfig, Secrets, limits, paths,
+    Claim, Enrolment, Exit, Heartbeat, HeartbeatReply, RunConfig, RunGrant, Secrets, limits, paths,
 };
 use serde::Serialize;
 use ureq::Agent;
@@ -84,6 +84,16 @@ impl Channel {
         };
         channel.authorization = format!("Bearer {}", enrolment.token);
         Ok(channel)
+    }
+
+    /// The same channel, for the claimed run `grant` names: its task's reports go there.
+    pub fn for_run(&self, grant: &RunGrant) -> Self {
+        Self {
+            base: self.base.clone(),
+            id: grant.id.clone(),
+            authorization: format!("Bearer {}", grant.token),
+            agent: self.agent.clone(),
+        }
     }
 
     fn refused(&self, route: &str, status: u16) -> ChannelError {
@@ -233,22 +243,23 @@ impl Channel {
         })
     }
 
-    /// Reports the exit, retrying until acknowledged or `within` has passed.
-    pub fn report_exit(&self, exit: &Exit, within: Duration) {
+    /// Reports the exit, retrying until acknowledged or `within` has passed; whether it was
+    /// acknowledged.
+    pub fn report_exit(&self, exit: &Exit, within: Duration) -> bool {
         let started = Instant::now();
         let mut delay = Duration::from_millis(100);
         loop {
             match self.post(paths::EXIT, exit) {
-                Ok(()) => return,
+                Ok(()) => return true,
                 Err(ChannelError::Refused { status, .. })
                     if (400..500).contains(&status) && status != 429 =>
                 {
                     say!("exit report refused ({status}); not retrying");
-                    return;
+                    return false;
                 }
                 Err(e) if started.elapsed() >= within => {
                     say!("exit report never acknowledged: {e}");
-                    return;
+                    return false;
                 }
                 Err(_) => {
                     std::thread::sleep(delay);

@@ -16,14 +16,15 @@ mod channel;
 mod dhcp;
 mod metadata;
 mod net;
+mod reset;
 mod run;
 mod sysinfo;
 
 use std::path::Path;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use far_agent_protocol::{Exit, RUN_CONFIG_KEY, RunConfig, Secrets, limits};
+use far_agent_protocol::{Exit, RUN_CONFIG_KEY, RunConfig, Secrets, Task, limits};
 
 use crate::channel::Channel;
 use crate::metadata::Metadata;
@@ -67,6 +68,9 @@ pub enum Fatal {
     /// An idle VM's wait for a claim failed, or the claim is unusable.
     #[error("claim: {0}")]
     Claim(String),
+    /// A reused VM could not be made clean for its next task (see [`reset`]).
+    #[error("reset: {0}")]
+    Reset(String),
     /// The entrypoint could not be started.
     #[error("starting {entrypoint}: {reason}")]
     Start {
@@ -174,27 +178,80 @@ fn init(channel_out: &mut Option<Arc<Channel>>) -> Result<i32, Fatal> {
     *channel_out = Some(Arc::clone(&channel));
     boot::mount_volumes(&config.mounts).map_err(Fatal::Boot)?;
 
-    let (task, secrets) = match &config.task {
-        Some(task) => {
-            let secrets = if task.has_secrets {
-                channel
-                    .secrets()
-                    .map_err(|e| Fatal::Secrets(e.to_string()))?
-            } else {
-                Secrets::default()
-            };
-            (task.clone(), secrets)
-        }
-        None => {
-            say!("idle: {}; waiting for a claim", timeline.summary());
-            let claim = channel
-                .wait_for_claim()
-                .map_err(|e| Fatal::Claim(e.to_string()))?;
-            claim.task.check()?;
-            timeline.mark("claimed");
-            (claim.task, claim.secrets)
-        }
+    let Some(task) = &config.task else {
+        return serve_claims(&config, &channel, channel_out, timeline);
     };
+    let secrets = if task.has_secrets {
+        channel
+            .secrets()
+            .map_err(|e| Fatal::Secrets(e.to_string()))?
+    } else {
+        Secrets::default()
+    };
+    start(&config, task, secrets, channel, timeline)
+}
+
+/// A pool's idle VM: waits for a claim and runs its task on the run's own channel; reused
+/// (`reuse: Reset`), it is made clean once the exit is on record and waits again. Returns the
+/// last task's exit code for `main` to report, or an error to power off on.
+fn serve_claims(
+    config: &RunConfig,
+    channel: &Channel,
+    channel_out: &mut Option<Arc<Channel>>,
+    mut timeline: Timeline,
+) -> Result<i32, Fatal> {
+    let baseline = if config.reusable {
+        Some(reset::prepare().map_err(Fatal::Reset)?)
+    } else {
+        None
+    };
+    loop {
+        say!("idle: {}; waiting for a claim", timeline.summary());
+        let claim = channel
+            .wait_for_claim()
+            .map_err(|e| Fatal::Claim(e.to_string()))?;
+        claim.task.check()?;
+        timeline.mark("claimed");
+        let run = Arc::new(channel.for_run(&claim.run));
+        *channel_out = Some(Arc::clone(&run));
+        let code = start(
+            config,
+            &claim.task,
+            claim.secrets,
+            Arc::clone(&run),
+            timeline,
+        )?;
+        let Some(baseline) = &baseline else {
+            return Ok(code);
+        };
+        let exit = Exit {
+            code,
+            start_error: None,
+        };
+        if !run.report_exit(&exit, Duration::from_secs(limits::EXIT_REPORT_SECONDS)) {
+            return Ok(code);
+        }
+        // The exit is on record: nothing is left to report if the reset fails.
+        *channel_out = None;
+        let started = Instant::now();
+        reset::reset(baseline).map_err(Fatal::Reset)?;
+        say!(
+            "reset in {} ms: the VM is clean",
+            started.elapsed().as_millis()
+        );
+        timeline = Timeline::default();
+        timeline.mark("reset");
+    }
+}
+
+/// Starts a task: the host name, its secret files, then the agent until it exits.
+fn start(
+    config: &RunConfig,
+    task: &Task,
+    secrets: Secrets,
+    channel: Arc<Channel>,
+    mut timeline: Timeline,
+) -> Result<i32, Fatal> {
     say!(
         "running agent {}/{} (attempt {})",
         task.agent.namespace,
@@ -207,7 +264,7 @@ fn init(channel_out: &mut Option<Arc<Channel>>) -> Result<i32, Fatal> {
     boot::write_secret_files(&secrets).map_err(Fatal::Secrets)?;
     timeline.mark("volumes and secrets");
     say!("boot: {}", timeline.summary());
-    run::run_agent(&config, &task, secrets, channel)
+    run::run_agent(config, task, secrets, channel)
 }
 
 #[cfg(test)]

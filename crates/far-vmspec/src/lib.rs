@@ -119,6 +119,7 @@ pub fn run_config(
             .collect(),
         channel,
         grace_period_seconds,
+        reusable: false,
     }
 }
 

@@ -5,6 +5,9 @@
 //!   words, L2-normalised) and prints one line per input: `embedding <n> <vector> <text>`.
 //! - `--task sleep [--seconds N]`: works for N seconds (default 1), printing progress.
 //! - `--task fail [--exit-code N]`: prints why on stderr and exits with N (default 1).
+//! - `--task survey`: prints what a task can see of the VM it runs in (see [`survey`]).
+//! - `--task litter`: leaves traces for whatever runs next in the VM (files in every writable
+//!   place, a process that outlives it; whether the root takes a file), then surveys.
 //!
 //! Every task ends with `--exit-code N` when given (default 0, or 1 for `fail`).
 
@@ -127,9 +130,81 @@ fn run(args: &Args) -> Result<u8, String> {
             eprintln!("failing on purpose with exit code {code}");
             Ok(code)
         }
+        "survey" => {
+            survey();
+            Ok(args.exit_code.unwrap_or(0))
+        }
+        "litter" => {
+            for path in [
+                "/tmp/litter",
+                "/run/litter",
+                "/dev/shm/litter",
+                "/dev/litter",
+            ] {
+                std::fs::write(path, "left behind").map_err(|e| format!("writing {path}: {e}"))?;
+            }
+            println!("root writable: {}", std::fs::write("/litter", "x").is_ok());
+            let me = std::env::current_exe().map_err(|e| format!("finding myself: {e}"))?;
+            std::process::Command::new(me)
+                .args(["--task", "sleep", "--seconds", "3600"])
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .map_err(|e| format!("starting the process left behind: {e}"))?;
+            survey();
+            Ok(args.exit_code.unwrap_or(0))
+        }
         other => Err(format!(
-            "unknown task {other:?}: use embedder, sleep or fail"
+            "unknown task {other:?}: use embedder, sleep, fail, survey or litter"
         )),
+    }
+}
+
+/// Prints, a line each, what this task can see that another could have left: the names of its
+/// environment variables (`survey: env NAME`), every file under `/tmp`, `/run` and `/dev/shm`
+/// and every regular file in `/dev` (`survey: file PATH`), and every other process but PID 1
+/// and the kernel's threads (`survey: process PID NAME`).
+fn survey() {
+    for (name, _) in std::env::vars_os() {
+        println!("survey: env {}", name.to_string_lossy());
+    }
+    let mut todo: Vec<std::path::PathBuf> = ["/tmp", "/run", "/dev/shm"].map(Into::into).into();
+    while let Some(dir) = todo.pop() {
+        for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+            match entry.file_type() {
+                Ok(t) if t.is_dir() => todo.push(entry.path()),
+                _ => println!("survey: file {}", entry.path().display()),
+            }
+        }
+    }
+    for entry in std::fs::read_dir("/dev").into_iter().flatten().flatten() {
+        if entry.file_type().is_ok_and(|t| t.is_file()) {
+            println!("survey: file {}", entry.path().display());
+        }
+    }
+    let me = std::process::id();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let stat = std::fs::read_to_string(entry.path().join("stat")).unwrap_or_default();
+        // Kernel threads carry PF_KTHREAD (0x200000) in the flags, the 9th field.
+        let kernel = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().nth(6)?.parse::<u64>().ok())
+            .is_none_or(|flags| flags & 0x0020_0000 != 0);
+        if pid == 1 || pid == me || kernel {
+            continue;
+        }
+        let name = stat
+            .split_once('(')
+            .and_then(|(_, rest)| rest.rsplit_once(')'))
+            .map_or("?", |(name, _)| name);
+        println!("survey: process {pid} {name}");
     }
 }
 

@@ -38,6 +38,7 @@ fn observe<'a>(spec: &'a FarAgentSpec, status: &'a FarAgentStatus, now: i64) -> 
         deleting_since: None,
         vm: None,
         claimed: None,
+        reusable: false,
         guest: Guest::default(),
         workload: Ok(()),
         placement: None,
@@ -577,13 +578,14 @@ prop_compose! {
         exit in proptest::option::of((-1i32..4, proptest::option::of(Just("no entrypoint".to_owned())))),
         placement in proptest::option::of(0u8..5),
         claimed in any::<bool>(),
+        reusable in any::<bool>(),
         config_ok in any::<bool>(),
         workload in 0u8..3,
         ttl in proptest::option::of(0i64..100),
         deadline in proptest::option::of(1i64..100),
         started in proptest::option::of(0i64..300),
         now in 0i64..400,
-    ) -> (FarAgentSpec, FarAgentStatus, bool, Option<i64>, Option<Vm>, Guest, Option<Placement>, (bool, u8, bool), i64) {
+    ) -> (FarAgentSpec, FarAgentStatus, bool, Option<i64>, Option<Vm>, Guest, Option<Placement>, (bool, u8, bool, bool), i64) {
         let mut s = spec();
         s.restart_policy = if on_failure { RestartPolicy::OnFailure } else { RestartPolicy::Never };
         s.ttl_seconds_after_finished = ttl;
@@ -606,7 +608,7 @@ prop_compose! {
             3 => claiming(),
             _ => Placement::Unschedulable("no host".into()),
         });
-        (s, status, has_finalizer, deleting, vm, guest, placement, (config_ok, workload, claimed), now)
+        (s, status, has_finalizer, deleting, vm, guest, placement, (config_ok, workload, claimed, claimed && reusable), now)
     }
 }
 
@@ -614,7 +616,7 @@ proptest! {
     #![proptest_config(ProptestConfig::with_cases(2000))]
 
     #[test]
-    fn the_decision_keeps_its_promises((spec, status, has_finalizer, deleting, vm, guest, placement, (config_ok, workload, claimed), now) in observations()) {
+    fn the_decision_keeps_its_promises((spec, status, has_finalizer, deleting, vm, guest, placement, (config_ok, workload, claimed, reusable), now) in observations()) {
         let o = Observation {
             spec: &spec,
             status: &status,
@@ -623,6 +625,7 @@ proptest! {
             deleting_since: deleting.map(t),
             vm,
             claimed: claimed.then_some(IDLE_VM),
+            reusable,
             guest,
             workload: match workload {
                 0 => Ok(()),
@@ -703,10 +706,20 @@ proptest! {
             prop_assert!(d.requeue.is_some(), "a waiting agent is looked at again");
             prop_assert!(d.status.reason.is_some(), "a waiting agent says why");
         }
-        // A terminal agent's VM is always on its way out (once the finalizer guards it).
+        // A terminal agent's VM is always on its way out (once the finalizer guards it):
+        // deleted, or given back to its pool.
+        let returned = d.actions.contains(&Action::ReturnVm);
         if terminal && has_finalizer && let Some(Vm::Present { state, .. }) = &o.vm {
             let deleting_vm = d.actions.iter().any(|a| matches!(a, Action::DeleteVm { .. }));
-            prop_assert!(*state == VmState::Deleting || deleting_vm || deleting.is_some(), "VM left running");
+            prop_assert!(*state == VmState::Deleting || deleting_vm || returned || deleting.is_some(), "VM left running");
+        }
+        // A VM goes back to its pool only when reusable and its guest reported the exit (it
+        // resets itself then), never also deleted, and the status stops naming it.
+        if returned {
+            prop_assert!(reusable && o.guest.exit.is_some());
+            let deletes = d.actions.iter().any(|a| matches!(a, Action::DeleteVm { .. }));
+            prop_assert!(!deletes, "a returned VM deleted too");
+            prop_assert!(d.status.vm_uid.is_none());
         }
     }
 }
@@ -795,6 +808,39 @@ fn a_claim_binds_the_idle_vm_offers_it_the_task_and_never_creates_one() {
     let d = decide(&o);
     assert_eq!(d.status.phase, Some(Phase::Completed));
     assert!(d.actions.contains(&Action::DeleteVm { uid: "vm1".into() }));
+
+    // reuse: Reset: the VM goes back to its pool (its guest resets it) and the agent's status
+    // stops naming it; the exit code is kept.
+    o.reusable = true;
+    let d = decide(&o);
+    assert_eq!(d.status.phase, Some(Phase::Completed));
+    assert_eq!(
+        d.actions.first(),
+        Some(&Action::ReturnVm),
+        "{:?}",
+        d.actions
+    );
+    assert!(
+        !d.actions
+            .iter()
+            .any(|a| matches!(a, Action::DeleteVm { .. }))
+    );
+    assert_eq!((d.status.vm_uid, d.status.exit_code), (None, Some(0)));
+
+    // A guest that never reported an exit (lost, hung) leaves doubt: the VM is deleted.
+    let lost = FarAgentStatus {
+        phase: Some(Phase::Running),
+        ..status
+    };
+    let mut o = observe(&spec, &lost, 300);
+    o.claimed = Some(IDLE_VM);
+    o.reusable = true;
+    o.vm = present(VmState::Created);
+    o.guest.last_heartbeat = Some(t(2));
+    let d = decide(&o);
+    assert_eq!(d.status.reason, Some(AgentReason::HeartbeatLost));
+    assert!(d.actions.contains(&Action::DeleteVm { uid: "vm1".into() }));
+    assert!(!d.actions.contains(&Action::ReturnVm));
 }
 
 /// The claimed idle VM vanished before it was found (its host lost it): the agent fails with a

@@ -23,7 +23,7 @@ use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD;
 use far_agent_protocol::{
     Claim, Enrolment, Exit, Heartbeat, HeartbeatReply, LogBatch, LogLine, RUN_CONFIG_KEY,
-    RunConfig, Secrets, Stream, limits, paths,
+    RunConfig, RunGrant, Secrets, Stream, Task, limits, paths,
 };
 use flintlock_proto::types::MicroVmSpec;
 use tokio::task::JoinHandle;
@@ -266,71 +266,83 @@ impl Guest {
         };
         let channel = Channel {
             client,
-            config: &config,
+            base: config.channel.url.trim_end_matches('/').to_owned(),
+            id: config.channel.id.clone(),
             token,
         };
-        let task = match &config.task {
-            Some(task) => {
-                if task.has_secrets && !channel.fetch_secrets().await {
-                    warn!(vm = %self.id, "sim guest: no secret values from the channel; powering off");
-                    return;
-                }
-                task.clone()
+        if let Some(task) = &config.task {
+            if task.has_secrets && !channel.fetch_secrets().await {
+                warn!(vm = %self.id, "sim guest: no secret values from the channel; powering off");
+                return;
             }
-            // A pool's idle VM: booted and enrolled, it waits for a claim as far-init does.
-            None => match channel.wait_for_claim().await {
-                Some(claim) => claim.task,
-                None => {
-                    warn!(vm = %self.id, "sim guest: the channel refused the wait for a claim; powering off");
-                    return;
-                }
-            },
-        };
-        let behaviour = Behaviour::from_args(&task.args);
-        let interval = Duration::from_secs(task.heartbeat_interval_seconds.into());
-        channel.heartbeat().await;
-        let line = format!("sim: {} {}", task.entrypoint, task.args.join(" "));
-        channel
-            .post(
-                paths::LOGS,
-                &LogBatch {
-                    seq: 0,
-                    lines: vec![LogLine {
-                        stream: Stream::Stdout,
-                        text: line,
-                    }],
-                },
-            )
-            .await;
-        if behaviour.hang {
-            std::future::pending::<()>().await;
-        }
-        let run = tokio::time::sleep(Duration::from_secs_f64(behaviour.seconds));
-        tokio::pin!(run);
-        let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
-        let mut exit_code = behaviour.exit_code;
-        loop {
-            tokio::select! {
-                () = &mut run => break,
-                _ = ticks.tick() => if channel.heartbeat().await {
-                    // As far-init does: the agent is sent SIGTERM and ends by it.
-                    exit_code = 128 + 15;
-                    break;
-                },
-            }
-        }
-        if behaviour.crash {
-            // The guest dies without a word: the VM's process ends, no exit is reported.
+            run_task(&channel, task, &exit).await;
             return;
         }
-        exit.now.store(true, Ordering::SeqCst);
-        if let Some(took) = channel.exit(exit_code).await {
-            exit.took
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .push(took);
+        // A pool's idle VM: it waits for a claim as far-init does, runs the task on the run's
+        // own channel id and, reused (`reuse: Reset`), waits again once the exit is on record.
+        loop {
+            let Some(claim) = channel.wait_for_claim().await else {
+                warn!(vm = %self.id, "sim guest: the channel refused the wait for a claim; powering off");
+                return;
+            };
+            let acknowledged = run_task(&channel.for_run(&claim.run), &claim.task, &exit).await;
+            if !(config.reusable && acknowledged) {
+                return;
+            }
+            exit.now.store(false, Ordering::SeqCst);
         }
     }
+}
+
+/// Runs one task as its arguments say ([`Behaviour`]) and reports its exit as far-init does;
+/// whether the exit was acknowledged.
+async fn run_task(channel: &Channel, task: &Task, exit: &Reporting) -> bool {
+    let behaviour = Behaviour::from_args(&task.args);
+    let interval = Duration::from_secs(task.heartbeat_interval_seconds.into());
+    channel.heartbeat().await;
+    let line = format!("sim: {} {}", task.entrypoint, task.args.join(" "));
+    channel
+        .post(
+            paths::LOGS,
+            &LogBatch {
+                seq: 0,
+                lines: vec![LogLine {
+                    stream: Stream::Stdout,
+                    text: line,
+                }],
+            },
+        )
+        .await;
+    if behaviour.hang {
+        std::future::pending::<()>().await;
+    }
+    let run = tokio::time::sleep(Duration::from_secs_f64(behaviour.seconds));
+    tokio::pin!(run);
+    let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
+    let mut exit_code = behaviour.exit_code;
+    loop {
+        tokio::select! {
+            () = &mut run => break,
+            _ = ticks.tick() => if channel.heartbeat().await {
+                // As far-init does: the agent is sent SIGTERM and ends by it.
+                exit_code = 128 + 15;
+                break;
+            },
+        }
+    }
+    if behaviour.crash {
+        // The guest dies without a word: the VM's process ends, no exit is reported.
+        return false;
+    }
+    exit.now.store(true, Ordering::SeqCst);
+    let Some(took) = channel.exit(exit_code).await else {
+        return false;
+    };
+    exit.took
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .push(took);
+    true
 }
 
 /// Exchanges the run configuration's enrolment token for the agent's token, as far-init does:
@@ -363,24 +375,36 @@ async fn enrol(client: &reqwest::Client, config: &RunConfig) -> Option<String> {
     None
 }
 
-struct Channel<'a> {
+/// The guest's side of the status channel, for one channel id.
+struct Channel {
     client: reqwest::Client,
-    config: &'a RunConfig,
+    base: String,
+    id: String,
     token: String,
 }
 
-impl Channel<'_> {
+impl Channel {
+    /// The same channel, for the claimed run `grant` names.
+    fn for_run(&self, grant: &RunGrant) -> Self {
+        Self {
+            client: self.client.clone(),
+            base: self.base.clone(),
+            id: grant.id.clone(),
+            token: grant.token.clone(),
+        }
+    }
+
+    fn url(&self, route: &str) -> String {
+        format!("{}{}", self.base, paths::for_agent(route, &self.id))
+    }
+
     async fn post<T: serde::Serialize>(&self, route: &str, body: &T) -> bool {
         self.send(route, body).await.is_some()
     }
 
     /// POSTs `body`; the answer when it is a success.
     async fn send<T: serde::Serialize>(&self, route: &str, body: &T) -> Option<reqwest::Response> {
-        let url = format!(
-            "{}{}",
-            self.config.channel.url.trim_end_matches('/'),
-            paths::for_agent(route, &self.config.channel.id)
-        );
+        let url = self.url(route);
         let sent = self
             .client
             .post(&url)
@@ -403,11 +427,7 @@ impl Channel<'_> {
 
     /// Fetches the agent's secret values as far-init does (and, being a simulation, drops them).
     async fn fetch_secrets(&self) -> bool {
-        let url = format!(
-            "{}{}",
-            self.config.channel.url.trim_end_matches('/'),
-            paths::for_agent(paths::SECRETS, &self.config.channel.id)
-        );
+        let url = self.url(paths::SECRETS);
         match self.client.get(&url).bearer_auth(&self.token).send().await {
             Ok(response) if response.status().is_success() => {
                 response.json::<Secrets>().await.is_ok()
@@ -419,11 +439,7 @@ impl Channel<'_> {
     /// Waits for an agent to claim this idle VM, asking again after each empty answer, as
     /// far-init does; `None` when the channel refuses.
     async fn wait_for_claim(&self) -> Option<Claim> {
-        let url = format!(
-            "{}{}",
-            self.config.channel.url.trim_end_matches('/'),
-            paths::for_agent(paths::CLAIM, &self.config.channel.id)
-        );
+        let url = self.url(paths::CLAIM);
         loop {
             let sent = self
                 .client
@@ -482,7 +498,7 @@ impl Channel<'_> {
             tokio::time::sleep(delay).await;
             delay = (delay * 2).min(Duration::from_secs(5));
         }
-        warn!(agent = %self.config.channel.id, "sim guest: exit never acknowledged");
+        warn!(agent = %self.id, "sim guest: exit never acknowledged");
         None
     }
 }

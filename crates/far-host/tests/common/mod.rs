@@ -141,5 +141,6 @@ pub fn run_config(channel: SocketAddr, args: &[&str]) -> RunConfig {
             enrolment_token: "enrolment-token".into(),
         },
         grace_period_seconds: 5,
+        reusable: false,
     }
 }
