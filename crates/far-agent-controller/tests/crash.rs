@@ -442,41 +442,88 @@ async fn a_restarted_controller_does_not_fail_running_agents_it_has_not_heard_ye
 /// The real binary, SIGKILLed: nothing of the process survives a kill (its channel, its
 /// caches, its in-flight calls), and the replacement starts from the API server alone. It comes
 /// back as the same Pod would (same POD_NAME, so it takes its Lease back at once).
-fn spawn_controller(
-    dir: &std::path::Path,
-    kubeconfig: &std::path::Path,
-    lease_namespace: &str,
+struct Killable {
+    dir: tempfile::TempDir,
+    kubeconfig: std::path::PathBuf,
+    lease_namespace: String,
     channel_port: u16,
-) -> std::process::Child {
-    let log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(dir.join("controller.log"))
-        .unwrap();
-    std::process::Command::new(env!("CARGO_BIN_EXE_far-agent-controller"))
-        .env("KUBECONFIG", kubeconfig)
-        .env("POD_NAME", "far-agent-controller-0")
-        // kube's "Server cert bypassed" (the fake's self-signed TLS) would bury the rest.
-        .env("RUST_LOG", "warn,kube_client::client::tls=error")
-        .args(["--lease-namespace", lease_namespace, "--lease-seconds", "5"])
-        .args([
-            "--metrics-listen",
-            "127.0.0.1:0",
-            "--flintlock-timeout-seconds",
-            "2",
-        ])
-        .args(["--grace-period-seconds", "5"])
-        .arg("--channel-key-file")
-        .arg(dir.join("channel.key"))
-        .arg("--channel-listen")
-        .arg(format!("127.0.0.1:{channel_port}"))
-        .arg("--channel-url")
-        .arg(format!("http://127.0.0.1:{channel_port}"))
-        .stdin(std::process::Stdio::null())
-        .stdout(log.try_clone().unwrap())
-        .stderr(log)
-        .spawn()
-        .unwrap()
+    child: std::process::Child,
+}
+
+impl Killable {
+    fn start(harness: &Harness) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("channel.key"), [5u8; 32]).unwrap();
+        let (kubeconfig, lease_namespace) = (harness.kubeconfig.clone(), harness.namespace.clone());
+        let channel_port = free_port();
+        let child = Self::spawn(dir.path(), &kubeconfig, &lease_namespace, channel_port);
+        Self {
+            dir,
+            kubeconfig,
+            lease_namespace,
+            channel_port,
+            child,
+        }
+    }
+
+    fn spawn(
+        dir: &std::path::Path,
+        kubeconfig: &std::path::Path,
+        lease_namespace: &str,
+        channel_port: u16,
+    ) -> std::process::Child {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join("controller.log"))
+            .unwrap();
+        std::process::Command::new(env!("CARGO_BIN_EXE_far-agent-controller"))
+            .env("KUBECONFIG", kubeconfig)
+            .env("POD_NAME", "far-agent-controller-0")
+            // kube's "Server cert bypassed" (the fake's self-signed TLS) would bury the rest.
+            .env("RUST_LOG", "warn,kube_client::client::tls=error")
+            .args(["--lease-namespace", lease_namespace, "--lease-seconds", "5"])
+            .args([
+                "--metrics-listen",
+                "127.0.0.1:0",
+                "--flintlock-timeout-seconds",
+                "2",
+            ])
+            .args(["--grace-period-seconds", "5"])
+            .arg("--channel-key-file")
+            .arg(dir.join("channel.key"))
+            .arg("--channel-listen")
+            .arg(format!("127.0.0.1:{channel_port}"))
+            .arg("--channel-url")
+            .arg(format!("http://127.0.0.1:{channel_port}"))
+            .stdin(std::process::Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap()
+    }
+
+    /// SIGKILLs the process and starts another.
+    fn sigkill_and_restart(&mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+        self.child = Self::spawn(
+            self.dir.path(),
+            &self.kubeconfig,
+            &self.lease_namespace,
+            self.channel_port,
+        );
+    }
+
+    /// Stops the process; the last lines it logged.
+    fn stop(mut self) -> String {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+        let log =
+            std::fs::read_to_string(self.dir.path().join("controller.log")).unwrap_or_default();
+        let tail: Vec<_> = log.lines().rev().take(40).collect();
+        tail.join("\n")
+    }
 }
 
 /// 500 agents, the controller process SIGKILLed 20 times while they arrive and run.
@@ -484,18 +531,7 @@ async fn sigkill_the_controller_20_times_under_500_agents(real: Option<std::path
     const AGENTS: usize = 500;
     const KILLS: usize = 20;
     let harness = Harness::start(real).await;
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("channel.key"), [5u8; 32]).unwrap();
-    let channel_port = free_port();
-    let spawn = || {
-        spawn_controller(
-            dir.path(),
-            &harness.kubeconfig,
-            &harness.namespace,
-            channel_port,
-        )
-    };
-    let mut child = spawn();
+    let mut controller = Killable::start(&harness);
     let mut next = moments();
     for kill in 0..KILLS {
         for i in (kill * AGENTS / KILLS)..((kill + 1) * AGENTS / KILLS) {
@@ -503,9 +539,7 @@ async fn sigkill_the_controller_20_times_under_500_agents(real: Option<std::path
             harness.create_agent(i, seconds).await;
         }
         tokio::time::sleep(Duration::from_millis(200 + next() % 1300)).await;
-        child.kill().unwrap(); // SIGKILL
-        child.wait().unwrap();
-        child = spawn();
+        controller.sigkill_and_restart();
     }
     let harness = Arc::new(harness);
     let checked = Arc::clone(&harness);
@@ -516,12 +550,9 @@ async fn sigkill_the_controller_20_times_under_500_agents(real: Option<std::path
     })
     .await;
     harness.tear_down().await;
-    child.kill().unwrap();
-    child.wait().unwrap();
+    let tail = controller.stop();
     if let Err(e) = converged {
-        let log = std::fs::read_to_string(dir.path().join("controller.log")).unwrap_or_default();
-        let tail: Vec<_> = log.lines().rev().take(40).collect();
-        panic!("{e}; the controller's last log lines:\n{}", tail.join("\n"));
+        panic!("{e}; the controller's last log lines:\n{tail}");
     }
 }
 
@@ -536,18 +567,7 @@ async fn sigkill_the_controller_during_a_burst_of_claims(
     const CLAIMS: usize = 120;
     const KILLS: usize = 10;
     let harness = Harness::start(real).await;
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("channel.key"), [5u8; 32]).unwrap();
-    let channel_port = free_port();
-    let spawn = || {
-        spawn_controller(
-            dir.path(),
-            &harness.kubeconfig,
-            &harness.namespace,
-            channel_port,
-        )
-    };
-    let mut child = spawn();
+    let mut controller = Killable::start(&harness);
     // A reused pool too small for the burst without reuse.
     let (idle, max) = match reuse {
         Reuse::Never => (40, 200),
@@ -563,9 +583,7 @@ async fn sigkill_the_controller_during_a_burst_of_claims(
             harness.create_claim(i, ["0.5", "1"][i % 2], "warm").await;
         }
         tokio::time::sleep(Duration::from_millis(200 + next() % 1300)).await;
-        child.kill().unwrap(); // SIGKILL
-        child.wait().unwrap();
-        child = spawn();
+        controller.sigkill_and_restart();
     }
     let harness = Arc::new(harness);
     let checked = Arc::clone(&harness);
@@ -591,12 +609,9 @@ async fn sigkill_the_controller_during_a_burst_of_claims(
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     harness.tear_down().await;
-    child.kill().unwrap();
-    child.wait().unwrap();
+    let tail = controller.stop();
     if let Err(e) = converged {
-        let log = std::fs::read_to_string(dir.path().join("controller.log")).unwrap_or_default();
-        let tail: Vec<_> = log.lines().rev().take(40).collect();
-        panic!("{e}; the controller's last log lines:\n{}", tail.join("\n"));
+        panic!("{e}; the controller's last log lines:\n{tail}");
     }
     assert_eq!(
         left, 0,

@@ -94,7 +94,10 @@ pub enum Reuse {
     /// One agent per VM: the VM is destroyed when its agent exits.
     #[default]
     Never,
-    /// The VM is wiped and returns idle for the next claim.
+    /// After its agent exits, the VM is made clean (every process killed; /tmp, /run,
+    /// /dev/shm and the secret files renewed) and waits for the next claim. Its root
+    /// filesystem is read-only. For agents that trust each other: no defence against a hostile
+    /// task running as root in the guest.
     Reset,
 }
 
