@@ -574,6 +574,19 @@ impl IdleVm {
         vm
     }
 
+    /// Deletes the VM and waits until it is torn down: the test's runtime ends with the test,
+    /// and a teardown still under way would leave QEMU running.
+    async fn destroy(self) {
+        self.host.delete(&self.uid).unwrap();
+        let gone = tokio::time::timeout(Duration::from_secs(30), async {
+            while self.host.get(&self.uid).is_ok() {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        })
+        .await;
+        assert!(gone.is_ok(), "VM {} not torn down", self.uid);
+    }
+
     fn console(&self) -> String {
         std::fs::read_to_string(
             self.state
@@ -734,7 +747,7 @@ async fn an_idle_vm_runs_the_task_of_the_claim_it_receives() {
     })
     .await;
     assert!(powered_off.is_ok(), "still running: {}", vm.console());
-    vm.host.delete(&vm.uid).unwrap();
+    vm.destroy().await;
 }
 
 /// `reuse: Reset`: a task that litters every writable place, leaves a process running and
@@ -829,5 +842,5 @@ async fn a_reset_vm_shows_its_next_task_nothing_of_the_last() {
         !console.contains("sk-first"),
         "a secret on the console: {console}"
     );
-    vm.host.delete(&vm.uid).unwrap();
+    vm.destroy().await;
 }
