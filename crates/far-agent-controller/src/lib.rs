@@ -10,6 +10,7 @@
 //! - [`leader`]: leader election on a Lease;
 //! - [`logs`]: reading an agent's output through the API server's service proxy;
 //! - [`metrics`]: OpenMetrics and health endpoints;
+//! - [`ui`]: the web UI of live agent state;
 //! - [`run`]: the wiring.
 
 pub mod conditions;
@@ -23,3 +24,4 @@ pub mod placement;
 pub mod pools;
 pub mod reconcile;
 pub mod run;
+pub mod ui;

@@ -122,14 +122,17 @@ async fn main() -> Result<()> {
         call_timeout: Duration::from_secs(args.flintlock_timeout_seconds),
         concurrency: args.concurrency,
         events: args.events,
+        ui: far_agent_controller::ui::Live::default(),
     };
     let metrics = std::sync::Arc::new(far_agent_controller::metrics::Metrics::default());
     let listener = tokio::net::TcpListener::bind(args.metrics_listen)
         .await
         .with_context(|| format!("binding --metrics-listen {}", args.metrics_listen))?;
-    // Metrics, health and agents' output (read through the API server's service proxy).
+    // Metrics, health, agents' output and the web UI (read through the API server's service
+    // proxy or a port-forward).
     let router = far_agent_controller::metrics::router(std::sync::Arc::clone(&metrics))
-        .merge(channel.logs_router());
+        .merge(channel.logs_router())
+        .merge(far_agent_controller::ui::router(config.ui.clone()));
     tokio::spawn(async move { axum::serve(listener, router).await });
     let reporter = Reporter {
         controller: "far-agent-controller".into(),

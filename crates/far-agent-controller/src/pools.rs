@@ -373,6 +373,14 @@ impl PoolVms {
         scaler.demand
     }
 
+    /// Pool `pool`'s (UID) claims a second, as its autoscaler last measured them.
+    pub fn claim_rate(&self, pool: &str) -> f64 {
+        self.lock()
+            .scalers
+            .get(pool)
+            .map_or(0.0, |s| s.demand.claim_rate)
+    }
+
     /// Records the pool's desired count; when it moved, from what and whether up, and whether
     /// that is a change of direction.
     fn moved(&self, pool: &str, desired: u32) -> Option<Move> {

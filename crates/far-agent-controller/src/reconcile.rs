@@ -48,6 +48,8 @@ pub struct Config {
     pub concurrency: u16,
     /// Which Events are recorded.
     pub events: EventPolicy,
+    /// Where the web UI ([`crate::ui`]) finds the running controller's caches.
+    pub ui: crate::ui::Live,
 }
 
 /// Which Kubernetes Events the controller records. Each Event is an API write: a healthy

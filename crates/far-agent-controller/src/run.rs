@@ -200,8 +200,10 @@ pub async fn run(
         ready.agents_ready.store(true, Ordering::Relaxed);
         ready.metrics.set_ready();
         info!("caches filled");
+        ready.config.ui.attach(&ready);
         tokio::join!(
             crate::hosts::run(Arc::clone(&ready)),
+            crate::ui::publish(Arc::clone(&ready)),
             crate::pools::run(ready)
         );
     };

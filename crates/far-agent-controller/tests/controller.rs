@@ -34,6 +34,8 @@ struct Env {
     host_down: Option<oneshot::Sender<()>>,
     /// Which Events the controller records.
     events: far_agent_controller::reconcile::EventPolicy,
+    /// Where the web UI finds the controller.
+    ui: far_agent_controller::ui::Live,
 }
 
 impl Drop for Env {
@@ -109,6 +111,7 @@ async fn env() -> Env {
         server,
         host_down: Some(host_down),
         events: far_agent_controller::reconcile::EventPolicy::All,
+        ui: Default::default(),
     }
 }
 
@@ -121,6 +124,7 @@ impl Env {
             call_timeout: Duration::from_secs(2),
             concurrency: far_agent_controller::reconcile::DEFAULT_CONCURRENCY,
             events: self.events,
+            ui: self.ui.clone(),
         };
         let (tx, rx) = oneshot::channel();
         self.stop = Some(tx);
@@ -138,6 +142,17 @@ impl Env {
                 let _ = rx.await;
             },
         ));
+    }
+
+    /// Serves the web UI and the agents' log routes as the controller's metrics port does; the
+    /// base URL.
+    async fn serve_ui(&self) -> String {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        let router =
+            far_agent_controller::ui::router(self.ui.clone()).merge(self.channel.logs_router());
+        tokio::spawn(async move { axum::serve(listener, router).await });
+        base
     }
 
     /// Stops the far-host's gRPC server: no new connection, existing ones closed.
@@ -717,6 +732,7 @@ async fn with_two_replicas_only_the_leader_acts_and_the_other_takes_over() {
                 call_timeout: Duration::from_secs(2),
                 concurrency: far_agent_controller::reconcile::DEFAULT_CONCURRENCY,
                 events: far_agent_controller::reconcile::EventPolicy::All,
+                ui: Default::default(),
             };
             let election = far_agent_controller::leader::Election {
                 namespace: "far-system".into(),
@@ -1402,7 +1418,8 @@ async fn an_unsized_pool_grows_with_its_claims() {
 /// The controller runs a whole agent life as the chart's ServiceAccount, with RBAC enforced
 /// as kube-apiserver does: leader election, the finalizer, a Secret and a ConfigMap read for
 /// env, status and Events, host probing, deletion past ttlSecondsAfterFinished, a pool's idle
-/// VM, its status and a claim on it. Nothing is refused, and every permission the chart grants
+/// VM, its status and a claim on it, the web UI's view of an agent with its Events. Nothing is
+/// refused, and every permission the chart grants
 /// is used (but two, named below).
 #[tokio::test]
 async fn the_controller_needs_exactly_the_rbac_its_chart_grants() {
@@ -1449,6 +1466,7 @@ async fn the_controller_needs_exactly_the_rbac_its_chart_grants() {
             call_timeout: Duration::from_secs(2),
             concurrency: far_agent_controller::reconcile::DEFAULT_CONCURRENCY,
             events: far_agent_controller::reconcile::EventPolicy::All,
+            ui: env.ui.clone(),
         },
         env.channel.clone(),
         Reporter {
@@ -1485,6 +1503,20 @@ async fn the_controller_needs_exactly_the_rbac_its_chart_grants() {
         json!({"poolRef": {"name": "warm"}, "args": ["--seconds", "0.3"], "ttlSecondsAfterFinished": 0}),
     )
     .await;
+    // The web UI shows the agent, with its Events.
+    let ui = env.serve_ui().await;
+    let mut shown = serde_json::Value::Null;
+    for _ in 0..100 {
+        let answer = reqwest::get(format!("{ui}/ui/api/agents/default/claimer"))
+            .await
+            .unwrap();
+        if answer.status().is_success() {
+            shown = answer.json().await.unwrap();
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(shown["events"].is_array(), "{shown}");
     env.wait_for_pool("warm", "a warm claim", |s| s.warm_claims == 1)
         .await;
     // The host's status is written at its first probe; the Lease is renewed every 5/3 s.
@@ -1591,4 +1623,278 @@ async fn a_write_refused_again_and_again_is_told_as_a_warning_event() {
         phase(a) == Some(Phase::Completed)
     })
     .await;
+}
+
+/// The web UI in a real browser (headless Chromium over WebDriver), used as a person would:
+/// agents created through the API appear and change phase live, a filter narrows the table,
+/// the keyboard reaches the rows and opens an agent whose conditions, Events and log (live)
+/// show, a host going down turns within a probe interval, text is readable (4.5:1), 10,000
+/// rows stay virtualised, and no secret value reaches the page or the UI's answers.
+/// Screenshots go to `target/tmp/ui/`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_web_ui_shows_live_agent_state_in_a_real_browser() {
+    use far_testkit::browser::{Browser, keys};
+    const SECRET: &str = "sk-ui-7c1d90e3";
+    let mut env = env().await;
+    let secrets: Api<k8s_openapi::api::core::v1::Secret> =
+        Api::namespaced(env.api.client(), "default");
+    let secret = serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "Secret", "metadata": {"name": "llm"},
+        "data": {"key": base64::Engine::encode(&base64::engine::general_purpose::STANDARD, SECRET)}
+    }))
+    .unwrap();
+    secrets
+        .create(&PostParams::default(), &secret)
+        .await
+        .unwrap();
+    env.start_controller();
+    env.wait_host_ready().await;
+    let base = env.serve_ui().await;
+    let shots = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("ui");
+    let browser = Browser::start().await;
+    browser.goto(&format!("{base}/ui/")).await;
+    let within = Duration::from_secs(30);
+    browser
+        .wait_for(
+            "the stream is live",
+            "return document.getElementById('connection').textContent === 'live'",
+            within,
+        )
+        .await;
+
+    // Agents created through the API appear and change phase live.
+    env.create(
+        "ui-worker",
+        json!({"args": ["--seconds", "6"], "env": [{"name": "API_KEY", "valueFrom": {"secretKeyRef": {"name": "llm", "key": "key"}}}]}),
+    )
+    .await;
+    env.create(
+        "ui-failing",
+        json!({"args": ["--seconds", "0.5", "--exit-code", "3"]}),
+    )
+    .await;
+    let phase_is = |name: &str, phase: &str| {
+        format!(
+            "return document.querySelector('[data-key=\"default/{name}\"] .phase')?.textContent === '{phase}'"
+        )
+    };
+    browser
+        .wait_for(
+            "ui-worker Running",
+            &phase_is("ui-worker", "Running"),
+            within,
+        )
+        .await;
+    browser
+        .wait_for(
+            "ui-failing Failed",
+            &phase_is("ui-failing", "Failed"),
+            within,
+        )
+        .await;
+    browser.screenshot(&shots.join("agents.png")).await;
+
+    // A filter narrows the table.
+    browser.type_into("#f-text", "failing").await;
+    browser
+        .wait_for(
+            "one row left",
+            "return document.querySelectorAll('#rows .row').length === 1 && document.getElementById('count').textContent === '1 of 2 agents'",
+            within,
+        )
+        .await;
+    browser
+        .run(
+            "const f = document.getElementById('f-text'); f.value = ''; f.dispatchEvent(new Event('input'));",
+            vec![],
+        )
+        .await;
+
+    // The keyboard: Tab from the top reaches the views, the filters and the rows, in order.
+    // (A click on the heading puts the start of Tab navigation at the top of the page.)
+    browser.click("h1").await;
+    let mut reached = Vec::new();
+    for _ in 0..20 {
+        browser.press(keys::TAB).await;
+        let id = browser
+            .run(
+                "return document.activeElement.id || document.activeElement.textContent",
+                vec![],
+            )
+            .await;
+        let id = id.as_str().unwrap_or_default().to_owned();
+        let done = id == "viewport";
+        reached.push(id);
+        if done {
+            break;
+        }
+    }
+    let at = |id: &str| reached.iter().position(|r| r == id);
+    assert!(
+        at("tab-agents") < at("f-text")
+            && at("f-text") < at("viewport")
+            && at("tab-agents").is_some(),
+        "Tab order: {reached:?}"
+    );
+    // Arrow keys move to ui-worker's row, Enter opens it.
+    let index = browser
+        .run(
+            "return window.farUi.state.shown.findIndex((a) => a.name === 'ui-worker')",
+            vec![],
+        )
+        .await
+        .as_u64()
+        .unwrap();
+    for _ in 0..index {
+        browser.press(keys::DOWN).await;
+    }
+    browser.press(keys::ENTER).await;
+    browser
+        .wait_for(
+            "ui-worker's detail",
+            "return document.getElementById('detail-title').textContent === 'default/ui-worker'",
+            within,
+        )
+        .await;
+    browser
+        .wait_for(
+            "its log, following",
+            "return document.getElementById('detail-log').textContent.includes('sim: ')",
+            within,
+        )
+        .await;
+    browser
+        .wait_for(
+            "its conditions and Events",
+            "return document.querySelectorAll('#detail-conditions tbody tr').length >= 3 && document.querySelectorAll('#detail-events li').length >= 1 && !document.getElementById('detail-events').textContent.startsWith('unavailable') && document.getElementById('detail-status').textContent.includes('MiB') && !document.getElementById('main').textContent.includes('undefined')",
+            within,
+        )
+        .await;
+    browser.screenshot(&shots.join("agent.png")).await;
+
+    // No secret value in the page, or in anything the UI answers.
+    let page = browser
+        .run("return document.documentElement.outerHTML", vec![])
+        .await;
+    assert!(!page.to_string().contains(SECRET), "a secret on the page");
+    let detail = reqwest::get(format!("{base}/ui/api/agents/default/ui-worker"))
+        .await
+        .unwrap();
+    let csp = detail.headers()["content-security-policy"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    assert!(
+        csp.contains("script-src 'self'") && !csp.contains("unsafe-inline"),
+        "{csp}"
+    );
+    let detail = detail.text().await.unwrap();
+    assert!(
+        detail.contains("\"phase\"") && !detail.contains(SECRET),
+        "{detail}"
+    );
+    let mut stream = reqwest::get(format!("{base}/ui/api/stream")).await.unwrap();
+    let first = tokio::time::timeout(Duration::from_secs(5), stream.chunk())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    let first = String::from_utf8_lossy(&first);
+    assert!(
+        first.contains("ui-worker") && !first.contains(SECRET),
+        "{first}"
+    );
+    assert!(
+        reqwest::Client::new()
+            .post(format!("{base}/ui/api/agents/default/ui-worker"))
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .is_client_error(),
+        "no route changes anything"
+    );
+
+    // Readable: every text the views show has 4.5:1 contrast or more against its background.
+    browser.press(keys::ESCAPE).await;
+    let contrast = r"
+        const lum = (c) => { const [r, g, b] = c.match(/[\d.]+/g).slice(0, 3).map((v) => { v /= 255; return v <= 0.03928 ? v / 12.92 : ((v + 0.055) / 1.055) ** 2.4; }); return 0.2126 * r + 0.7152 * g + 0.0722 * b; };
+        const bg = (e) => { for (; e; e = e.parentElement) { const c = getComputedStyle(e).backgroundColor; if (!c.startsWith('rgba(0, 0, 0, 0)') && c !== 'transparent') return c; } return 'rgb(255, 255, 255)'; };
+        let worst = [99, ''];
+        for (const e of document.querySelectorAll('h1, h2, nav button, #summary, #connection, label, #count, .row span, .phase, th, td, dt, dd, .state, p')) {
+          if (!e.offsetParent || !e.textContent.trim()) continue;
+          const [a, b] = [lum(getComputedStyle(e).color), lum(bg(e))];
+          const ratio = (Math.max(a, b) + 0.05) / (Math.min(a, b) + 0.05);
+          if (ratio < worst[0]) worst = [ratio, e.outerHTML.slice(0, 80)];
+        }
+        return worst;";
+    let agents_view = browser.run(contrast, vec![]).await;
+    assert!(
+        agents_view[0].as_f64().unwrap() >= 4.5,
+        "agents view: {agents_view}"
+    );
+
+    // A host going down turns within a probe interval.
+    browser.click("#tab-hosts").await;
+    browser
+        .wait_for(
+            "a ready host",
+            "return document.querySelectorAll('.host.ready').length === 1",
+            within,
+        )
+        .await;
+    let hosts_view = browser.run(contrast, vec![]).await;
+    assert!(
+        hosts_view[0].as_f64().unwrap() >= 4.5,
+        "hosts view: {hosts_view}"
+    );
+    env.kill_host().await;
+    browser
+        .wait_for(
+            "the host shown down",
+            "return document.querySelectorAll('.host.down').length === 1",
+            within,
+        )
+        .await;
+    browser.screenshot(&shots.join("hosts.png")).await;
+
+    // 10,000 rows through the page's own snapshot handling: the table renders only what is in
+    // view, and a filter applies quickly.
+    browser.click("#tab-agents").await;
+    let rows: Vec<_> = (0..10_000)
+        .map(|i| {
+            let phase = ["Pending", "Running", "Completed", "Failed"][i % 4];
+            json!({"key": format!("bulk/agent-{i:05}"), "namespace": "bulk", "name": format!("agent-{i:05}"),
+                   "phase": phase, "reason": "",
+                   "host": format!("blade-{}", i % 40), "heartbeat": null, "exitCode": null,
+                   "created": "2026-12-02T03:00:00Z"})
+        })
+        .collect();
+    browser
+        .run(
+            "window.farUi.applySnapshot({now: new Date().toISOString(), leading: true, agents: arguments[0], hosts: [], pools: []});",
+            vec![json!(rows)],
+        )
+        .await;
+    browser
+        .wait_for(
+            "10,000 rows counted, few drawn",
+            "return document.getElementById('count').textContent.startsWith('100') && document.querySelectorAll('#rows .row').length < 100",
+            within,
+        )
+        .await;
+    browser.type_into("#f-text", "agent-09999").await;
+    browser
+        .wait_for(
+            "the filter applied",
+            "return document.getElementById('count').textContent.startsWith('1 of 100')",
+            within,
+        )
+        .await;
+    let filter_ms = browser
+        .run("return window.farUi.lastFilterMs", vec![])
+        .await;
+    println!("10,000 agents: a filter applied in {filter_ms} ms (headless Chromium)");
+    assert!(filter_ms.as_f64().unwrap() < 100.0, "{filter_ms} ms");
+    browser.close().await;
 }

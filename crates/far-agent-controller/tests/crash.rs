@@ -78,6 +78,7 @@ async fn controller(
         call_timeout: Duration::from_secs(2),
         concurrency: far_agent_controller::reconcile::DEFAULT_CONCURRENCY,
         events: far_agent_controller::reconcile::EventPolicy::All,
+        ui: Default::default(),
     };
     let reporter = Reporter {
         controller: "far-agent-controller".into(),

@@ -200,6 +200,7 @@ impl Stage {
                 call_timeout: Duration::from_secs(2),
                 concurrency: DEFAULT_CONCURRENCY,
                 events: EventPolicy::All,
+                ui: Default::default(),
             },
             self.channel.clone(),
             Reporter {

@@ -733,6 +733,7 @@ impl Rig {
                     call_timeout: Duration::from_secs(10),
                     concurrency: args.concurrency,
                     events: args.events,
+                    ui: Default::default(),
                 };
                 let reporter = Reporter {
                     controller: "far-agent-controller".into(),

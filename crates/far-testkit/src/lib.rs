@@ -6,8 +6,10 @@
 //! - [`cluster`]: a real cluster, when `FAR_TEST_KUBECONFIG` names one.
 //! - [`faults`]: faults injected into a client's writes, against either.
 //! - [`conformance`]: the script, recorded against kube-apiserver, the fake is held to.
+//! - [`browser::Browser`]: a headless Chromium over WebDriver, for the web UI's tests.
 
 pub mod apiserver;
+pub mod browser;
 pub mod cluster;
 pub mod conformance;
 pub mod faults;

@@ -1,0 +1,298 @@
+//! The web UI: live agent state, read-only, served by the controller at `/ui/` on its metrics
+//! port. It is reached through `kubectl port-forward` or the API server's service proxy, so
+//! Kubernetes RBAC decides who sees it and no credential of its own exists. Its page, script and
+//! style are embedded in the binary (nothing is fetched from elsewhere); every response carries
+//! a Content-Security-Policy without inline script; there is no route that changes anything.
+//!
+//! Live state goes out as one server-sent-events stream per page: a snapshot, then the changes
+//! ([`view::diff`]) at most every [`TICK`]. The views are computed from the controller's own
+//! caches by one task ([`publish`]), only while a page is open, and shared by all pages.
+//! Agents' logs stream from the status channel's log route on the same port.
+
+pub mod view;
+
+use std::convert::Infallible;
+use std::sync::{Arc, RwLock, Weak};
+use std::time::Duration;
+
+use axum::extract::{Path, State};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use far_api::{FarAgent, FarAgentStatus};
+use futures::Stream;
+use kube::ResourceExt;
+use kube::api::{Api, ListParams};
+use kube::runtime::reflector::ObjectRef;
+use serde_json::{Value, json};
+use tokio::sync::watch;
+
+use crate::reconcile::Context;
+use view::View;
+
+/// How often the view is looked at while a page is open: changes reach a page at most this
+/// often, coalesced.
+pub const TICK: Duration = Duration::from_millis(500);
+
+/// No script but the page's own, no style but its own, no requests but to where it came from.
+const CSP: &str = "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; \
+                   connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'";
+
+/// Where the UI finds the running controller: [`crate::run::run`] attaches its context, the
+/// UI's routes read it. Cheap to clone; a replica that does not lead has none attached.
+#[derive(Clone)]
+pub struct Live {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    context: RwLock<Weak<Context>>,
+    views: watch::Sender<Arc<View>>,
+}
+
+impl Default for Live {
+    fn default() -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                context: RwLock::new(Weak::new()),
+                views: watch::Sender::new(Arc::default()),
+            }),
+        }
+    }
+}
+
+impl std::fmt::Debug for Live {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Live").finish_non_exhaustive()
+    }
+}
+
+impl Live {
+    /// The running controller's context, for the UI to read.
+    pub fn attach(&self, ctx: &Arc<Context>) {
+        *self
+            .inner
+            .context
+            .write()
+            .unwrap_or_else(|e| e.into_inner()) = Arc::downgrade(ctx);
+    }
+
+    fn context(&self) -> Option<Arc<Context>> {
+        self.inner
+            .context
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .upgrade()
+    }
+}
+
+/// Computes the view every [`TICK`] while a page is open, for every page at once.
+pub async fn publish(ctx: Arc<Context>) {
+    let views = &ctx.config.ui.inner.views;
+    let mut ticks = tokio::time::interval(TICK);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticks.tick().await;
+        if views.receiver_count() > 0 {
+            views.send_replace(Arc::new(look(&ctx)));
+        }
+    }
+}
+
+/// The view of the controller's caches now.
+fn look(ctx: &Context) -> View {
+    let unreachable = ctx
+        .unreachable
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone();
+    let allocation: view::Allocation = ctx
+        .held()
+        .into_iter()
+        .map(|(host, held)| (host, (held.cpu, held.memory_mib, held.agents)))
+        .collect();
+    let mut hosts: Vec<_> = ctx
+        .hosts
+        .state()
+        .iter()
+        .map(|h| view::host_row(h, !unreachable.contains_key(&h.name_any()), &allocation))
+        .collect();
+    hosts.sort_by(|a, b| a.name.cmp(&b.name));
+    let mut pools: Vec<_> = ctx
+        .pools
+        .state()
+        .iter()
+        .map(|p| view::pool_row(p, ctx.pool_vms.claim_rate(&p.uid().unwrap_or_default())))
+        .collect();
+    pools.sort_by(|a, b| a.key.cmp(&b.key));
+    View {
+        agents: ctx
+            .agents
+            .state()
+            .iter()
+            .map(|a| {
+                let row = view::agent_row(a);
+                (row.key.clone(), row)
+            })
+            .collect(),
+        hosts,
+        pools,
+    }
+}
+
+/// The UI's routes, to merge into the metrics port's router.
+pub fn router(live: Live) -> Router {
+    Router::new()
+        // Relative, so it also works behind the API server's service proxy.
+        .route(
+            "/ui",
+            get(|| async { (StatusCode::FOUND, [(header::LOCATION, "ui/")]) }),
+        )
+        .route("/ui/", get(|| async { asset("text/html", INDEX) }))
+        .route(
+            "/ui/app.js",
+            get(|| async { asset("text/javascript", SCRIPT) }),
+        )
+        .route("/ui/app.css", get(|| async { asset("text/css", STYLE) }))
+        .route("/ui/api/stream", get(stream))
+        .route("/ui/api/agents/{namespace}/{name}", get(agent))
+        .layer(axum::middleware::map_response(secure))
+        .with_state(live)
+}
+
+const INDEX: &str = include_str!("assets/index.html");
+const SCRIPT: &str = include_str!("assets/app.js");
+const STYLE: &str = include_str!("assets/app.css");
+
+fn asset(content_type: &'static str, body: &'static str) -> Response {
+    ([(header::CONTENT_TYPE, content_type)], body).into_response()
+}
+
+/// The headers every UI response carries.
+async fn secure(mut response: Response) -> Response {
+    let headers = response.headers_mut();
+    for (name, value) in [
+        (header::CONTENT_SECURITY_POLICY, CSP),
+        (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+        (header::REFERRER_POLICY, "no-referrer"),
+        (header::X_FRAME_OPTIONS, "DENY"),
+    ] {
+        headers.insert(name, HeaderValue::from_static(value));
+    }
+    response
+}
+
+fn now() -> String {
+    k8s_openapi::jiff::Timestamp::now().to_string()
+}
+
+/// The page's live state: `snapshot` at once (and after each reconnection), then `delta`s.
+async fn stream(State(live): State<Live>) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
+    let views = live.inner.views.subscribe();
+    let leading = live.context();
+    let first = Arc::new(leading.as_deref().map(look).unwrap_or_default());
+    let snapshot = json!({
+        "now": now(),
+        "leading": leading.is_some(),
+        "agents": first.agents.values().collect::<Vec<_>>(),
+        "hosts": first.hosts,
+        "pools": first.pools,
+    });
+    drop(leading);
+    let head = futures::stream::once(async move {
+        Ok(Event::default()
+            .event("snapshot")
+            .data(snapshot.to_string()))
+    });
+    let tail = futures::stream::unfold((views, first), |(mut views, last)| async move {
+        loop {
+            views.changed().await.ok()?;
+            let next = Arc::clone(&views.borrow_and_update());
+            let delta = view::diff(&last, &next);
+            if delta.is_empty() {
+                continue;
+            }
+            let mut data = serde_json::to_value(&delta).unwrap_or_default();
+            data["now"] = Value::String(now());
+            let event = Event::default().event("delta").data(data.to_string());
+            return Some((Ok(event), (views, next)));
+        }
+    });
+    Sse::new(futures::StreamExt::chain(head, tail)).keep_alive(KeepAlive::default())
+}
+
+/// One agent: its status with conditions in order, its guest's figures, its Events (no spec
+/// values: env, args and secrets never reach the page).
+async fn agent(
+    State(live): State<Live>,
+    Path((namespace, name)): Path<(String, String)>,
+) -> Response {
+    let Some(ctx) = live.context() else {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "this replica does not lead: no live state",
+        )
+            .into_response();
+    };
+    let Some(agent) = ctx
+        .agents
+        .get(&ObjectRef::<FarAgent>::new(&name).within(&namespace))
+    else {
+        return (
+            StatusCode::NOT_FOUND,
+            format!("no FarAgent {namespace}/{name}"),
+        )
+            .into_response();
+    };
+    let mut status = agent.status.clone().unwrap_or_default();
+    status.conditions.sort_by_key(|c| c.last_transition_time.0);
+    let events = events(&ctx, &agent).await;
+    Json(detail(&agent, &status, events)).into_response()
+}
+
+fn detail(agent: &FarAgent, status: &FarAgentStatus, events: Result<Vec<Value>, String>) -> Value {
+    let spec = &agent.spec;
+    json!({
+        "namespace": agent.namespace(),
+        "name": agent.name_any(),
+        "created": agent.metadata.creation_timestamp.as_ref().map(|t| t.0.to_string()),
+        "image": spec.workload.image,
+        "memory": spec.workload.memory,
+        "cpu": spec.workload.cpu,
+        "pool": spec.pool_ref.as_ref().map(|p| &p.name),
+        "status": status,
+        "events": events.as_ref().ok(),
+        "eventsError": events.as_ref().err(),
+    })
+}
+
+/// The agent's Events (events.k8s.io, as the controller records them), oldest first.
+async fn events(ctx: &Context, agent: &FarAgent) -> Result<Vec<Value>, String> {
+    let api: Api<k8s_openapi::api::events::v1::Event> =
+        Api::namespaced(ctx.client.clone(), &agent.namespace().unwrap_or_default());
+    let uid = agent.uid();
+    let list = api
+        .list(&ListParams::default())
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut events: Vec<_> = list
+        .items
+        .into_iter()
+        .filter(|e| e.regarding.as_ref().and_then(|r| r.uid.clone()) == uid)
+        .collect();
+    events.sort_by_key(|e| e.event_time.as_ref().map(|t| t.0));
+    Ok(events
+        .into_iter()
+        .map(|e| {
+            json!({
+                "type": e.type_,
+                "reason": e.reason,
+                "note": e.note,
+                "time": e.event_time.map(|t| t.0.to_string()),
+                "count": e.deprecated_count.or(e.series.map(|s| s.count)),
+            })
+        })
+        .collect())
+}
