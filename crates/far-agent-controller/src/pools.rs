@@ -421,6 +421,8 @@ pub struct Demand {
     /// Seconds an idle VM took to boot, averaged (each new one weighs a fifth); none before one
     /// was measured.
     pub boot_seconds: Option<f64>,
+    /// Time since the last claim.
+    pub quiet: Duration,
 }
 
 /// How quickly the measured claim rate follows the real one.
@@ -449,12 +451,22 @@ impl Demand {
         Self {
             claim_rate,
             boot_seconds,
+            quiet: if claims > 0 {
+                Duration::ZERO
+            } else {
+                self.quiet + elapsed
+            },
         }
     }
 
     /// The idle VMs that serve the claims arriving while their replacements boot: claim rate x
-    /// boot time, rounded up.
-    pub fn idle_vms(self) -> u32 {
+    /// boot time, rounded up; none once no claim came for `idle_timeout` (the pool's
+    /// `idleTimeoutSeconds`), so after a burst the pool is back to its minimum within that time
+    /// rather than when the averaged rate has faded.
+    pub fn idle_vms(self, idle_timeout: Duration) -> u32 {
+        if self.quiet >= idle_timeout {
+            return 0;
+        }
         let want = (self.claim_rate * self.boot_seconds.unwrap_or(0.0)).ceil();
         if want.is_finite() && want > 0.0 {
             want.min(f64::from(u32::MAX)) as u32
@@ -639,9 +651,10 @@ async fn tend(ctx: &Context, pool: &FarAgentPool) -> Scaling {
         })
         .collect();
     let demand = ctx.pool_vms.measure(&pool_uid);
+    let shape = Shape::of(pool);
     let shape = Shape {
-        demand: demand.idle_vms(),
-        ..Shape::of(pool)
+        demand: demand.idle_vms(shape.idle_timeout),
+        ..shape
     };
     let scaling = scale(shape, &members);
     if let Some(moved) = ctx.pool_vms.moved(&pool_uid, scaling.desired) {
@@ -1091,24 +1104,40 @@ mod tests {
     }
 
     /// A steady 10 claims a second with VMs booting in 1.5 s asks for 15 idle VMs; once the
-    /// claims stop, the demand fades to none within minutes.
+    /// claims stop, the demand fades to none within minutes, and is none at once after the
+    /// pool's idle timeout without a claim.
     #[test]
     fn demand_is_claim_rate_times_boot_time_and_fades_when_claims_stop() {
+        let long = Duration::from_secs(3600);
         let mut d = Demand::default();
-        assert_eq!(d.idle_vms(), 0, "nothing measured, nothing asked");
+        assert_eq!(d.idle_vms(long), 0, "nothing measured, nothing asked");
         let boot = [Duration::from_millis(1500)];
         for _ in 0..300 {
             d = d.update(10, S, &boot);
         }
         assert!((d.claim_rate - 10.0).abs() < 0.01, "{d:?}");
-        assert_eq!(d.idle_vms(), 15);
+        assert_eq!(d.idle_vms(long), 15);
+        let burst = d;
         let mut quiet = 0;
-        while d.idle_vms() > 0 {
+        while d.idle_vms(long) > 0 {
             d = d.update(0, S, &[]);
             quiet += 1;
         }
         assert!((200..400).contains(&quiet), "faded after {quiet} s");
         assert_eq!(d.claim_rate, 0.0);
+        // With a 60 s idle timeout: 60 s without a claim and the pool asks for no more.
+        let mut d = burst;
+        for _ in 0..59 {
+            d = d.update(0, S, &[]);
+        }
+        assert!(d.idle_vms(Duration::from_secs(60)) > 0);
+        d = d.update(0, S, &[]);
+        assert_eq!(d.idle_vms(Duration::from_secs(60)), 0);
+        assert_eq!(
+            d.update(1, S, &[]).quiet,
+            Duration::ZERO,
+            "a claim ends the quiet"
+        );
     }
 
     #[test]

@@ -1381,13 +1381,15 @@ async fn a_reset_pool_gives_its_vm_back_after_each_agent_and_the_next_claim_take
 
 /// A pool nobody sized (minIdle and replicas 0) keeps idle VMs once claims arrive: its
 /// autoscaler measures the claim rate and the cold boots, and asks for rate x boot time idle
-/// VMs, so later claims start warm. The rise is told as an Event on the pool.
+/// VMs, so later claims start warm. The rise is told as an Event on the pool; once the claims
+/// stop, the pool is back to none within its idle timeout and 10 s, and the fall is told.
 #[tokio::test]
 async fn an_unsized_pool_grows_with_its_claims() {
     let mut env = env().await;
     env.start_controller();
     env.wait_host_ready().await;
-    env.create_pool("elastic", json!({"maxSize": 30})).await;
+    env.create_pool("elastic", json!({"maxSize": 30, "idleTimeoutSeconds": 3}))
+        .await;
     for i in 0..40 {
         env.create(
             &format!("c{i:02}"),
@@ -1413,6 +1415,17 @@ async fn an_unsized_pool_grows_with_its_claims() {
     let status = env.pools().get("elastic").await.unwrap().status.unwrap();
     assert_eq!(status.warm_claims + status.cold_claims, 40, "{status:?}");
     env.wait_for_event("ScaledUp").await;
+    // The claims over, the pool is back to its minimum (none) within idleTimeoutSeconds and
+    // 10 s, not when the averaged claim rate has faded (minutes).
+    let quiet = std::time::Instant::now();
+    env.wait_for_pool("elastic", "back to no idle VM", |s| s.idle + s.booting == 0)
+        .await;
+    assert!(
+        quiet.elapsed() <= Duration::from_secs(3 + 10),
+        "back to its minimum after {:?}",
+        quiet.elapsed()
+    );
+    env.wait_for_event("ScaledDown").await;
 }
 
 /// The controller runs a whole agent life as the chart's ServiceAccount, with RBAC enforced
