@@ -5,6 +5,7 @@ use std::process::ExitCode;
 
 mod bench;
 mod run;
+mod ui;
 mod voice;
 
 use anyhow::{Context, Result, bail};
@@ -46,6 +47,19 @@ enum Command {
         /// Keep printing new lines until the agent exits.
         #[arg(short = 'f', long)]
         follow: bool,
+        /// The controller's namespace.
+        #[arg(long, env = "FAR_CONTROLLER_NAMESPACE", default_value = "far-system")]
+        controller_namespace: String,
+        /// The controller's metrics Service and port.
+        #[arg(long, default_value = "far-agent-controller-metrics:8080")]
+        service: String,
+    },
+    /// Serve the controller's web UI on this machine, relayed through the API server's service
+    /// proxy with your kubeconfig's credentials (so RBAC applies); open the URL it prints.
+    Ui {
+        /// Where to serve it.
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        listen: std::net::SocketAddr,
         /// The controller's namespace.
         #[arg(long, env = "FAR_CONTROLLER_NAMESPACE", default_value = "far-system")]
         controller_namespace: String,
@@ -121,6 +135,18 @@ fn main() -> Result<ExitCode> {
                 }
                 anyhow::Ok(())
             })?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Ui {
+            listen,
+            controller_namespace,
+            service,
+        } => {
+            tokio::runtime::Runtime::new()?.block_on(ui::serve(
+                listen,
+                &controller_namespace,
+                &service,
+            ))?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Crd => {

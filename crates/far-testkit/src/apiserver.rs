@@ -702,9 +702,19 @@ async fn proxy(shared: &Shared, uri: &Uri) -> Option<Response> {
         }
     };
     let code = answer.status().as_u16();
+    // The backend's headers pass through (its content type, its security headers), as
+    // kube-apiserver's proxy passes them; not those of the connection itself.
+    let mut response = Response::builder().status(code);
+    for (name, value) in answer.headers() {
+        if !matches!(
+            name.as_str(),
+            "connection" | "transfer-encoding" | "content-length" | "keep-alive"
+        ) {
+            response = response.header(name.as_str(), value.as_bytes());
+        }
+    }
     Some(
-        Response::builder()
-            .status(code)
+        response
             .body(Body::from_stream(answer.bytes_stream()))
             .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response()),
     )
