@@ -798,6 +798,10 @@ pub fn decide(o: &Observation<'_>) -> Decision {
                                     None,
                                 );
                             }
+                            // Its VM answers again (after a spell of HostUnreachable, say).
+                            if b.status.reason != Some(AgentReason::Running) {
+                                b.phase(Phase::Running, AgentReason::Running, "the agent runs");
+                            }
                             return b.done(Some((timeout - waited).min(RUNNING_RECHECK)));
                         }
                         if waited >= timeout {
