@@ -213,16 +213,28 @@ impl Browser {
     }
 
     /// Ends the session (Chromium exits) and the driver.
-    pub async fn close(mut self) {
-        self.call(reqwest::Method::DELETE, "", Value::Null).await;
-        let _ = self.driver.kill();
-        let _ = self.driver.wait();
+    pub async fn close(self) {
+        // Dropped: the session ends, then the driver.
+        drop(self);
     }
 }
 
 impl Drop for Browser {
     fn drop(&mut self) {
-        // After a failed test: the driver goes, and Chromium with it.
+        // After a failed test (no `close`): the session is ended first, so the driver quits
+        // Chromium (killed, the driver would leave it running), then the driver goes.
+        use std::io::Write as _;
+        if let Some(rest) = self.base.strip_prefix("http://")
+            && let Some((address, path)) = rest.split_once('/')
+            && let Ok(mut stream) = std::net::TcpStream::connect(address)
+        {
+            let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
+            let _ = write!(
+                stream,
+                "DELETE /{path} HTTP/1.1\r\nHost: {address}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+            );
+            let _ = std::io::Read::read(&mut stream, &mut [0u8; 1024]);
+        }
         let _ = self.driver.kill();
         let _ = self.driver.wait();
     }
