@@ -622,8 +622,8 @@ async fn sigkill_the_controller_during_a_burst_of_claims(
 
 impl Harness {
     /// Waits for `count` claims to finish, then checks each ended as its arguments say, that no
-    /// VM was started twice, and that each VM ran one agent (`Never`) or, given back, some ran
-    /// several one after the other (`Reset`).
+    /// VM was started twice, and that each VM ran one agent (`Never`; a reset pool's VMs may
+    /// run several, one after the other).
     async fn assert_claims_converged(&self, count: usize, reuse: Reuse) {
         let agents = self.agents();
         let deadline = tokio::time::Instant::now() + Duration::from_secs(180);
@@ -678,10 +678,12 @@ impl Harness {
         }
         assert_eq!(done.len(), count);
         let shared: Vec<_> = by_vm.iter().filter(|(_, a)| a.len() > 1).collect();
-        match reuse {
-            Reuse::Never => assert!(shared.is_empty(), "VMs run by two agents: {shared:?}"),
-            Reuse::Reset => assert!(!shared.is_empty(), "no VM was reused"),
+        // (Whether a reset pool's VM served two claims in a row depends on when the kills
+        // fall; `controller.rs` proves the reuse itself with a pool of one VM.)
+        if reuse == Reuse::Never {
+            assert!(shared.is_empty(), "VMs run by two agents: {shared:?}");
         }
+        eprintln!("{} VMs served more than one claim", shared.len());
         let starts = self.starts.lock().unwrap();
         let twice: Vec<_> = starts
             .iter()
