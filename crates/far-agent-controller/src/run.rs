@@ -203,7 +203,7 @@ pub async fn run(
         ready.config.ui.attach(&ready);
         tokio::join!(
             crate::hosts::run(Arc::clone(&ready)),
-            crate::ui::publish(Arc::clone(&ready)),
+            ready.config.ui.clone().publish(),
             crate::pools::run(ready)
         );
     };

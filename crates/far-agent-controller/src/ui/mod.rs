@@ -9,6 +9,7 @@
 //! caches by one task ([`publish`]), only while a page is open, and shared by all pages.
 //! Agents' logs stream from the status channel's log route on the same port.
 
+mod feed;
 pub mod view;
 
 use std::convert::Infallible;
@@ -23,6 +24,7 @@ use axum::routing::get;
 use axum::{Json, Router};
 use far_api::{FarAgent, FarAgentStatus};
 use futures::Stream;
+use futures::future::BoxFuture;
 use kube::ResourceExt;
 use kube::api::{Api, ListParams};
 use kube::runtime::reflector::ObjectRef;
@@ -40,24 +42,36 @@ pub const TICK: Duration = Duration::from_millis(500);
 const CSP: &str = "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; \
                    connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'";
 
-/// Where the UI finds the running controller: [`crate::run::run`] attaches its context, the
-/// UI's routes read it. Cheap to clone; a replica that does not lead has none attached.
+/// Where the UI's live state comes from: the controller's caches, or the one agent of a
+/// `far run`.
+pub trait Source: Send + Sync + 'static {
+    /// Everything the page shows, now.
+    fn look(&self) -> View;
+
+    /// One agent's page ([`detail`]), or `None` when there is no such agent.
+    fn agent(self: Arc<Self>, namespace: String, name: String)
+    -> BoxFuture<'static, Option<Value>>;
+}
+
+/// Where the UI finds its [`Source`]: the controller attaches its context once its caches are
+/// filled ([`crate::run::run`]), `far run` its agent; the routes read it. Cheap to clone; a
+/// replica that does not lead has none attached.
 #[derive(Clone)]
 pub struct Live {
     inner: Arc<Inner>,
 }
 
 struct Inner {
-    context: RwLock<Weak<Context>>,
-    views: watch::Sender<Arc<View>>,
+    source: RwLock<Option<Weak<dyn Source>>>,
+    frames: watch::Sender<Arc<feed::Frame>>,
 }
 
 impl Default for Live {
     fn default() -> Self {
         Self {
             inner: Arc::new(Inner {
-                context: RwLock::new(Weak::new()),
-                views: watch::Sender::new(Arc::default()),
+                source: RwLock::new(None),
+                frames: watch::Sender::new(Arc::default()),
             }),
         }
     }
@@ -70,75 +84,94 @@ impl std::fmt::Debug for Live {
 }
 
 impl Live {
-    /// The running controller's context, for the UI to read.
-    pub fn attach(&self, ctx: &Arc<Context>) {
-        *self
-            .inner
-            .context
-            .write()
-            .unwrap_or_else(|e| e.into_inner()) = Arc::downgrade(ctx);
+    /// Shows `source` from now on (held weakly: the UI keeps nothing alive).
+    pub fn attach<S: Source>(&self, source: &Arc<S>) {
+        let source: Arc<dyn Source> = Arc::clone(source) as Arc<dyn Source>;
+        *self.inner.source.write().unwrap_or_else(|e| e.into_inner()) =
+            Some(Arc::downgrade(&source));
     }
 
-    fn context(&self) -> Option<Arc<Context>> {
+    fn source(&self) -> Option<Arc<dyn Source>> {
         self.inner
-            .context
+            .source
             .read()
             .unwrap_or_else(|e| e.into_inner())
-            .upgrade()
+            .as_ref()
+            .and_then(Weak::upgrade)
     }
-}
 
-/// Computes the view every [`TICK`] while a page is open, for every page at once.
-pub async fn publish(ctx: Arc<Context>) {
-    let views = &ctx.config.ui.inner.views;
-    let mut ticks = tokio::time::interval(TICK);
-    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        ticks.tick().await;
-        if views.receiver_count() > 0 {
-            views.send_replace(Arc::new(look(&ctx)));
+    /// Looks at the source every [`TICK`] while a page is open and sends the change to every
+    /// page at once. Runs until dropped.
+    pub async fn publish(self) {
+        let mut ticks = tokio::time::interval(TICK);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            ticks.tick().await;
+            if self.inner.frames.receiver_count() == 0 {
+                continue;
+            }
+            if let Some(source) = self.source() {
+                let view = source.look();
+                drop(source);
+                feed::publish(&self.inner.frames, view, &now());
+            }
         }
     }
 }
 
-/// The view of the controller's caches now.
-fn look(ctx: &Context) -> View {
-    let unreachable = ctx
-        .unreachable
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .clone();
-    let allocation: view::Allocation = ctx
-        .held()
-        .into_iter()
-        .map(|(host, held)| (host, (held.cpu, held.memory_mib, held.agents)))
-        .collect();
-    let mut hosts: Vec<_> = ctx
-        .hosts
-        .state()
-        .iter()
-        .map(|h| view::host_row(h, !unreachable.contains_key(&h.name_any()), &allocation))
-        .collect();
-    hosts.sort_by(|a, b| a.name.cmp(&b.name));
-    let mut pools: Vec<_> = ctx
-        .pools
-        .state()
-        .iter()
-        .map(|p| view::pool_row(p, ctx.pool_vms.claim_rate(&p.uid().unwrap_or_default())))
-        .collect();
-    pools.sort_by(|a, b| a.key.cmp(&b.key));
-    View {
-        agents: ctx
-            .agents
+impl Source for Context {
+    fn look(&self) -> View {
+        let unreachable = self
+            .unreachable
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let allocation: view::Allocation = self
+            .held()
+            .into_iter()
+            .map(|(host, held)| (host, (held.cpu, held.memory_mib, held.agents)))
+            .collect();
+        let mut hosts: Vec<_> = self
+            .hosts
             .state()
             .iter()
-            .map(|a| {
-                let row = view::agent_row(a);
-                (row.key.clone(), row)
-            })
-            .collect(),
-        hosts,
-        pools,
+            .map(|h| view::host_row(h, !unreachable.contains_key(&h.name_any()), &allocation))
+            .collect();
+        hosts.sort_by(|a, b| a.name.cmp(&b.name));
+        let mut pools: Vec<_> = self
+            .pools
+            .state()
+            .iter()
+            .map(|p| view::pool_row(p, self.pool_vms.claim_rate(&p.uid().unwrap_or_default())))
+            .collect();
+        pools.sort_by(|a, b| a.key.cmp(&b.key));
+        View {
+            agents: self
+                .agents
+                .state()
+                .iter()
+                .map(|a| {
+                    let row = view::agent_row(a);
+                    (row.key.clone(), row)
+                })
+                .collect(),
+            hosts,
+            pools,
+        }
+    }
+
+    fn agent(
+        self: Arc<Self>,
+        namespace: String,
+        name: String,
+    ) -> BoxFuture<'static, Option<Value>> {
+        Box::pin(async move {
+            let agent = self
+                .agents
+                .get(&ObjectRef::<FarAgent>::new(&name).within(&namespace))?;
+            let events = events(&self, &agent).await;
+            Some(detail(&agent, events))
+        })
     }
 }
 
@@ -190,37 +223,9 @@ fn now() -> String {
 
 /// The page's live state: `snapshot` at once (and after each reconnection), then `delta`s.
 async fn stream(State(live): State<Live>) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
-    let views = live.inner.views.subscribe();
-    let leading = live.context();
-    let first = Arc::new(leading.as_deref().map(look).unwrap_or_default());
-    let snapshot = json!({
-        "now": now(),
-        "leading": leading.is_some(),
-        "agents": first.agents.values().collect::<Vec<_>>(),
-        "hosts": first.hosts,
-        "pools": first.pools,
-    });
-    drop(leading);
-    let head = futures::stream::once(async move {
-        Ok(Event::default()
-            .event("snapshot")
-            .data(snapshot.to_string()))
-    });
-    let tail = futures::stream::unfold((views, first), |(mut views, last)| async move {
-        loop {
-            views.changed().await.ok()?;
-            let next = Arc::clone(&views.borrow_and_update());
-            let delta = view::diff(&last, &next);
-            if delta.is_empty() {
-                continue;
-            }
-            let mut data = serde_json::to_value(&delta).unwrap_or_default();
-            data["now"] = Value::String(now());
-            let event = Event::default().event("delta").data(data.to_string());
-            return Some((Ok(event), (views, next)));
-        }
-    });
-    Sse::new(futures::StreamExt::chain(head, tail)).keep_alive(KeepAlive::default())
+    let leading = live.source().is_some();
+    let events = feed::follow(live.inner.frames.subscribe(), leading, &now());
+    Sse::new(events).keep_alive(KeepAlive::default())
 }
 
 /// One agent: its status with conditions in order, its guest's figures, its Events (no spec
@@ -229,31 +234,29 @@ async fn agent(
     State(live): State<Live>,
     Path((namespace, name)): Path<(String, String)>,
 ) -> Response {
-    let Some(ctx) = live.context() else {
+    let Some(source) = live.source() else {
         return (
             StatusCode::SERVICE_UNAVAILABLE,
             "this replica does not lead: no live state",
         )
             .into_response();
     };
-    let Some(agent) = ctx
-        .agents
-        .get(&ObjectRef::<FarAgent>::new(&name).within(&namespace))
-    else {
-        return (
+    match source.agent(namespace.clone(), name.clone()).await {
+        Some(detail) => Json(detail).into_response(),
+        None => (
             StatusCode::NOT_FOUND,
             format!("no FarAgent {namespace}/{name}"),
         )
-            .into_response();
-    };
-    let mut status = agent.status.clone().unwrap_or_default();
-    status.conditions.sort_by_key(|c| c.last_transition_time.0);
-    let events = events(&ctx, &agent).await;
-    Json(detail(&agent, &status, events)).into_response()
+            .into_response(),
+    }
 }
 
-fn detail(agent: &FarAgent, status: &FarAgentStatus, events: Result<Vec<Value>, String>) -> Value {
+/// An agent's page: what it runs (never its env, args or secrets), its status with the
+/// conditions in the order they happened, and its Events (or why they could not be read).
+pub fn detail(agent: &FarAgent, events: Result<Vec<Value>, String>) -> Value {
     let spec = &agent.spec;
+    let mut status: FarAgentStatus = agent.status.clone().unwrap_or_default();
+    status.conditions.sort_by_key(|c| c.last_transition_time.0);
     json!({
         "namespace": agent.namespace(),
         "name": agent.name_any(),
