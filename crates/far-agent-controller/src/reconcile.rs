@@ -1011,12 +1011,10 @@ async fn reconcile_pass(
             .as_ref()
             .and_then(|v| v.since_heartbeat)
             .map(|ago| now() - ago),
-        usage: view.as_ref().and_then(|v| v.heartbeat).map(|h| GuestUsage {
-            boot_to_entrypoint_ms: h.boot_to_entrypoint_ms,
-            memory_used_mib: h.memory_used_bytes >> 20,
-            memory_total_mib: h.memory_total_bytes >> 20,
-            cpu_used_ms: h.cpu_used_ms,
-        }),
+        usage: view
+            .as_ref()
+            .and_then(|v| v.heartbeat)
+            .map(|h| guest_usage(&h)),
         // The channel's memory, or what it made durable before acknowledging the guest (a
         // controller restarted since then only has the latter).
         exit: view
@@ -1598,4 +1596,14 @@ async fn write_exit(
         }
     }
     Ok(())
+}
+
+/// What a guest's heartbeat says of its VM, as status records it.
+pub fn guest_usage(heartbeat: &far_agent_protocol::Heartbeat) -> GuestUsage {
+    GuestUsage {
+        boot_to_entrypoint_ms: heartbeat.boot_to_entrypoint_ms,
+        memory_used_mib: heartbeat.memory_used_bytes >> 20,
+        memory_total_mib: heartbeat.memory_total_bytes >> 20,
+        cpu_used_ms: heartbeat.cpu_used_ms,
+    }
 }

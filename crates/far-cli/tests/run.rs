@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use far_testkit::http::ask;
 use far_testkit::registry::Registry;
 
 fn repo() -> PathBuf {
@@ -181,6 +182,114 @@ fn an_agent_of_a_pool_boots_the_pools_template_with_its_own_task() {
         stderr.contains("far: pooled: far.test/tiffany:dev ready after"),
         "{stderr}"
     );
+}
+
+/// `far run --ui`: the controller's web UI, fed by the run. Over real HTTP while a real VM
+/// runs: the agent's row turns Running, its page shows its conditions and guest figures, its
+/// log follows live; no env value reaches any of it, nor far's stderr.
+#[test]
+fn far_run_ui_shows_the_run_live() {
+    let fixture = Fixture::new();
+    let mut child = fixture
+        .far_run_manifest(
+            "apiVersion: tiffany.dev/v1\nkind: FarAgent\nmetadata:\n  name: watched\nspec:\n  image: far.test/tiffany:dev\n  memory: 256Mi\n  cpu: 1\n  entrypoint: /usr/local/bin/tiffany\n  args: [--task, sleep, --seconds, '6']\n  env:\n    - {name: API_KEY, value: sk-far-run-ui-4a1c}\n",
+        )
+        .args(["--ui", "127.0.0.1:0"])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (lines, said) = std::sync::mpsc::channel();
+    let stderr = child.stderr.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut all = String::new();
+        for line in std::io::BufRead::lines(std::io::BufReader::new(stderr)) {
+            let line = line.unwrap();
+            let _ = lines.send(line.clone());
+            all.push_str(&line);
+            all.push('\n');
+        }
+        all
+    });
+    let address = loop {
+        let line = said
+            .recv_timeout(Duration::from_secs(120))
+            .expect("far run says where its UI is");
+        if let Some(url) = line.split("web UI at http://").nth(1) {
+            break url.trim_end_matches("/ui/").to_owned();
+        }
+    };
+
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let (page, running, detail, log) = runtime.block_on(async {
+        let page = ask(&address, "GET", "/ui/", "</html>").await;
+        // The snapshot, then changes until the row is Running (the guest boots meanwhile).
+        let mut running = String::new();
+        for _ in 0..12 {
+            running = ask(&address, "GET", "/ui/api/stream", r#""phase":"Running""#).await;
+            if running.contains(r#""phase":"Running""#) {
+                break;
+            }
+        }
+        // Read to the end: JSON holds no NUL.
+        let detail = ask(&address, "GET", "/ui/api/agents/default/watched", "\0").await;
+        let log = ask(
+            &address,
+            "GET",
+            "/v1/namespaces/default/faragents/watched/logs?follow=true",
+            "working: 2/6 s",
+        )
+        .await;
+        (page, running, detail, log)
+    });
+    // Waited for before anything is asserted, so a failure leaves no far run behind.
+    let status = child.wait().unwrap();
+    let stderr = reader.join().unwrap();
+    assert_eq!(status.code(), Some(0), "{stderr}");
+    assert!(
+        page.contains("200 OK") && page.contains("</html>"),
+        "{page}"
+    );
+    assert!(page.contains("content-security-policy"), "{page}");
+    assert!(running.contains(r#""key":"default/watched""#), "{running}");
+    assert!(running.contains(r#""phase":"Running""#), "{running}");
+    assert!(running.contains(r#""name":"local""#), "the host: {running}");
+    let body = detail.split("\r\n\r\n").nth(1).unwrap_or_default();
+    let detail: serde_json::Value = serde_json::from_str(body).expect(&detail);
+    let conditions: Vec<_> = detail["status"]["conditions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| (c["type"].as_str().unwrap(), c["status"].as_str().unwrap()))
+        .collect();
+    assert_eq!(
+        conditions,
+        [
+            ("Scheduled", "True"),
+            ("VMCreated", "True"),
+            ("AgentReady", "True")
+        ],
+        "{detail}"
+    );
+    assert!(
+        detail["status"]["guest"]["memoryTotalMiB"].as_u64() > Some(0),
+        "{detail}"
+    );
+    assert!(
+        log.contains("working: 1/6 s") && log.contains("working: 2/6 s"),
+        "{log}"
+    );
+    for (what, text) in [
+        ("page", &page),
+        ("stream", &running),
+        ("log", &log),
+        ("stderr", &stderr),
+    ] {
+        assert!(
+            !text.contains("sk-far-run-ui"),
+            "an env value in the {what}: {text}"
+        );
+    }
+    assert!(!detail.to_string().contains("sk-far-run-ui"), "{detail}");
 }
 
 #[test]

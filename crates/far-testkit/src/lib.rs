@@ -13,6 +13,7 @@ pub mod browser;
 pub mod cluster;
 pub mod conformance;
 pub mod faults;
+pub mod http;
 mod managed_fields;
 pub mod registry;
 pub mod request_metrics;

@@ -5,6 +5,7 @@
 
 use std::convert::Infallible;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use axum::response::sse::Event;
 use futures::Stream;
@@ -14,25 +15,42 @@ use tokio::sync::watch;
 use super::view::{self, View};
 
 /// One look at the source, as every page receives it.
-#[derive(Default)]
+#[derive(Clone, Default)]
 pub(super) struct Frame {
     /// Counts the looks that changed something.
     seq: u64,
     view: Arc<View>,
     /// The `delta` event's data: the change from look `seq - 1` to this one.
     delta: Arc<str>,
+    /// When the source was last seen to look like `view`.
+    taken: Option<Instant>,
 }
 
-/// Sends `view` to every page, unless nothing changed since the last look.
+/// Whether the newest frame was taken less than `age` ago.
+pub(super) fn fresh(frames: &watch::Sender<Arc<Frame>>, age: Duration) -> bool {
+    frames.borrow().taken.is_some_and(|t| t.elapsed() < age)
+}
+
+/// Sends `view` to every page, unless nothing changed since the last look (then the newest
+/// frame only learns it is still true).
 pub(super) fn publish(frames: &watch::Sender<Arc<Frame>>, view: View, now: &str) {
+    let taken = Some(Instant::now());
     let last = Arc::clone(&frames.borrow());
     let Some(delta) = delta(&last.view, &view, now) else {
+        frames.send_if_modified(|newest| {
+            *newest = Arc::new(Frame {
+                taken,
+                ..Frame::clone(newest)
+            });
+            false
+        });
         return;
     };
     frames.send_replace(Arc::new(Frame {
         seq: last.seq + 1,
         view: Arc::new(view),
         delta: delta.into(),
+        taken,
     }));
 }
 
@@ -47,7 +65,8 @@ fn delta(before: &View, after: &View, now: &str) -> Option<String> {
     Some(data.to_string())
 }
 
-/// One page's events: a `snapshot` of the newest look, then each change after it.
+/// One page's events: a `snapshot` of the newest look (the caller makes sure it is recent),
+/// then each change after it.
 pub(super) fn follow(
     mut frames: watch::Receiver<Arc<Frame>>,
     leading: bool,

@@ -13,7 +13,7 @@ mod feed;
 pub mod view;
 
 use std::convert::Infallible;
-use std::sync::{Arc, RwLock, Weak};
+use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::Duration;
 
 use axum::extract::{Path, State};
@@ -64,6 +64,8 @@ pub struct Live {
 struct Inner {
     source: RwLock<Option<Weak<dyn Source>>>,
     frames: watch::Sender<Arc<feed::Frame>>,
+    /// One look at a time.
+    looking: Mutex<()>,
 }
 
 impl Default for Live {
@@ -72,6 +74,7 @@ impl Default for Live {
             inner: Arc::new(Inner {
                 source: RwLock::new(None),
                 frames: watch::Sender::new(Arc::default()),
+                looking: Mutex::new(()),
             }),
         }
     }
@@ -107,14 +110,22 @@ impl Live {
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             ticks.tick().await;
-            if self.inner.frames.receiver_count() == 0 {
-                continue;
+            if self.inner.frames.receiver_count() > 0 {
+                // Not twice in a row when a page that just opened looked.
+                self.look(TICK / 2);
             }
-            if let Some(source) = self.source() {
-                let view = source.look();
-                drop(source);
-                feed::publish(&self.inner.frames, view, &now());
-            }
+        }
+    }
+
+    /// Looks at the source and publishes what changed, unless the newest look is younger than
+    /// `age`.
+    fn look(&self, age: Duration) {
+        let Some(source) = self.source() else {
+            return;
+        };
+        let _one = self.inner.looking.lock().unwrap_or_else(|e| e.into_inner());
+        if !feed::fresh(&self.inner.frames, age) {
+            feed::publish(&self.inner.frames, source.look(), &now());
         }
     }
 }
@@ -223,6 +234,8 @@ fn now() -> String {
 
 /// The page's live state: `snapshot` at once (and after each reconnection), then `delta`s.
 async fn stream(State(live): State<Live>) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
+    // Pages may have been closed for hours: the snapshot is at most a tick old.
+    live.look(TICK);
     let leading = live.source().is_some();
     let events = feed::follow(live.inner.frames.subscribe(), leading, &now());
     Sse::new(events).keep_alive(KeepAlive::default())
@@ -298,4 +311,65 @@ async fn events(ctx: &Context, agent: &FarAgent) -> Result<Vec<Value>, String> {
             })
         })
         .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use far_testkit::http::ask;
+
+    /// A source showing whatever agent phase the test sets.
+    struct Phases(Mutex<&'static str>);
+
+    impl Source for Phases {
+        fn look(&self) -> View {
+            let row = view::AgentRow {
+                key: "team/a".into(),
+                namespace: "team".into(),
+                name: "a".into(),
+                phase: (*self.0.lock().unwrap()).into(),
+                reason: String::new(),
+                host: None,
+                heartbeat: None,
+                exit_code: None,
+                created: None,
+            };
+            View {
+                agents: [(row.key.clone(), row)].into(),
+                ..View::default()
+            }
+        }
+
+        fn agent(self: Arc<Self>, _: String, _: String) -> BoxFuture<'static, Option<Value>> {
+            Box::pin(async { None })
+        }
+    }
+
+    /// The first event of a page opened now.
+    async fn snapshot(address: &str) -> String {
+        let answer = ask(address, "GET", "/ui/api/stream", "\n\n").await;
+        answer
+            .split("event: snapshot")
+            .nth(1)
+            .unwrap_or_default()
+            .to_owned()
+    }
+
+    #[tokio::test]
+    async fn a_page_opened_after_a_quiet_spell_gets_the_state_of_now() {
+        let source = Arc::new(Phases(Mutex::new("Pending")));
+        let live = Live::default();
+        live.attach(&source);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap().to_string();
+        tokio::spawn(async move { axum::serve(listener, router(live)).await });
+
+        assert!(snapshot(&address).await.contains(r#""phase":"Pending""#));
+        // No page open, so nothing looks at the source until the next page opens.
+        *source.0.lock().unwrap() = "Running";
+        tokio::time::sleep(TICK).await;
+        let now = snapshot(&address).await;
+        assert!(now.contains(r#""phase":"Running""#), "{now}");
+        assert!(now.contains(r#""leading":true"#), "{now}");
+    }
 }

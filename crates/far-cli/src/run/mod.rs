@@ -7,7 +7,10 @@
 //! arrive, and the agent's exit code as its own. Ctrl-C deletes the VM and waits until it is
 //! gone; the working directory is removed.
 
+mod shown;
+
 use std::collections::BTreeMap;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -17,7 +20,7 @@ use anyhow::{Context, Result, bail};
 use far_agent_protocol::{ChannelConfig, EnvVar, RUN_CONFIG_KEY, Stream};
 use far_api::manifest::{self, Object};
 use far_api::workload::{ResolvedWorkload, Template};
-use far_api::{FarAgent, FlintlockHost, FlintlockHostSpec, HostCapacity, VmLimits};
+use far_api::{AgentReason, FarAgent, FlintlockHost, FlintlockHostSpec, HostCapacity, VmLimits};
 use far_channel::{Channel, Config, Event, TokenKey};
 use far_host::images::{Fetch, ImageArgs, Images};
 use far_host::provider::qemu::{Accel, HOST_ADDRESS, Qemu, QemuConfig};
@@ -33,6 +36,7 @@ use tokio::time::Instant;
 use tonic::transport::Channel as GrpcChannel;
 
 use crate::voice::say;
+use shown::Shown;
 
 /// What `far run` was asked.
 #[derive(Debug, clap::Args)]
@@ -47,6 +51,10 @@ pub struct RunArgs {
     /// The accelerator.
     #[arg(long, value_enum, default_value_t)]
     pub accel: Accel,
+    /// Serve the web UI of this run (the controller's page, showing this one agent and this
+    /// machine's far-host, its log following live) at this address while it runs.
+    #[arg(long, value_name = "ADDRESS", num_args = 0..=1, default_missing_value = "127.0.0.1:8080")]
+    pub ui: Option<SocketAddr>,
 }
 
 /// The manifest's FarAgent and what it runs: its own spec, over the template of the
@@ -244,6 +252,10 @@ pub async fn run(args: RunArgs) -> Result<ExitCode> {
         guest_metadata: &metadata,
     })?;
     say(format!("{name}: {}", planned.sizing.describe("local")));
+    let shown = Shown::new(agent.clone(), local);
+    if let Some(address) = args.ui {
+        serve_ui(address, &channel, &shown, &agent, &channel_id).await?;
+    }
 
     // Pulled here rather than inside the VM's start, so the user sees it happen.
     let volumes = workload.volumes.iter().enumerate();
@@ -279,15 +291,17 @@ pub async fn run(args: RunArgs) -> Result<ExitCode> {
         .and_then(|s| s.uid)
         .context("far-host answered without a uid")?;
     say(format!("{name}: VM {vm_uid} created; booting"));
+    shown.created(&vm_uid, planned.sizing.vm);
 
     let followed = Followed {
+        shown: &shown,
         agent: &agent,
         vm_uid: &vm_uid,
         channel_id: &channel_id,
         started,
     };
     let outcome = follow(&mut client, &host, &mut events, &mut stop, &followed).await;
-    if matches!(outcome, Outcome::Failed(_)) {
+    if matches!(outcome, Outcome::Failed(..)) {
         // Before the VM's working files go with it.
         show_console(&host.provider().console_log(&vm_uid));
     }
@@ -296,10 +310,21 @@ pub async fn run(args: RunArgs) -> Result<ExitCode> {
     let code = match outcome {
         Outcome::Exited(code) => {
             say(format!("{name}: agent exited with code {code}"));
+            let reason = if code == 0 {
+                AgentReason::Completed
+            } else {
+                AgentReason::Error
+            };
+            shown.finished(
+                Some(code),
+                reason,
+                &format!("the agent exited with code {code}"),
+            );
             code
         }
-        Outcome::Failed(reason) => {
+        Outcome::Failed(why, reason) => {
             say(format!("{name}: failed: {reason}"));
+            shown.finished(None, why, &reason);
             1
         }
         Outcome::Interrupted => {
@@ -310,6 +335,37 @@ pub async fn run(args: RunArgs) -> Result<ExitCode> {
     Ok(ExitCode::from(
         u8::try_from(code.rem_euclid(256)).unwrap_or(1),
     ))
+}
+
+/// Serves the web UI of this run at `address`: the controller's page and routes, fed by
+/// `shown`, and the agent's log from the status channel, for as long as `far run` runs.
+async fn serve_ui(
+    address: SocketAddr,
+    channel: &Channel,
+    shown: &Arc<Shown>,
+    agent: &FarAgent,
+    channel_id: &str,
+) -> Result<()> {
+    use far_agent_controller::ui;
+    let listener = tokio::net::TcpListener::bind(address)
+        .await
+        .with_context(|| format!("--ui {address}: cannot listen there"))?;
+    channel.name(
+        &agent.namespace().unwrap_or_default(),
+        &agent.name_any(),
+        channel_id,
+    );
+    let live = ui::Live::default();
+    live.attach(shown);
+    let router = ui::router(live.clone()).merge(channel.logs_router());
+    say(format!("web UI at http://{}/ui/", listener.local_addr()?));
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = axum::serve(listener, router) => {}
+            () = live.publish() => {}
+        }
+    });
+    Ok(())
 }
 
 /// Ctrl-C (SIGINT) and SIGTERM.
@@ -337,12 +393,15 @@ impl Stop {
 
 enum Outcome {
     Exited(i32),
-    Failed(String),
+    /// Why, as status would say it, and a sentence.
+    Failed(AgentReason, String),
     Interrupted,
 }
 
 /// The run `follow` watches.
 struct Followed<'a> {
+    /// What the web UI shows of it.
+    shown: &'a Shown,
     agent: &'a FarAgent,
     vm_uid: &'a str,
     /// The status channel's id of this run.
@@ -359,6 +418,7 @@ async fn follow(
     run: &Followed<'_>,
 ) -> Outcome {
     let &Followed {
+        shown,
         agent,
         vm_uid,
         channel_id: uid,
@@ -383,6 +443,7 @@ async fn follow(
                         say(format!("{name}: agent running {:.1} s after far run started{boot}", started.elapsed().as_secs_f64()));
                     }
                     last_heartbeat = Some(Instant::now());
+                    shown.heartbeat(&heartbeat);
                 }
                 Ok(Event::Logs { uid: who, lines }) if who == uid => {
                     for line in lines {
@@ -394,41 +455,41 @@ async fn follow(
                 }
                 Ok(Event::Exited { uid: who, exit }) if who == uid => {
                     return match exit.start_error {
-                        Some(reason) => Outcome::Failed(format!("the agent could not start: {reason}")),
+                        Some(reason) => Outcome::Failed(AgentReason::StartError, format!("the agent could not start: {reason}")),
                         None => Outcome::Exited(exit.code),
                     };
                 }
                 Ok(_) => {}
                 Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => say(format!("{n} channel events were missed")),
-                Err(tokio::sync::broadcast::error::RecvError::Closed) => return Outcome::Failed("the status channel closed".into()),
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => return Outcome::Failed(AgentReason::HeartbeatLost, "the status channel closed".into()),
             },
             _ = poll.tick() => {
                 match client.get_micro_vm(GetMicroVmRequest { uid: vm_uid.to_owned() }).await {
                     Ok(vm) => {
                         let state = vm.into_inner().microvm.and_then(|vm| vm.status).map(|s| s.state);
                         if state == Some(MicroVmState::Failed as i32) {
-                            return Outcome::Failed("the VM could not be started (state FAILED)".into());
+                            return Outcome::Failed(AgentReason::VMFailed, "the VM could not be started (state FAILED)".into());
                         }
                         if state == Some(MicroVmState::Created as i32) && created_at.is_none() {
                             created_at = Some(Instant::now());
                         }
                     }
-                    Err(status) => return Outcome::Failed(format!("GetMicroVM: {status}")),
+                    Err(status) => return Outcome::Failed(AgentReason::VMFailed, format!("GetMicroVM: {status}")),
                 }
                 if host.guest_exited(vm_uid).unwrap_or(false) {
                     // Give the exit report, sent just before power-off, a moment to land.
                     if let Ok(Ok(Event::Exited { exit, .. })) = tokio::time::timeout(Duration::from_secs(2), events.recv()).await {
                         return Outcome::Exited(exit.code);
                     }
-                    return Outcome::Failed("the VM stopped without the agent reporting an exit code".into());
+                    return Outcome::Failed(AgentReason::VMFailed, "the VM stopped without the agent reporting an exit code".into());
                 }
                 let silent_since = last_heartbeat.or(created_at);
                 if silent_since.is_some_and(|at| at.elapsed() > heartbeat_timeout) {
-                    let what = if last_heartbeat.is_some() { "HeartbeatLost" } else { "BootTimeout" };
-                    return Outcome::Failed(format!("{what}: no heartbeat for {} s", heartbeat_timeout.as_secs()));
+                    let what = if last_heartbeat.is_some() { AgentReason::HeartbeatLost } else { AgentReason::BootTimeout };
+                    return Outcome::Failed(what, format!("{}: no heartbeat for {} s", what.as_str(), heartbeat_timeout.as_secs()));
                 }
                 if deadline.is_some_and(|d| Instant::now() > d) {
-                    return Outcome::Failed("DeadlineExceeded: activeDeadlineSeconds passed".into());
+                    return Outcome::Failed(AgentReason::DeadlineExceeded, "DeadlineExceeded: activeDeadlineSeconds passed".into());
                 }
             }
         }
