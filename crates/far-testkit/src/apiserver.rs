@@ -9,6 +9,14 @@
 //! `deletionTimestamp`, admission of FarAgents and FlintlockHosts with their CRD rules
 //! (`far_api::admission`), Events and Leases. Each request is counted by verb and resource.
 //! Failure injection answers the next N requests of a verb with a chosen status.
+//!
+//! Where it differs from kube-apiserver on purpose, found against a real one:
+//! - The service proxy ([`FakeApiServer::proxy_service`]) forwards to a backend the test names;
+//!   kube-apiserver forwards only to an Endpoints address whose `targetRef` is a Pod with that
+//!   IP in its status, and never to a loopback address.
+//! - kube-apiserver's proxy re-serializes `text/html` answers (to rewrite absolute links under
+//!   the proxy path): `defer` comes back as `defer=""`, byte for byte different but the same
+//!   page. The fake passes them unchanged, so tests assert a page's meaning, not its bytes.
 
 use std::collections::{BTreeMap, HashMap};
 use std::convert::Infallible;

@@ -121,7 +121,8 @@ fn time(t: Option<&k8s_openapi::apimachinery::pkg::apis::meta::v1::Time>) -> Opt
 
 /// An agent's row.
 pub fn agent_row(agent: &FarAgent) -> AgentRow {
-    let status = agent.status.clone().unwrap_or_default();
+    // Borrowed, not cloned: this runs for every agent at every look.
+    let status = agent.status.as_ref();
     let namespace = agent.namespace().unwrap_or_default();
     let name = agent.name_any();
     AgentRow {
@@ -129,12 +130,16 @@ pub fn agent_row(agent: &FarAgent) -> AgentRow {
         namespace,
         name,
         phase: status
-            .phase
-            .map_or_else(|| "Pending".to_owned(), |p| format!("{p:?}")),
-        reason: status.reason.map(|r| format!("{r:?}")).unwrap_or_default(),
-        host: status.host,
-        heartbeat: time(status.last_heartbeat_time.as_ref()),
-        exit_code: status.exit_code,
+            .and_then(|s| s.phase)
+            .map_or("Pending", far_api::Phase::as_str)
+            .to_owned(),
+        reason: status
+            .and_then(|s| s.reason)
+            .map_or("", far_api::AgentReason::as_str)
+            .to_owned(),
+        host: status.and_then(|s| s.host.clone()),
+        heartbeat: time(status.and_then(|s| s.last_heartbeat_time.as_ref())),
+        exit_code: status.and_then(|s| s.exit_code),
         created: time(agent.metadata.creation_timestamp.as_ref()),
     }
 }
