@@ -35,6 +35,9 @@ pub struct Config {
     pub key: TokenKey,
     /// Log lines kept per agent (the newest).
     pub log_lines_per_agent: usize,
+    /// Bytes of log text kept per agent (the newest lines): with the line count, what bounds
+    /// the channel's memory per agent, as a line may be up to 16 KiB.
+    pub log_bytes_per_agent: usize,
     /// Requests one agent may make per second before being answered 429.
     pub requests_per_second: u32,
     /// Exits are acknowledged only once made durable by the hook [`Channel::persist_exits`]
@@ -71,17 +74,19 @@ impl std::fmt::Debug for Config {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Config")
             .field("log_lines_per_agent", &self.log_lines_per_agent)
+            .field("log_bytes_per_agent", &self.log_bytes_per_agent)
             .field("requests_per_second", &self.requests_per_second)
             .finish_non_exhaustive()
     }
 }
 
 impl Config {
-    /// Defaults: 1000 log lines and 50 requests per second per agent.
+    /// Defaults: the newest 1000 log lines within 64 KiB, and 50 requests per second, per agent.
     pub fn new(key: TokenKey) -> Self {
         Self {
             key,
             log_lines_per_agent: 1000,
+            log_bytes_per_agent: 64 * 1024,
             requests_per_second: 50,
             durable_exits: false,
         }
@@ -139,6 +144,8 @@ pub struct AgentView {
 struct Agent {
     last_heartbeat: Option<(Instant, Heartbeat)>,
     logs: VecDeque<LogLine>,
+    /// The text bytes in `logs`.
+    log_bytes: usize,
     next_seq: u64,
     exit: Option<Exit>,
     secrets: Option<Secrets>,
@@ -489,7 +496,8 @@ async fn logs(
             limits::LOG_LINES_PER_BATCH
         )));
     }
-    let keep = channel.shared.config.log_lines_per_agent;
+    let config = &channel.shared.config;
+    let (keep_lines, keep_bytes) = (config.log_lines_per_agent, config.log_bytes_per_agent);
     let lines = channel.with_agent(&uid, &headers, Credential::Agent, |a| {
         if batch.seq < a.next_seq {
             return None; // A retry of a batch already kept.
@@ -504,10 +512,14 @@ async fn logs(
                 }
                 line.text.truncate(cut);
             }
+            a.log_bytes += line.text.len();
             a.logs.push_back(line.clone());
         }
-        while a.logs.len() > keep {
-            a.logs.pop_front();
+        while a.logs.len() > keep_lines || a.log_bytes > keep_bytes {
+            let Some(oldest) = a.logs.pop_front() else {
+                break;
+            };
+            a.log_bytes -= oldest.text.len();
         }
         Some(lines)
     })?;

@@ -474,6 +474,35 @@ async fn a_flooding_agent_is_slowed_and_its_log_buffer_stays_bounded() {
     assert_eq!(kept, ["line 2", "line 3", "line 4"]);
 }
 
+/// Long lines are bounded by bytes as well as by count: the newest lines within the budget stay.
+#[tokio::test]
+async fn an_agents_log_buffer_is_bounded_in_bytes() {
+    let mut config = config();
+    config.log_bytes_per_agent = 250;
+    let (channel, base) = serve(config).await;
+    let token = channel.token_for("a");
+    let batch = LogBatch {
+        seq: 0,
+        lines: (0..5)
+            .map(|i| LogLine {
+                stream: Stream::Stdout,
+                text: format!("{i}{}", "x".repeat(99)),
+            })
+            .collect(),
+    };
+    assert_eq!(
+        post(&base, "a", "logs", &token, &batch).await,
+        StatusCode::NO_CONTENT
+    );
+    let kept: Vec<char> = channel
+        .logs("a")
+        .unwrap()
+        .iter()
+        .filter_map(|l| l.text.chars().next())
+        .collect();
+    assert_eq!(kept, ['3', '4'], "the newest 200 of 500 bytes");
+}
+
 /// A controller serves its channel before it leads: an exit that arrives before the leader's
 /// hook can write it to status is answered 503 (the guest reports again), never acknowledged
 /// and lost. Once the hook is in, the same exit is persisted, then acknowledged.
