@@ -5,9 +5,10 @@
 //! a Content-Security-Policy without inline script; there is no route that changes anything.
 //!
 //! Live state goes out as one server-sent-events stream per page: a snapshot, then the changes
-//! ([`view::diff`]) at most every [`TICK`]. The views are computed from the controller's own
-//! caches by one task ([`publish`]), only while a page is open, and shared by all pages.
-//! Agents' logs stream from the status channel's log route on the same port.
+//! ([`view::diff`]) at most every [`TICK`]. The views are computed from a [`Source`] (the
+//! controller's own caches, or `far run`'s one agent) by one task ([`Live::publish`]), only
+//! while a page is open, and shared by all pages (`feed`). Agents' logs stream from the status
+//! channel's log route on the same port.
 
 mod feed;
 pub mod view;
