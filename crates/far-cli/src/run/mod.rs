@@ -5,7 +5,8 @@
 //! for one agent (plan the VM with `far-vmspec`, create it through Flintlock's API, follow it
 //! through the channel) and shows it: progress on stderr, the agent's stdout and stderr as they
 //! arrive, and the agent's exit code as its own. Ctrl-C deletes the VM and waits until it is
-//! gone; the working directory is removed.
+//! gone; the working directory is removed. With `--ui` it also serves the controller's web UI
+//! for this one run ([`shown`]: the status a controller would write for it).
 
 mod shown;
 
