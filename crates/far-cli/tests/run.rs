@@ -194,7 +194,7 @@ fn far_run_ui_shows_the_run_live() {
         .far_run_manifest(
             "apiVersion: tiffany.dev/v1\nkind: FarAgent\nmetadata:\n  name: watched\nspec:\n  image: far.test/tiffany:dev\n  memory: 256Mi\n  cpu: 1\n  entrypoint: /usr/local/bin/tiffany\n  args: [--task, sleep, --seconds, '6']\n  env:\n    - {name: API_KEY, value: sk-far-run-ui-4a1c}\n",
         )
-        .args(["--ui", "127.0.0.1:0"])
+        .arg("--ui=127.0.0.1:0")
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();

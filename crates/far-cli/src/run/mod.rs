@@ -53,8 +53,9 @@ pub struct RunArgs {
     #[arg(long, value_enum, default_value_t)]
     pub accel: Accel,
     /// Serve the web UI of this run (the controller's page, showing this one agent and this
-    /// machine's far-host, its log following live) at this address while it runs.
-    #[arg(long, value_name = "ADDRESS", num_args = 0..=1, default_missing_value = "127.0.0.1:8080")]
+    /// machine's far-host, its log following live) while it runs: at 127.0.0.1:8080, or at
+    /// `--ui=ADDRESS`.
+    #[arg(long, value_name = "ADDRESS", num_args = 0..=1, require_equals = true, default_missing_value = "127.0.0.1:8080")]
     pub ui: Option<SocketAddr>,
 }
 
