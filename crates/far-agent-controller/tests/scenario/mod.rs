@@ -251,6 +251,23 @@ impl Stage {
         serde_json::from_str(body).unwrap_or_else(|e| panic!("{path}: {e}: {answer}"))
     }
 
+    /// Waits for the agent to complete; its VMCreated condition (warm or cold start).
+    async fn completed_vm_created(
+        &self,
+        name: &str,
+    ) -> k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition {
+        let agent = self
+            .wait_for(name, "Completed", |a| phase(a) == Some(Phase::Completed))
+            .await;
+        agent
+            .status
+            .unwrap()
+            .conditions
+            .into_iter()
+            .find(|c| c.type_ == "VMCreated")
+            .expect("VMCreated condition")
+    }
+
     fn agents(&self) -> Api<FarAgent> {
         Api::namespaced(self.client.clone(), &self.namespace)
     }
@@ -477,18 +494,7 @@ pub async fn scenarios(stage: &Stage) {
         .create(&PostParams::default(), &pool)
         .await
         .expect("FarAgentPool");
-    let pooled = stage
-        .wait_for("pooled", "Completed", |a| {
-            phase(a) == Some(Phase::Completed)
-        })
-        .await;
-    let created = pooled
-        .status
-        .unwrap()
-        .conditions
-        .into_iter()
-        .find(|c| c.type_ == "VMCreated")
-        .expect("VMCreated condition");
+    let created = stage.completed_vm_created("pooled").await;
     assert_eq!(created.reason, "ColdStart", "{created:?}");
 
     // Scaled up as `kubectl scale` does (the scale subresource), the pool keeps an idle VM,
@@ -511,18 +517,7 @@ pub async fn scenarios(stage: &Stage) {
             json!({"poolRef": {"name": "warm"}, "args": ["--seconds", "0.3"]}),
         )
         .await;
-    let claimer = stage
-        .wait_for("claimer", "Completed", |a| {
-            phase(a) == Some(Phase::Completed)
-        })
-        .await;
-    let created = claimer
-        .status
-        .unwrap()
-        .conditions
-        .into_iter()
-        .find(|c| c.type_ == "VMCreated")
-        .expect("VMCreated condition");
+    let created = stage.completed_vm_created("claimer").await;
     assert_eq!(created.reason, "WarmStart", "{created:?}");
     let counted = stage
         .wait_for_pool("warm", "its claims counted and refilled", |s| {
