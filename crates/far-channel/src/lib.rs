@@ -140,6 +140,9 @@ pub struct AgentView {
     pub idle: bool,
 }
 
+/// One agent's state. Kept small: a controller holds one per agent it runs (10,000 and more),
+/// so what only some agents need (secret values until fetched, a pool VM's claim and its
+/// waiters) is boxed, not carried inline by every agent.
 #[derive(Default)]
 struct Agent {
     last_heartbeat: Option<(Instant, Heartbeat)>,
@@ -148,7 +151,7 @@ struct Agent {
     log_bytes: usize,
     next_seq: u64,
     exit: Option<Exit>,
-    secrets: Option<Secrets>,
+    secrets: Option<Box<Secrets>>,
     window: Option<(Instant, u32)>,
     /// The enrolment token is spent: the agent's token was handed out, or the agent has been
     /// heard with it.
@@ -159,11 +162,11 @@ struct Agent {
     idle: bool,
     /// The claim offered to this idle VM: answered to every request for one until the task
     /// reports in on its run's id (an answer lost on the way is answered again).
-    claim: Option<Claim>,
+    claim: Option<Box<Claim>>,
     /// For a claimed run: the channel id of the VM it was offered to, until the run reports in.
     offered_to: Option<String>,
-    /// Wakes this VM's requests waiting for a claim.
-    offered: Arc<tokio::sync::Notify>,
+    /// Wakes this VM's requests waiting for a claim (made by its first wait).
+    offered: Option<Arc<tokio::sync::Notify>>,
 }
 
 /// Which token a route takes.
@@ -177,7 +180,7 @@ enum Credential {
 
 struct Shared {
     config: Config,
-    agents: Mutex<HashMap<String, Agent>>,
+    agents: Mutex<HashMap<String, Box<Agent>>>,
     events: broadcast::Sender<Event>,
     /// `namespace/name` of a FarAgent -> the channel id of its current run.
     names: Mutex<HashMap<String, String>>,
@@ -260,7 +263,7 @@ impl Channel {
         }
     }
 
-    fn agents(&self) -> MutexGuard<'_, HashMap<String, Agent>> {
+    fn agents(&self) -> MutexGuard<'_, HashMap<String, Box<Agent>>> {
         self.shared.agents.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -308,7 +311,7 @@ impl Channel {
 
     /// Holds an agent's secret values until its far-init fetches them, once.
     pub fn provide_secrets(&self, uid: &str, secrets: Secrets) {
-        self.agents().entry(uid.to_owned()).or_default().secrets = Some(secrets);
+        self.agents().entry(uid.to_owned()).or_default().secrets = Some(Box::new(secrets));
     }
 
     /// Gives the idle VM with channel id `uid` its task: its wait for a claim is answered with
@@ -321,8 +324,10 @@ impl Channel {
         run.enrolled = true;
         run.offered_to = Some(uid.to_owned());
         let vm = agents.entry(uid.to_owned()).or_default();
-        vm.claim = Some(claim);
-        vm.offered.notify_waiters();
+        vm.claim = Some(Box::new(claim));
+        if let Some(offered) = &vm.offered {
+            offered.notify_waiters();
+        }
     }
 
     /// A claimed run reported in: its VM's claim (and the secret values in it) is not needed
@@ -594,7 +599,7 @@ async fn secrets(
 ) -> Result<Json<Secrets>, Refusal> {
     channel
         .with_agent(&uid, &headers, Credential::Agent, |a| a.secrets.take())?
-        .map(Json)
+        .map(|secrets| Json(*secrets))
         .ok_or(Refusal::NotFound)
 }
 
@@ -609,7 +614,7 @@ async fn claim(
     let (first, offered) = channel.with_agent(&uid, &headers, Credential::Agent, |a| {
         (
             !std::mem::replace(&mut a.idle, true) && a.claim.is_none(),
-            Arc::clone(&a.offered),
+            Arc::clone(a.offered.get_or_insert_default()),
         )
     })?;
     if first {
