@@ -5,6 +5,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "proto/types/microvm.proto",
         "proto/services/microvm/v1alpha1/microvms.proto",
         "proto/far/host/v1/guests.proto",
+        "proto/far/listing/v1/listing.proto",
     ];
     for file in files {
         println!("cargo:rerun-if-changed={file}");

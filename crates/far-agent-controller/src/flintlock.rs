@@ -14,6 +14,7 @@ use flintlock_proto::auth::BasicToken;
 use flintlock_proto::errors::{Failure, code_label};
 use flintlock_proto::far_host::guests_client::GuestsClient;
 use flintlock_proto::far_host::{EndedGuest, ListEndedRequest};
+use flintlock_proto::listing::ListedMicroVm;
 use flintlock_proto::types::MicroVm;
 use flintlock_proto::v1alpha1::{
     CreateMicroVmRequest, DeleteMicroVmRequest, GetMicroVmRequest, ListMicroVMsRequest,
@@ -307,6 +308,28 @@ impl Pool {
                 name: name.map(str::to_owned),
             };
             async move { MicroVmClient::new(conn).list_micro_v_ms(request).await }
+        })
+        .await
+        .map(|r| r.microvm)
+    }
+
+    /// ListMicroVMs in a namespace, each VM read only as far as a probe of the whole host
+    /// needs ([`flintlock_proto::listing`]): the same call, a fraction of the memory.
+    ///
+    /// # Errors
+    /// [`FlintlockError`].
+    pub async fn list_narrowly(
+        &self,
+        host: &FlintlockHost,
+        credentials: &Credentials,
+        namespace: &str,
+    ) -> Result<Vec<ListedMicroVm>, FlintlockError> {
+        self.call(host, credentials, "ListMicroVMs", true, |conn| {
+            let request = ListMicroVMsRequest {
+                namespace: namespace.to_owned(),
+                name: None,
+            };
+            flintlock_proto::listing::list(conn, request)
         })
         .await
         .map(|r| r.microvm)

@@ -68,11 +68,12 @@ pub async fn probe_all(ctx: &Context) {
         let asked = std::time::Instant::now();
         let probe = ctx
             .flintlock
-            .list(&host, &credentials, &ctx.config.defaults.namespace, None)
-            .await;
+            .list_narrowly(&host, &credentials, &ctx.config.defaults.namespace)
+            .await
+            .map(|vms| vms.into_iter().filter_map(Listed::of).collect::<Vec<_>>());
         let ready = probe.is_ok();
         match &probe {
-            Ok(vms) => {
+            Ok(listed) => {
                 ctx.unreachable
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
@@ -82,12 +83,11 @@ pub async fn probe_all(ctx: &Context) {
                 // reconcile of an agent already in the cache, so no VM is younger than its owner here.
                 let owners = owners(ctx);
                 note_ended(ctx, &host, &credentials).await;
-                let listed: Vec<Listed> = vms.iter().filter_map(Listed::of).collect();
                 // Pools' VMs too only once the pools are known: a live pool's VMs are not orphans.
                 if ctx.agents_ready() && ctx.pools_ready() {
-                    ctx.pool_vms.listed(&name, &listed, &pools, asked);
+                    ctx.pool_vms.listed(&name, listed, &pools, asked);
                     let claimed = ctx.pool_vms.claimed();
-                    for (vm, why) in surplus(&listed, &owners, &pools, &claimed) {
+                    for (vm, why) in surplus(listed, &owners, &pools, &claimed) {
                         info!(host = %name, vm = %vm.uid, id = %vm.id, why = why.as_str(), "deleting a VM no agent keeps");
                         if let Surplus::Duplicate(kept) = &why {
                             tell_duplicate(ctx, vm, kept, &name).await;
@@ -256,11 +256,11 @@ pub struct Listed {
 }
 
 impl Listed {
-    fn of(vm: &flintlock_proto::types::MicroVm) -> Option<Self> {
-        let spec = vm.spec.as_ref()?;
+    fn of(vm: flintlock_proto::listing::ListedMicroVm) -> Option<Self> {
+        let spec = vm.spec?;
         Some(Self {
-            uid: spec.uid.clone()?,
-            id: spec.id.clone(),
+            uid: spec.uid?,
+            id: spec.id,
             deleting: vm
                 .status
                 .as_ref()

@@ -31,6 +31,22 @@ fn trim<K: kube::Resource>(object: &mut K) {
     }
 }
 
+/// What the controller caches of a FarAgent: [`trim`], and of its metadata only what it reads
+/// (names, versions, finalizers, deletion, the binding annotation). An agent's labels, other
+/// annotations and owners are its users' business: at 10,000 agents each map costs megabytes.
+fn trim_agent(agent: &mut FarAgent) {
+    trim(agent);
+    let metadata = &mut agent.metadata;
+    metadata.labels = None;
+    metadata.owner_references = None;
+    if let Some(annotations) = metadata.annotations.as_mut() {
+        annotations.retain(|key, _| key == far_api::BINDING_ANNOTATION);
+        if annotations.is_empty() {
+            metadata.annotations = None;
+        }
+    }
+}
+
 /// Runs the controller until `shutdown` resolves.
 pub async fn run(
     client: kube::Client,
@@ -80,7 +96,7 @@ pub async fn run(
     let (cache, cache_writer) = reflector::store();
     let agent_watch = reflector(
         cache_writer,
-        watcher(agents, watcher::Config::default()).modify(trim),
+        watcher(agents, watcher::Config::default()).modify(trim_agent),
     )
     .applied_objects();
     let controller = Controller::for_stream(agent_watch, cache)
@@ -312,5 +328,43 @@ mod tests {
             serde_json::to_value(&agent).unwrap(),
             serde_json::to_value(&expected).unwrap()
         );
+    }
+
+    #[test]
+    fn the_agent_cache_keeps_of_the_metadata_what_the_controller_reads() {
+        let mut agent: FarAgent = serde_json::from_value(serde_json::json!({
+            "apiVersion": "tiffany.dev/v1", "kind": "FarAgent",
+            "metadata": {"name": "a", "namespace": "n", "uid": "u", "resourceVersion": "7",
+                "generation": 2, "creationTimestamp": "2026-12-02T09:00:00Z",
+                "deletionTimestamp": "2026-12-02T09:01:00Z",
+                "finalizers": ["tiffany.dev/vm-cleanup"], "labels": {"team": "x"},
+                "ownerReferences": [{"apiVersion": "v1", "kind": "ConfigMap", "name": "c", "uid": "o"}],
+                "annotations": {LAST_APPLIED: "{...}", "note": "dropped",
+                    far_api::BINDING_ANNOTATION: "{\"attempt\":0}"}},
+            "spec": {"image": "busybox:1", "memory": "256Mi", "cpu": 1, "entrypoint": "/bin/true"},
+            "status": {"phase": "Running"}
+        }))
+        .unwrap();
+        let mut expected = agent.clone();
+        trim_agent(&mut agent);
+        expected.metadata.labels = None;
+        expected.metadata.owner_references = None;
+        expected.metadata.annotations = Some(
+            [(
+                far_api::BINDING_ANNOTATION.to_owned(),
+                "{\"attempt\":0}".to_owned(),
+            )]
+            .into(),
+        );
+        assert_eq!(
+            serde_json::to_value(&agent).unwrap(),
+            serde_json::to_value(&expected).unwrap()
+        );
+
+        // No annotation left, no map kept.
+        let mut plain = agent.clone();
+        plain.metadata.annotations = Some([("note".to_owned(), "x".to_owned())].into());
+        trim_agent(&mut plain);
+        assert_eq!(plain.metadata.annotations, None);
     }
 }

@@ -5,6 +5,7 @@
 
 pub mod auth;
 pub mod errors;
+pub mod listing;
 
 /// The proto packages, nested as their names are so generated cross-package paths resolve.
 #[allow(missing_docs, clippy::all, clippy::pedantic)]
@@ -13,6 +14,11 @@ mod packages {
         pub mod host {
             pub mod v1 {
                 tonic::include_proto!("far.host.v1");
+            }
+        }
+        pub mod listing {
+            pub mod v1 {
+                tonic::include_proto!("far.listing.v1");
             }
         }
     }
