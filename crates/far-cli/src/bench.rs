@@ -194,16 +194,22 @@ fn summary(mut values: Vec<f64>) -> serde_json::Value {
     })
 }
 
-/// Peak resident memory (MiB) and CPU seconds of this process, from /proc.
-/// Peak RSS (MiB) and CPU seconds of a process (`self` or a pid), from /proc.
-fn process_usage(pid: &str) -> (f64, f64) {
+/// A memory figure (MiB) of a process (`self` or a pid) from /proc/PID/status: `VmHWM:` (peak
+/// RSS) or `VmRSS:`.
+fn memory_mib(pid: &str, field: &str) -> f64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    let hwm_kib: f64 = status
+    let kib: f64 = status
         .lines()
-        .find(|l| l.starts_with("VmHWM:"))
+        .find(|l| l.starts_with(field))
         .and_then(|l| l.split_whitespace().nth(1))
         .and_then(|v| v.parse().ok())
         .unwrap_or(0.0);
+    kib / 1024.0
+}
+
+/// Peak RSS (MiB) and CPU seconds of a process (`self` or a pid), from /proc.
+fn process_usage(pid: &str) -> (f64, f64) {
+    let hwm_mib = memory_mib(pid, "VmHWM:");
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     let after = stat.rfind(')').map_or("", |i| &stat[i + 1..]);
     let fields: Vec<&str> = after.split_whitespace().collect();
@@ -211,7 +217,7 @@ fn process_usage(pid: &str) -> (f64, f64) {
         .iter()
         .filter_map(|i| fields.get(*i)?.parse::<f64>().ok())
         .sum();
-    (hwm_kib / 1024.0, ticks / 100.0)
+    (hwm_mib, ticks / 100.0)
 }
 
 /// How fast the API server takes plain FarAgent status patches with `in_flight` requests at
@@ -339,6 +345,12 @@ pub async fn run(args: BenchArgs) -> Result<()> {
         args.agents, args.hosts
     );
     let api_cpu_at_start = api.cpu_seconds().await?;
+    // What the controller holds before its first agent: its peak beyond this, over the agents,
+    // is what an agent costs it.
+    let controller_rss_before = controller
+        .as_ref()
+        .and_then(tokio::process::Child::id)
+        .map(|pid| memory_mib(&pid.to_string(), "VmRSS:"));
     let started = Instant::now();
     let run_seconds = args.run_seconds.to_string();
     // Created in a task of its own, so the watch below is read while agents are still being
@@ -603,6 +615,9 @@ pub async fn run(args: BenchArgs) -> Result<()> {
         // Only with --controller-binary: the controller's own process.
         "controller_peak_rss_mib": controller_usage.map(|(rss, _)| rss),
         "controller_cpu_seconds": controller_usage.map(|(_, cpu)| cpu),
+        "controller_kib_per_agent": controller_usage
+            .zip(controller_rss_before)
+            .map(|((peak, _), before)| (peak - before) * 1024.0 / args.agents.max(1) as f64),
         "process_cpu_seconds": cpu_seconds,
         "machine": format!("{cores} cores"),
     });
@@ -960,6 +975,12 @@ fn print_table(r: &serde_json::Value) {
             "controller process peak RSS, CPU",
             rss,
             r["controller_cpu_seconds"].as_f64().unwrap_or(0.0)
+        );
+    }
+    if let Some(kib) = r["controller_kib_per_agent"].as_f64() {
+        println!(
+            "{:<44} {kib:.1} KiB (peak RSS less RSS before the first create, over the agents)",
+            "controller memory per agent",
         );
     }
     println!(
