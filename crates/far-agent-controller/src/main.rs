@@ -98,8 +98,7 @@ async fn main() -> Result<()> {
     let listener = tokio::net::TcpListener::bind(args.channel_listen)
         .await
         .with_context(|| format!("binding --channel-listen {}", args.channel_listen))?;
-    let router = channel.router();
-    tokio::spawn(async move { axum::serve(listener, router).await });
+    tokio::spawn(channel.clone().serve(listener));
 
     let client = kube::Client::try_default()
         .await

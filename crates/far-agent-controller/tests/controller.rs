@@ -87,8 +87,7 @@ async fn env() -> Env {
     ));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let channel_url = format!("http://{}", listener.local_addr().unwrap());
-    let router = channel.router();
-    tokio::spawn(async move { axum::serve(listener, router).await });
+    tokio::spawn(channel.clone().serve(listener));
 
     let hosts: Api<FlintlockHost> = Api::all(api.client());
     let host_object: FlintlockHost = serde_json::from_value(json!({

@@ -67,10 +67,7 @@ async fn controller(
             Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
         }
     };
-    let router = channel.router();
-    let server = tokio::spawn(async move {
-        let _ = axum::serve(listener, router).await;
-    });
+    let server = tokio::spawn(channel.clone().serve(listener));
     let config = Config {
         defaults: Defaults::local(),
         channel_url: format!("http://127.0.0.1:{channel_port}"),

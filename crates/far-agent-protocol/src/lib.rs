@@ -44,6 +44,13 @@ pub mod limits {
     /// (the controller writes it to the FarAgent's status first, which a restarting controller
     /// or a busy API server can delay).
     pub const EXIT_REPORT_SECONDS: u64 = 60;
+    /// How long a channel connection may wait for its next request before the channel closes
+    /// it. A controller hears thousands of guests: a connection each guest held open between
+    /// its reports would cost the controller its buffers and task (tens of KiB) per guest.
+    pub const CONNECTION_IDLE_SECONDS: u64 = 5;
+    /// How long a guest keeps an idle connection to reuse: well within
+    /// [`CONNECTION_IDLE_SECONDS`], so no guest sends on a connection the channel is closing.
+    pub const CLIENT_IDLE_SECONDS: u64 = 2;
 }
 
 /// An agent's id on the channel: its UID and attempt, so the reports of an earlier run's VM

@@ -9,6 +9,7 @@
 //! controller turns them into status (writing the API server only when state changes), and
 //! `far run` into terminal output.
 
+mod serve;
 pub mod token;
 
 use std::collections::{HashMap, VecDeque};
@@ -45,6 +46,8 @@ pub struct Config {
     /// are answered 503 and the guest reports again. The controller sets this; `far run`,
     /// with nothing to persist to, does not.
     pub durable_exits: bool,
+    /// How long [`Channel::serve`] keeps a connection waiting for its next request.
+    pub idle_timeout: Duration,
 }
 
 /// An exit to make durable: which FarAgent, which run, how it ended.
@@ -76,12 +79,14 @@ impl std::fmt::Debug for Config {
             .field("log_lines_per_agent", &self.log_lines_per_agent)
             .field("log_bytes_per_agent", &self.log_bytes_per_agent)
             .field("requests_per_second", &self.requests_per_second)
+            .field("idle_timeout", &self.idle_timeout)
             .finish_non_exhaustive()
     }
 }
 
 impl Config {
-    /// Defaults: the newest 1000 log lines within 64 KiB, and 50 requests per second, per agent.
+    /// Defaults: the newest 1000 log lines within 64 KiB, and 50 requests per second, per agent;
+    /// idle connections closed after [`limits::CONNECTION_IDLE_SECONDS`].
     pub fn new(key: TokenKey) -> Self {
         Self {
             key,
@@ -89,6 +94,7 @@ impl Config {
             log_bytes_per_agent: 64 * 1024,
             requests_per_second: 50,
             durable_exits: false,
+            idle_timeout: Duration::from_secs(limits::CONNECTION_IDLE_SECONDS),
         }
     }
 }

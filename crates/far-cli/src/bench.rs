@@ -739,8 +739,7 @@ impl Rig {
             }
             None => {
                 let channel = Channel::new(far_channel::Config::new(TokenKey::new(vec![7; 32])?));
-                let router = channel.router();
-                tokio::spawn(async move { axum::serve(listener, router).await });
+                tokio::spawn(channel.clone().serve(listener));
                 let config = ControllerConfig {
                     defaults: Defaults::local(),
                     channel_url,

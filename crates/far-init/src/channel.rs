@@ -63,6 +63,9 @@ impl Channel {
             authorization: format!("Bearer {}", config.channel.enrolment_token),
             agent: Agent::config_builder()
                 .timeout_global(Some(Duration::from_secs(5)))
+                // A connection is kept between reports only as long as the channel would keep
+                // it: heartbeats, seconds apart, each open their own.
+                .max_idle_age(Duration::from_secs(limits::CLIENT_IDLE_SECONDS))
                 .http_status_as_error(false)
                 .build()
                 .into(),

@@ -176,8 +176,7 @@ impl Stage {
         ));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let channel_url = format!("http://{}", listener.local_addr().unwrap());
-        let router = channel.router();
-        tokio::spawn(async move { axum::serve(listener, router).await });
+        tokio::spawn(channel.clone().serve(listener));
         let ui = far_agent_controller::ui::Live::default();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let ui_address = listener.local_addr().unwrap().to_string();

@@ -210,8 +210,7 @@ pub async fn run(args: RunArgs) -> Result<ExitCode> {
     let channel = Channel::new(Config::new(random_key()?));
     let channel_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let channel_port = channel_listener.local_addr()?.port();
-    let router = channel.router();
-    tokio::spawn(async move { axum::serve(channel_listener, router).await });
+    tokio::spawn(channel.clone().serve(channel_listener));
 
     let state = tempfile::Builder::new()
         .prefix("far-run-")

@@ -82,6 +82,10 @@ impl Sim {
         let client = reqwest::Client::builder()
             .timeout(Duration::from_secs(5))
             .pool_max_idle_per_host(64)
+            // As far-init keeps its connection to the channel: no longer than the channel does.
+            .pool_idle_timeout(Duration::from_secs(
+                far_agent_protocol::limits::CLIENT_IDLE_SECONDS,
+            ))
             .build()
             .unwrap_or_default();
         Self {
