@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use far_api::{FarAgent, FarAgentPool, FlintlockHost};
-use futures::StreamExt;
+use futures::{StreamExt, TryStreamExt};
 use kube::Api;
 use kube::runtime::events::Reporter;
 use kube::runtime::reflector::{self, reflector};
@@ -59,20 +59,16 @@ pub async fn run(
     let agents: Api<FarAgent> = Api::all(client.clone());
     let hosts_api: Api<FlintlockHost> = Api::all(client.clone());
 
+    // The FlintlockHost and FarAgentPool caches are filled by the same watches that trigger
+    // reconciles on their changes (below): a reconcile a host's change triggers then reads that
+    // change in the cache. (With a second watch of its own, a reconcile could run before the
+    // cache had the host turned Ready, find no host, and wait for the host's next change.)
     let (hosts, hosts_writer) = reflector::store();
     let host_watch = watcher(hosts_api, watcher::Config::default())
         .default_backoff()
         .reflect(hosts_writer)
-        .applied_objects();
-    let host_watcher = async move {
-        host_watch
-            .for_each(|r| async move {
-                if let Err(e) = r {
-                    warn!(error = %e, "FlintlockHost watch");
-                }
-            })
-            .await;
-    };
+        .applied_objects()
+        .inspect_err(|e| warn!(error = %e, "FlintlockHost watch"));
 
     let (pools, pools_writer) = reflector::store();
     let pool_watch = watcher(
@@ -82,16 +78,8 @@ pub async fn run(
     .default_backoff()
     .modify(trim)
     .reflect(pools_writer)
-    .applied_objects();
-    let pool_watcher = async move {
-        pool_watch
-            .for_each(|r| async move {
-                if let Err(e) = r {
-                    warn!(error = %e, "FarAgentPool watch");
-                }
-            })
-            .await;
-    };
+    .applied_objects()
+    .inspect_err(|e| warn!(error = %e, "FarAgentPool watch"));
 
     let (cache, cache_writer) = reflector::store();
     let agent_watch = reflector(
@@ -103,44 +91,36 @@ pub async fn run(
         .with_config(kube::runtime::controller::Config::default().concurrency(config.concurrency));
     // A host that changes (turns Ready, gains room, is uncordoned) may fit agents that waited.
     let waiting = controller.store();
-    let controller = controller.watches(
-        Api::<FlintlockHost>::all(client.clone()),
-        watcher::Config::default(),
-        move |_host| {
-            waiting
-                .state()
-                .into_iter()
-                .filter(|a| {
-                    a.status.as_ref().is_none_or(|s| {
-                        s.host.is_none() && !s.phase.is_some_and(far_api::Phase::is_terminal)
-                    })
+    let controller = controller.watches_stream(host_watch, move |_host| {
+        waiting
+            .state()
+            .into_iter()
+            .filter(|a| {
+                a.status.as_ref().is_none_or(|s| {
+                    s.host.is_none() && !s.phase.is_some_and(far_api::Phase::is_terminal)
                 })
-                .map(|a| reflector::ObjectRef::from_obj(a.as_ref()))
-                .collect::<Vec<_>>()
-        },
-    );
+            })
+            .map(|a| reflector::ObjectRef::from_obj(a.as_ref()))
+            .collect::<Vec<_>>()
+    });
     // A pool that appears decides the agents that wait for it. (Only those: a pool's status
     // changes every second while it fills, and its other agents are decided on their own.)
     let claiming = controller.store();
-    let controller = controller.watches(
-        Api::<FarAgentPool>::all(client.clone()),
-        watcher::Config::default(),
-        move |pool| {
-            let (namespace, name) = (pool.metadata.namespace.clone(), pool.metadata.name.clone());
-            claiming
-                .state()
-                .into_iter()
-                .filter(|a| {
-                    a.metadata.namespace == namespace
-                        && a.spec.pool_ref.as_ref().map(|r| &r.name) == name.as_ref()
-                        && a.status
-                            .as_ref()
-                            .is_some_and(|s| s.reason == Some(far_api::AgentReason::PoolNotFound))
-                })
-                .map(|a| reflector::ObjectRef::from_obj(a.as_ref()))
-                .collect::<Vec<_>>()
-        },
-    );
+    let controller = controller.watches_stream(pool_watch, move |pool| {
+        let (namespace, name) = (pool.metadata.namespace.clone(), pool.metadata.name.clone());
+        claiming
+            .state()
+            .into_iter()
+            .filter(|a| {
+                a.metadata.namespace == namespace
+                    && a.spec.pool_ref.as_ref().map(|r| &r.name) == name.as_ref()
+                    && a.status
+                        .as_ref()
+                        .is_some_and(|s| s.reason == Some(far_api::AgentReason::PoolNotFound))
+            })
+            .map(|a| reflector::ObjectRef::from_obj(a.as_ref()))
+            .collect::<Vec<_>>()
+    });
     let (kick, kicked) = tokio::sync::mpsc::unbounded_channel();
     let ctx = Arc::new(Context {
         client: client.clone(),
@@ -240,8 +220,6 @@ pub async fn run(
     // with the process), host probing and orphan collection stop with it and act no more.
     tokio::select! {
         () = reconciling => {}
-        () = host_watcher => {}
-        () = pool_watcher => {}
         () = prober => {}
     }
     info!("controller stopped");
