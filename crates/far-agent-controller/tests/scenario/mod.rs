@@ -569,8 +569,10 @@ pub async fn one_vm_per_attempt_whatever_write_fails(cluster: &Cluster) {
         for (kind, fault) in kinds {
             let name = format!("w{nth}-{kind}");
             faults.at(&name, nth, fault);
+            // Long enough that each agent is written Running before it exits (an exit first
+            // makes a life of four writes, and the fifth write's fault would never fire).
             stage
-                .create(&name, json!({"args": ["--seconds", "0.3"]}))
+                .create(&name, json!({"args": ["--seconds", "1"]}))
                 .await;
             names.push(name);
         }
