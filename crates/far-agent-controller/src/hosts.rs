@@ -369,9 +369,9 @@ async fn tell_duplicate(ctx: &Context, vm: &Listed, kept: &Option<String>, host:
         return;
     };
     let kept = kept.as_deref().unwrap_or("another");
-    crate::reconcile::publish(
+    crate::reconcile::publish_on(
         ctx,
-        &agent,
+        agent.as_ref(),
         true,
         "DuplicateVM",
         format!(

@@ -1,5 +1,6 @@
 //! far-agent-controller: reconciles FarAgents into Flintlock microVMs.
 //!
+//! - [`cache`]: what the controller keeps of each FarAgent;
 //! - [`decision`]: the pure reconcile decision, property-tested;
 //! - [`placement`]: which FlintlockHost an agent goes to;
 //! - [`pools`]: the idle VMs of FarAgentPools, and the claims that take them;
@@ -13,6 +14,7 @@
 //! - [`ui`]: the web UI of live agent state;
 //! - [`run`]: the wiring.
 
+pub mod cache;
 pub mod conditions;
 pub mod decision;
 pub mod flintlock;

@@ -10,8 +10,9 @@ use std::collections::{BTreeMap, HashMap};
 
 use far_api::sizing::size_vm;
 use far_api::workload::ResolvedWorkload;
-use far_api::{Binding, FarAgent, VmLimits};
+use far_api::{Binding, VmLimits};
 
+use crate::cache::CachedAgent;
 use crate::decision::Placement;
 
 /// What placement needs to know of one host.
@@ -46,15 +47,10 @@ pub struct Held {
 
 /// What every host holds: the VM sizes of the agents placed on it (bound, or recorded in
 /// status) and not finished.
-pub fn held<'a>(agents: impl IntoIterator<Item = &'a FarAgent>) -> HashMap<String, Held> {
+pub fn held<'a>(agents: impl IntoIterator<Item = &'a CachedAgent>) -> HashMap<String, Held> {
     let mut by_host: HashMap<String, Held> = HashMap::new();
     for agent in agents {
-        if agent
-            .status
-            .as_ref()
-            .and_then(|s| s.phase)
-            .is_some_and(far_api::Phase::is_terminal)
-        {
+        if agent.finished() {
             continue;
         }
         if let Some(placed) = agent.placement() {
@@ -169,7 +165,7 @@ pub fn place(
 mod tests {
     use super::*;
     use far_api::{
-        FarAgentSpec, FarAgentStatus, Heartbeat, Phase, RestartPolicy, VmSize, Workload,
+        FarAgent, FarAgentSpec, FarAgentStatus, Heartbeat, Phase, RestartPolicy, VmSize, Workload,
     };
     use proptest::prelude::*;
 
@@ -310,7 +306,7 @@ mod tests {
         )]));
         bound.status = Some(FarAgentStatus::default());
         assert_eq!(
-            held([&bound])["a"],
+            held([&CachedAgent::from(bound)])["a"],
             Held {
                 cpu: 1,
                 memory_mib: 1024,
@@ -332,7 +328,7 @@ mod tests {
                 }),
                 ..Default::default()
             });
-            a
+            CachedAgent::from(a)
         };
         let agents = [
             agent("a", Phase::Running),

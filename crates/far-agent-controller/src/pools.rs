@@ -22,7 +22,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use far_agent_protocol::{ChannelConfig, RUN_CONFIG_KEY};
-use far_api::{FarAgent, FarAgentPool, FarAgentPoolStatus, VmSize};
+use far_api::{FarAgentPool, FarAgentPoolStatus, VmSize};
 use far_vmspec::{VmName, VmPlan, plan};
 use futures::StreamExt as _;
 use k8s_openapi::jiff::Timestamp;
@@ -31,6 +31,7 @@ use kube::api::{Api, Patch, PatchParams};
 use serde_json::json;
 use tracing::{info, warn};
 
+use crate::cache::CachedAgent;
 use crate::hosts::Listed;
 use crate::placement::Held;
 use crate::reconcile::Context;
@@ -123,7 +124,7 @@ impl PoolVms {
     }
 
     /// Reads which VMs the agents' bindings claim; until then no VM is reserved.
-    pub fn learn_holders<'a>(&self, agents: impl IntoIterator<Item = &'a FarAgent>) {
+    pub fn learn_holders<'a>(&self, agents: impl IntoIterator<Item = &'a CachedAgent>) {
         let mut state = self.lock();
         for agent in agents {
             if let (Some(uid), Some(claimed)) = (agent.uid(), held_claim(agent)) {
@@ -480,14 +481,9 @@ impl Demand {
 /// ([`FarAgent::binding`]) claims, until the agent finishes. A finished agent's VM is its
 /// pool's again: deleted, or (reused) reset by its guest, which waits for its exit to be on
 /// record (the finished status) first.
-fn held_claim(agent: &FarAgent) -> Option<String> {
+fn held_claim(agent: &CachedAgent) -> Option<String> {
     let binding = agent.binding()?;
-    let finished = agent
-        .status
-        .as_ref()
-        .and_then(|s| s.phase)
-        .is_some_and(far_api::Phase::is_terminal);
-    if finished {
+    if agent.finished() {
         return None;
     }
     Some(VmName::parse(&binding.claimed?)?.channel_id())
@@ -949,8 +945,8 @@ mod tests {
 
     const VM: &str = "ns.warm.7.pool-uid";
 
-    fn claimant(status: far_api::FarAgentStatus) -> FarAgent {
-        let mut agent: FarAgent = serde_json::from_value(json!({
+    fn claimant(status: far_api::FarAgentStatus) -> CachedAgent {
+        let mut agent: far_api::FarAgent = serde_json::from_value(json!({
             "apiVersion": "tiffany.dev/v1", "kind": "FarAgent",
             "metadata": {"name": "a", "uid": "agent-uid"},
             "spec": {"poolRef": {"name": "warm"}},
@@ -973,7 +969,7 @@ mod tests {
             .into(),
         );
         agent.status = Some(status);
-        agent
+        agent.into()
     }
 
     /// After a restart an agent holds its claimed VM from its binding until it finishes; a

@@ -27,6 +27,7 @@ use kube::{Resource, ResourceExt};
 use serde_json::{Value, json};
 use tracing::{info, warn};
 
+use crate::cache::CachedAgent;
 use crate::decision::{self, Action, Guest, Observation, Vm, VmState};
 use crate::flintlock::{Credentials, FlintlockError, Pool};
 use crate::placement::{Held, HostView, bound, held, place};
@@ -80,7 +81,7 @@ pub struct Context {
     /// FlintlockHosts, from a reflector.
     pub hosts: Store<FlintlockHost>,
     /// FarAgents, from the controller's reflector.
-    pub agents: Store<FarAgent>,
+    pub agents: Store<CachedAgent>,
     /// FarAgentPools, from a reflector: the templates agents with a poolRef run on.
     pub pools: Store<FarAgentPool>,
     /// Flintlock clients.
@@ -88,7 +89,7 @@ pub struct Context {
     /// Hosts that stopped answering, and since when.
     pub unreachable: Mutex<HashMap<String, Timestamp>>,
     /// Agents by UID, for turning channel reports into reconciles.
-    pub by_uid: Mutex<HashMap<String, ObjectRef<FarAgent>>>,
+    pub by_uid: Mutex<HashMap<String, ObjectRef<CachedAgent>>>,
     /// Credentials of hosts, read from their Secrets.
     pub credentials: Mutex<HashMap<String, Credentials>>,
     /// Who writes Events.
@@ -100,7 +101,7 @@ pub struct Context {
     /// What far-host hosts said at their last probe of VMs that ended, by host and VM uid.
     pub ended: Mutex<HashMap<String, HashMap<String, EndedGuest>>>,
     /// Reconciles asked for from outside the watches (a guest seen to have ended).
-    pub kick: tokio::sync::mpsc::UnboundedSender<ObjectRef<FarAgent>>,
+    pub kick: tokio::sync::mpsc::UnboundedSender<ObjectRef<CachedAgent>>,
     /// Versions of agents that the controller's own writes replaced.
     pub superseded: Arc<Superseded>,
     /// Hosts that refused to create an attempt's VM, by attempt.
@@ -241,7 +242,7 @@ impl Context {
     }
 
     /// The cached FarAgent whose run has channel id `id`.
-    pub fn agent_by_run(&self, id: &str) -> Option<Arc<FarAgent>> {
+    pub fn agent_by_run(&self, id: &str) -> Option<Arc<CachedAgent>> {
         self.agent_by_uid(run_owner(id))
     }
 
@@ -259,7 +260,7 @@ impl Context {
 
     /// The cached FarAgent with this UID: through the index reconciles keep, else looked for
     /// in the cache (an agent this process has not reconciled yet).
-    pub fn agent_by_uid(&self, uid: &str) -> Option<Arc<FarAgent>> {
+    pub fn agent_by_uid(&self, uid: &str) -> Option<Arc<CachedAgent>> {
         let indexed = lock(&self.by_uid).get(uid).cloned();
         indexed.and_then(|r| self.agents.get(&r)).or_else(|| {
             self.agents
@@ -299,6 +300,9 @@ pub enum Error {
     /// A cache the decision needs (FarAgentPools) is not filled yet, just after start.
     #[error("the FarAgentPool cache is not filled yet")]
     CachesNotReady,
+    /// The cached copy of the agent does not decode ([`CachedAgent::agent`]).
+    #[error("the cached copy of the agent does not decode: {0}")]
+    Cached(serde_json::Error),
 }
 
 /// A 409 on a fenced write means our copy was stale.
@@ -325,6 +329,7 @@ impl Error {
             Error::NoHost(_) => "no_host",
             Error::Stale => "stale",
             Error::CachesNotReady => "caches_not_ready",
+            Error::Cached(_) => "cached",
         }
     }
 }
@@ -881,21 +886,24 @@ pub(crate) async fn publish_on<K: Resource<DynamicType = ()>>(
 ///
 /// # Errors
 /// [`Error`] when the API server or a Flintlock host fails a call; the agent is retried.
-pub async fn reconcile(agent: Arc<FarAgent>, ctx: Arc<Context>) -> Result<Requeue, Error> {
+pub async fn reconcile(cached: Arc<CachedAgent>, ctx: Arc<Context>) -> Result<Requeue, Error> {
     let started = tokio::time::Instant::now();
     ctx.metrics.reconciles.inc();
-    let result = reconcile_inner(&agent, &ctx).await;
+    let result = match cached.agent() {
+        Ok(agent) => reconcile_inner(&Arc::new(agent), &ctx).await,
+        Err(e) => Err(Error::Cached(e)),
+    };
     ctx.metrics
         .reconcile_duration
         .observe(started.elapsed().as_secs_f64());
-    tell_failures(&ctx, &agent, &result).await;
+    tell_failures(&ctx, cached.as_ref(), &result).await;
     result
 }
 
 /// A failure that persists is told on the agent (a Warning Event), not only in the log: users
 /// see a status write the API server keeps refusing, or a host that keeps failing, with
 /// `kubectl describe`. Once per streak of failures.
-async fn tell_failures(ctx: &Context, agent: &FarAgent, result: &Result<Requeue, Error>) {
+async fn tell_failures(ctx: &Context, agent: &CachedAgent, result: &Result<Requeue, Error>) {
     let Some(uid) = agent.uid() else {
         return;
     };
@@ -913,7 +921,7 @@ async fn tell_failures(ctx: &Context, agent: &FarAgent, result: &Result<Requeue,
         *streak
     };
     if streak == FAILURES_TOLD {
-        publish(
+        publish_on(
             ctx,
             agent,
             true,
@@ -960,7 +968,7 @@ async fn reconcile_pass(
     ctx.by_uid
         .lock()
         .unwrap_or_else(|e| e.into_inner())
-        .insert(uid.clone(), ObjectRef::from_obj(agent.as_ref()));
+        .insert(uid.clone(), ObjectRef::new(&name).within(&namespace));
     // (A confirmed copy is current; checking it would also forget the versions it replaced,
     // which the watch has yet to bring.)
     if !confirmed
@@ -1444,7 +1452,7 @@ async fn reconcile_pass(
 }
 
 /// What to do after a failed reconcile: try again soon.
-pub fn error_policy(agent: Arc<FarAgent>, error: &Error, ctx: Arc<Context>) -> Requeue {
+pub fn error_policy(agent: Arc<CachedAgent>, error: &Error, ctx: Arc<Context>) -> Requeue {
     match error {
         // The newer copy is on its way through the watch, and its arrival reconciles the agent
         // again. The timer is only a safety net (a watch event lost, or a 409 from something in
@@ -1497,11 +1505,12 @@ pub async fn persist_exit(ctx: &Context, report: far_channel::ExitReport) -> Res
                 &a.uid().unwrap_or_default(),
                 a.metadata.resource_version.as_deref(),
             )
-        });
+        })
+        .and_then(|a| a.agent().ok());
     let mut agent = match cached {
         Some(agent) => agent,
         None => match api.get_opt(&name).await.map_err(|e| e.to_string())? {
-            Some(agent) => Arc::new(agent),
+            Some(agent) => agent,
             None => return Ok(()),
         },
     };
@@ -1511,7 +1520,7 @@ pub async fn persist_exit(ctx: &Context, report: far_channel::ExitReport) -> Res
         match write_exit(ctx, &api, &agent, &report).await {
             Err(kube::Error::Api(status)) if status.code == 409 && tries < EXIT_WRITE_TRIES => {
                 match api.get_opt(&name).await.map_err(|e| e.to_string())? {
-                    Some(fresh) => agent = Arc::new(fresh),
+                    Some(fresh) => agent = fresh,
                     None => return Ok(()),
                 }
             }

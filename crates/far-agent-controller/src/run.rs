@@ -4,7 +4,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use far_api::{FarAgent, FarAgentPool, FlintlockHost};
+use far_api::{FarAgentPool, FlintlockHost};
 use futures::{StreamExt, TryStreamExt};
 use kube::Api;
 use kube::runtime::events::Reporter;
@@ -13,6 +13,7 @@ use kube::runtime::{Controller, WatchStreamExt, watcher};
 use tokio_stream::wrappers::BroadcastStream;
 use tracing::{info, warn};
 
+use crate::cache::CachedAgent;
 use crate::flintlock::Pool;
 use crate::reconcile::{Config, Context, error_policy, reconcile};
 
@@ -31,22 +32,6 @@ fn trim<K: kube::Resource>(object: &mut K) {
     }
 }
 
-/// What the controller caches of a FarAgent: [`trim`], and of its metadata only what it reads
-/// (names, versions, finalizers, deletion, the binding annotation). An agent's labels, other
-/// annotations and owners are its users' business: at 10,000 agents each map costs megabytes.
-fn trim_agent(agent: &mut FarAgent) {
-    trim(agent);
-    let metadata = &mut agent.metadata;
-    metadata.labels = None;
-    metadata.owner_references = None;
-    if let Some(annotations) = metadata.annotations.as_mut() {
-        annotations.retain(|key, _| key == far_api::BINDING_ANNOTATION);
-        if annotations.is_empty() {
-            metadata.annotations = None;
-        }
-    }
-}
-
 /// Runs the controller until `shutdown` resolves.
 pub async fn run(
     client: kube::Client,
@@ -56,7 +41,7 @@ pub async fn run(
     metrics: Arc<crate::metrics::Metrics>,
     shutdown: impl Future<Output = ()> + Send + Sync + 'static,
 ) {
-    let agents: Api<FarAgent> = Api::all(client.clone());
+    let agents: Api<CachedAgent> = Api::all(client.clone());
     let hosts_api: Api<FlintlockHost> = Api::all(client.clone());
 
     // The FlintlockHost and FarAgentPool caches are filled by the same watches that trigger
@@ -82,11 +67,8 @@ pub async fn run(
     .inspect_err(|e| warn!(error = %e, "FarAgentPool watch"));
 
     let (cache, cache_writer) = reflector::store();
-    let agent_watch = reflector(
-        cache_writer,
-        watcher(agents, watcher::Config::default()).modify(trim_agent),
-    )
-    .applied_objects();
+    let agent_watch =
+        reflector(cache_writer, watcher(agents, watcher::Config::default())).applied_objects();
     let controller = Controller::for_stream(agent_watch, cache)
         .with_config(kube::runtime::controller::Config::default().concurrency(config.concurrency));
     // A host that changes (turns Ready, gains room, is uncordoned) may fit agents that waited.
@@ -95,11 +77,7 @@ pub async fn run(
         waiting
             .state()
             .into_iter()
-            .filter(|a| {
-                a.status.as_ref().is_none_or(|s| {
-                    s.host.is_none() && !s.phase.is_some_and(far_api::Phase::is_terminal)
-                })
-            })
+            .filter(|a| !a.finished() && a.status.as_ref().is_none_or(|s| s.host.is_none()))
             .map(|a| reflector::ObjectRef::from_obj(a.as_ref()))
             .collect::<Vec<_>>()
     });
@@ -113,7 +91,7 @@ pub async fn run(
             .into_iter()
             .filter(|a| {
                 a.metadata.namespace == namespace
-                    && a.spec.pool_ref.as_ref().map(|r| &r.name) == name.as_ref()
+                    && a.pool == name
                     && a.status
                         .as_ref()
                         .is_some_and(|s| s.reason == Some(far_api::AgentReason::PoolNotFound))
@@ -282,7 +260,7 @@ mod tests {
 
     #[test]
     fn the_cache_keeps_what_the_controller_reads_and_drops_the_bookkeeping() {
-        let mut agent: FarAgent = serde_json::from_value(serde_json::json!({
+        let mut agent: far_api::FarAgent = serde_json::from_value(serde_json::json!({
             "apiVersion": "tiffany.dev/v1", "kind": "FarAgent",
             "metadata": {"name": "a", "namespace": "n", "uid": "u", "resourceVersion": "7",
                 "finalizers": ["tiffany.dev/vm-cleanup"], "labels": {"team": "x"},
@@ -306,43 +284,5 @@ mod tests {
             serde_json::to_value(&agent).unwrap(),
             serde_json::to_value(&expected).unwrap()
         );
-    }
-
-    #[test]
-    fn the_agent_cache_keeps_of_the_metadata_what_the_controller_reads() {
-        let mut agent: FarAgent = serde_json::from_value(serde_json::json!({
-            "apiVersion": "tiffany.dev/v1", "kind": "FarAgent",
-            "metadata": {"name": "a", "namespace": "n", "uid": "u", "resourceVersion": "7",
-                "generation": 2, "creationTimestamp": "2026-12-02T09:00:00Z",
-                "deletionTimestamp": "2026-12-02T09:01:00Z",
-                "finalizers": ["tiffany.dev/vm-cleanup"], "labels": {"team": "x"},
-                "ownerReferences": [{"apiVersion": "v1", "kind": "ConfigMap", "name": "c", "uid": "o"}],
-                "annotations": {LAST_APPLIED: "{...}", "note": "dropped",
-                    far_api::BINDING_ANNOTATION: "{\"attempt\":0}"}},
-            "spec": {"image": "busybox:1", "memory": "256Mi", "cpu": 1, "entrypoint": "/bin/true"},
-            "status": {"phase": "Running"}
-        }))
-        .unwrap();
-        let mut expected = agent.clone();
-        trim_agent(&mut agent);
-        expected.metadata.labels = None;
-        expected.metadata.owner_references = None;
-        expected.metadata.annotations = Some(
-            [(
-                far_api::BINDING_ANNOTATION.to_owned(),
-                "{\"attempt\":0}".to_owned(),
-            )]
-            .into(),
-        );
-        assert_eq!(
-            serde_json::to_value(&agent).unwrap(),
-            serde_json::to_value(&expected).unwrap()
-        );
-
-        // No annotation left, no map kept.
-        let mut plain = agent.clone();
-        plain.metadata.annotations = Some([("note".to_owned(), "x".to_owned())].into());
-        trim_agent(&mut plain);
-        assert_eq!(plain.metadata.annotations, None);
     }
 }

@@ -10,7 +10,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::{FarAgent, VmSize};
+use crate::{FarAgent, FarAgentStatus, VmSize};
 
 /// The annotation holding an agent's [`Binding`] as JSON.
 pub const BINDING_ANNOTATION: &str = "tiffany.dev/binding";
@@ -37,40 +37,65 @@ impl Binding {
     pub fn to_annotation(&self) -> String {
         serde_json::to_string(self).unwrap_or_default()
     }
+
+    /// An annotation's binding; none when it does not parse (someone edited it).
+    pub fn from_annotation(value: &str) -> Option<Self> {
+        serde_json::from_str(value).ok()
+    }
+
+    /// `self` if it binds the attempt `status` is on; an earlier attempt's binding is none.
+    pub fn of_current_attempt(self, status: Option<&FarAgentStatus>) -> Option<Self> {
+        (self.attempt == status.map_or(0, |s| s.restart_count)).then_some(self)
+    }
+
+    /// Where an agent's current attempt is placed: what its `status` says, else its current
+    /// attempt's `binding`.
+    pub fn placement(status: Option<&FarAgentStatus>, binding: Option<&Self>) -> Option<Self> {
+        let binding = binding.and_then(|b| b.clone().of_current_attempt(status));
+        match status {
+            Some(FarAgentStatus {
+                host: Some(host),
+                vm: Some(vm),
+                restart_count,
+                ..
+            }) => Some(Self {
+                attempt: *restart_count,
+                host: host.clone(),
+                vm: *vm,
+                claimed: binding.and_then(|b| b.claimed),
+            }),
+            _ => binding,
+        }
+    }
 }
 
 impl FarAgent {
     /// The binding of the agent's current attempt, if it has one. A binding of an earlier
     /// attempt, or an annotation that does not parse (someone edited it), is none.
     pub fn binding(&self) -> Option<Binding> {
-        let attempt = self.status.as_ref().map_or(0, |s| s.restart_count);
-        self.metadata
-            .annotations
-            .as_ref()?
-            .get(BINDING_ANNOTATION)
-            .and_then(|value| serde_json::from_str::<Binding>(value).ok())
-            .filter(|b| b.attempt == attempt)
+        self.annotated_binding()?
+            .of_current_attempt(self.status.as_ref())
+    }
+
+    /// The binding annotation's, of whichever attempt.
+    pub fn annotated_binding(&self) -> Option<Binding> {
+        Binding::from_annotation(
+            self.metadata
+                .annotations
+                .as_ref()?
+                .get(BINDING_ANNOTATION)?,
+        )
     }
 
     /// Where the agent's current attempt is placed: what its status says, else its binding.
     pub fn placement(&self) -> Option<Binding> {
-        let status = self.status.as_ref()?;
-        match (&status.host, status.vm) {
-            (Some(host), Some(vm)) => Some(Binding {
-                attempt: status.restart_count,
-                host: host.clone(),
-                vm,
-                claimed: self.binding().and_then(|b| b.claimed),
-            }),
-            _ => self.binding(),
-        }
+        Binding::placement(self.status.as_ref(), self.annotated_binding().as_ref())
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::FarAgentStatus;
 
     fn agent(annotation: Option<&str>, restart_count: u32) -> FarAgent {
         let mut agent = FarAgent::new("a", crate::test_support::embedder_spec());

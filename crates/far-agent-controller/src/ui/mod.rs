@@ -180,7 +180,9 @@ impl Source for Context {
         Box::pin(async move {
             let agent = self
                 .agents
-                .get(&ObjectRef::<FarAgent>::new(&name).within(&namespace))?;
+                .get(&ObjectRef::new(&name).within(&namespace))?
+                .agent()
+                .ok()?;
             let events = events(&self, &agent).await;
             Some(detail(&agent, events))
         })

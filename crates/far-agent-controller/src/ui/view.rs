@@ -4,9 +4,11 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use far_api::{FarAgent, FarAgentPool, FlintlockHost, host_condition};
+use far_api::{FarAgentPool, FlintlockHost, host_condition};
 use kube::ResourceExt;
 use serde::Serialize;
+
+use crate::cache::CachedAgent;
 
 /// One agent, as the agents table shows it.
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -120,7 +122,7 @@ fn time(t: Option<&k8s_openapi::apimachinery::pkg::apis::meta::v1::Time>) -> Opt
 }
 
 /// An agent's row.
-pub fn agent_row(agent: &FarAgent) -> AgentRow {
+pub fn agent_row(agent: &CachedAgent) -> AgentRow {
     // Borrowed, not cloned: this runs for every agent at every look.
     let status = agent.status.as_ref();
     let namespace = agent.namespace().unwrap_or_default();
@@ -213,7 +215,7 @@ mod tests {
     use super::*;
     use serde_json::json;
 
-    fn agent(name: &str, status: serde_json::Value) -> FarAgent {
+    fn agent(name: &str, status: serde_json::Value) -> CachedAgent {
         serde_json::from_value(json!({
             "apiVersion": "tiffany.dev/v1", "kind": "FarAgent",
             "metadata": {"name": name, "namespace": "team", "uid": "u",
