@@ -175,7 +175,7 @@ impl Source for Shown {
             (u64::from(vm.vcpu), u64::from(vm.memory_mib), 1)
         });
         let allocation = view::Allocation::from([(self.host.name_any(), held)]);
-        let row = view::agent_row(&agent);
+        let row = view::agent_row(&agent.into());
         view::View {
             agents: [(row.key.clone(), row)].into(),
             hosts: vec![view::host_row(&self.host, true, &allocation)],
