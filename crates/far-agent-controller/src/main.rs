@@ -12,6 +12,12 @@ use far_channel::TokenKey;
 use far_vmspec::{Defaults, ImageFile};
 use kube::runtime::events::Reporter;
 
+/// jemalloc, not glibc's malloc: it gives freed pages back to the system wherever they lie,
+/// where glibc keeps the holes a burst of creates leaves between long-lived cache entries.
+/// Measured at 10,000 running agents (`far bench`): 69 MiB RSS against 85 MiB.
+#[global_allocator]
+static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 /// Reconcile FarAgents into Flintlock microVMs across a pool of FlintlockHosts.
 #[derive(Parser, Debug)]
 #[command(name = "far-agent-controller", version)]
