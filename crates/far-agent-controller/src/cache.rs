@@ -30,6 +30,8 @@ pub struct CachedAgent {
     pub status: Option<FarAgentStatus>,
     /// `spec.poolRef.name`.
     pub pool: Option<String>,
+    /// `spec.heartbeat.timeoutSeconds`, for the heartbeat watch ([`crate::liveness`]).
+    heartbeat_timeout_seconds: u32,
     /// The binding annotation, parsed, of whichever attempt.
     annotated_binding: Option<Binding>,
     /// [`Rest`] as JSON.
@@ -72,6 +74,7 @@ impl From<FarAgent> for CachedAgent {
             metadata,
             status,
             pool: spec.pool_ref.map(|p| p.name),
+            heartbeat_timeout_seconds: spec.heartbeat.timeout_seconds,
             annotated_binding,
             rest: rest.into_boxed_str(),
         }
@@ -116,6 +119,11 @@ impl CachedAgent {
     /// Where the agent's current attempt is placed ([`FarAgent::placement`]).
     pub fn placement(&self) -> Option<Binding> {
         Binding::placement(self.status.as_ref(), self.annotated_binding.as_ref())
+    }
+
+    /// How long its guest may be silent (`spec.heartbeat.timeoutSeconds`).
+    pub fn heartbeat_timeout(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(self.heartbeat_timeout_seconds.into())
     }
 
     /// Whether the agent has finished (Completed or Failed).
@@ -230,6 +238,7 @@ mod tests {
             serde_json::to_value(expected).unwrap()
         );
         assert_eq!(cached.pool.as_deref(), Some("warm"));
+        assert_eq!(cached.heartbeat_timeout().as_secs(), 30);
         assert!(
             cached.status.as_ref().unwrap().conditions.is_empty(),
             "kept in the rest"

@@ -26,8 +26,6 @@ pub const DELETE_GRACE: Duration = Duration::from_secs(120);
 pub const STOP_MARGIN: Duration = Duration::from_secs(5);
 /// How often an agent waiting on something outside the controller is looked at again.
 pub const RECHECK: Duration = Duration::from_secs(30);
-/// How often a running agent is looked at (its heartbeats also trigger reconciles).
-pub const RUNNING_RECHECK: Duration = Duration::from_secs(10);
 /// How stale `status.lastHeartbeatTime` may get before it is written again: heartbeats live in
 /// the controller's memory, and 10,000 agents refreshing every 5 minutes is 33 writes a second.
 pub const HEARTBEAT_REFRESH: Duration = Duration::from_secs(300);
@@ -114,6 +112,31 @@ pub enum Placement {
     Unschedulable(String),
     /// No host fits because the hosts that would refused the VM; what each said.
     Refused(String),
+}
+
+/// What a running agent's heartbeats call for: the one rule both the decision and the
+/// heartbeat watch ([`crate::liveness`]) apply, so a running agent needs no timer of its own.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Heard {
+    /// Silent for its whole heartbeat timeout (this long): the agent is lost.
+    Lost(Duration),
+    /// Heard, and `status.lastHeartbeatTime` is [`HEARTBEAT_REFRESH`] behind: written again.
+    Stale,
+    /// Nothing to do.
+    Fresh,
+}
+
+/// What a running agent last heard at `last` calls for `now`, its status recording `recorded`.
+pub fn heard(last: Timestamp, recorded: Option<&Time>, timeout: Duration, now: Timestamp) -> Heard {
+    let silent = now.duration_since(last).unsigned_abs();
+    if silent >= timeout {
+        Heard::Lost(silent)
+    } else if recorded.is_none_or(|t| last.duration_since(t.0).unsigned_abs() >= HEARTBEAT_REFRESH)
+    {
+        Heard::Stale
+    } else {
+        Heard::Fresh
+    }
 }
 
 /// Everything the decision looks at.
@@ -343,6 +366,13 @@ impl Builder<'_> {
         self.condition(agent_condition::FINISHED, true, reason, &message);
         let requeue = self.finished_requeue();
         self.done(requeue)
+    }
+
+    /// How long until `activeDeadlineSeconds` runs out, for a started agent that has one.
+    fn deadline_left(&self) -> Option<Duration> {
+        let limit = Duration::from_secs(self.o.spec.active_deadline_seconds?.unsigned_abs());
+        let start = self.status.start_time.as_ref()?;
+        Some(limit.saturating_sub(elapsed(Some(start), self.o.now)))
     }
 
     fn finished_requeue(&self) -> Option<Duration> {
@@ -746,17 +776,18 @@ pub fn decide(o: &Observation<'_>) -> Decision {
                 ),
                 VmState::Pending | VmState::Created => match o.guest.last_heartbeat {
                     Some(last) => {
-                        let silent = o.now.duration_since(last).unsigned_abs();
-                        if silent >= timeout {
-                            return b.fail(
-                                AgentReason::HeartbeatLost,
-                                format!("no heartbeat for {} s", silent.as_secs()),
-                                None,
-                            );
-                        }
-                        let stale = b.status.last_heartbeat_time.as_ref().is_none_or(|t| {
-                            last.duration_since(t.0).unsigned_abs() >= HEARTBEAT_REFRESH
-                        });
+                        let recorded = b.status.last_heartbeat_time.as_ref();
+                        let stale = match heard(last, recorded, timeout, o.now) {
+                            Heard::Lost(silent) => {
+                                return b.fail(
+                                    AgentReason::HeartbeatLost,
+                                    format!("no heartbeat for {} s", silent.as_secs()),
+                                    None,
+                                );
+                            }
+                            Heard::Stale => true,
+                            Heard::Fresh => false,
+                        };
                         if stale {
                             b.status.last_heartbeat_time = Some(at(last));
                             b.status.guest = o.guest.usage.or(b.status.guest);
@@ -773,10 +804,15 @@ pub fn decide(o: &Observation<'_>) -> Decision {
                             b.event(false, "Started", format!("the agent runs in VM {uid}"));
                         }
                         // Also after a spell of HostUnreachable: the agent is heard again.
-                        if b.status.reason != Some(AgentReason::Running) {
+                        if b.status.phase != Some(Phase::Running)
+                            || b.status.reason != Some(AgentReason::Running)
+                        {
                             b.phase(Phase::Running, AgentReason::Running, "the agent runs");
                         }
-                        b.done(Some(RUNNING_RECHECK.min(timeout)))
+                        // No timer but its deadline's: what time alone changes for it, the
+                        // heartbeat watch finds ([`heard`]); what its VM does, the host probe.
+                        let deadline = b.deadline_left();
+                        b.done(deadline)
                     }
                     None => {
                         let since = o
@@ -802,7 +838,9 @@ pub fn decide(o: &Observation<'_>) -> Decision {
                             if b.status.reason != Some(AgentReason::Running) {
                                 b.phase(Phase::Running, AgentReason::Running, "the agent runs");
                             }
-                            return b.done(Some((timeout - waited).min(RUNNING_RECHECK)));
+                            let left = timeout - waited;
+                            let wake = b.deadline_left().map_or(left, |d| d.min(left));
+                            return b.done(Some(wake));
                         }
                         if waited >= timeout {
                             return b.fail(AgentReason::BootTimeout, format!("the agent's init did not report in within {} s of the VM's creation", timeout.as_secs()), None);

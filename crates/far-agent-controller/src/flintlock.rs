@@ -94,6 +94,19 @@ pub enum FlintlockError {
     },
 }
 
+/// The decision's name for a VM state Flintlock reports (`MicroVMState`, as its number); a
+/// state not told, or unknown, is not yet started.
+pub fn vm_state(state: Option<i32>) -> crate::decision::VmState {
+    use crate::decision::VmState;
+    use flintlock_proto::types::micro_vm_status::MicroVmState;
+    match state.and_then(|s| MicroVmState::try_from(s).ok()) {
+        Some(MicroVmState::Created) => VmState::Created,
+        Some(MicroVmState::Failed) => VmState::Failed,
+        Some(MicroVmState::Deleting) => VmState::Deleting,
+        _ => VmState::Pending,
+    }
+}
+
 impl FlintlockError {
     /// How the failure should be treated.
     pub fn failure(&self) -> Failure {

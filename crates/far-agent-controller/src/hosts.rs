@@ -14,7 +14,6 @@ use std::time::Duration;
 
 use far_api::{Allocated, FlintlockHost, FlintlockHostStatus, VmSize, host_condition};
 use far_vmspec::VmName;
-use flintlock_proto::types::micro_vm_status::MicroVmState;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::ResourceExt;
@@ -23,7 +22,9 @@ use kube::runtime::reflector::ObjectRef;
 use serde_json::json;
 use tracing::{info, warn};
 
+use crate::cache::CachedAgent;
 use crate::conditions;
+use crate::decision::VmState;
 use crate::reconcile::Context;
 
 /// How often hosts are probed.
@@ -60,6 +61,7 @@ pub async fn probe_all(ctx: &Context) {
     }
     let held = ctx.held();
     let pools: HashSet<String> = ctx.pools.state().iter().filter_map(|p| p.uid()).collect();
+    let mut probed = Probed::new();
     for host in ctx.hosts.state() {
         let name = host.name_any();
         let credentials = crate::reconcile::host_credentials(ctx, &host)
@@ -108,11 +110,18 @@ pub async fn probe_all(ctx: &Context) {
             }
         }
         let h = held.get(&name).copied().unwrap_or_default();
+        let error = probe.as_ref().err().map(ToString::to_string);
+        probed.insert(
+            name,
+            probe
+                .ok()
+                .map(|listed| listed.into_iter().map(|vm| (vm.uid, vm.state)).collect()),
+        );
         write_status(
             ctx,
             &host,
             ready,
-            probe.err().map(|e| e.to_string()),
+            error,
             Allocated {
                 cpu: u32::try_from(h.cpu).unwrap_or(u32::MAX),
                 memory_mib: h.memory_mib,
@@ -121,6 +130,42 @@ pub async fn probe_all(ctx: &Context) {
         )
         .await;
     }
+    // Of the agents as they were before any host was asked: a VM they record existed before
+    // its host's list, so a list without it means it is gone.
+    for agent in vm_news(&agents, &probed) {
+        let _ = ctx.kick.send(ObjectRef::from_obj(agent));
+    }
+}
+
+/// What one probe pass found: for each host, its VMs' states by uid when it answered, `None`
+/// when it did not. A host not in it is no FlintlockHost.
+pub type Probed = HashMap<String, Option<HashMap<String, VmState>>>;
+
+/// The agents a probe pass finds cause to decide again. A running agent has no timer
+/// ([`crate::liveness`]), so what befalls its VM is found here: its host stopped answering or is
+/// no FlintlockHost any more (and the agent does not say so yet), or it answered without the
+/// agent's VM, or with the VM FAILED or being deleted. Only unfinished agents with a VM on
+/// record and not being deleted: the others wait on timers of their own.
+pub fn vm_news<'a>(agents: &'a [Arc<CachedAgent>], probed: &Probed) -> Vec<&'a CachedAgent> {
+    agents
+        .iter()
+        .map(AsRef::as_ref)
+        .filter(|agent| !agent.finished() && agent.metadata.deletion_timestamp.is_none())
+        .filter(|agent| {
+            let Some(status) = &agent.status else {
+                return false;
+            };
+            let (Some(host), Some(vm)) = (&status.host, &status.vm_uid) else {
+                return false;
+            };
+            match probed.get(host) {
+                Some(Some(vms)) => {
+                    !matches!(vms.get(vm), Some(VmState::Pending | VmState::Created))
+                }
+                _ => status.reason != Some(far_api::AgentReason::HostUnreachable),
+            }
+        })
+        .collect()
 }
 
 /// Asks a host which of its VMs ended (far-host's extension; upstream has none), keeps the
@@ -249,8 +294,8 @@ pub struct Listed {
     pub uid: String,
     /// Its name, which names its agent and attempt ([`VmName`]).
     pub id: String,
-    /// Already being deleted.
-    pub deleting: bool,
+    /// Its state.
+    pub state: VmState,
     /// Its size.
     pub size: VmSize,
 }
@@ -261,15 +306,17 @@ impl Listed {
         Some(Self {
             uid: spec.uid?,
             id: spec.id,
-            deleting: vm
-                .status
-                .as_ref()
-                .is_some_and(|s| s.state == MicroVmState::Deleting as i32),
+            state: crate::flintlock::vm_state(vm.status.map(|s| s.state)),
             size: VmSize {
                 vcpu: u32::try_from(spec.vcpu).unwrap_or_default(),
                 memory_mib: u32::try_from(spec.memory_in_mb).unwrap_or_default(),
             },
         })
+    }
+
+    /// Already being deleted.
+    pub fn deleting(&self) -> bool {
+        self.state == VmState::Deleting
     }
 }
 
@@ -325,14 +372,14 @@ pub fn surplus<'a>(
     claimed: &HashSet<String>,
 ) -> Vec<(&'a Listed, Surplus)> {
     let mut oldest: HashMap<&str, &str> = HashMap::new();
-    for vm in vms.iter().filter(|vm| !vm.deleting) {
+    for vm in vms.iter().filter(|vm| !vm.deleting()) {
         let first = oldest.entry(vm.id.as_str()).or_insert(vm.uid.as_str());
         if vm.uid.as_str() < *first {
             *first = vm.uid.as_str();
         }
     }
     vms.iter()
-        .filter(|vm| !vm.deleting)
+        .filter(|vm| !vm.deleting())
         .filter_map(|vm| {
             let name = VmName::parse(&vm.id)?;
             if pools.contains(&name.uid) || claimed.contains(&name.channel_id()) {
@@ -404,7 +451,7 @@ mod tests {
         Listed {
             uid: uid.into(),
             id: format!("ns.agent.{attempt}.{A}"),
-            deleting: false,
+            state: VmState::Created,
             size: VmSize {
                 vcpu: 1,
                 memory_mib: 512,
@@ -458,7 +505,7 @@ mod tests {
     #[test]
     fn orphans_and_earlier_attempts_go_later_attempts_and_deleting_vms_are_left() {
         let mut deleting = vm("01D", 0);
-        deleting.deleting = true;
+        deleting.state = VmState::Deleting;
         let vms = [vm("01A", 0), vm("01E", 2), deleting];
         assert_eq!(
             judged(&vms, &owner(1, None)),
@@ -479,6 +526,73 @@ mod tests {
         assert_eq!(
             judged(&[vm("01A", 0)], &finished),
             [("01A".to_owned(), Surplus::Finished)]
+        );
+    }
+
+    fn placed(name: &str, status: serde_json::Value, deleting: bool) -> Arc<CachedAgent> {
+        let mut metadata = serde_json::json!({"name": name, "namespace": "n", "uid": name});
+        if deleting {
+            metadata["deletionTimestamp"] = "2027-01-15T08:00:00Z".into();
+        }
+        let agent: far_api::FarAgent = serde_json::from_value(serde_json::json!({
+            "apiVersion": "tiffany.dev/v1", "kind": "FarAgent", "metadata": metadata,
+            "spec": {"image": "busybox:1", "memory": "256Mi", "cpu": 1, "entrypoint": "/bin/a"},
+            "status": status,
+        }))
+        .unwrap();
+        Arc::new(agent.into())
+    }
+
+    fn on(host: &str, vm: &str, phase: &str, reason: &str) -> serde_json::Value {
+        serde_json::json!({"phase": phase, "reason": reason, "host": host, "vmUid": vm})
+    }
+
+    /// Running agents have no timer: the probe is what finds their VMs gone, failed or being
+    /// deleted, and their hosts silent or removed; once each, and only for agents with a VM on
+    /// record that are neither finished nor being deleted.
+    #[test]
+    fn a_probe_decides_again_the_agents_whose_vm_it_finds_in_trouble() {
+        let agents = [
+            placed("fine", on("h1", "01A", "Running", "Running"), false),
+            placed("booting", on("h1", "01B", "Pending", "Booting"), false),
+            placed("gone", on("h1", "01C", "Running", "Running"), false),
+            placed("failed", on("h1", "01D", "Running", "Running"), false),
+            placed("torn-down", on("h1", "01E", "Running", "Running"), false),
+            placed("silent-host", on("h2", "01F", "Running", "Running"), false),
+            placed(
+                "said-so",
+                on("h2", "01G", "Running", "HostUnreachable"),
+                false,
+            ),
+            placed("host-removed", on("h3", "01H", "Running", "Running"), false),
+            placed("finished", on("h1", "01I", "Completed", "Completed"), false),
+            placed("deleted", on("h1", "01J", "Running", "Running"), true),
+            placed(
+                "creating",
+                serde_json::json!({"phase": "Pending", "host": "h1"}),
+                false,
+            ),
+            placed("new", serde_json::Value::Null, false),
+        ];
+        let probed = Probed::from([
+            (
+                "h1".to_owned(),
+                Some(HashMap::from([
+                    ("01A".to_owned(), VmState::Created),
+                    ("01B".to_owned(), VmState::Pending),
+                    ("01D".to_owned(), VmState::Failed),
+                    ("01E".to_owned(), VmState::Deleting),
+                ])),
+            ),
+            ("h2".to_owned(), None),
+        ]);
+        let names: Vec<String> = vm_news(&agents, &probed)
+            .into_iter()
+            .map(|a| a.name_any())
+            .collect();
+        assert_eq!(
+            names,
+            ["gone", "failed", "torn-down", "silent-host", "host-removed"]
         );
     }
 

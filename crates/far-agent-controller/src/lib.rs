@@ -8,6 +8,7 @@
 //! - [`reconcile`]: the shell that observes, decides and acts;
 //! - [`flintlock`]: per-host Flintlock clients with deadlines and retries;
 //! - [`hosts`]: host probing, allocation and orphan collection;
+//! - [`liveness`]: what decides a running agent again (it has no timer);
 //! - [`leader`]: leader election on a Lease;
 //! - [`logs`]: reading an agent's output through the API server's service proxy;
 //! - [`metrics`]: OpenMetrics and health endpoints;
@@ -20,6 +21,7 @@ pub mod decision;
 pub mod flintlock;
 pub mod hosts;
 pub mod leader;
+pub mod liveness;
 pub mod logs;
 pub mod metrics;
 pub mod placement;

@@ -265,7 +265,7 @@ impl PoolVms {
         let mut state = self.lock();
         let present: HashSet<&str> = vms
             .iter()
-            .filter(|vm| !vm.deleting)
+            .filter(|vm| !vm.deleting())
             .map(|vm| vm.id.as_str())
             .collect();
         let gone: Vec<String> = state
@@ -279,7 +279,7 @@ impl PoolVms {
         for name in gone {
             state.forget(&name);
         }
-        for vm in vms.iter().filter(|vm| !vm.deleting) {
+        for vm in vms.iter().filter(|vm| !vm.deleting()) {
             let Some(owner) = VmName::parse(&vm.id) else {
                 continue;
             };

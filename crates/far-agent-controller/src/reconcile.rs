@@ -16,8 +16,8 @@ use far_api::{
 };
 use far_vmspec::{Defaults, VmName, VmPlan, plan};
 use flintlock_proto::far_host::EndedGuest;
-use flintlock_proto::types::micro_vm_status::MicroVmState;
 use k8s_openapi::api::core::v1::{ConfigMap, Secret};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::controller::Action as Requeue;
@@ -412,24 +412,15 @@ fn mark(ctx: &Context, host: &str, reachable: bool) -> Option<Timestamp> {
 }
 
 fn vm_state(vm: &flintlock_proto::types::MicroVm) -> VmState {
-    match vm
-        .status
-        .as_ref()
-        .and_then(|s| MicroVmState::try_from(s.state).ok())
-    {
-        Some(MicroVmState::Created) => VmState::Created,
-        Some(MicroVmState::Failed) => VmState::Failed,
-        Some(MicroVmState::Deleting) => VmState::Deleting,
-        _ => VmState::Pending,
-    }
+    crate::flintlock::vm_state(vm.status.as_ref().map(|s| s.state))
 }
 
 /// The channel id of the agent's current run, its UID and attempt: a claimed VM's task
 /// reports there too (the claim hands it the run's token), apart from the VM's own id.
-pub fn run_id(agent: &FarAgent) -> String {
+pub fn run_id(metadata: &ObjectMeta, status: Option<&FarAgentStatus>) -> String {
     channel_id(
-        &agent.uid().unwrap_or_default(),
-        agent.status.as_ref().map_or(0, |s| s.restart_count),
+        metadata.uid.as_deref().unwrap_or_default(),
+        status.map_or(0, |s| s.restart_count),
     )
 }
 
@@ -617,7 +608,7 @@ fn claim(
     };
     let task = far_vmspec::task(agent, workload, attempt, env.clone(), !secrets.is_empty())
         .map_err(far_vmspec::PlanError::from)?;
-    let id = run_id(agent);
+    let id = run_id(&agent.metadata, agent.status.as_ref());
     Ok(Some(Claim {
         task,
         secrets: secrets.clone(),
@@ -984,7 +975,7 @@ async fn reconcile_pass(
     let terminal = status.phase.is_some_and(far_api::Phase::is_terminal);
     let deleting_since = agent.metadata.deletion_timestamp.as_ref().map(|t| t.0);
 
-    let id = run_id(&agent);
+    let id = run_id(&agent.metadata, agent.status.as_ref());
     if deleting_since.is_some() && !agent.finalizers().iter().any(|f| f == FINALIZER) {
         ctx.pool_vms.forget_agent(&uid);
     }
@@ -1542,7 +1533,7 @@ async fn write_exit(
     report: &far_channel::ExitReport,
 ) -> Result<(), kube::Error> {
     let status = agent.status.clone().unwrap_or_default();
-    let current = run_id(agent) == report.id
+    let current = run_id(&agent.metadata, agent.status.as_ref()) == report.id
         && !status.phase.is_some_and(far_api::Phase::is_terminal)
         && status.exit_code.is_none();
     if !current {

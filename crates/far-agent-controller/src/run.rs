@@ -131,7 +131,7 @@ pub async fn run(
     }));
 
     // The first heartbeat and the exit of an agent reconcile it at once; other heartbeats only
-    // refresh the channel's memory.
+    // refresh the channel's memory, which the heartbeat watch reads (`crate::liveness`).
     let by_uid = Arc::clone(&ctx);
     let triggers = BroadcastStream::new(channel.subscribe()).filter_map(move |event| {
         let ctx = Arc::clone(&by_uid);
@@ -177,6 +177,7 @@ pub async fn run(
         ready.config.ui.attach(&ready);
         tokio::join!(
             crate::hosts::run(Arc::clone(&ready)),
+            crate::liveness::run(Arc::clone(&ready)),
             ready.config.ui.clone().publish(),
             crate::pools::run(ready)
         );

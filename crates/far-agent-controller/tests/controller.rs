@@ -787,6 +787,76 @@ async fn with_two_replicas_only_the_leader_acts_and_the_other_takes_over() {
     env.stop = None;
 }
 
+/// A running agent keeps no timer: while it runs heard from, nothing reconciles it; what
+/// changes for it is still found. A guest that falls silent while its host answers (only the
+/// heartbeat watch can tell) fails `HeartbeatLost`; a VM deleted under a running agent (only the
+/// host probe can tell) fails it `VMFailed`.
+#[tokio::test]
+async fn a_running_agent_is_decided_again_only_when_its_guest_or_vm_calls_for_it() {
+    let mut env = env().await;
+    env.start_controller();
+    // Before running agents kept no timer, one was looked at every heartbeat timeout at most.
+    let fast = json!({"intervalSeconds": 1, "timeoutSeconds": 6});
+    env.create(
+        "steady",
+        json!({"args": ["--seconds", "600"], "heartbeat": fast}),
+    )
+    .await;
+    // Its VM's loss must be found long before its guest's silence could tell.
+    let patient = json!({"intervalSeconds": 1, "timeoutSeconds": 600});
+    env.create(
+        "vm-lost",
+        json!({"args": ["--seconds", "600"], "heartbeat": patient}),
+    )
+    .await;
+    for name in ["steady", "vm-lost"] {
+        env.wait_for(name, "Running", |a| phase(a) == Some(Phase::Running))
+            .await;
+    }
+    // Its own write's watch event, and nothing else.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let before = env.metrics.reconciles.get();
+    tokio::time::sleep(Duration::from_secs(7)).await;
+    assert_eq!(
+        env.metrics.reconciles.get() - before,
+        0,
+        "running agents reconciled with nothing new"
+    );
+
+    env.create("hangs", json!({"args": ["--sim-hang"], "heartbeat": fast}))
+        .await;
+    let hangs = env
+        .wait_for("hangs", "Failed", |a| phase(a) == Some(Phase::Failed))
+        .await
+        .status
+        .unwrap();
+    assert_eq!(hangs.reason, Some(far_api::AgentReason::HeartbeatLost));
+    assert!(hangs.start_time.is_some(), "it ran first: {hangs:?}");
+
+    let uid = env.vm_uids("default.vm-lost.")[0].clone();
+    env.host.delete(&uid).unwrap();
+    let lost = env
+        .wait_for("vm-lost", "Failed", |a| phase(a) == Some(Phase::Failed))
+        .await
+        .status
+        .unwrap();
+    assert_eq!(
+        lost.reason,
+        Some(far_api::AgentReason::VMFailed),
+        "{lost:?}"
+    );
+    assert_eq!(
+        env.agents()
+            .get("steady")
+            .await
+            .unwrap()
+            .status
+            .unwrap()
+            .reason,
+        Some(far_api::AgentReason::Running)
+    );
+}
+
 #[tokio::test]
 async fn a_host_lost_while_running_shows_unreachable_and_silent_agents_fail() {
     let mut env = env().await;

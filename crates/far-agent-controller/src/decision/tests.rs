@@ -703,8 +703,16 @@ proptest! {
             || (deleting.is_some() && !has_finalizer);
         let terminal = d.status.phase.is_some_and(Phase::is_terminal);
         if !terminal && !released {
-            prop_assert!(d.requeue.is_some(), "a waiting agent is looked at again");
             prop_assert!(d.status.reason.is_some(), "a waiting agent says why");
+        }
+        // An agent with no timer is one that runs, heard from, in a VM its host has, with no
+        // deadline: the heartbeat watch and the host probe look after it (`crate::liveness`).
+        if !terminal && !released && d.requeue.is_none() {
+            prop_assert_eq!(d.status.phase, Some(Phase::Running));
+            prop_assert!(spec.active_deadline_seconds.is_none());
+            prop_assert!(o.guest.last_heartbeat.is_some(), "no timer for an agent never heard");
+            let present = matches!(o.vm, Some(Vm::Present { state: VmState::Pending | VmState::Created, stopped: false, .. }));
+            prop_assert!(present, "no timer for an agent whose VM is not known to run");
         }
         // A terminal agent's VM is always on its way out (once the finalizer guards it):
         // deleted, or given back to its pool.
@@ -720,6 +728,74 @@ proptest! {
             let deletes = d.actions.iter().any(|a| matches!(a, Action::DeleteVm { .. }));
             prop_assert!(!deletes, "a returned VM deleted too");
             prop_assert!(d.status.vm_uid.is_none());
+        }
+    }
+}
+
+prop_compose! {
+    /// An agent whose VM runs and whose guest reports: booting, running, or running with its
+    /// host's API silent a while; its `lastHeartbeatTime` recorded at some time or never.
+    fn heard_from()(
+        phase in prop_oneof![Just(Phase::Pending), Just(Phase::Running)],
+        reason in prop_oneof![Just(AgentReason::Booting), Just(AgentReason::Running), Just(AgentReason::HostUnreachable)],
+        state in prop_oneof![Just(VmState::Pending), Just(VmState::Created)],
+        timeout in 2u32..120,
+        deadline in proptest::option::of(1i64..1_000),
+        recorded in proptest::option::of(-600i64..0),
+        silent in 0i64..150,
+    ) -> (FarAgentSpec, FarAgentStatus, VmState, i64) {
+        let mut s = spec();
+        s.heartbeat.timeout_seconds = timeout;
+        s.active_deadline_seconds = deadline;
+        let status = FarAgentStatus {
+            phase: Some(phase),
+            reason: Some(reason),
+            host: Some("h1".into()),
+            vm_uid: Some("vm1".into()),
+            start_time: (phase == Phase::Running).then(|| Time(t(-700))),
+            last_heartbeat_time: recorded.map(|r| Time(t(r))),
+            ..Default::default()
+        };
+        (s, status, state, silent)
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(2000))]
+
+    /// A running agent heard within its timeout keeps no timer but its deadline's, and what
+    /// time alone changes for it is exactly what `heard` tells the heartbeat watch: decided
+    /// again later on the same reports, it stays as it is while its heartbeats are Fresh.
+    #[test]
+    fn the_heartbeat_watch_sees_every_change_time_makes_to_a_running_agent((spec, status, state, silent) in heard_from()) {
+        let mut o = observe(&spec, &status, 0);
+        o.vm = present(state);
+        o.guest.last_heartbeat = Some(t(-silent));
+        let d = decide(&o);
+        let timeout = Duration::from_secs(spec.heartbeat.timeout_seconds.into());
+        if spec.active_deadline_seconds.is_some_and(|limit| limit <= 700 || status.phase != Some(Phase::Running)) {
+            // Past its deadline, or started just now with one: its timer is that deadline.
+            return Ok(());
+        }
+        if silent >= i64::from(spec.heartbeat.timeout_seconds) {
+            prop_assert_eq!(d.status.reason, Some(AgentReason::HeartbeatLost));
+            return Ok(());
+        }
+        prop_assert_eq!(d.status.phase, Some(Phase::Running));
+        let deadline = spec.active_deadline_seconds.map(|limit| Duration::from_secs((limit - 700).unsigned_abs()));
+        prop_assert_eq!(d.requeue, deadline, "a running agent's only timer is its deadline");
+        for later in [0, 1, 29, 30, 59, 60, 61, 119, 120, 299, 300, 301, 1_000] {
+            let mut again = o.clone();
+            again.status = &d.status;
+            again.now = t(later);
+            let next = decide(&again);
+            let still = next.status == d.status && next.actions.is_empty();
+            let recorded = d.status.last_heartbeat_time.as_ref();
+            let fresh = heard(t(-silent), recorded, timeout, again.now) == Heard::Fresh;
+            let deadline_passed = deadline.is_some_and(|d| later >= d.as_secs() as i64);
+            if !deadline_passed {
+                prop_assert_eq!(still, fresh, "{} s later: {:?}", later, next.status);
+            }
         }
     }
 }
