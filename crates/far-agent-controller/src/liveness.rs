@@ -11,6 +11,7 @@
 //!   also tells of guests that ended ([`crate::hosts::note_ended`]);
 //! - its deadline (`activeDeadlineSeconds`): the one timer it keeps.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -26,38 +27,67 @@ use crate::reconcile::{Context, run_id};
 /// found lost.
 pub const SWEEP: Duration = Duration::from_secs(1);
 
-/// The running agents whose heartbeats call for a decision `now`. `last_heard` tells when the
-/// run with a channel id was last heard, if this controller heard it: a running agent not heard
-/// since the controller started waits on a timer of its own until it is.
+/// The running agents whose heartbeats call for a decision `now`, each with when it was last
+/// heard. `last_heard` tells when the run with a channel id was last heard, if this controller
+/// heard it: a running agent not heard since the controller started waits on a timer of its own
+/// until it is.
 pub fn due<'a>(
     agents: &'a [Arc<CachedAgent>],
     last_heard: impl Fn(&str) -> Option<Timestamp> + 'a,
     now: Timestamp,
-) -> impl Iterator<Item = &'a CachedAgent> {
-    agents.iter().map(AsRef::as_ref).filter(move |agent| {
-        let Some(status) = &agent.status else {
-            return false;
-        };
+) -> impl Iterator<Item = (&'a CachedAgent, Timestamp)> {
+    agents.iter().filter_map(move |agent| {
+        let status = agent.status.as_ref()?;
         if status.phase != Some(Phase::Running) || agent.metadata.deletion_timestamp.is_some() {
-            return false;
+            return None;
         }
-        last_heard(&run_id(&agent.metadata, Some(status))).is_some_and(|last| {
-            let recorded = status.last_heartbeat_time.as_ref();
-            decision::heard(last, recorded, agent.heartbeat_timeout(), now) != Heard::Fresh
-        })
+        let last = last_heard(&run_id(&agent.metadata, Some(status)))?;
+        let recorded = status.last_heartbeat_time.as_ref();
+        (decision::heard(last, recorded, agent.heartbeat_timeout(), now) != Heard::Fresh)
+            .then_some((agent.as_ref(), last))
     })
+}
+
+/// The due agents to decide again: each once for what it is due on (its cached version and
+/// its last heartbeat, to the second: read off the channel's monotonic clock each sweep, it
+/// moves by microseconds). Until its status write comes back through the watch, a second kick
+/// would only queue a reconcile of a copy already superseded; a reconcile that failed comes back
+/// by itself, and one that wrote nothing met a newer heartbeat, which is due anew.
+#[derive(Debug, Default)]
+pub struct Kicks(HashMap<String, (Option<String>, i64)>);
+
+impl Kicks {
+    /// Of the agents due now, those not kicked yet for what they are due on.
+    pub fn of<'a>(
+        &mut self,
+        due: impl Iterator<Item = (&'a CachedAgent, Timestamp)>,
+    ) -> Vec<&'a CachedAgent> {
+        let mut now = HashMap::with_capacity(self.0.len());
+        let mut kick = Vec::new();
+        for (agent, last) in due {
+            let on = (agent.metadata.resource_version.clone(), last.as_second());
+            let uid = agent.metadata.uid.clone().unwrap_or_default();
+            if self.0.get(&uid) != Some(&on) {
+                kick.push(agent);
+            }
+            now.insert(uid, on);
+        }
+        self.0 = now;
+        kick
+    }
 }
 
 /// Runs the heartbeat watch forever.
 pub async fn run(ctx: Arc<Context>) {
     let mut ticks = tokio::time::interval(SWEEP);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let mut kicks = Kicks::default();
     loop {
         ticks.tick().await;
         let agents = ctx.agents.state();
         let now = Timestamp::now();
         let last_heard = |id: &str| Some(now - ctx.channel.view(id)?.since_heartbeat?);
-        for agent in due(&agents, last_heard, now) {
+        for agent in kicks.of(due(&agents, last_heard, now)) {
             let _ = ctx.kick.send(ObjectRef::from_obj(agent));
         }
     }
@@ -77,7 +107,8 @@ mod tests {
     }
 
     fn agent(status: serde_json::Value, deleting: bool) -> Arc<CachedAgent> {
-        let mut metadata = json!({"name": "a", "namespace": "n", "uid": UID});
+        let mut metadata =
+            json!({"name": "a", "namespace": "n", "uid": UID, "resourceVersion": "7"});
         if deleting {
             metadata["deletionTimestamp"] = json!("2027-01-15T08:00:00Z");
         }
@@ -121,6 +152,27 @@ mod tests {
         assert!(decided(&a, Some(300), 300));
         let never_recorded = agent(json!({"phase": "Running", "restartCount": 2}), false);
         assert!(decided(&never_recorded, Some(5), 6));
+    }
+
+    #[test]
+    fn a_due_agent_is_kicked_once_for_each_version_and_heartbeat_it_is_due_on() {
+        let a = agent(running(0), false);
+        let mut newer = (*a).clone();
+        newer.metadata.resource_version = Some("8".into());
+        let mut kicks = Kicks::default();
+        let mut sweep = |due: &[(&CachedAgent, Timestamp)]| kicks.of(due.iter().copied()).len();
+        assert_eq!(sweep(&[(&a, t(100))]), 1);
+        assert_eq!(sweep(&[(&a, t(100))]), 0, "due on the same again");
+        let jittered = t(100) + std::time::Duration::from_micros(30);
+        assert_eq!(sweep(&[(&a, jittered)]), 0, "the same, read again");
+        assert_eq!(sweep(&[(&a, t(101))]), 1, "heard since");
+        assert_eq!(sweep(&[(&newer, t(101))]), 1, "a newer copy");
+        assert_eq!(sweep(&[]), 0);
+        assert_eq!(
+            sweep(&[(&newer, t(101))]),
+            1,
+            "due again after a sweep it was not"
+        );
     }
 
     #[test]
