@@ -88,8 +88,6 @@ pub struct Context {
     pub flintlock: Pool,
     /// Hosts that stopped answering, and since when.
     pub unreachable: Mutex<HashMap<String, Timestamp>>,
-    /// Agents by UID, for turning channel reports into reconciles.
-    pub by_uid: Mutex<HashMap<String, ObjectRef<CachedAgent>>>,
     /// Credentials of hosts, read from their Secrets.
     pub credentials: Mutex<HashMap<String, Credentials>>,
     /// Who writes Events.
@@ -241,9 +239,25 @@ impl Context {
         self.pools.wait_until_ready().now_or_never().is_some()
     }
 
-    /// The cached FarAgent whose run has channel id `id`.
+    /// The cached FarAgent whose run has channel id `id`: by the name the channel keeps of the
+    /// run, else looked for in the cache (a run this process has not reconciled yet).
     pub fn agent_by_run(&self, id: &str) -> Option<Arc<CachedAgent>> {
-        self.agent_by_uid(run_owner(id))
+        let uid = run_owner(id);
+        self.agent_named(id)
+            .and_then(|r| self.agents.get(&r))
+            .filter(|a| a.metadata.uid.as_deref() == Some(uid))
+            .or_else(|| {
+                self.agents
+                    .state()
+                    .into_iter()
+                    .find(|a| a.metadata.uid.as_deref() == Some(uid))
+            })
+    }
+
+    /// The reference of the FarAgent whose run has channel id `id`, if the channel has it named.
+    pub fn agent_named(&self, id: &str) -> Option<ObjectRef<CachedAgent>> {
+        let (namespace, name) = self.channel.named(id)?;
+        Some(ObjectRef::new(&name).within(&namespace))
     }
 
     /// What every host holds: its agents' VMs, and the pools' VMs no agent holds.
@@ -256,18 +270,6 @@ impl Context {
             h.memory_mib += pool.memory_mib;
         }
         by_host
-    }
-
-    /// The cached FarAgent with this UID: through the index reconciles keep, else looked for
-    /// in the cache (an agent this process has not reconciled yet).
-    pub fn agent_by_uid(&self, uid: &str) -> Option<Arc<CachedAgent>> {
-        let indexed = lock(&self.by_uid).get(uid).cloned();
-        indexed.and_then(|r| self.agents.get(&r)).or_else(|| {
-            self.agents
-                .state()
-                .into_iter()
-                .find(|a| a.metadata.uid.as_deref() == Some(uid))
-        })
     }
 }
 
@@ -426,7 +428,7 @@ pub fn run_id(metadata: &ObjectMeta, status: Option<&FarAgentStatus>) -> String 
 
 /// The UID of the agent whose run has channel id `id` (its first part, [`channel_id`]).
 pub fn run_owner(id: &str) -> &str {
-    id.rsplit_once('.').map_or(id, |(uid, _)| uid)
+    far_agent_protocol::parse_channel_id(id).map_or(id, |(uid, _)| uid)
 }
 
 fn vm_uid(vm: &flintlock_proto::types::MicroVm) -> Option<String> {
@@ -956,10 +958,6 @@ async fn reconcile_pass(
     let namespace = agent.namespace().unwrap_or_default();
     let name = agent.name_any();
     let uid = agent.uid().unwrap_or_default();
-    ctx.by_uid
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .insert(uid.clone(), ObjectRef::new(&name).within(&namespace));
     // (A confirmed copy is current; checking it would also forget the versions it replaced,
     // which the watch has yet to bring.)
     if !confirmed
@@ -1269,10 +1267,6 @@ async fn reconcile_pass(
                 ctx.superseded.forget(&uid);
                 ctx.refusals.forget(&uid);
                 lock(&ctx.unsent).retain(|attempt| !attempt.starts_with(&format!("{uid}.")));
-                ctx.by_uid
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .remove(&uid);
                 info!(agent = %name, "released");
                 return Ok(Pass::Done(Requeue::await_change()));
             }

@@ -110,7 +110,6 @@ pub async fn run(
         agents: controller.store(),
         pools,
         unreachable: Default::default(),
-        by_uid: Default::default(),
         credentials: Default::default(),
         reporter,
         agents_ready: AtomicBool::new(false),
@@ -132,9 +131,9 @@ pub async fn run(
 
     // The first heartbeat and the exit of an agent reconcile it at once; other heartbeats only
     // refresh the channel's memory, which the heartbeat watch reads (`crate::liveness`).
-    let by_uid = Arc::clone(&ctx);
+    let named = Arc::clone(&ctx);
     let triggers = BroadcastStream::new(channel.subscribe()).filter_map(move |event| {
-        let ctx = Arc::clone(&by_uid);
+        let ctx = Arc::clone(&named);
         async move {
             let event = event.ok()?;
             if let far_channel::Event::Heartbeat {
@@ -150,12 +149,7 @@ pub async fn run(
                 | far_channel::Event::Exited { uid, .. } => uid,
                 _ => return None,
             };
-            let agent_uid = crate::reconcile::run_owner(&id);
-            ctx.by_uid
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .get(agent_uid)
-                .cloned()
+            ctx.agent_named(&id)
         }
     });
 

@@ -59,6 +59,12 @@ pub fn channel_id(uid: &str, attempt: u32) -> String {
     format!("{uid}.{attempt}")
 }
 
+/// A [`channel_id`]'s UID and attempt; `None` for an id not of that form.
+pub fn parse_channel_id(id: &str) -> Option<(&str, u32)> {
+    let (uid, attempt) = id.rsplit_once('.')?;
+    Some((uid, attempt.parse().ok()?))
+}
+
 /// The channel's routes, relative to the channel URL; `{id}` is the agent's [`channel_id`].
 pub mod paths {
     /// POST, with the run configuration's enrolment token as bearer: answers the agent's

@@ -171,6 +171,8 @@ struct Agent {
     claim: Option<Box<Claim>>,
     /// For a claimed run: the channel id of the VM it was offered to, until the run reports in.
     offered_to: Option<String>,
+    /// `namespace/name` of the FarAgent this run is of ([`Channel::name`]).
+    name: Option<Box<str>>,
     /// Wakes this VM's requests waiting for a claim (made by its first wait).
     offered: Option<Arc<tokio::sync::Notify>>,
 }
@@ -188,8 +190,6 @@ struct Shared {
     config: Config,
     agents: Mutex<HashMap<String, Box<Agent>>>,
     events: broadcast::Sender<Event>,
-    /// `namespace/name` of a FarAgent -> the channel id of its current run.
-    names: Mutex<HashMap<String, String>>,
     persist: std::sync::OnceLock<PersistExit>,
 }
 
@@ -263,7 +263,6 @@ impl Channel {
                 config,
                 agents: Mutex::default(),
                 events,
-                names: Mutex::default(),
                 persist: std::sync::OnceLock::new(),
             }),
         }
@@ -368,11 +367,6 @@ impl Channel {
     /// Drops everything about an agent (it is gone).
     pub fn forget(&self, uid: &str) {
         self.agents().remove(uid);
-        self.shared
-            .names
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .retain(|_, id| id != uid);
     }
 
     /// Makes every exit durable before it is acknowledged: `persist` (the controller writes the
@@ -383,14 +377,34 @@ impl Channel {
         let _ = self.shared.persist.set(persist);
     }
 
-    /// Records that the FarAgent `namespace/name` currently runs as channel id `id`, for
-    /// [`Channel::logs_router`].
+    /// Records that the run with channel id `id` is of the FarAgent `namespace/name`, for
+    /// [`Channel::named`], exit reports and [`Channel::logs_router`].
     pub fn name(&self, namespace: &str, name: &str, id: &str) {
-        self.shared
-            .names
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(format!("{namespace}/{name}"), id.to_owned());
+        let mut agents = self.agents();
+        let agent = match agents.get_mut(id) {
+            Some(agent) => agent,
+            None => agents.entry(id.to_owned()).or_default(),
+        };
+        if split(agent.name.as_deref()) != Some((namespace, name)) {
+            agent.name = Some(format!("{namespace}/{name}").into());
+        }
+    }
+
+    /// The namespace and name of the FarAgent whose run has channel id `id`, if it was named.
+    pub fn named(&self, id: &str) -> Option<(String, String)> {
+        let agents = self.agents();
+        let (namespace, name) = split(agents.get(id)?.name.as_deref())?;
+        Some((namespace.to_owned(), name.to_owned()))
+    }
+
+    /// The channel id of the FarAgent `namespace/name`'s latest run this channel knows of
+    /// (users read logs rarely: a scan, not an index every agent would pay for).
+    fn run_of(&self, namespace: &str, name: &str) -> Option<String> {
+        self.agents()
+            .iter()
+            .filter(|(_, agent)| split(agent.name.as_deref()) == Some((namespace, name)))
+            .max_by_key(|(id, _)| far_agent_protocol::parse_channel_id(id).map(|(_, n)| n))
+            .map(|(id, _)| id.clone())
     }
 
     /// The log routes for users: `GET /v1/namespaces/{namespace}/faragents/{name}/logs`
@@ -569,17 +583,8 @@ async fn exit(
         return Err(Refusal::Unavailable);
     }
     if let Some(persist) = persist {
-        let agent = channel
-            .shared
-            .names
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .iter()
-            .find(|(_, id)| **id == uid)
-            .and_then(|(key, _)| key.split_once('/'))
-            .map(|(namespace, name)| (namespace.to_owned(), name.to_owned()));
         let report = ExitReport {
-            agent,
+            agent: channel.named(&uid),
             id: uid.clone(),
             exit: exit.clone(),
         };
@@ -648,6 +653,11 @@ struct LogQuery {
     follow: bool,
 }
 
+/// A run's `namespace/name`, split.
+fn split(name: Option<&str>) -> Option<(&str, &str)> {
+    name?.split_once('/')
+}
+
 fn render(line: &LogLine) -> bytes::Bytes {
     bytes::Bytes::from(format!("{}\n", line.text))
 }
@@ -658,14 +668,7 @@ async fn read_logs(
     axum::extract::Query(query): axum::extract::Query<LogQuery>,
 ) -> axum::response::Response {
     use axum::response::IntoResponse;
-    let id = channel
-        .shared
-        .names
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .get(&format!("{namespace}/{name}"))
-        .cloned();
-    let Some(id) = id else {
+    let Some(id) = channel.run_of(&namespace, &name) else {
         return (
             StatusCode::NOT_FOUND,
             format!("no output known for FarAgent {namespace}/{name}\n"),

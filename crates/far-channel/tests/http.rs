@@ -544,3 +544,52 @@ async fn with_durable_exits_no_exit_is_acknowledged_before_it_can_be_persisted()
         [(None, "a.0", 3)]
     );
 }
+
+/// The channel keeps which FarAgent each run is of: the owner finds an agent from a report's
+/// run, and users read the output of the agent's latest run by its name.
+#[tokio::test]
+async fn runs_are_named_and_a_users_logs_are_the_latest_runs() {
+    let channel = Channel::new(config());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let router = channel.router().merge(channel.logs_router());
+    tokio::spawn(async move { axum::serve(listener, router).await });
+
+    for (run, text) in [
+        ("u.1", "second run"),
+        ("u.0", "first run"),
+        ("v.0", "other agent"),
+    ] {
+        let agent = if run.starts_with('u') { "a" } else { "b" };
+        channel.name("agents", agent, run);
+        let batch = LogBatch {
+            seq: 0,
+            lines: vec![LogLine {
+                stream: Stream::Stdout,
+                text: text.into(),
+            }],
+        };
+        let token = channel.token_for(run);
+        assert!(post(&base, run, "logs", &token, &batch).await.is_success());
+    }
+    assert_eq!(channel.named("u.0"), Some(("agents".into(), "a".into())));
+    assert_eq!(channel.named("u.1"), Some(("agents".into(), "a".into())));
+    assert_eq!(channel.named("w.0"), None);
+    // Named again (every reconcile does): nothing changes.
+    channel.name("agents", "a", "u.1");
+    assert_eq!(channel.named("u.1"), Some(("agents".into(), "a".into())));
+
+    let logs = |name: &str| {
+        let url = format!("{base}/v1/namespaces/agents/faragents/{name}/logs");
+        async move {
+            let answer = client().get(url).send().await.unwrap();
+            (answer.status(), answer.text().await.unwrap())
+        }
+    };
+    assert_eq!(logs("a").await, (StatusCode::OK, "second run\n".into()));
+    assert_eq!(logs("b").await, (StatusCode::OK, "other agent\n".into()));
+    assert_eq!(logs("c").await.0, StatusCode::NOT_FOUND);
+    channel.forget("u.1");
+    assert_eq!(channel.named("u.1"), None);
+    assert_eq!(logs("a").await, (StatusCode::OK, "first run\n".into()));
+}
