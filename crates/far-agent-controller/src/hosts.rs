@@ -131,9 +131,17 @@ pub async fn probe_all(ctx: &Context) {
         .await;
     }
     // Of the agents as they were before any host was asked: a VM they record existed before
-    // its host's list, so a list without it means it is gone.
+    // its host's list, so a list without it means it is gone. Only those the cache still holds
+    // as they were: one that changed since (finished, say, and its VM freed) is decided on its
+    // change already, and a kick would only decide a copy its own writes have superseded.
     for agent in vm_news(&agents, &probed) {
-        let _ = ctx.kick.send(ObjectRef::from_obj(agent));
+        let kick = ObjectRef::from_obj(agent);
+        let current = ctx.agents.get(&kick);
+        if current
+            .is_some_and(|now| now.metadata.resource_version == agent.metadata.resource_version)
+        {
+            let _ = ctx.kick.send(kick);
+        }
     }
 }
 
