@@ -1,13 +1,14 @@
 //! The agent status channel, from the guest's side.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use far_agent_protocol::{
     Claim, Enrolment, Exit, Heartbeat, HeartbeatReply, RunConfig, RunGrant, Secrets, limits, paths,
 };
 use serde::Serialize;
-use ureq::Agent;
 
+use crate::http::{self, Client, Request, Response};
 use crate::say;
 
 /// Why a channel call failed.
@@ -20,7 +21,7 @@ pub enum ChannelError {
         route: String,
         /// The cause.
         #[source]
-        source: ureq::Error,
+        source: http::Error,
     },
     /// The channel refused the request.
     #[error("{route}: answered {status}")]
@@ -45,7 +46,7 @@ pub struct Channel {
     base: String,
     id: String,
     authorization: String,
-    agent: Agent,
+    http: Arc<Client>,
 }
 
 impl Channel {
@@ -61,14 +62,13 @@ impl Channel {
             base: config.channel.url.trim_end_matches('/').to_owned(),
             id: config.channel.id.clone(),
             authorization: format!("Bearer {}", config.channel.enrolment_token),
-            agent: Agent::config_builder()
-                .timeout_global(Some(Duration::from_secs(5)))
-                // A connection is kept between reports only as long as the channel would keep
-                // it: heartbeats, seconds apart, each open their own.
-                .max_idle_age(Duration::from_secs(limits::CLIENT_IDLE_SECONDS))
-                .http_status_as_error(false)
-                .build()
-                .into(),
+            // A connection is kept between reports only as long as the channel would keep it:
+            // heartbeats, seconds apart, each open their own.
+            http: Arc::new(Client::new(
+                Duration::from_secs(5),
+                Duration::from_secs(limits::CLIENT_IDLE_SECONDS),
+                limits::REQUEST_BYTES,
+            )),
         };
         let started = Instant::now();
         let mut delay = Duration::from_millis(100);
@@ -95,7 +95,7 @@ impl Channel {
             base: self.base.clone(),
             id: grant.id.clone(),
             authorization: format!("Bearer {}", grant.token),
-            agent: self.agent.clone(),
+            http: Arc::clone(&self.http),
         }
     }
 
@@ -116,22 +116,36 @@ impl Channel {
     /// [`ChannelError`] when unreachable or refused.
     pub fn post<T: Serialize>(&self, route: &str, body: &T) -> Result<(), ChannelError> {
         let bytes = serde_json::to_vec(body).unwrap_or_default();
-        let response = self
-            .agent
-            .post(self.url(route))
-            .header("Authorization", &self.authorization)
-            .header("Content-Type", "application/json")
-            .send(&bytes[..])
-            .map_err(|source| ChannelError::Transport {
-                route: route.to_owned(),
-                source,
-            })?;
-        let status = response.status().as_u16();
+        let status = self.send(route, Some(&bytes), None)?.status;
         if (200..300).contains(&status) {
             Ok(())
         } else {
             Err(self.refused(route, status))
         }
+    }
+
+    /// A GET, or a POST of a JSON `body`, with the agent's authorization.
+    fn send(
+        &self,
+        route: &str,
+        body: Option<&[u8]>,
+        timeout: Option<Duration>,
+    ) -> Result<Response, ChannelError> {
+        let url = self.url(route);
+        let mut request = match body {
+            Some(body) => Request::post(&url, body).header("Content-Type", "application/json"),
+            None => Request::get(&url),
+        }
+        .header("Authorization", &self.authorization);
+        if let Some(timeout) = timeout {
+            request = request.timeout(timeout);
+        }
+        self.http
+            .send(&request)
+            .map_err(|source| ChannelError::Transport {
+                route: route.to_owned(),
+                source,
+            })
     }
 
     /// Sends a heartbeat; the answer says whether to stop the agent.
@@ -161,15 +175,8 @@ impl Channel {
         let route = paths::CLAIM;
         let mut delay = Duration::from_millis(100);
         loop {
-            let sent = self
-                .agent
-                .get(self.url(route))
-                .header("Authorization", &self.authorization)
-                .config()
-                .timeout_global(Some(Duration::from_secs(limits::CLAIM_WAIT_SECONDS + 10)))
-                .build()
-                .call();
-            let mut response = match sent {
+            let wait = Duration::from_secs(limits::CLAIM_WAIT_SECONDS + 10);
+            let response = match self.send(route, None, Some(wait)) {
                 Ok(response) => response,
                 Err(_) => {
                     std::thread::sleep(delay);
@@ -177,22 +184,8 @@ impl Channel {
                     continue;
                 }
             };
-            match response.status().as_u16() {
-                200 => {
-                    let body = response
-                        .body_mut()
-                        .with_config()
-                        .limit(limits::REQUEST_BYTES as u64)
-                        .read_to_vec()
-                        .map_err(|source| ChannelError::Transport {
-                            route: route.to_owned(),
-                            source,
-                        })?;
-                    return serde_json::from_slice(&body).map_err(|e| ChannelError::Malformed {
-                        route: route.to_owned(),
-                        detail: e.to_string(),
-                    });
-                }
+            match response.status {
+                200 => return self.parse(route, &response.body),
                 204 => delay = Duration::from_millis(100),
                 status if (400..500).contains(&status) && status != 429 => {
                     return Err(self.refused(route, status));
@@ -211,36 +204,19 @@ impl Channel {
         route: &str,
         body: Option<&[u8]>,
     ) -> Result<T, ChannelError> {
-        let transport = |source| ChannelError::Transport {
-            route: route.to_owned(),
-            source,
-        };
-        let url = self.url(route);
-        let mut response = match body {
-            Some(body) => self
-                .agent
-                .post(url)
-                .header("Authorization", &self.authorization)
-                .header("Content-Type", "application/json")
-                .send(body),
-            None => self
-                .agent
-                .get(url)
-                .header("Authorization", &self.authorization)
-                .call(),
+        let response = self.send(route, body, None)?;
+        if response.status != 200 {
+            return Err(self.refused(route, response.status));
         }
-        .map_err(transport)?;
-        let status = response.status().as_u16();
-        if status != 200 {
-            return Err(self.refused(route, status));
-        }
-        let body = response
-            .body_mut()
-            .with_config()
-            .limit(limits::REQUEST_BYTES as u64)
-            .read_to_vec()
-            .map_err(transport)?;
-        serde_json::from_slice(&body).map_err(|e| ChannelError::Malformed {
+        self.parse(route, &response.body)
+    }
+
+    fn parse<T: serde::de::DeserializeOwned>(
+        &self,
+        route: &str,
+        body: &[u8],
+    ) -> Result<T, ChannelError> {
+        serde_json::from_slice(body).map_err(|e| ChannelError::Malformed {
             route: route.to_owned(),
             detail: e.to_string(),
         })

@@ -14,6 +14,7 @@
 mod boot;
 mod channel;
 mod dhcp;
+mod http;
 mod metadata;
 mod net;
 mod reset;
@@ -164,8 +165,8 @@ fn init(channel_out: &mut Option<Arc<Channel>>) -> Result<i32, Fatal> {
 
     let metadata_url = metadata_url(&cmdline);
     say!("reading the run configuration from {metadata_url}");
-    let metadata = Metadata::new(metadata_url);
-    let bytes = metadata
+    // A temporary: its kept connection closes once the configuration is read.
+    let bytes = Metadata::new(metadata_url)
         .fetch(RUN_CONFIG_KEY, Duration::from_secs(30))
         .map_err(|e| Fatal::Metadata(e.to_string()))?;
     let config = RunConfig::parse(&bytes)?;

@@ -5,7 +5,8 @@
 use std::time::{Duration, Instant};
 
 use far_agent_protocol::limits;
-use ureq::Agent;
+
+use crate::http::{self, Client, Request, Response};
 
 /// Why the metadata could not be read.
 #[derive(Debug, thiserror::Error)]
@@ -28,12 +29,21 @@ pub enum MetadataError {
         /// The HTTP status.
         status: u16,
     },
+    /// The service's answer is larger than a run configuration may be.
+    #[error("{url}: {source}")]
+    TooLarge {
+        /// What was asked.
+        url: String,
+        /// The bound.
+        #[source]
+        source: http::Error,
+    },
 }
 
 /// A metadata service client.
 pub struct Metadata {
     base: String,
-    agent: Agent,
+    http: Client,
 }
 
 /// Seconds a V2 session token is asked to live.
@@ -42,72 +52,62 @@ const TOKEN_TTL_SECONDS: &str = "21600";
 impl Metadata {
     /// A client for the service at `base` (e.g. `http://169.254.169.254`).
     pub fn new(base: &str) -> Self {
-        let agent = Agent::config_builder()
-            .timeout_global(Some(Duration::from_secs(2)))
-            .http_status_as_error(false)
-            .build()
-            .into();
         Self {
             base: base.trim_end_matches('/').to_owned(),
-            agent,
+            http: Client::new(
+                Duration::from_secs(2),
+                Duration::from_secs(limits::CLIENT_IDLE_SECONDS),
+                limits::RUN_CONFIG_BYTES,
+            ),
         }
     }
 
     /// A V2 session token, or `None` when the service has no token endpoint.
-    fn token(&self) -> Result<Option<String>, ureq::Error> {
-        let mut response = self
-            .agent
-            .put(format!("{}/latest/api/token", self.base))
-            .header("X-metadata-token-ttl-seconds", TOKEN_TTL_SECONDS)
-            .send_empty()?;
-        if !response.status().is_success() {
+    fn token(&self) -> Result<Option<String>, http::Error> {
+        let url = format!("{}/latest/api/token", self.base);
+        let response = self.http.send(
+            &Request::put(&url, &[]).header("X-metadata-token-ttl-seconds", TOKEN_TTL_SECONDS),
+        )?;
+        if !(200..300).contains(&response.status) {
             return Ok(None);
         }
         Ok(Some(
-            response
-                .body_mut()
-                .with_config()
-                .limit(4096)
-                .read_to_string()?
-                .trim()
-                .to_owned(),
+            String::from_utf8_lossy(&response.body).trim().to_owned(),
         ))
     }
 
-    fn get(
-        &self,
-        url: &str,
-        token: Option<&str>,
-    ) -> Result<ureq::http::Response<ureq::Body>, ureq::Error> {
-        let mut request = self.agent.get(url);
+    fn get(&self, url: &str, token: Option<&str>) -> Result<Response, http::Error> {
+        let mut request = Request::get(url);
         if let Some(token) = token {
             request = request.header("X-metadata-token", token);
         }
-        request.call()
+        self.http.send(&request)
     }
 
     fn fetch_once(&self, key: &str) -> Result<Vec<u8>, FetchError> {
         let url = format!("{}/latest/{key}", self.base);
+        let transport = |e: http::Error| match e {
+            http::Error::TooLarge { .. } => FetchError::Final(MetadataError::TooLarge {
+                url: url.clone(),
+                source: e,
+            }),
+            e => FetchError::Transport(e),
+        };
         // V1 first: one request where the service allows it, which costs boot time under
         // software emulation; a V2-only service answers 401 and gets the token flow.
-        let mut response = self.get(&url, None).map_err(FetchError::Transport)?;
-        if response.status().as_u16() == 401
-            && let Some(token) = self.token().map_err(FetchError::Transport)?
+        let mut response = self.get(&url, None).map_err(transport)?;
+        if response.status == 401
+            && let Some(token) = self.token().map_err(transport)?
         {
-            response = self
-                .get(&url, Some(&token))
-                .map_err(FetchError::Transport)?;
+            response = self.get(&url, Some(&token)).map_err(transport)?;
         }
-        let status = response.status().as_u16();
-        if status != 200 {
-            return Err(FetchError::Status(MetadataError::Status { url, status }));
+        if response.status != 200 {
+            return Err(FetchError::Final(MetadataError::Status {
+                url,
+                status: response.status,
+            }));
         }
-        response
-            .body_mut()
-            .with_config()
-            .limit(limits::RUN_CONFIG_BYTES as u64 + 1)
-            .read_to_vec()
-            .map_err(FetchError::Transport)
+        Ok(response.body)
     }
 
     /// Reads one key, retrying while the service is unreachable (the network may still be
@@ -120,7 +120,7 @@ impl Metadata {
         loop {
             match self.fetch_once(key) {
                 Ok(bytes) => return Ok(bytes),
-                Err(FetchError::Status(e)) => return Err(e),
+                Err(FetchError::Final(e)) => return Err(e),
                 Err(FetchError::Transport(e)) if started.elapsed() >= wait => {
                     return Err(MetadataError::Unreachable {
                         url: format!("{}/latest/{key}", self.base),
@@ -135,8 +135,10 @@ impl Metadata {
 }
 
 enum FetchError {
-    Transport(ureq::Error),
-    Status(MetadataError),
+    /// Worth asking again while the wait lasts.
+    Transport(http::Error),
+    /// An answer, and not the key's value.
+    Final(MetadataError),
 }
 
 #[cfg(test)]
@@ -246,6 +248,22 @@ mod tests {
             matches!(err, MetadataError::Status { status: 401, .. }),
             "{err}"
         );
+    }
+
+    #[test]
+    fn an_answer_larger_than_a_run_configuration_is_an_error_at_once() {
+        let (base, seen) = serve(|_, _| (200, "x".repeat(limits::RUN_CONFIG_BYTES + 1)));
+        let err = Metadata::new(&base)
+            .fetch("far-run", Duration::from_secs(5))
+            .unwrap_err();
+        assert!(
+            err.to_string().ends_with(&format!(
+                "is larger than {} bytes",
+                limits::RUN_CONFIG_BYTES
+            )),
+            "{err}"
+        );
+        assert_eq!(seen.lock().unwrap().len(), 1);
     }
 
     #[test]
