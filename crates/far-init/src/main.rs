@@ -119,12 +119,10 @@ struct Timeline(Vec<(&'static str, u64)>);
 
 impl Timeline {
     fn mark(&mut self, step: &'static str) {
-        if let Some(ms) = sysinfo::uptime_ms(Path::new("/proc")) {
-            self.0.push((step, ms));
-        }
+        self.0.push((step, sysinfo::uptime_ms()));
     }
 
-    /// `kernel 610 ms, modules +120 ms, ...`.
+    /// `kernel 610 ms, modules +120 ms, ...`: `kernel` is when far-init began.
     fn summary(&self) -> String {
         let mut parts = Vec::new();
         let mut last = None;
@@ -140,10 +138,10 @@ impl Timeline {
 }
 
 fn init(channel_out: &mut Option<Arc<Channel>>) -> Result<i32, Fatal> {
-    let in_initrd = Path::new(INITRD_MODULE_LIST).exists();
-    boot::mount_pseudo_filesystems().map_err(Fatal::Boot)?;
     let mut timeline = Timeline::default();
     timeline.mark("kernel");
+    let in_initrd = Path::new(INITRD_MODULE_LIST).exists();
+    boot::mount_pseudo_filesystems().map_err(Fatal::Boot)?;
     if in_initrd {
         if boot::load_modules(Path::new(INITRD_MODULE_LIST), &boot::kernel_release())
             .map_err(Fatal::Boot)?

@@ -54,7 +54,7 @@ pub fn run_agent(
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
-    let boot_to_entrypoint_ms = sysinfo::uptime_ms(Path::new("/proc"));
+    let boot_to_entrypoint_ms = Some(sysinfo::uptime_ms());
     let mut child = command.spawn().map_err(|e| Fatal::Start {
         entrypoint: task.entrypoint.clone(),
         reason: e.to_string(),
