@@ -49,9 +49,10 @@ pub struct BenchArgs {
     /// Seconds each simulated agent runs.
     #[arg(long, default_value_t = 2.0)]
     pub run_seconds: f64,
-    /// Give up after this many seconds.
-    #[arg(long, default_value_t = 600)]
-    pub timeout_seconds: u64,
+    /// Give up after this many seconds. By default the run's own length: creating the agents
+    /// (at --rate, or in a burst at 20 a second), --run-seconds, and 10 minutes to spare.
+    #[arg(long)]
+    pub timeout_seconds: Option<u64>,
     /// Status patches in the API-server baseline.
     #[arg(long, default_value_t = 2000)]
     pub baseline_patches: usize,
@@ -81,6 +82,24 @@ pub struct BenchArgs {
     /// Idle VMs the pool keeps (its minIdle) with --pool; 0: as many as --agents.
     #[arg(long, default_value_t = 0, requires = "pool")]
     pub pool_idle: usize,
+}
+
+impl BenchArgs {
+    /// When the run gives up: --timeout-seconds, or the run's own length with time to spare
+    /// (a fixed default gave up on long runs of many agents while they were still running).
+    pub fn timeout(&self) -> Duration {
+        self.timeout_seconds.map_or_else(
+            || {
+                let per_second = if self.rate > 0.0 {
+                    self.rate.min(20.0)
+                } else {
+                    20.0
+                };
+                Duration::from_secs_f64(self.agents as f64 / per_second + self.run_seconds + 600.0)
+            },
+            Duration::from_secs,
+        )
+    }
 }
 
 /// The namespace the benchmark's agents (and the controller's Lease) live in.
@@ -410,10 +429,14 @@ pub async fn run(args: BenchArgs) -> Result<()> {
     let mut all_running: Option<(Instant, BTreeMap<String, u64>)> = None;
     let mut api_cpu_to_running = None;
     let mut steady: Option<(f64, BTreeMap<String, u64>)> = None;
-    let deadline = started + Duration::from_secs(args.timeout_seconds);
+    let deadline = started + args.timeout();
+    let mut gave_up = false;
     while gone.len() < args.agents {
         let next = tokio::time::timeout_at(deadline, events.next()).await;
-        let Ok(Some(event)) = next else { break };
+        let Ok(Some(event)) = next else {
+            gave_up = next.is_err();
+            break;
+        };
         let agent = match event {
             Ok(watcher::Event::Apply(agent) | watcher::Event::InitApply(agent)) => agent,
             Ok(watcher::Event::Delete(agent)) => {
@@ -571,7 +594,10 @@ pub async fn run(args: BenchArgs) -> Result<()> {
         "rate_per_second": if args.rate > 0.0 { json!(args.rate) } else { json!("burst") },
         "finished": finished.len(),
         "wrong_exit_or_phase": wrong,
+        // Not finished when the run ended; when it gave up at its timeout
+        // (`gave_up_after_seconds`), still under way rather than lost.
         "lost": args.agents - finished.len(),
+        "gave_up_after_seconds": gave_up.then(|| args.timeout().as_secs()),
         "finished_but_not_deleted": finished.len().saturating_sub(gone.len()),
         "create_to_running_seconds": summary(to_running),
         "create_to_finished_seconds": summary(to_finished),
@@ -629,6 +655,19 @@ pub async fn run(args: BenchArgs) -> Result<()> {
         || vms.duplicates > 0
         || vms.leaked > 0
     {
+        if gave_up {
+            // Agents still running then are not lost, nor their VMs leaked: the run was cut.
+            bail!(
+                "gave up after {} s with {} of {} agents finished ({} deleted, {} duplicate VMs): \
+                 the unfinished ones and their VMs were still under way; give --timeout-seconds \
+                 more than creating them all and --run-seconds take",
+                args.timeout().as_secs(),
+                finished.len(),
+                args.agents,
+                gone.len(),
+                vms.duplicates
+            );
+        }
         bail!(
             "{} of {} agents finished, {wrong} with the wrong phase or exit code, {} deleted; {} duplicate and {} leaked VMs",
             finished.len(),
@@ -850,8 +889,12 @@ fn print_table(r: &serde_json::Value) {
         r["hosts"],
         r["machine"].as_str().unwrap_or_default()
     );
+    let unfinished = match r["gave_up_after_seconds"].as_u64() {
+        Some(seconds) => format!("unfinished when it gave up after {seconds} s"),
+        None => "lost".to_owned(),
+    };
     println!(
-        "{:<44} {} of {} ({} lost, {} wrong, {} not deleted)",
+        "{:<44} {} of {} ({} {unfinished}, {} wrong, {} not deleted)",
         "finished",
         r["finished"],
         r["agents"],
@@ -903,8 +946,13 @@ fn print_table(r: &serde_json::Value) {
         "API writes refused, by code",
         if refused.is_empty() { "none" } else { &refused }
     );
+    let left = if r["gave_up_after_seconds"].is_u64() {
+        "left on the hosts when it gave up"
+    } else {
+        "leaked"
+    };
     println!(
-        "{:<44} {} created, {} duplicate, {} leaked",
+        "{:<44} {} created, {} duplicate, {} {left}",
         "VMs (CreateMicroVM accepted by the hosts)",
         r["vms_created"],
         r["duplicate_vms"],

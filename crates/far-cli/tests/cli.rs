@@ -129,6 +129,40 @@ fn bench_runs_every_agent_to_its_exit_code() {
     bench_report(far(SMALL_BENCH));
 }
 
+/// A run cut by --timeout-seconds says so, and calls its unfinished agents and their VMs
+/// under way, not lost and leaked.
+#[test]
+fn bench_that_gives_up_says_so_and_loses_nothing() {
+    let out = far(&[
+        "bench",
+        "--agents",
+        "4",
+        "--hosts",
+        "1",
+        "--run-seconds",
+        "60",
+        "--timeout-seconds",
+        "3",
+        "--baseline-patches",
+        "10",
+    ]);
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stdout}");
+    assert!(
+        stderr.contains("gave up after 3 s with 0 of 4 agents finished"),
+        "{stderr}"
+    );
+    assert!(
+        stdout.contains("4 unfinished when it gave up after 3 s")
+            && stdout.contains("4 left on the hosts when it gave up"),
+        "{stdout}"
+    );
+    let json: serde_json::Value =
+        serde_json::from_str(&stdout[stdout.find('{').unwrap()..]).unwrap();
+    assert_eq!(json["gave_up_after_seconds"], 3, "{json}");
+}
+
 /// `far bench --pool` fills a pool, then claims from it: every claim finishes with its exit
 /// code, the claims are served by the pool's idle VMs, and once the agents and the pool are
 /// deleted no VM is left. (Its latency figures are for docs/benchmarks.md, not asserted.)

@@ -85,7 +85,7 @@ pub async fn run(args: BenchArgs) -> Result<()> {
     api.namespace().await?;
     // Room for the idle VMs, the claimed ones and the refill.
     let rig = Rig::start(&args, &api, state.path(), idle + args.agents).await?;
-    let deadline = Instant::now() + Duration::from_secs(args.timeout_seconds);
+    let deadline = Instant::now() + args.timeout();
 
     let pools: Api<FarAgentPool> = Api::namespaced(api.client.clone(), NAMESPACE);
     let pool: FarAgentPool = serde_json::from_value(json!({
