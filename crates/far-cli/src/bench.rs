@@ -175,17 +175,29 @@ impl ApiServer {
             .context("reading the API server's /metrics")
     }
 
-    /// The benchmark's namespace, created unless it exists.
+    /// The benchmark's namespace, created unless it exists, and holding no FarAgent: an earlier
+    /// run's would share names with this run's.
     async fn namespace(&self) -> Result<()> {
         let namespaces: Api<Namespace> = Api::all(self.client.clone());
         let namespace: Namespace =
             serde_json::from_value(json!({"metadata": {"name": NAMESPACE}}))?;
         match namespaces.create(&PostParams::default(), &namespace).await {
-            Err(kube::Error::Api(e)) if e.code == 409 => Ok(()),
-            other => other
-                .map(drop)
-                .context("creating the benchmark's namespace"),
+            Err(kube::Error::Api(e)) if e.code == 409 => {}
+            other => {
+                other.context("creating the benchmark's namespace")?;
+            }
         }
+        let agents: Api<FarAgent> = Api::namespaced(self.client.clone(), NAMESPACE);
+        let left = agents.list(&ListParams::default().limit(1)).await?;
+        if let Some(agent) = left.items.first() {
+            bail!(
+                "namespace {NAMESPACE} holds FarAgents of an earlier run ({} among them), whose names \
+                 this run would reuse: delete them first (kubectl -n {NAMESPACE} delete faragents \
+                 --all, with a FAR controller running to release them)",
+                kube::ResourceExt::name_any(agent)
+            );
+        }
+        Ok(())
     }
 }
 
@@ -431,6 +443,7 @@ pub async fn run(args: BenchArgs) -> Result<()> {
     let mut steady: Option<(f64, BTreeMap<String, u64>)> = None;
     let deadline = started + args.timeout();
     let mut gave_up = false;
+    let mut relisted = std::collections::HashSet::new();
     while gone.len() < args.agents {
         let next = tokio::time::timeout_at(deadline, events.next()).await;
         let Ok(Some(event)) = next else {
@@ -438,13 +451,32 @@ pub async fn run(args: BenchArgs) -> Result<()> {
             break;
         };
         let agent = match event {
-            Ok(watcher::Event::Apply(agent) | watcher::Event::InitApply(agent)) => agent,
+            Ok(watcher::Event::Apply(agent)) => agent,
+            Ok(watcher::Event::InitApply(agent)) => {
+                relisted.insert(kube::ResourceExt::name_any(&agent));
+                agent
+            }
             Ok(watcher::Event::Delete(agent)) => {
                 gone.entry(kube::ResourceExt::name_any(&agent))
                     .or_insert_with(Instant::now);
                 continue;
             }
-            _ => continue,
+            Ok(watcher::Event::Init) => {
+                relisted.clear();
+                continue;
+            }
+            // A watch that had to list again (its version expired, as on a long run against a
+            // real API server) reports no deletion from the gap: a finished agent the list no
+            // longer holds was deleted in it.
+            Ok(watcher::Event::InitDone) => {
+                for name in finished.keys() {
+                    if !relisted.contains(name) {
+                        gone.entry(name.clone()).or_insert_with(Instant::now);
+                    }
+                }
+                continue;
+            }
+            Err(_) => continue,
         };
         let name = kube::ResourceExt::name_any(&agent);
         let status = agent.status.clone().unwrap_or_default();
@@ -495,6 +527,39 @@ pub async fn run(args: BenchArgs) -> Result<()> {
                     ),
                 );
                 let _ = finished_tx.send(name);
+            }
+        }
+    }
+    if gave_up {
+        // Its agents are deleted while the controller and hosts still run, so their VMs go and
+        // the next run finds the namespace empty.
+        let left: Vec<String> = created_at
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .keys()
+            .filter(|n| !gone.contains_key(*n))
+            .cloned()
+            .collect();
+        eprintln!(
+            "far bench: gave up after {} s; deleting the {} agents left",
+            args.timeout().as_secs(),
+            left.len()
+        );
+        for name in left.iter().filter(|n| !finished.contains_key(*n)) {
+            let _ = finished_tx.send(name.clone());
+        }
+        let mut waiting: std::collections::HashSet<String> = left.into_iter().collect();
+        let cleanup = Instant::now() + Duration::from_secs(120);
+        while !waiting.is_empty() {
+            match tokio::time::timeout_at(cleanup, events.next()).await {
+                Ok(Some(Ok(watcher::Event::Delete(agent)))) => {
+                    waiting.remove(&kube::ResourceExt::name_any(&agent));
+                }
+                Ok(Some(_)) => {}
+                _ => {
+                    eprintln!("far bench: {} agents not gone within 120 s", waiting.len());
+                    break;
+                }
             }
         }
     }

@@ -129,8 +129,8 @@ fn bench_runs_every_agent_to_its_exit_code() {
     bench_report(far(SMALL_BENCH));
 }
 
-/// A run cut by --timeout-seconds says so, and calls its unfinished agents and their VMs
-/// under way, not lost and leaked.
+/// A run cut by --timeout-seconds says so, calls its unfinished agents under way rather than
+/// lost, and deletes them before it ends: no VM is left behind.
 #[test]
 fn bench_that_gives_up_says_so_and_loses_nothing() {
     let out = far(&[
@@ -154,13 +154,21 @@ fn bench_that_gives_up_says_so_and_loses_nothing() {
         "{stderr}"
     );
     assert!(
-        stdout.contains("4 unfinished when it gave up after 3 s")
-            && stdout.contains("4 left on the hosts when it gave up"),
+        stderr.contains("gave up after 3 s; deleting the 4 agents left"),
+        "{stderr}"
+    );
+    assert!(
+        stdout.contains("4 unfinished when it gave up after 3 s"),
         "{stdout}"
     );
     let json: serde_json::Value =
         serde_json::from_str(&stdout[stdout.find('{').unwrap()..]).unwrap();
     assert_eq!(json["gave_up_after_seconds"], 3, "{json}");
+    assert_eq!(
+        (json["vms_created"].as_u64(), json["leaked_vms"].as_u64()),
+        (Some(4), Some(0)),
+        "{json}"
+    );
 }
 
 /// `far bench --pool` fills a pool, then claims from it: every claim finishes with its exit
