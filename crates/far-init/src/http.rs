@@ -315,27 +315,19 @@ fn exchange(
     sent.map_err(Failure::BeforeAnswer)?;
 
     let mut line = Vec::new();
-    let (version_11, status) = loop {
-        line.clear();
-        let read = connection
-            .by_ref()
-            .take(HEAD_BYTES)
-            .read_until(b'\n', &mut line)
-            .map_err(Failure::BeforeAnswer)?;
-        if read == 0 {
+    let (version_11, status, headers) = loop {
+        if read_line(connection, HEAD_BYTES, &mut line).map_err(Failure::BeforeAnswer)? == 0 {
             return Err(Failure::BeforeAnswer(io::ErrorKind::UnexpectedEof.into()));
         }
         let (version_11, status) = status_line(&line).ok_or(Failure::Malformed("status line"))?;
         let headers = read_headers(connection)?;
         // An interim answer (100 Continue and the like) is followed by the real one.
-        if (100..200).contains(&status) {
-            continue;
+        if !(100..200).contains(&status) {
+            break (version_11, status, headers);
         }
-        break (version_11, (status, headers));
     };
-    let (status, headers) = status;
     let mut keep = version_11 && !headers.close;
-    let body = if request.method == "HEAD" || status == 204 || status == 304 {
+    let body = if status == 204 || status == 304 {
         Vec::new()
     } else if headers.chunked {
         read_chunked(connection, body_limit)?
@@ -360,6 +352,12 @@ fn exchange(
         body
     };
     Ok((Response { status, body }, keep))
+}
+
+/// Reads one line, of at most `limit` bytes, into `line`.
+fn read_line(connection: &mut Connection, limit: u64, line: &mut Vec<u8>) -> io::Result<usize> {
+    line.clear();
+    connection.by_ref().take(limit).read_until(b'\n', line)
 }
 
 /// `HTTP/1.1 200 OK` -> (is 1.1, 200).
@@ -387,12 +385,7 @@ fn read_headers(connection: &mut Connection) -> Result<Headers, Failure> {
     let mut line = Vec::new();
     let mut budget = HEAD_BYTES;
     loop {
-        line.clear();
-        let read = connection
-            .by_ref()
-            .take(budget)
-            .read_until(b'\n', &mut line)
-            .map_err(Failure::Io)?;
+        let read = read_line(connection, budget, &mut line).map_err(Failure::Io)?;
         if !line.ends_with(b"\n") {
             return Err(Failure::Malformed("headers cut short or too long"));
         }
@@ -420,12 +413,7 @@ fn read_chunked(connection: &mut Connection, body_limit: usize) -> Result<Vec<u8
     let mut body = Vec::new();
     let mut line = Vec::new();
     loop {
-        line.clear();
-        connection
-            .by_ref()
-            .take(1024)
-            .read_until(b'\n', &mut line)
-            .map_err(Failure::Io)?;
+        read_line(connection, 1024, &mut line).map_err(Failure::Io)?;
         let size = std::str::from_utf8(&line)
             .ok()
             .and_then(|l| l.split(';').next())
@@ -436,7 +424,8 @@ fn read_chunked(connection: &mut Connection, body_limit: usize) -> Result<Vec<u8
             read_headers(connection)?;
             return Ok(body);
         }
-        if body.len() + size > body_limit {
+        // `body` is within the bound: a size near usize::MAX must not wrap the sum.
+        if size > body_limit - body.len() {
             return Err(Failure::TooLarge);
         }
         let start = body.len();
