@@ -126,6 +126,11 @@ impl CachedAgent {
         std::time::Duration::from_secs(self.heartbeat_timeout_seconds.into())
     }
 
+    /// How stale it lets `status.lastHeartbeatTime` get ([`crate::decision::heartbeat_refresh`]).
+    pub fn heartbeat_refresh(&self) -> std::time::Duration {
+        crate::decision::heartbeat_refresh(self.metadata.uid.as_deref().unwrap_or_default())
+    }
+
     /// Whether the agent has finished (Completed or Failed).
     pub fn finished(&self) -> bool {
         self.status

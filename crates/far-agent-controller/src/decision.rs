@@ -26,9 +26,24 @@ pub const DELETE_GRACE: Duration = Duration::from_secs(120);
 pub const STOP_MARGIN: Duration = Duration::from_secs(5);
 /// How often an agent waiting on something outside the controller is looked at again.
 pub const RECHECK: Duration = Duration::from_secs(30);
-/// How stale `status.lastHeartbeatTime` may get before it is written again: heartbeats live in
-/// the controller's memory, and 10,000 agents refreshing every 5 minutes is 33 writes a second.
+/// How stale `status.lastHeartbeatTime` may get, on average, before it is written again:
+/// heartbeats live in the controller's memory, and 10,000 agents refreshing every 5 minutes is
+/// 33 writes a second. Each agent has its own period within [`HEARTBEAT_REFRESH_SPREAD`] of it
+/// ([`heartbeat_refresh`]).
 pub const HEARTBEAT_REFRESH: Duration = Duration::from_secs(300);
+/// How far an agent's refresh period lies from [`HEARTBEAT_REFRESH`], either way.
+pub const HEARTBEAT_REFRESH_SPREAD: Duration = Duration::from_secs(60);
+
+/// How stale the agent with this uid lets `status.lastHeartbeatTime` get: a period of its own
+/// in [`HEARTBEAT_REFRESH`] ± [`HEARTBEAT_REFRESH_SPREAD`], fixed by the uid, so agents started
+/// together (a burst of creates) do not all write again together, wave after wave.
+pub fn heartbeat_refresh(uid: &str) -> Duration {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::hash::DefaultHasher::new();
+    uid.hash(&mut hasher);
+    let seconds = 2 * HEARTBEAT_REFRESH_SPREAD.as_secs();
+    HEARTBEAT_REFRESH - HEARTBEAT_REFRESH_SPREAD + Duration::from_secs(hasher.finish() % seconds)
+}
 
 /// Flintlock's view of the agent's current VM.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -120,19 +135,26 @@ pub enum Placement {
 pub enum Heard {
     /// Silent for its whole heartbeat timeout (this long): the agent is lost.
     Lost(Duration),
-    /// Heard, and `status.lastHeartbeatTime` is [`HEARTBEAT_REFRESH`] behind: written again.
+    /// Heard, and `status.lastHeartbeatTime` is the agent's refresh period behind
+    /// ([`heartbeat_refresh`]): written again.
     Stale,
     /// Nothing to do.
     Fresh,
 }
 
-/// What a running agent last heard at `last` calls for `now`, its status recording `recorded`.
-pub fn heard(last: Timestamp, recorded: Option<&Time>, timeout: Duration, now: Timestamp) -> Heard {
+/// What a running agent last heard at `last` calls for `now`, its status recording `recorded`,
+/// its heartbeat timeout `timeout` and its refresh period `refresh` ([`heartbeat_refresh`]).
+pub fn heard(
+    last: Timestamp,
+    recorded: Option<&Time>,
+    timeout: Duration,
+    refresh: Duration,
+    now: Timestamp,
+) -> Heard {
     let silent = now.duration_since(last).unsigned_abs();
     if silent >= timeout {
         Heard::Lost(silent)
-    } else if recorded.is_none_or(|t| last.duration_since(t.0).unsigned_abs() >= HEARTBEAT_REFRESH)
-    {
+    } else if recorded.is_none_or(|t| last.duration_since(t.0).unsigned_abs() >= refresh) {
         Heard::Stale
     } else {
         Heard::Fresh
@@ -174,6 +196,8 @@ pub struct Observation<'a> {
     pub config: Result<(), (AgentReason, String)>,
     /// What far-init gives the agent between SIGTERM and SIGKILL.
     pub grace_period: Duration,
+    /// How stale it lets `status.lastHeartbeatTime` get ([`heartbeat_refresh`] of its uid).
+    pub heartbeat_refresh: Duration,
     /// Since when this controller's status channel has been listening: a guest's silence
     /// before it is not the guest's (it may have reported to a controller since gone).
     pub listening_since: Timestamp,
@@ -777,7 +801,8 @@ pub fn decide(o: &Observation<'_>) -> Decision {
                 VmState::Pending | VmState::Created => match o.guest.last_heartbeat {
                     Some(last) => {
                         let recorded = b.status.last_heartbeat_time.as_ref();
-                        let stale = match heard(last, recorded, timeout, o.now) {
+                        let stale = match heard(last, recorded, timeout, o.heartbeat_refresh, o.now)
+                        {
                             Heard::Lost(silent) => {
                                 return b.fail(
                                     AgentReason::HeartbeatLost,

@@ -43,7 +43,8 @@ pub fn due<'a>(
         }
         let last = last_heard(&run_id(&agent.metadata, Some(status)))?;
         let recorded = status.last_heartbeat_time.as_ref();
-        (decision::heard(last, recorded, agent.heartbeat_timeout(), now) != Heard::Fresh)
+        let (timeout, refresh) = (agent.heartbeat_timeout(), agent.heartbeat_refresh());
+        (decision::heard(last, recorded, timeout, refresh, now) != Heard::Fresh)
             .then_some((agent.as_ref(), last))
     })
 }
@@ -148,8 +149,10 @@ mod tests {
     #[test]
     fn a_running_agent_is_decided_again_when_its_heartbeat_time_is_due_a_refresh() {
         let a = agent(running(0), false);
-        assert!(!decided(&a, Some(299), 300));
-        assert!(decided(&a, Some(300), 300));
+        let refresh = decision::heartbeat_refresh(UID).as_secs() as i64;
+        assert!(refresh != 300, "a period of its own");
+        assert!(!decided(&a, Some(refresh - 1), refresh));
+        assert!(decided(&a, Some(refresh), refresh));
         let never_recorded = agent(json!({"phase": "Running", "restartCount": 2}), false);
         assert!(decided(&never_recorded, Some(5), 6));
     }

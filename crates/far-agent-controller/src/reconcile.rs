@@ -1098,6 +1098,9 @@ async fn reconcile_pass(
         placement,
         config,
         grace_period: Duration::from_secs(ctx.config.grace_period_seconds.into()),
+        heartbeat_refresh: decision::heartbeat_refresh(
+            agent.metadata.uid.as_deref().unwrap_or_default(),
+        ),
         listening_since: ctx.listening_since,
         now: now(),
     });
@@ -1552,6 +1555,9 @@ async fn write_exit(
         placement: None,
         config: Ok(()),
         grace_period: Duration::from_secs(ctx.config.grace_period_seconds.into()),
+        heartbeat_refresh: decision::heartbeat_refresh(
+            agent.metadata.uid.as_deref().unwrap_or_default(),
+        ),
         listening_since: ctx.listening_since,
         now: now(),
     });

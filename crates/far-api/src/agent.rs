@@ -423,7 +423,7 @@ pub struct FarAgentStatus {
     pub vm: Option<VmSize>,
 
     /// What the agent's guest last said of itself in a heartbeat. Written with
-    /// lastHeartbeatTime (at Running, then at most every 5 minutes), not at every heartbeat;
+    /// lastHeartbeatTime (at Running, then every 4 to 6 minutes), not at every heartbeat;
     /// live figures are the controller's metrics.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub guest: Option<GuestUsage>,
@@ -432,7 +432,8 @@ pub struct FarAgentStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub start_time: Option<Time>,
 
-    /// When the agent's init last reported in. Refreshed coarsely, not at every heartbeat.
+    /// When the agent's init last reported in. Refreshed coarsely, not at every heartbeat: every
+    /// 4 to 6 minutes, each agent on a period of its own.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_heartbeat_time: Option<Time>,
 

@@ -44,6 +44,7 @@ fn observe<'a>(spec: &'a FarAgentSpec, status: &'a FarAgentStatus, now: i64) -> 
         placement: None,
         config: Ok(()),
         grace_period: Duration::from_secs(5),
+        heartbeat_refresh: HEARTBEAT_REFRESH,
         listening_since: t(-1_000_000),
         now: t(now),
     }
@@ -639,6 +640,7 @@ proptest! {
                 Err((AgentReason::ConfigMissing, "missing".into()))
             },
             grace_period: Duration::from_secs(5),
+            heartbeat_refresh: HEARTBEAT_REFRESH,
             listening_since: t(-1_000_000),
             now: t(now),
         };
@@ -771,6 +773,7 @@ proptest! {
         let mut o = observe(&spec, &status, 0);
         o.vm = present(state);
         o.guest.last_heartbeat = Some(t(-silent));
+        o.heartbeat_refresh = heartbeat_refresh(&format!("uid-{silent}"));
         let d = decide(&o);
         let timeout = Duration::from_secs(spec.heartbeat.timeout_seconds.into());
         if spec.active_deadline_seconds.is_some_and(|limit| limit <= 700 || status.phase != Some(Phase::Running)) {
@@ -784,14 +787,14 @@ proptest! {
         prop_assert_eq!(d.status.phase, Some(Phase::Running));
         let deadline = spec.active_deadline_seconds.map(|limit| Duration::from_secs((limit - 700).unsigned_abs()));
         prop_assert_eq!(d.requeue, deadline, "a running agent's only timer is its deadline");
-        for later in [0, 1, 29, 30, 59, 60, 61, 119, 120, 299, 300, 301, 1_000] {
+        for later in [0, 1, 29, 30, 59, 60, 61, 119, 120, 239, 240, 299, 300, 301, 359, 360, 1_000] {
             let mut again = o.clone();
             again.status = &d.status;
             again.now = t(later);
             let next = decide(&again);
             let still = next.status == d.status && next.actions.is_empty();
             let recorded = d.status.last_heartbeat_time.as_ref();
-            let fresh = heard(t(-silent), recorded, timeout, again.now) == Heard::Fresh;
+            let fresh = heard(t(-silent), recorded, timeout, o.heartbeat_refresh, again.now) == Heard::Fresh;
             let deadline_passed = deadline.is_some_and(|d| later >= d.as_secs() as i64);
             if !deadline_passed {
                 prop_assert_eq!(still, fresh, "{} s later: {:?}", later, next.status);
@@ -1099,4 +1102,33 @@ fn a_running_agent_is_not_failed_for_silence_before_the_controller_started() {
     let d = decide(&o);
     assert_eq!(d.status.phase, Some(Phase::Failed));
     assert_eq!(d.status.reason, Some(AgentReason::HeartbeatLost));
+}
+
+#[test]
+fn each_agent_refreshes_its_heartbeat_time_on_a_period_of_its_own_around_five_minutes() {
+    let periods: Vec<Duration> = (0..1_000)
+        .map(|i| heartbeat_refresh(&format!("0123abcd-0000-4000-8000-{i:012}")))
+        .collect();
+    let (low, high) = (
+        HEARTBEAT_REFRESH - HEARTBEAT_REFRESH_SPREAD,
+        HEARTBEAT_REFRESH + HEARTBEAT_REFRESH_SPREAD,
+    );
+    assert!(periods.iter().all(|p| (low..high).contains(p)));
+    assert_eq!(
+        periods[7],
+        heartbeat_refresh("0123abcd-0000-4000-8000-000000000007")
+    );
+    // Spread over the whole window: agents created together do not refresh together.
+    let per_tenth = |k: u32| {
+        let from = low + (high - low) * k / 10;
+        periods
+            .iter()
+            .filter(|p| (from..from + (high - low) / 10).contains(p))
+            .count()
+    };
+    assert!(
+        (0..10).all(|k| (50..150).contains(&per_tenth(k))),
+        "{:?}",
+        (0..10).map(per_tenth).collect::<Vec<_>>()
+    );
 }
