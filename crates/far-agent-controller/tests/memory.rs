@@ -71,12 +71,13 @@ where
 }
 
 #[test]
-fn a_cached_agent_costs_the_controller_under_seven_tenths_of_a_decoded_one() {
+fn a_cached_agent_costs_the_controller_under_half_of_a_decoded_one() {
     let texts: Vec<String> = (0..AGENTS).map(|i| running_agent(i).to_string()).collect();
     let decoded = bytes_per_agent::<far_api::FarAgent>(&texts);
     let cached = bytes_per_agent::<CachedAgent>(&texts);
     println!("a running agent in the cache: {cached} bytes (decoded FarAgent: {decoded} bytes)");
-    // Measured: 2,171 against 3,565 (the store's own entry, about 280 bytes, in both).
-    assert!(cached <= 2_400, "{cached} bytes per cached agent");
-    assert!(cached * 10 <= decoded * 7, "{cached} against {decoded}");
+    // Measured: 1,488 against 3,565 (the store's own entry, about 280 bytes, in both); 2,171
+    // with the spec and conditions kept as JSON text, not compressed.
+    assert!(cached <= 1_700, "{cached} bytes per cached agent");
+    assert!(cached * 2 <= decoded, "{cached} against {decoded}");
 }
