@@ -188,6 +188,16 @@ async fn a_running_agent_costs_the_channel_a_few_hundred_bytes() {
 /// Sends one heartbeat of agent `uid` on `stream` as HTTP/1.1 with keep-alive and reads the
 /// whole answer; its status code.
 async fn heartbeat_on(stream: &mut tokio::net::TcpStream, uid: &str, token: &str) -> u16 {
+    send_heartbeat(stream, uid, token, "").await
+}
+
+/// [`heartbeat_on`], with `headers` (each ending in CRLF) added to the request.
+async fn send_heartbeat(
+    stream: &mut tokio::net::TcpStream,
+    uid: &str,
+    token: &str,
+    headers: &str,
+) -> u16 {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let body = serde_json::to_string(&Heartbeat {
         boot_to_entrypoint_ms: None,
@@ -197,7 +207,7 @@ async fn heartbeat_on(stream: &mut tokio::net::TcpStream, uid: &str, token: &str
     })
     .unwrap();
     let request = format!(
-        "POST /v1/agents/{uid}/heartbeat HTTP/1.1\r\nhost: channel\r\nauthorization: Bearer {token}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+        "POST /v1/agents/{uid}/heartbeat HTTP/1.1\r\nhost: channel\r\nauthorization: Bearer {token}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n{headers}\r\n{body}",
         body.len()
     );
     stream.write_all(request.as_bytes()).await.unwrap();
@@ -270,6 +280,36 @@ async fn idle_guest_connections_are_closed_and_what_they_held_is_freed() {
     assert!(
         left < 64 * 1024,
         "{left} bytes left after the connections closed"
+    );
+}
+
+/// A heartbeat asks for its connection to be closed, as guests' heartbeats do
+/// (`paths::closes_connection`): the channel answers and closes it at once, not after its idle
+/// timeout, so 10,000 guests heartbeating cost it no connection between their heartbeats.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_heartbeat_asking_to_close_its_connection_leaves_none_open() {
+    use tokio::io::AsyncReadExt;
+    far_tls::install();
+    let channel = Channel::new(Config::new(TokenKey::new(vec![7; 32]).unwrap()));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    tokio::spawn(channel.clone().serve(listener));
+    assert!(far_agent_protocol::paths::closes_connection(
+        far_agent_protocol::paths::HEARTBEAT
+    ));
+    let token = channel.token_for("a");
+    let mut stream = tokio::net::TcpStream::connect(address).await.unwrap();
+    let started = std::time::Instant::now();
+    let status = send_heartbeat(&mut stream, "a", &token, "connection: close\r\n").await;
+    assert_eq!(status, 200);
+    let mut byte = [0; 1];
+    let read = tokio::time::timeout(std::time::Duration::from_secs(10), stream.read(&mut byte));
+    assert_eq!(read.await.expect("closed").unwrap(), 0);
+    let idle = std::time::Duration::from_secs(limits::CONNECTION_IDLE_SECONDS);
+    assert!(
+        started.elapsed() < idle / 2,
+        "closed after {:?}",
+        started.elapsed()
     );
 }
 

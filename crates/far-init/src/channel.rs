@@ -62,8 +62,9 @@ impl Channel {
             base: config.channel.url.trim_end_matches('/').to_owned(),
             id: config.channel.id.clone(),
             authorization: format!("Bearer {}", config.channel.enrolment_token),
-            // A connection is kept between reports only as long as the channel would keep it:
-            // heartbeats, seconds apart, each open their own.
+            // A connection is kept between reports only as long as the channel would keep it
+            // (log batches come back to back); heartbeats close theirs
+            // ([`paths::closes_connection`]).
             http: Arc::new(Client::new(
                 Duration::from_secs(5),
                 Duration::from_secs(limits::CLIENT_IDLE_SECONDS),
@@ -139,6 +140,9 @@ impl Channel {
         .header("Authorization", &self.authorization);
         if let Some(timeout) = timeout {
             request = request.timeout(timeout);
+        }
+        if paths::closes_connection(route) {
+            request = request.close();
         }
         self.http
             .send(&request)

@@ -71,6 +71,7 @@ pub struct Request<'a> {
     headers: Vec<(&'static str, &'a str)>,
     body: Option<&'a [u8]>,
     timeout: Option<Duration>,
+    close: bool,
 }
 
 impl<'a> Request<'a> {
@@ -96,6 +97,7 @@ impl<'a> Request<'a> {
             headers: Vec::new(),
             body,
             timeout: None,
+            close: false,
         }
     }
 
@@ -110,6 +112,15 @@ impl<'a> Request<'a> {
     #[must_use]
     pub fn timeout(mut self, timeout: Duration) -> Self {
         self.timeout = Some(timeout);
+        self
+    }
+
+    /// Asks the server to close the connection once it has answered (`Connection: close`),
+    /// and keeps none: for a request no other follows soon, whose connection would otherwise
+    /// cost the server its buffers until one side gave up waiting.
+    #[must_use]
+    pub fn close(mut self) -> Self {
+        self.close = true;
         self
     }
 }
@@ -167,25 +178,26 @@ impl Client {
         if let Some(mut connection) = self.take_idle(authority) {
             connection.get_mut().deadline = deadline;
             match exchange(&mut connection, &head, request, self.body_limit) {
-                Ok(answer) => return Ok(self.keep(authority, connection, answer)),
+                Ok(answer) => return Ok(self.keep(authority, request, connection, answer)),
                 Err(Failure::BeforeAnswer(_)) => {}
                 Err(failure) => return Err(error(failure)),
             }
         }
         let mut connection = connect(authority, deadline).map_err(error)?;
         let answer = exchange(&mut connection, &head, request, self.body_limit).map_err(error)?;
-        Ok(self.keep(authority, connection, answer))
+        Ok(self.keep(authority, request, connection, answer))
     }
 
     /// Keeps the connection for the next request when it can carry one.
     fn keep(
         &self,
         authority: &str,
+        request: &Request<'_>,
         connection: Connection,
         (response, reusable): (Response, bool),
     ) -> Response {
         // Bytes beyond the answer mean the two sides disagree on where it ended.
-        if reusable && connection.buffer().is_empty() {
+        if reusable && !request.close && connection.buffer().is_empty() {
             self.idle
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -235,6 +247,9 @@ fn head(request: &Request<'_>, authority: &str, path: &str) -> Vec<u8> {
     }
     for (name, value) in &request.headers {
         head.push_str(&format!("{name}: {value}\r\n"));
+    }
+    if request.close {
+        head.push_str("Connection: close\r\n");
     }
     head.push_str("\r\n");
     head.into_bytes()
@@ -504,22 +519,23 @@ mod tests {
                         if reader.read_line(&mut first).unwrap_or(0) == 0 {
                             return;
                         }
-                        let mut length = 0;
+                        let (mut length, mut close) = (0, false);
                         loop {
                             let mut line = String::new();
                             reader.read_line(&mut line).unwrap();
                             if line.trim().is_empty() {
                                 break;
                             }
-                            if let Some(v) =
-                                line.to_ascii_lowercase().strip_prefix("content-length:")
-                            {
+                            let line = line.trim().to_ascii_lowercase();
+                            if let Some(v) = line.strip_prefix("content-length:") {
                                 length = v.trim().parse().unwrap();
                             }
+                            close |= line == "connection: close";
                         }
                         let mut body = vec![0; length];
                         reader.read_exact(&mut body).unwrap();
-                        let first = first.trim().to_owned();
+                        // A request asking to close is logged so.
+                        let first = first.trim().to_owned() + if close { " [close]" } else { "" };
                         let reply = answer(&first);
                         log.lock()
                             .unwrap()
@@ -640,6 +656,16 @@ mod tests {
         std::thread::sleep(Duration::from_millis(150));
         client.send(&Request::get(&format!("{base}/b"))).unwrap();
         assert_eq!(connections(&seen), [0, 1, 2]);
+        // Asked to close (sent on the connection kept from /b): said so, and not kept, though
+        // this server would have kept it.
+        client
+            .send(&Request::get(&format!("{base}/c")).close())
+            .unwrap();
+        client.send(&Request::get(&format!("{base}/d"))).unwrap();
+        assert_eq!(connections(&seen), [0, 1, 2, 2, 3]);
+        let lines: Vec<String> = seen.lock().unwrap().iter().map(|r| r.1.clone()).collect();
+        assert_eq!(lines[3], "GET /c HTTP/1.1 [close]");
+        assert_eq!(lines[4], "GET /d HTTP/1.1");
     }
 
     #[test]

@@ -409,13 +409,12 @@ impl Channel {
     /// POSTs `body`; the answer when it is a success.
     async fn send<T: serde::Serialize>(&self, route: &str, body: &T) -> Option<reqwest::Response> {
         let url = self.url(route);
-        let sent = self
-            .client
-            .post(&url)
-            .bearer_auth(&self.token)
-            .json(body)
-            .send()
-            .await;
+        let mut request = self.client.post(&url).bearer_auth(&self.token).json(body);
+        // As far-init asks: the controller then holds no connection for it between heartbeats.
+        if paths::closes_connection(route) {
+            request = request.header(reqwest::header::CONNECTION, "close");
+        }
+        let sent = request.send().await;
         match sent {
             Ok(response) if response.status().is_success() => Some(response),
             Ok(response) => {
